@@ -1,0 +1,73 @@
+"""Configuration: the sources (one per Segment write key) and the server settings.
+
+Types only validate shape and ranges; `gateway.cli` builds a `Settings` from a TOML
+file, flags and environment variables.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+DEFAULT_BASE_URL = "https://in.accoil.com"
+
+Api = Literal["v2", "segment"]
+TrackMode = Literal["exact", "daily-unique"]
+Fsync = Literal["off", "normal", "full"]
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class Source(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One Segment source: the write key clients send, and where its calls go."""
+
+    write_key: Annotated[str, msgspec.Meta(min_length=1)]
+    accoil_api_key: Annotated[str, msgspec.Meta(min_length=1)]
+    name: str = ""
+    api: Api = "v2"
+    base_url: str = DEFAULT_BASE_URL
+    rate_per_second: Positive = 50.0
+    max_concurrency: PositiveInt = 8
+    track_mode: TrackMode = "exact"
+    timeout: Positive = 10.0
+
+    @property
+    def id(self) -> str:
+        """A stable, secret-free name for logs, metrics and the store."""
+        return self.name or _fingerprint(self.write_key)
+
+
+def _fingerprint(secret: str) -> str:
+    import hashlib
+
+    return "src_" + hashlib.sha256(secret.encode()).hexdigest()[:10]
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    sources: list[Source] = []
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8088
+    data_dir: str = "./data"
+    admin_token: str | None = None
+    flush_interval: Positive = 2.0
+    # pending keys (users, trait sets, ledger rows) one actor holds before it flushes early
+    flush_max_pending: PositiveInt = 1000
+    actor_idle: Positive = 10.0
+    mailbox_size: PositiveInt = 1000
+    max_actors: PositiveInt = 20000
+    # accepted events not yet forwarded; past it ingest answers 503
+    max_backlog: PositiveInt = 5_000_000
+    retry_after: PositiveInt = 5
+    dedupe_window: Positive = 7 * 86400.0
+    fsync: Fsync = "normal"
+    shutdown_timeout: Positive = 10.0
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    # retry backoff, seconds: full jitter over min(max, base * 2**attempt)
+    retry_base: Positive = 0.5
+    retry_max: Positive = 60.0
+    # consecutive upstream failures that open a source's circuit, and how long it stays open
+    circuit_threshold: PositiveInt = 5
+    circuit_cooldown: Positive = 5.0
