@@ -1,0 +1,620 @@
+"""The embedded store: SQLite in WAL mode.
+
+All writes go through one thread that batches whatever is queued into a single
+transaction (group commit): concurrent requests and actor flushes share one commit,
+and the event loop never blocks on the disk. Each operation runs in its own savepoint,
+so one failing operation does not undo its neighbours. Reads use a second connection
+on another thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.store.base import (
+    Counts,
+    DeadLetter,
+    Flush,
+    FlushResult,
+    InboxRow,
+    OutboxItem,
+    StoredLetter,
+)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    count INTEGER NOT NULL,
+    pending INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedupe (
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (source, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_seen ON dedupe (seen_at);
+CREATE TABLE IF NOT EXISTS accounts (
+    source TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    PRIMARY KEY (source, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS known (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    day TEXT NOT NULL,
+    traits BLOB NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (
+    source TEXT NOT NULL,
+    day TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    event TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_ts TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, day, user_id, account, event)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    account TEXT,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body BLOB NOT NULL,
+    repeat INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    last_error TEXT,
+    UNIQUE (source, key)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (source, next_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    status INTEGER,
+    path TEXT,
+    repeat INTEGER NOT NULL,
+    account TEXT,
+    created_at REAL NOT NULL,
+    replayed_at REAL
+);
+"""
+
+SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
+
+_encode = msgspec.json.encode
+_decode_traits = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class _Writer(threading.Thread):
+    """Runs queued operations in batches, one transaction per batch."""
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="store-writer", daemon=True)
+        self.conn = conn
+        self.loop = loop
+        self.ops: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self.max_batch = 512
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        self.ops.put((op, fut))
+        return fut
+
+    def stop(self) -> None:
+        self.ops.put(None)
+
+    def run(self) -> None:
+        conn = self.conn
+        stopping = False
+        while not stopping:
+            item = self.ops.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for op, fut in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        value = op(conn)
+                    except Exception as exc:  # the op's own failure; its neighbours still commit
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append((fut, False, exc))
+                    else:
+                        conn.execute("RELEASE op")
+                        results.append((fut, True, value))
+                conn.execute("COMMIT")
+            except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+                results = [(fut, False, exc) for _, fut in batch]
+            self.loop.call_soon_threadsafe(_resolve, results)
+        conn.close()
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, *, fsync: str = "normal") -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._writer: _Writer | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA cache_size=-16000")  # 16 MB of page cache a connection
+        return conn
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        conn.executescript(SCHEMA)
+        self._writer = _Writer(conn, asyncio.get_running_loop())
+        self._writer.start()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._read_conn = await self._run_read(lambda _: self._connect())
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            conn = self._read_conn
+            if conn is not None:
+                await self._run_read(lambda _: conn.close())
+            self._reader.shutdown(wait=True)
+            self._reader = None
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._writer is not None, "store is not open"
+        result: T = await self._writer.submit(op)
+        return result
+
+    async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._reader is not None, "store is not open"
+        conn = self._read_conn
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, op, conn  # type: ignore[arg-type]
+        )
+
+    # ingest
+
+    async def accept(
+        self, source: str, received_at: float, body: bytes | None, count: int, dead: list[DeadLetter]
+    ) -> int | None:
+        def op(conn: sqlite3.Connection) -> int | None:
+            row_id = None
+            if body is not None and count:
+                cur = conn.execute(
+                    "INSERT INTO inbox (source, received_at, body, count, pending)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (source, received_at, body, count, count),
+                )
+                row_id = cur.lastrowid
+            _insert_dead(conn, dead, received_at)
+            return row_id
+
+        return await self._write(op)
+
+    # router
+
+    async def restart_inbox(self) -> None:
+        await self._write(lambda conn: conn.execute("UPDATE inbox SET pending = count"))
+
+    async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
+        def op(conn: sqlite3.Connection) -> list[InboxRow]:
+            rows = conn.execute(
+                "SELECT id, source, received_at, body, count FROM inbox"
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                (cursor, limit),
+            ).fetchall()
+            return [InboxRow(*row) for row in rows]
+
+        return await self._run_read(op)
+
+    async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
+        def op(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for chunk in _chunks(users, 500):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        f"SELECT user_id, account FROM accounts WHERE source = ? AND user_id IN ({marks})",
+                        (source, *chunk),
+                    ).fetchall()
+                )
+            return found
+
+        return await self._run_read(op)
+
+    # actors
+
+    async def known(self, source: str, keys: list[str], day: str) -> dict[str, dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            for chunk in _chunks(keys, 500):
+                marks = ",".join("?" * len(chunk))
+                for key, traits in conn.execute(
+                    f"SELECT key, traits FROM known WHERE source = ? AND day = ? AND key IN ({marks})",
+                    (source, day, *chunk),
+                ):
+                    found[key] = _decode_traits(traits)
+            return found
+
+        return await self._run_read(op)
+
+    async def flush(self, flush: Flush) -> FlushResult:
+        return await self._write(lambda conn: _apply_flush(conn, flush))
+
+    # forwarder
+
+    async def due(self, source: str, now: float, limit: int) -> list[OutboxItem]:
+        def op(conn: sqlite3.Connection) -> list[OutboxItem]:
+            rows = conn.execute(
+                "SELECT id, key, kind, path, body, repeat, version, attempts FROM outbox"
+                " WHERE source = ? AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+                (source, now, limit),
+            ).fetchall()
+            return [
+                OutboxItem(
+                    id=r[0], source=source, key=r[1], kind=r[2], path=r[3], body=r[4],
+                    repeat=r[5], version=r[6], attempts=r[7],
+                )
+                for r in rows
+            ]
+
+        return await self._run_read(op)
+
+    async def next_due(self, source: str) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_at) FROM outbox WHERE source = ?", (source,)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._run_read(op)
+
+    async def delivered(self, item: OutboxItem) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if item.kind == "track":
+                # one occurrence of the row went out; the row may have grown meanwhile
+                conn.execute(
+                    "UPDATE outbox SET repeat = repeat - 1, attempts = 0 WHERE id = ?", (item.id,)
+                )
+                conn.execute("DELETE FROM outbox WHERE id = ? AND repeat <= 0", (item.id,))
+            else:
+                # a newer version (more traits merged in) still has to go
+                cur = conn.execute(
+                    "DELETE FROM outbox WHERE id = ? AND version = ?", (item.id, item.version)
+                )
+                if cur.rowcount == 0:
+                    conn.execute("UPDATE outbox SET attempts = 0 WHERE id = ?", (item.id,))
+
+        await self._write(op)
+
+    async def retry(self, item: OutboxItem, next_at: float, error: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                # from the attempt this item was sent as: copies failing together count once
+                "UPDATE outbox SET attempts = MAX(attempts, ?), next_at = MAX(next_at, ?),"
+                " last_error = ? WHERE id = ?",
+                (item.attempts + 1, next_at, error, item.id),
+            )
+        )
+
+    async def reject(self, item: OutboxItem, status: int, reason: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT repeat, body, account FROM outbox WHERE id = ?", (item.id,)
+            ).fetchone()
+            if row is None:
+                return
+            repeat, body, account = row
+            conn.execute("DELETE FROM outbox WHERE id = ?", (item.id,))
+            letter = DeadLetter(
+                source=item.source, stage="forward", reason=reason, payload=body,
+                status=status, path=item.path, repeat=repeat if item.kind == "track" else 1,
+                account=account,
+            )
+            _insert_dead(conn, [letter], time.time())
+
+        await self._write(op)
+
+    # admin and housekeeping
+
+    async def dead_letters(
+        self, source: str | None, after: int, limit: int, include_replayed: bool
+    ) -> list[StoredLetter]:
+        def op(conn: sqlite3.Connection) -> list[StoredLetter]:
+            sql = (
+                "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
+                " created_at, replayed_at FROM dead_letters WHERE id > ?"
+            )
+            args: list[Any] = [after]
+            if source is not None:
+                sql += " AND source = ?"
+                args.append(source)
+            if not include_replayed:
+                sql += " AND replayed_at IS NULL"
+            sql += " ORDER BY id LIMIT ?"
+            args.append(limit)
+            return [
+                StoredLetter(
+                    id=r[0], source=r[1], stage=r[2], reason=r[3], payload=r[4], status=r[5],
+                    path=r[6], repeat=r[7], account=r[8], created_at=r[9], replayed_at=r[10],
+                )
+                for r in conn.execute(sql, args)
+            ]
+
+        return await self._run_read(op)
+
+    async def replay(self, ids: list[int] | None, source: str | None, now: float) -> int:
+        """Give dead letters another go: calls back to the outbox, messages back to the inbox."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            sql = (
+                "SELECT id, source, stage, payload, path, repeat, account FROM dead_letters"
+                " WHERE replayed_at IS NULL"
+            )
+            args: list[Any] = []
+            if source is not None:
+                sql += " AND source = ?"
+                args.append(source)
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+            wanted = None if ids is None else set(ids)
+            messages: dict[str, list[bytes]] = {}
+            done = 0
+            for letter_id, src, stage, payload, path, repeat, account in rows:
+                if wanted is not None and letter_id not in wanted:
+                    continue
+                if stage == "forward":
+                    kind = _kind_of(path, payload)
+                    conn.execute(
+                        "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
+                        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (src, f"r\x1f{letter_id}", account, kind, path, payload, repeat, now, now),
+                    )
+                else:
+                    try:
+                        msgspec.json.decode(payload)
+                    except msgspec.DecodeError:
+                        continue  # not JSON: nothing a replay could make of it
+                    messages.setdefault(src, []).append(payload)
+                conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ?", (now, letter_id))
+                done += 1
+            for src, payloads in messages.items():
+                body = b'{"batch":[' + b",".join(payloads) + b"]}"
+                conn.execute(
+                    "INSERT INTO inbox (source, received_at, body, count, pending) VALUES (?, ?, ?, ?, ?)",
+                    (src, now, body, len(payloads), len(payloads)),
+                )
+            return done
+
+        return await self._write(op)
+
+    async def counts(self) -> Counts:
+        def op(conn: sqlite3.Connection) -> Counts:
+            inbox = conn.execute("SELECT COALESCE(SUM(pending), 0) FROM inbox").fetchone()[0]
+            outbox = conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox").fetchone()[0]
+            dead = conn.execute(
+                "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
+            ).fetchone()[0]
+            rows, events = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(count), 0) FROM ledger"
+            ).fetchone()
+            return Counts(inbox, outbox, dead, rows, events)
+
+        return await self._run_read(op)
+
+    async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]:
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = "SELECT source, day, user_id, account, event, count, last_ts FROM ledger WHERE 1=1"
+            args: list[Any] = []
+            if source is not None:
+                sql += " AND source = ?"
+                args.append(source)
+            if day is not None:
+                sql += " AND day = ?"
+                args.append(day)
+            cols = ("source", "day", "userId", "account", "event", "count", "lastTimestamp")
+            return [dict(zip(cols, row, strict=True)) for row in conn.execute(sql, args)]
+
+        return await self._run_read(op)
+
+    async def prune(self, before: float) -> int:
+        """Forget message ids and ledger rows older than the dedupe window."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            n = conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount
+            n += conn.execute("DELETE FROM ledger WHERE updated_at < ?", (before,)).rowcount
+            day = time.strftime("%Y-%m-%d", time.gmtime(before))
+            n += conn.execute("DELETE FROM known WHERE day < ?", (day,)).rowcount
+            return n
+
+        return await self._write(op)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _kind_of(path: str | None, payload: bytes) -> str:
+    if path and path.endswith(("/identify", "/group")):
+        return path.rsplit("/", 1)[1]
+    if path == "/segment":
+        kind = msgspec.json.decode(payload).get("type")
+        if kind in ("identify", "group"):
+            return str(kind)
+    return "track"
+
+
+def _insert_dead(conn: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
+    if dead:
+        conn.executemany(
+            "INSERT INTO dead_letters (source, stage, reason, payload, status, path, repeat,"
+            " account, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account, now)
+                for d in dead
+            ],
+        )
+
+
+def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
+    now = f.now or time.time()
+    duplicates = 0
+    calls = 0
+    # count each occurrence once: the message id decides, in the same transaction as the count
+    fresh: dict[tuple[str, str, str], list[Any]] = {}
+    for hit in f.tracks:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
+            (f.source, hit.message_id, now),
+        )
+        if cur.rowcount == 0:
+            duplicates += 1
+            continue
+        key = (hit.day, hit.user_id, hit.event)
+        agg = fresh.get(key)
+        if agg is None:
+            fresh[key] = [1, hit.timestamp, hit.path, hit.body]
+        else:
+            agg[0] += 1
+            if hit.timestamp >= agg[1]:
+                agg[1], agg[3] = hit.timestamp, hit.body
+    for mid in f.seen:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
+            (f.source, mid, now),
+        )
+        duplicates += cur.rowcount == 0
+    counted = 0
+    for (day, user, event), (n, ts, path, body) in fresh.items():
+        counted += n
+        row = conn.execute(
+            "SELECT count, last_ts FROM ledger WHERE source = ? AND day = ? AND user_id = ?"
+            " AND account = ? AND event = ?",
+            (f.source, day, user, f.account, event),
+        ).fetchone()
+        before = 0 if row is None else row[0]
+        if row is not None and row[1] > ts:
+            ts = row[1]
+            body = {**body, "timestamp": ts}
+        conn.execute(
+            "INSERT INTO ledger (source, day, user_id, account, event, count, last_ts, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count,"
+            " last_ts = excluded.last_ts, updated_at = excluded.updated_at",
+            (f.source, day, user, f.account, event, n, ts, now),
+        )
+        send = n if f.track_mode == "exact" else int(before == 0)
+        if send:
+            calls += send
+            conn.execute(
+                "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
+                " created_at) VALUES (?, ?, ?, 'track', ?, ?, ?, ?, ?) ON CONFLICT (source, key)"
+                " DO UPDATE SET repeat = repeat + excluded.repeat, body = excluded.body,"
+                " version = version + 1",
+                (f.source, _ledger_key(day, user, f.account, event), f.account, path,
+                 _encode(body), send, now, now),
+            )
+    for call in f.calls:
+        calls += _put_call(conn, f, call.key, call.kind, call.path, call.body, now)
+    if f.known:
+        conn.executemany(
+            "INSERT OR REPLACE INTO known (source, key, day, traits) VALUES (?, ?, ?, ?)",
+            [(f.source, k.key, k.day, _encode(k.traits)) for k in f.known],
+        )
+    if f.accounts:
+        conn.executemany(
+            "INSERT OR REPLACE INTO accounts (source, user_id, account) VALUES (?, ?, ?)",
+            [(f.source, user, account) for user, account in f.accounts],
+        )
+    _insert_dead(conn, f.dead, now)
+    for row_id, n in f.inbox.items():
+        conn.execute("UPDATE inbox SET pending = pending - ? WHERE id = ?", (n, row_id))
+        conn.execute("DELETE FROM inbox WHERE id = ? AND pending <= 0", (row_id,))
+    return FlushResult(counted, duplicates, calls)
+
+
+def _ledger_key(day: str, user: str, account: str, event: str) -> str:
+    # unit separators: user ids and event names may hold any printable character
+    return "\x1f".join(("t", day, user, account, event))
+
+
+def _put_call(
+    conn: sqlite3.Connection, f: Flush, key: str, kind: str, path: str, body: dict[str, Any],
+    now: float,
+) -> int:
+    """Queue an identify/group call, folding it into an unsent one of the same key."""
+    row = conn.execute(
+        "SELECT id, body FROM outbox WHERE source = ? AND key = ?", (f.source, key)
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+            (f.source, key, f.account, kind, path, _encode(body), now, now),
+        )
+        return 1
+    old = msgspec.json.decode(row[1])
+    merged = {**body, "traits": {**(old.get("traits") or {}), **(body.get("traits") or {})}}
+    conn.execute(
+        "UPDATE outbox SET body = ?, version = version + 1, path = ? WHERE id = ?",
+        (_encode(merged), path, row[0]),
+    )
+    return 0
