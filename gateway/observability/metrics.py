@@ -1,0 +1,105 @@
+"""Prometheus metrics, in a registry owned by one `Metrics` instance.
+
+Label values are bounded: `source` is `Source.id` (secret-free), `reason`, `type`, `call`,
+`stage` come from the fixed sets below (anything else is counted as "other"), `status` is
+an HTTP status or "error", and `route` is a route template, never a raw path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REJECT_REASONS = frozenset({"invalid", "too_large", "unauthorized", "overloaded", "other"})
+MESSAGE_TYPES = frozenset({"identify", "group", "track", "page", "screen", "alias", "other"})
+CALLS = frozenset({"identify", "group", "track", "segment"})
+STAGES = frozenset({"ingest", "mapping", "forward"})
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The classic text format every Prometheus scrapes. prometheus_client >= 0.22 labels its output
+# version=1.0.0, which older scrapers reject; with plain metric names the bodies are identical.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_P = "accoil_gateway_"
+
+
+def bounded(value: str, allowed: frozenset[str]) -> str:
+    """`value` if it is in `allowed`, else "other": keeps label cardinality fixed."""
+    return value if value in allowed else "other"
+
+
+def status_label(status: int | None) -> str:
+    """An HTTP status as a label, or "error" when the call got no response."""
+    return "error" if status is None else str(status)
+
+
+class Metrics:
+    def __init__(self, sources: Iterable[str] = ()) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.received = Counter(
+            _P + "messages_received", "Messages received by ingest, valid or not.",
+            ["source"], registry=r)
+        self.accepted = Counter(
+            _P + "messages_accepted", "Messages made durable and acknowledged.",
+            ["source"], registry=r)
+        self.rejected = Counter(
+            _P + "messages_rejected", "Messages refused at ingest, by reason.",
+            ["source", "reason"], registry=r)
+        self.deduplicated = Counter(
+            _P + "messages_deduplicated", "Messages dropped as repeats of a messageId already seen.",
+            ["source"], registry=r)
+        self.coalesced = Counter(
+            _P + "messages_coalesced",
+            "Messages merged into a pending call instead of becoming their own call.",
+            ["source", "kind"], registry=r)
+        self.unsupported = Counter(
+            _P + "messages_unsupported", "Messages with no Accoil equivalent (alias), by type.",
+            ["source", "type"], registry=r)
+        self.forwarded = Counter(
+            _P + "calls_forwarded", "Calls sent to Accoil, by call and HTTP status (or error).",
+            ["source", "call", "status"], registry=r)
+        self.retries = Counter(
+            _P + "retries", "Calls to Accoil retried after 429, 5xx, timeout or connection error.",
+            ["source"], registry=r)
+        self.dead_letters = Counter(
+            _P + "dead_letters", "Messages or calls kept as dead letters, by stage.",
+            ["source", "stage"], registry=r)
+        self.backlog = Gauge(
+            _P + "backlog", "Events accepted and not yet forwarded.", registry=r)
+        self.inbox = Gauge(
+            _P + "inbox_messages", "Messages in the durable inbox, not yet taken by an actor.",
+            registry=r)
+        self.active_actors = Gauge(
+            _P + "active_actors", "Account actors currently in memory.", registry=r)
+        self.upstream_latency = Histogram(
+            _P + "upstream_latency_seconds", "Time of one call to Accoil, response or error.",
+            ["source", "call"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            _P + "http_requests", "HTTP requests served, by route template and status.",
+            ["route", "status"], registry=r)
+        self.circuit_open = Gauge(
+            _P + "circuit_open", "1 while a source's circuit is open (forwarding paused).",
+            ["source"], registry=r)
+        self.ready = Gauge(
+            _P + "ready", "1 while the gateway accepts traffic, 0 while starting or draining.",
+            registry=r)
+        for source in sources:
+            self.add_source(source)
+
+    def add_source(self, source: str) -> None:
+        """Create a source's series at zero, so dashboards and rate() see them from the start."""
+        for counter in (self.received, self.accepted, self.deduplicated, self.retries):
+            counter.labels(source=source)
+        self.circuit_open.labels(source=source).set(0)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition: (body, content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE

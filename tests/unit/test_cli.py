@@ -1,0 +1,228 @@
+"""`accoil-gateway` command line: exit codes, output, and what `serve` hands the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from gateway.cli import main
+from gateway.config import Settings
+
+WK1, AK1 = "wk_cli_secret_1111", "ak_cli_secret_2222"
+WK2, AK2 = "wk_cli_secret_3333", "stg_cli_secret_4444"
+TOKEN = "tok_cli_secret_5555"
+SECRETS = (WK1, AK1, WK2, AK2, TOKEN)
+
+CONFIG = f"""
+admin_token = "{TOKEN}"
+
+[[sources]]
+write_key = "{WK1}"
+accoil_api_key = "{AK1}"
+name = "web"
+
+[[sources]]
+write_key = "{WK2}"
+accoil_api_key = "{AK2}"
+api = "segment"
+base_url = "http://127.0.0.1:8089"
+rate_per_second = 12.5
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for var in list(os.environ):
+        if var.startswith(("GATEWAY_", "ACCOIL_")):
+            monkeypatch.delenv(var)
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == "accoil-gateway"]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """A stand-in for gateway.server that records the settings it is started with."""
+    started: list[Settings] = []
+
+    async def serve(settings: Settings) -> None:
+        structlog.get_logger("test").info("serving", note=f"key {AK1} inside")
+        started.append(settings)
+
+    module = types.ModuleType("gateway.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gateway.server", module)
+    return started
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def test_check_config_prints_sources(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", config]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(f"config ok ({config}): 2 sources\n")
+    lines = out.splitlines()
+    assert lines[1].split() == ["id", "api", "base_url", "track_mode", "rate/s", "concurrency"]
+    assert lines[2].split() == ["web", "v2", "https://in.accoil.com", "exact", "50", "8"]
+    row = lines[3].split()
+    assert row[0].startswith("src_") and row[1:] == [
+        "segment", "http://127.0.0.1:8089", "exact", "12.5", "8"]
+    assert lines[4] == "server: 127.0.0.1:8088, data_dir ./data, admin routes on"
+    assert_no_secret(out)
+
+
+def test_check_config_environment_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_WRITE_KEY", WK1)
+    monkeypatch.setenv("ACCOIL_API_KEY", AK1)
+    monkeypatch.setenv("ACCOIL_NAME", "solo")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config ok (environment only): 1 source\n")
+    assert "solo" in out and "admin routes off" in out
+    assert_no_secret(out)
+
+
+def test_check_config_reads_gateway_config_var(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_CONFIG", config)
+    assert main(["check-config"]) == 0
+    assert "2 sources" in capsys.readouterr().out
+
+
+def test_check_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(CONFIG.replace("rate_per_second = 12.5", "rate_per_second = -3"))
+    assert main(["check-config", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "config error: sources[1].rate_per_second: Expected float > 0.0, got -3\n"
+
+
+def test_check_config_duplicate_key_hides_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "dup.toml"
+    path.write_text(CONFIG.replace(WK2, WK1))
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: sources[1].write_key: same write key as sources[0]")
+    assert_no_secret(err)
+
+
+def test_serve_bad_config_exits_2_without_traceback(
+    server: list[Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_WRITE_KEY", WK1)
+    monkeypatch.setenv("ACCOIL_API_KEY", AK1)
+    monkeypatch.setenv("GATEWAY_PORT", "abc")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err == 'config error: GATEWAY_PORT: expected an integer, got "abc"\n'
+    assert server == []
+
+
+def test_serve_without_any_source_exits_2(
+    server: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("config error: sources: no source configured")
+    assert server == []
+
+
+def test_serve_passes_flags_and_logs_json(
+    config: str, server: list[Settings], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("GATEWAY_PORT", "9001")
+    monkeypatch.setenv("GATEWAY_DATA_DIR", "/from/env")
+    argv = ["serve", "--config", config, "--host", "0.0.0.0", "--port", "9002",
+            "--flush-interval", "0.5", "--log-format", "json", "--log-level", "debug"]
+    assert main(argv) == 0
+    (settings,) = server
+    assert (settings.host, settings.port, settings.data_dir) == ("0.0.0.0", 9002, "/from/env")
+    assert (settings.flush_interval, settings.log_format, settings.log_level) == (0.5, "json", "debug")
+    assert [s.name for s in settings.sources] == ["web", ""]
+    err = capsys.readouterr().err
+    lines = {line["event"]: line for line in map(json.loads, err.splitlines())}
+    assert lines["starting"]["port"] == 9002 and lines["starting"]["sources"][0] == "web"
+    assert lines["serving"]["note"] == "key *** inside"
+    # stdlib records (asyncio at debug level) come out as JSON lines too
+    assert any(line.get("logger") == "asyncio" for line in lines.values())
+    assert_no_secret(err)
+
+
+def test_serve_error_is_logged_redacted_and_exits_1(
+    config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def serve(settings: Settings) -> None:
+        raise RuntimeError(f"upstream refused {AK2} and {WK1}")
+
+    module = types.ModuleType("gateway.server")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gateway.server", module)
+    assert main(["serve", "--config", config, "--log-format", "json"]) == 1
+    err = capsys.readouterr().err
+    last = json.loads(err.splitlines()[-1])
+    assert last["event"] == "gateway stopped on an error"
+    assert "RuntimeError: upstream refused *** and ***" in last["exception"]
+    assert_no_secret(err)
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "check-config" in out and "Precedence" in out
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--host", "--port", "--data-dir", "--flush-interval", "--log-format"):
+        assert flag in out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: accoil-gateway" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "abc"])
+    assert info.value.code == 2
+    assert "--port: invalid int value: 'abc'" in capsys.readouterr().err
+
+
+def test_module_entry_point(config: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "ACCOIL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", "--config", config],
+        capture_output=True, text=True, env=env, timeout=30, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "config ok" in done.stdout
