@@ -1,0 +1,182 @@
+"""The forwarder of one source: drains its outbox into Accoil, throttled and retried.
+
+Each outbox row is a call; a ledger row in exact mode stands for `repeat` occurrences of the
+same track call, sent one by one. A row leaves the outbox only once Accoil took it (or
+refused it for good, which makes it a dead letter), so a crash can re-send only what was in
+flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from gateway.config import Settings, Source
+from gateway.forward.backoff import MAX_RETRY_AFTER, delay
+from gateway.forward.circuit import Circuit
+from gateway.forward.client import AccoilClient
+from gateway.forward.outcome import Delivered, Reject, Retry
+from gateway.forward.throttle import Throttle
+from gateway.store import OutboxItem, Store
+
+if TYPE_CHECKING:
+    from gateway.backlog import Backlog
+    from gateway.observability.metrics import Metrics
+
+log = structlog.get_logger("gateway.forward")
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+IDLE_POLL = 5.0  # with nothing queued, look again this often even without a wake-up
+
+
+class Forwarder:
+    def __init__(
+        self,
+        source: Source,
+        store: Store,
+        client: AccoilClient,
+        settings: Settings,
+        metrics: Metrics,
+        backlog: Backlog,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.backlog = backlog
+        self.rng = rng or random.Random()
+        self.throttle = Throttle(source.rate_per_second, source.max_concurrency)
+        self.circuit = Circuit(settings.circuit_threshold, settings.circuit_cooldown)
+        self._slots = asyncio.Semaphore(source.max_concurrency)
+        self._in_flight: dict[int, int] = {}  # outbox row id -> copies on the wire
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._paused_until = 0.0
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
+    async def run(self) -> None:
+        src = self.source.id
+        batch = max(64, 4 * self.source.max_concurrency)
+        while not self._stopping:
+            pause = max(self._paused_until - time.monotonic(), self.circuit.wait_time())
+            self.metrics.circuit_open.labels(src).set(self.circuit.state != "closed")
+            if pause > 0:
+                await self._sleep(pause)
+                continue
+            self._wake.clear()
+            items = await self.store.due(src, time.time(), batch)
+            started = 0
+            for item in items:
+                want = item.repeat if item.kind == "track" else 1
+                for _ in range(want - self._in_flight.get(item.id, 0)):
+                    await self._slots.acquire()
+                    if self._stopping or not self.circuit.allow() or self._paused():
+                        self._slots.release()
+                        break
+                    self._in_flight[item.id] = self._in_flight.get(item.id, 0) + 1
+                    task = asyncio.create_task(self._send(item))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    started += 1
+            if started:
+                continue
+            nxt = await self.store.next_due(src)
+            wait = IDLE_POLL if nxt is None else min(max(nxt - time.time(), 0.01), IDLE_POLL)
+            await self._sleep(wait)
+
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _send(self, item: OutboxItem) -> None:
+        src = self.source.id
+        call = _call_label(item)
+        try:
+            async with self.throttle:
+                outcome = await self.client.post(item.path, _decode(item.body))
+            self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
+            if isinstance(outcome, Delivered):
+                self.circuit.success()
+                await self.store.delivered(item)
+                self.backlog.sent(1)
+                self.metrics.forwarded.labels(src, call, str(outcome.status)).inc()
+            elif isinstance(outcome, Retry):
+                self.circuit.failure()
+                self.metrics.retries.labels(src).inc()
+                self.metrics.forwarded.labels(src, call, str(outcome.status or "error")).inc()
+                if outcome.retry_after:
+                    # Accoil asked the whole source to slow down, not just this call
+                    self._paused_until = max(
+                        self._paused_until, time.monotonic() + min(outcome.retry_after, MAX_RETRY_AFTER)
+                    )
+                wait = delay(
+                    item.attempts, self.settings.retry_base, self.settings.retry_max,
+                    outcome.retry_after, self.rng,
+                )
+                await self.store.retry(item, time.time() + wait, outcome.reason)
+                log.info(
+                    "upstream retry", source_id=src, call=call, reason=outcome.reason,
+                    status=outcome.status, attempt=item.attempts + 1, wait=round(wait, 3),
+                )
+            elif isinstance(outcome, Reject):
+                self.circuit.success()
+                self.metrics.forwarded.labels(src, call, str(outcome.status)).inc()
+                self.metrics.dead_letters.labels(src, "forward").inc()
+                reason = f"Accoil answered {outcome.status}: {outcome.body}"
+                await self.store.reject(item, outcome.status, reason)
+                self.backlog.sent(item.repeat if item.kind == "track" else 1)
+                log.warning(
+                    "upstream rejected call", source_id=src, call=call, status=outcome.status
+                )
+        except Exception:
+            log.exception("forwarding failed", source_id=src, call=call)
+        finally:
+            left = self._in_flight.get(item.id, 1) - 1
+            if left > 0:
+                self._in_flight[item.id] = left
+            else:
+                self._in_flight.pop(item.id, None)
+            self._slots.release()
+            self._wake.set()
+
+    async def drain(self, within: float) -> bool:
+        """Forward until the outbox of this source is empty; False if `within` seconds passed first."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not self._tasks and await self.store.next_due(self.source.id) is None:
+                return True
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self) -> None:
+        """Stop sending; calls on the wire are cut off and stay in the outbox."""
+        self._stopping = True
+        self._wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+
+def _call_label(item: OutboxItem) -> str:
+    return "segment" if item.path == "/segment" else item.path.rsplit("/", 1)[-1]
