@@ -57,6 +57,10 @@ class Forwarder:
         self.circuit = Circuit(settings.circuit_threshold, settings.circuit_cooldown)
         self._slots = asyncio.Semaphore(source.max_concurrency)
         self._in_flight: dict[int, int] = {}  # outbox row id -> copies on the wire
+        # completions are numbered so that a read of the outbox that began before a send
+        # finished (and so may still show the delivered row) is not acted on for that row
+        self._tick = 0
+        self._finished: dict[int, int] = {}  # outbox row id -> tick of its last completion
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._paused_until = 0.0
@@ -79,9 +83,12 @@ class Forwarder:
                 await self._sleep(pause)
                 continue
             self._wake.clear()
+            read_at = self._tick
             items = await self.store.due(src, time.time(), batch)
             started = 0
             for item in items:
+                if self._finished.get(item.id, 0) > read_at:
+                    continue  # possibly stale: the next read shows it as it is now
                 want = item.repeat if item.kind == "track" else 1
                 for _ in range(want - self._in_flight.get(item.id, 0)):
                     await self._slots.acquire()
@@ -93,6 +100,7 @@ class Forwarder:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     started += 1
+            self._finished = {k: t for k, t in self._finished.items() if t > read_at}
             if started:
                 continue
             nxt = await self.store.next_due(src)
@@ -150,6 +158,8 @@ class Forwarder:
         except Exception:
             log.exception("forwarding failed", source_id=src, call=call)
         finally:
+            self._tick += 1
+            self._finished[item.id] = self._tick
             left = self._in_flight.get(item.id, 1) - 1
             if left > 0:
                 self._in_flight[item.id] = left

@@ -37,7 +37,8 @@ Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
-    id INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: ids are never reused, so the router's cursor never skips a new row
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     received_at REAL NOT NULL,
     body BLOB NOT NULL,
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     PRIMARY KEY (source, day, user_id, account, event)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     key TEXT NOT NULL,
     account TEXT,
@@ -93,7 +94,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (source, next_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     stage TEXT NOT NULL,
     reason TEXT NOT NULL,
@@ -322,9 +323,9 @@ class SqliteStore:
 
     async def next_due(self, source: str) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
+            row = _one(conn.execute(
                 "SELECT MIN(next_at) FROM outbox WHERE source = ?", (source,)
-            ).fetchone()
+            ))
             return None if row is None else row[0]
 
         return await self._run_read(op)
@@ -359,9 +360,9 @@ class SqliteStore:
 
     async def reject(self, item: OutboxItem, status: int, reason: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            row = conn.execute(
+            row = _one(conn.execute(
                 "SELECT repeat, body, account FROM outbox WHERE id = ?", (item.id,)
-            ).fetchone()
+            ))
             if row is None:
                 return
             repeat, body, account = row
@@ -449,14 +450,14 @@ class SqliteStore:
 
     async def counts(self) -> Counts:
         def op(conn: sqlite3.Connection) -> Counts:
-            inbox = conn.execute("SELECT COALESCE(SUM(pending), 0) FROM inbox").fetchone()[0]
-            outbox = conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox").fetchone()[0]
-            dead = conn.execute(
+            inbox = _one(conn.execute("SELECT COALESCE(SUM(pending), 0) FROM inbox"))[0]
+            outbox = _one(conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox"))[0]
+            dead = _one(conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
-            ).fetchone()[0]
-            rows, events = conn.execute(
+            ))[0]
+            rows, events = _one(conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(count), 0) FROM ledger"
-            ).fetchone()
+            ))
             return Counts(inbox, outbox, dead, rows, events)
 
         return await self._run_read(op)
@@ -487,6 +488,13 @@ class SqliteStore:
             return n
 
         return await self._write(op)
+
+
+def _one(cur: sqlite3.Cursor) -> Any:
+    """The first row, with the statement run to its end: a statement left open would keep
+    the connection's read snapshot, and later reads would not see new commits."""
+    rows = cur.fetchall()
+    return rows[0] if rows else None
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -546,11 +554,11 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
     counted = 0
     for (day, user, event), (n, ts, path, body) in fresh.items():
         counted += n
-        row = conn.execute(
+        row = _one(conn.execute(
             "SELECT count, last_ts FROM ledger WHERE source = ? AND day = ? AND user_id = ?"
             " AND account = ? AND event = ?",
             (f.source, day, user, f.account, event),
-        ).fetchone()
+        ))
         before = 0 if row is None else row[0]
         if row is not None and row[1] > ts:
             ts = row[1]
@@ -601,9 +609,9 @@ def _put_call(
     now: float,
 ) -> int:
     """Queue an identify/group call, folding it into an unsent one of the same key."""
-    row = conn.execute(
+    row = _one(conn.execute(
         "SELECT id, body FROM outbox WHERE source = ? AND key = ?", (f.source, key)
-    ).fetchone()
+    ))
     if row is None:
         conn.execute(
             "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"

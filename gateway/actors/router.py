@@ -1,0 +1,184 @@
+"""The router: reads the inbox in commit order and hands each message to its account's actor.
+
+Ingest hands over what it already decoded (so the common case decodes once); after a
+restart, or when ingest runs far ahead, the router decodes the stored body instead. The
+account of a message is its groupId (group calls) or `context.groupId`; else the account
+last seen for that user in a group call; else the user itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from gateway.actors.actor import Envelope
+from gateway.actors.registry import Actors
+from gateway.config import Source
+from gateway.ingest.messages import (
+    Decoded,
+    Group,
+    InvalidBody,
+    Message,
+    anonymous_id,
+    decode_batch,
+    effective_timestamp,
+    merged,
+    user_id,
+)
+from gateway.store import DeadLetter, Flush, InboxRow, Store
+
+if TYPE_CHECKING:
+    from gateway.backlog import Backlog
+    from gateway.observability.metrics import Metrics
+
+log = structlog.get_logger("gateway.router")
+
+READ_AHEAD = 64  # inbox rows read at once
+HANDOFF = 512  # decoded requests kept in memory for the router; past it, it decodes again
+USERS = 200_000  # user -> account entries remembered
+
+
+class Router:
+    def __init__(
+        self,
+        store: Store,
+        actors: Actors,
+        sources: dict[str, Source],
+        metrics: Metrics,
+        backlog: Backlog,
+    ) -> None:
+        self.store = store
+        self.actors = actors
+        self.sources = sources
+        self.metrics = metrics
+        self.backlog = backlog
+        self._handoff: dict[int, Decoded] = {}
+        self._wake = asyncio.Event()
+        self._users: dict[tuple[str, str], str | None] = {}
+        self._stopping = False
+        self.cursor = 0
+
+    def submitted(self, row_id: int, decoded: Decoded) -> None:
+        """Ingest committed a request as inbox row `row_id`."""
+        if len(self._handoff) < HANDOFF:
+            self._handoff[row_id] = decoded
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Route until stopped, then return once the inbox is drained to the actors."""
+        await self.store.restart_inbox()
+        while True:
+            self._wake.clear()
+            rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
+            if not rows:
+                if self._stopping:
+                    return
+                await self._wake.wait()
+                continue
+            for row in rows:
+                try:
+                    await self._route(row)
+                except Exception:
+                    # leave the row in the inbox: the next start routes it again
+                    log.exception("routing failed", source_id=row.source, inbox_id=row.id)
+                self.cursor = row.id
+
+    async def _route(self, row: InboxRow) -> None:
+        source = self.sources.get(row.source)
+        decoded = self._handoff.pop(row.id, None)
+        if decoded is None:
+            try:
+                decoded = decode_batch(row.body)
+            except InvalidBody as exc:
+                reason = f"stored body unreadable: {exc.reason}"
+                await self._dead(row, source, [(row.body, reason)], row.count)
+                return
+        elif decoded.rejected:
+            # ingest's own rejects are dead letters already and not part of the row
+            decoded = Decoded(decoded.messages, [], decoded.context, decoded.integrations,
+                              decoded.sent_at, decoded.write_key, decoded.body)
+        if source is None:
+            gone = [(msgspec.json.encode(m), "source is no longer configured")
+                    for m in decoded.messages]
+            await self._dead(row, None, gone + [(r.raw, r.reason) for r in decoded.rejected])
+            return
+        if decoded.rejected:
+            # replayed dead letters count as messages of their row and may still be invalid
+            await self._dead(row, source, [(r.raw, r.reason) for r in decoded.rejected])
+        received = datetime.fromtimestamp(row.received_at, UTC)
+        await self._learn(source, decoded.messages)
+        for index, msg in enumerate(decoded.messages):
+            context = merged(decoded.context, msg.context)
+            env = Envelope(
+                inbox_id=row.id,
+                message_id=msg.messageId or f"gw-{row.id}-{index}",
+                message=msg,
+                timestamp=effective_timestamp(msg, decoded.sent_at, received),
+                context=context,
+            )
+            await self.actors.deliver(env, source, self._account(source, msg, context))
+
+    def _account(self, source: Source, msg: Message, context: dict[str, Any] | None) -> str:
+        user = user_id(msg)
+        if isinstance(msg, Group):
+            group = str(msg.groupId)
+            if user is not None:
+                self._remember((source.id, user), group)
+            return group
+        if context is not None:
+            group_id = context.get("groupId")
+            if isinstance(group_id, str | int) and not isinstance(group_id, bool) and group_id != "":
+                return str(group_id)
+        if user is not None:
+            return self._users.get((source.id, user)) or user
+        return anonymous_id(msg) or ""
+
+    async def _learn(self, source: Source, messages: list[Message]) -> None:
+        """Load the accounts of users this batch names that the router has not seen yet."""
+        missing = {
+            u for m in messages if (u := user_id(m)) is not None and (source.id, u) not in self._users
+        }
+        if not missing:
+            return
+        found = await self.store.accounts_of(source.id, sorted(missing))
+        for user in missing:
+            self._remember((source.id, user), found.get(user))
+
+    def _remember(self, key: tuple[str, str], account: str | None) -> None:
+        self._users.pop(key, None)
+        self._users[key] = account
+        if len(self._users) > USERS:
+            del self._users[next(iter(self._users))]
+
+    async def _dead(
+        self,
+        row: InboxRow,
+        source: Source | None,
+        items: list[tuple[bytes, str]],
+        done: int | None = None,
+    ) -> None:
+        done = len(items) if done is None else done
+        src = source.id if source is not None else row.source
+        letters = [
+            DeadLetter(source=src, stage="ingest", reason=reason, payload=payload)
+            for payload, reason in items
+        ]
+        await self.store.flush(
+            Flush(source=src, account="", track_mode="exact", dead=letters,
+                  inbox={row.id: done}, now=time.time())
+        )
+        for _ in letters:
+            self.metrics.dead_letters.labels(src, "ingest").inc()
+        self.backlog.applied(done, 0)

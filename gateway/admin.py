@@ -1,0 +1,146 @@
+"""Operator routes: health, readiness, metrics, and the token-guarded admin API."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_PAGE = 1000
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=msgspec.json.encode(payload), content_type="application/json"
+    )
+
+
+class Admin:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        token = gateway.settings.admin_token
+        self._token = token.encode() if token else None
+
+    def routes(self) -> list[web.RouteDef]:
+        defs = [
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+        ]
+        if self._token is not None:
+            defs += [
+                web.get("/admin/stats", self._guard(self.stats)),
+                web.get("/admin/dead-letters", self._guard(self.dead_letters)),
+                web.post("/admin/dead-letters/replay", self._guard(self.replay)),
+                web.get("/admin/ledger", self._guard(self.ledger)),
+            ]
+        return defs
+
+    def _guard(self, handler: Handler) -> Handler:
+        token = self._token
+        assert token is not None
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+                return _json({"error": "admin routes need Authorization: Bearer <admin token>"}, 401)
+            return await handler(request)
+
+        return guarded
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        gw = self.gw
+        if not gw.accepting:
+            return _json({"ready": False, "reason": "starting or draining"}, 503)
+        if gw.backlog.full:
+            return _json({"ready": False, "reason": "backlog full"}, 503)
+        return _json({"ready": True})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        gw = self.gw
+        gw.metrics.backlog.set(gw.backlog.total)
+        gw.metrics.inbox.set(gw.backlog.inbox)
+        gw.metrics.ready.set(int(gw.accepting))
+        body, content_type = gw.metrics.render()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def stats(self, request: web.Request) -> web.Response:
+        gw = self.gw
+        counts = await gw.store.counts()
+        return _json(
+            {
+                "accepting": gw.accepting,
+                "backlog": {"total": gw.backlog.total, "limit": gw.backlog.limit},
+                "inbox_messages": counts.inbox,
+                "outbox_calls": counts.outbox,
+                "dead_letters": counts.dead_letters,
+                "ledger": {"rows": counts.ledger_rows, "events": counts.ledger_events},
+                "active_actors": len(gw.actors),
+                "sources": [
+                    {
+                        "id": s.id,
+                        "api": s.api,
+                        "base_url": s.base_url,
+                        "track_mode": s.track_mode,
+                        "circuit": gw.forwarders[s.id].circuit.state if s.id in gw.forwarders else None,
+                    }
+                    for s in gw.settings.sources
+                ],
+            }
+        )
+
+    async def dead_letters(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            after = int(q.get("after", "0"))
+            limit = min(int(q.get("limit", "100")), MAX_PAGE)
+        except ValueError:
+            return _json({"error": "after and limit must be integers"}, 400)
+        letters = await self.gw.store.dead_letters(
+            q.get("source"), after, limit, q.get("replayed") in ("1", "true")
+        )
+        items = []
+        for d in letters:
+            try:
+                payload: Any = msgspec.json.decode(d.payload)
+            except msgspec.DecodeError:
+                payload = d.payload.decode("utf-8", "replace")
+            items.append(
+                {
+                    "id": d.id, "source": d.source, "account": d.account, "stage": d.stage,
+                    "reason": d.reason, "status": d.status, "path": d.path, "repeat": d.repeat,
+                    "created_at": d.created_at, "replayed_at": d.replayed_at, "payload": payload,
+                }
+            )
+        nxt = letters[-1].id if len(letters) == limit else None
+        return _json({"dead_letters": items, "next": nxt})
+
+    async def replay(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+            spec = msgspec.json.decode(body, type=ReplaySpec) if body.strip() else ReplaySpec()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _json({"error": f"replay body: {exc}"}, 400)
+        n = await self.gw.replay(spec.ids, spec.source)
+        return _json({"replayed": n})
+
+    async def ledger(self, request: web.Request) -> web.Response:
+        rows = await self.gw.store.ledger(request.query.get("source"), request.query.get("day"))
+        return _json({"ledger": rows})
+
+
+class ReplaySpec(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[int] | None = None  # none: every dead letter not replayed yet
+    source: str | None = None

@@ -1,0 +1,382 @@
+"""Segment messages: their types, and decoding request bodies into them.
+
+Decoding is on the request path (DESIGN 8). A well-formed batch costs one
+`msgspec` call in C; only a batch that fails validation, or a body large
+enough to hold an oversized message, is looked at message by message.
+Validation lives in the types, so the fast path and the per-message path
+accept exactly the same messages.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeAlias
+
+import msgspec
+
+MAX_BATCH = 2500
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_MESSAGE_ID = 200
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+MessageId = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_ID)]
+
+# `in` compares with ==, so the integer id 0 is present and "" is missing.
+_MISSING = (None, "")
+
+
+class MessageBase(msgspec.Struct, kw_only=True, tag_field="type"):
+    """Fields every Segment call has. Unknown fields are ignored, as Segment does."""
+
+    messageId: MessageId | None = None
+    userId: str | int | None = None
+    anonymousId: str | int | None = None
+    timestamp: datetime | None = None
+    originalTimestamp: datetime | None = None
+    sentAt: datetime | None = None
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError raised here into a ValidationError for this message.
+        if self.userId in _MISSING and self.anonymousId in _MISSING:
+            raise ValueError("userId or anonymousId is required")
+
+
+class Identify(MessageBase, kw_only=True, tag="identify"):
+    traits: dict[str, Any] | None = None
+
+
+class Group(MessageBase, kw_only=True, tag="group"):
+    groupId: NonEmpty | int
+    traits: dict[str, Any] | None = None
+
+
+class Track(MessageBase, kw_only=True, tag="track"):
+    event: NonEmpty
+    properties: dict[str, Any] | None = None
+
+
+class Page(MessageBase, kw_only=True, tag="page"):
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] | None = None
+
+
+class Screen(MessageBase, kw_only=True, tag="screen"):
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] | None = None
+
+
+class Alias(MessageBase, kw_only=True, tag="alias"):
+    previousId: NonEmpty | int
+
+
+Message: TypeAlias = Identify | Group | Track | Page | Screen | Alias
+
+
+class Batch(msgspec.Struct, kw_only=True):
+    batch: Annotated[list[Message], msgspec.Meta(max_length=MAX_BATCH)]
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: datetime | None = None
+    writeKey: str | None = None
+
+
+class Rejected(msgspec.Struct):
+    index: int  # position in the client's batch
+    messageId: str | None  # if it could be read
+    reason: str
+    raw: bytes  # the message's JSON as sent, for the dead letter
+
+
+class Decoded(msgspec.Struct):
+    messages: list[Message]
+    rejected: list[Rejected]
+    context: dict[str, Any] | None
+    integrations: dict[str, Any] | None
+    sent_at: datetime | None
+    write_key: str | None
+    # What the gateway persists: a batch body that `decode_batch` turns back
+    # into exactly `messages`, nothing rejected, and no write key.
+    body: bytes
+
+
+class InvalidBody(Exception):
+    """The body as a whole cannot be read (a 400): `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# The slow path's view of a batch: messages left undecoded, so each can fail alone.
+class _Envelope(msgspec.Struct, kw_only=True):
+    batch: list[msgspec.Raw]
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: datetime | None = None
+    writeKey: str | None = None
+
+
+class _Persisted(msgspec.Struct, kw_only=True, omit_defaults=True):
+    batch: list[msgspec.Raw]
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: datetime | None = None
+
+
+class _MessageId(msgspec.Struct):
+    messageId: str | None = None
+
+
+# Decoders and encoders hold no state between calls; building them once is the point.
+_BATCH = msgspec.json.Decoder(Batch)
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_MESSAGE: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+_MESSAGE_ID = msgspec.json.Decoder(_MessageId)
+_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_STR = msgspec.json.Decoder(str)
+_ENCODER = msgspec.json.Encoder()
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def decode_batch(body: bytes) -> Decoded:
+    """Decode a `/v1/batch` body. Raises `InvalidBody`; bad messages come back as `Rejected`."""
+    _check_utf8(body)
+    try:
+        parsed = _BATCH.decode(body)
+    except msgspec.ValidationError:
+        return _decode_each(body, None)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _not_json(exc) from None
+    if len(body) > MAX_MESSAGE_BYTES or parsed.writeKey is not None:
+        envelope = _ENVELOPE.decode(body)
+        if len(body) > MAX_MESSAGE_BYTES and any(
+            len(raw) > MAX_MESSAGE_BYTES for raw in envelope.batch
+        ):
+            return _decode_each(body, envelope)
+        if parsed.writeKey is not None:
+            # The write key is a secret: keep it out of what gets stored.
+            body = _persisted(envelope.batch, envelope)
+    return Decoded(
+        messages=parsed.batch,
+        rejected=[],
+        context=parsed.context,
+        integrations=parsed.integrations,
+        sent_at=parsed.sentAt,
+        write_key=parsed.writeKey,
+        body=body,
+    )
+
+
+def decode_single(body: bytes, type: str) -> Decoded:
+    """Decode a `/v1/<type>` body: one message whose type comes from the path.
+
+    Raises `InvalidBody` only when the body is not a JSON object; an invalid
+    message comes back as one `Rejected` at index 0.
+    """
+    _check_utf8(body)
+    try:
+        fields = _FIELDS.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidBody(f"body must be a JSON object: {_relative(str(exc))}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _not_json(exc) from None
+    write_key = _optional_str(fields.pop("writeKey", None))
+    fields["type"] = msgspec.Raw(_ENCODER.encode(type))
+    raw = _ENCODER.encode(fields)
+    outcome = _decode_message(raw)
+    if isinstance(outcome, str):
+        return Decoded(
+            messages=[],
+            rejected=[Rejected(0, _read_message_id(raw), outcome, raw)],
+            context=None,
+            integrations=None,
+            sent_at=None,
+            write_key=write_key,
+            body=_persisted([], None),
+        )
+    return Decoded(
+        messages=[outcome],
+        rejected=[],
+        context=None,
+        integrations=None,
+        sent_at=None,
+        write_key=write_key,
+        body=_persisted([msgspec.Raw(raw)], None),
+    )
+
+
+def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
+    if envelope is None:
+        try:
+            envelope = _ENVELOPE.decode(body)
+        except msgspec.ValidationError as exc:
+            raise InvalidBody(f"invalid batch: {_relative(str(exc))}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise _not_json(exc) from None
+    if len(envelope.batch) > MAX_BATCH:
+        raise InvalidBody(
+            f"a batch holds at most {MAX_BATCH:,} messages, this one has {len(envelope.batch):,}"
+        )
+    messages: list[Message] = []
+    rejected: list[Rejected] = []
+    kept: list[msgspec.Raw] = []
+    for index, raw in enumerate(envelope.batch):
+        outcome = _decode_message(raw)
+        if isinstance(outcome, str):
+            data = bytes(raw)
+            rejected.append(Rejected(index, _read_message_id(data), outcome, data))
+        else:
+            messages.append(outcome)
+            kept.append(raw)
+    return Decoded(
+        messages=messages,
+        rejected=rejected,
+        context=envelope.context,
+        integrations=envelope.integrations,
+        sent_at=envelope.sentAt,
+        write_key=envelope.writeKey,
+        body=_persisted(kept, envelope),
+    )
+
+
+def _decode_message(raw: bytes | msgspec.Raw) -> Message | str:
+    """The message, or the reason it is rejected."""
+    size = len(raw)
+    if size > MAX_MESSAGE_BYTES:
+        return (
+            f"message is {size:,} bytes, over the limit of 32 KB ({MAX_MESSAGE_BYTES:,} bytes)"
+        )
+    try:
+        return _MESSAGE.decode(raw)
+    except msgspec.ValidationError as exc:
+        return _relative(str(exc))
+    except RecursionError:
+        return "message is nested too deeply"
+
+
+def _persisted(kept: list[msgspec.Raw], envelope: _Envelope | None) -> bytes:
+    if envelope is None:
+        return _ENCODER.encode(_Persisted(batch=kept))
+    return _ENCODER.encode(
+        _Persisted(
+            batch=kept,
+            context=envelope.context,
+            integrations=envelope.integrations,
+            sentAt=envelope.sentAt,
+        )
+    )
+
+
+def _read_message_id(raw: bytes) -> str | None:
+    try:
+        return _MESSAGE_ID.decode(raw).messageId
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def _optional_str(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return _STR.decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def _check_utf8(body: bytes) -> None:
+    # msgspec does not check the bytes of fields it skips; a stored body must be clean text.
+    if body.isascii():
+        return
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidBody(f"body is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _not_json(exc: Exception) -> InvalidBody:
+    if isinstance(exc, RecursionError):
+        return InvalidBody("body is nested too deeply")
+    return InvalidBody(f"body is not valid JSON: {exc}")
+
+
+def _relative(text: str) -> str:
+    """msgspec's error, with its path made relative to the message ("- at `context.ip`")."""
+    match = _AT_PATH.search(text)
+    if match is None:
+        return text
+    where = match.group(1)
+    head = text[: match.start()]
+    return f"{head} - at `{where}`" if where else head
+
+
+# Per-event helpers, used by the router off the request path.
+
+
+def effective_timestamp(
+    msg: Message, batch_sent_at: datetime | None, received_at: datetime
+) -> datetime:
+    """When the event happened, as Segment computes it; always timezone-aware UTC.
+
+    `timestamp` if given; else `received_at - (sentAt - originalTimestamp)`
+    (the client's clock skew corrected, the message's own `sentAt` before the
+    batch's); else `received_at`. Naive datetimes are taken as UTC.
+    """
+    if msg.timestamp is not None:
+        return _utc(msg.timestamp)
+    received = _utc(received_at)
+    sent_at = msg.sentAt if msg.sentAt is not None else batch_sent_at
+    if msg.originalTimestamp is not None and sent_at is not None:
+        try:
+            return received - (_utc(sent_at) - _utc(msg.originalTimestamp))
+        except OverflowError:
+            # A skew that lands outside the calendar is a broken client clock.
+            return received
+    return received
+
+
+def merged(outer: dict[str, Any] | None, inner: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`outer` (the batch's) under `inner` (the message's): inner wins, nested dicts merge.
+
+    Neither argument is modified; when one side is None the other is returned as is.
+    """
+    if outer is None:
+        return inner
+    if inner is None:
+        return outer
+    out = dict(outer)
+    for key, value in inner.items():
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            out[key] = merged(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def id_str(value: object) -> str | None:
+    """An identifier as Accoil takes it: a non-empty string (integers stringified), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value:
+        return value
+    return None
+
+
+def user_id(msg: Message) -> str | None:
+    return id_str(msg.userId)
+
+
+def anonymous_id(msg: Message) -> str | None:
+    return id_str(msg.anonymousId)
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

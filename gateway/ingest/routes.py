@@ -1,0 +1,179 @@
+"""Segment's HTTP Tracking API: `/v1/batch`, `/v1/import` and the single-message routes.
+
+The request path does no per-event Python in the common case: one msgspec decode in C,
+one group-committed insert of the body, and the reply. Mapping, dedupe and the ledger
+happen in the actors, after the reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from gateway.config import Settings, Source
+from gateway.ingest.auth import Keys, basic_user
+from gateway.ingest.body import BodyError, read_body
+from gateway.ingest.messages import Decoded, InvalidBody, decode_batch, decode_single
+from gateway.store import DeadLetter, Store
+
+if TYPE_CHECKING:
+    from gateway.actors.router import Router
+    from gateway.backlog import Backlog
+    from gateway.observability.metrics import Metrics
+
+log = structlog.get_logger("gateway.ingest")
+
+SINGLE = ("track", "identify", "group", "page", "screen", "alias")
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "86400",
+}
+_OK = msgspec.json.encode({"success": True})
+_encode = msgspec.json.encode
+
+
+class Ingest:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        router: Router,
+        backlog: Backlog,
+        metrics: Metrics,
+        accepting: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.sources)
+        self.store = store
+        self.router = router
+        self.backlog = backlog
+        self.metrics = metrics
+        self._accepting = accepting
+
+    def routes(self) -> list[web.RouteDef]:
+        defs = [
+            web.post("/v1/batch", self.batch),
+            web.post("/v1/import", self.batch),
+        ]
+        defs += [web.post(f"/v1/{kind}", self._single(kind)) for kind in SINGLE]
+        defs += [web.options(f"/v1/{name}", preflight) for name in ("batch", "import", *SINGLE)]
+        return defs
+
+    async def batch(self, request: web.Request) -> web.Response:
+        return await self._ingest(request, None)
+
+    def _single(self, kind: str) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            return await self._ingest(request, kind)
+
+        return handler
+
+    async def _ingest(self, request: web.Request, kind: str | None) -> web.Response:
+        received_at = time.time()
+        if not self._accepting():
+            return self._busy("shutting down")
+        header_key = basic_user(request.headers.get("Authorization"))
+        source: Source | None = None
+        if header_key is not None:
+            source = self.keys.find(header_key)
+            if source is None:
+                return self._unauthorized()
+        if self.backlog.full:
+            return self._busy("backlog full", source)
+        try:
+            body = await read_body(request)
+            decoded = decode_batch(body) if kind is None else decode_single(body, kind)
+        except BodyError as exc:
+            if source is not None:
+                self.metrics.rejected.labels(source.id, _reason(exc.status)).inc()
+            return _error(exc.status, exc.reason)
+        except InvalidBody as exc:
+            if source is not None:
+                self.metrics.rejected.labels(source.id, "invalid").inc()
+            return _error(400, exc.reason)
+        if source is None:
+            source = self.keys.find(decoded.write_key)
+            if source is None:
+                return self._unauthorized()
+        return await self._accept(source, decoded, received_at, single=kind is not None)
+
+    async def _accept(
+        self, source: Source, decoded: Decoded, received_at: float, *, single: bool
+    ) -> web.Response:
+        count = len(decoded.messages)
+        src = source.id
+        self.metrics.received.labels(src).inc(count + len(decoded.rejected))
+        dead = [
+            DeadLetter(source=src, stage="ingest", reason=r.reason, payload=r.raw)
+            for r in decoded.rejected
+        ]
+        try:
+            row_id = await self.store.accept(
+                src, received_at, decoded.body if count else None, count, dead
+            )
+        except Exception:
+            log.exception("commit failed", source_id=src)
+            return self._busy("store unavailable", source)
+        if row_id is not None:
+            self.backlog.accepted(count)
+            self.router.submitted(row_id, decoded)
+        self.metrics.accepted.labels(src).inc(count)
+        if not decoded.rejected:
+            return web.Response(body=_OK, content_type="application/json", headers=CORS)
+        self.metrics.rejected.labels(src, "invalid").inc(len(decoded.rejected))
+        self.metrics.dead_letters.labels(src, "ingest").inc(len(decoded.rejected))
+        rejected = [
+            {"index": r.index, "messageId": r.messageId, "reason": r.reason}
+            for r in decoded.rejected
+        ]
+        if single:
+            # one message and it was invalid: say so as an error, as Segment does
+            return _error(400, decoded.rejected[0].reason, rejected=rejected)
+        return web.Response(
+            body=_encode({"success": True, "rejected": rejected}),
+            content_type="application/json",
+            headers=CORS,
+        )
+
+    def _unauthorized(self) -> web.Response:
+        # never echo the key that was tried
+        return _error(401, "unknown or missing write key", extra={"WWW-Authenticate": "Basic"})
+
+    def _busy(self, why: str, source: Source | None = None) -> web.Response:
+        if source is not None:
+            self.metrics.rejected.labels(source.id, "overloaded").inc()
+        retry = str(self.settings.retry_after)
+        return _error(503, f"{why}: retry later", extra={"Retry-After": retry})
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers=CORS)
+
+
+def _reason(status: int) -> str:
+    return "too_large" if status == 413 else "invalid"
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    extra: dict[str, str] | None = None,
+    rejected: list[dict[str, Any]] | None = None,
+) -> web.Response:
+    payload: dict[str, Any] = {"success": False, "error": message}
+    if rejected is not None:
+        payload["rejected"] = rejected
+    return web.Response(
+        status=status,
+        body=_encode(payload),
+        content_type="application/json",
+        headers={**CORS, **(extra or {})},
+    )

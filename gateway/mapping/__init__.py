@@ -1,0 +1,19 @@
+"""Segment message -> Accoil call: pure functions, no I/O (DESIGN 3)."""
+
+from gateway.mapping.calls import Call, Kind, Skip, to_call
+from gateway.mapping.traits import MS_THRESHOLD, created_at, iso, normalise_traits
+from gateway.mapping.upstream import STAGING_BASE_URL, Upstream, upstream
+
+__all__ = [
+    "MS_THRESHOLD",
+    "STAGING_BASE_URL",
+    "Call",
+    "Kind",
+    "Skip",
+    "Upstream",
+    "created_at",
+    "iso",
+    "normalise_traits",
+    "to_call",
+    "upstream",
+]

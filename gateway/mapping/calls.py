@@ -1,0 +1,152 @@
+"""One Segment message -> one Accoil call (DESIGN 3), in either upstream dialect.
+
+Pure: no I/O, no clock. The caller supplies the effective timestamp and the
+message's context already merged with its batch's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from gateway.config import Api
+from gateway.ingest.messages import (
+    Alias,
+    Group,
+    Identify,
+    Message,
+    Page,
+    Screen,
+    Track,
+    anonymous_id,
+    id_str,
+    user_id,
+)
+from gateway.mapping.traits import iso, normalise_traits
+
+Kind = Literal["identify", "group", "track"]
+
+
+class Call(msgspec.Struct, kw_only=True):
+    kind: Kind  # how calls coalesce: page and screen are counted like track
+    path: str  # "/v2/identify" | "/v2/group" | "/v2/track" | "/segment"
+    body: dict[str, Any]  # the JSON body to POST, "timestamp" as iso()
+    user_id: str | None
+    group_id: str | None  # group calls: groupId; others: context.groupId, if any
+    event: str | None  # kind "track": the name Accoil counts, the same in both dialects
+    traits: dict[str, Any] | None  # identify/group: normalised traits; None for track
+
+
+class Skip(msgspec.Struct):
+    """A message that is not forwarded, and why."""
+
+    reason: str
+    unsupported: bool = False  # alias: counted as unsupported, not an error
+
+
+def to_call(
+    msg: Message, *, api: Api, timestamp: datetime, context: dict[str, Any] | None
+) -> Call | Skip:
+    if isinstance(msg, Alias):
+        return Skip("alias has no Accoil equivalent", unsupported=True)
+    user = user_id(msg)
+    context_group = id_str(context.get("groupId")) if context else None
+    when = iso(timestamp)
+
+    if isinstance(msg, Group):
+        group = id_str(msg.groupId)
+        if group is None:
+            return Skip("groupId is required to forward a group call")
+        traits = normalise_traits("group", msg.traits or {})
+        if api == "v2":
+            body = _present(groupId=group, userId=user, traits=traits, timestamp=when)
+        else:
+            body = _segment("group", msg, user, when, groupId=group, traits=traits)
+        return _call("group", api, body, user, group, None, traits)
+
+    if isinstance(msg, Identify):
+        if user is None:
+            return _no_user("identify")
+        traits = normalise_traits("identify", msg.traits or _traits_in(context))
+        if api == "v2":
+            body = _present(userId=user, traits=traits, groupId=context_group, timestamp=when)
+        else:
+            body = _segment("identify", msg, user, when, traits=traits)
+        return _call("identify", api, body, user, context_group, None, traits)
+
+    if isinstance(msg, Track):
+        if user is None:
+            return _no_user("track")
+        if not msg.event:
+            return Skip("event is required to forward a track call")
+        if api == "v2":
+            body = _present(userId=user, event=msg.event, timestamp=when, groupId=context_group)
+        else:
+            body = _segment("track", msg, user, when, event=msg.event)
+        return _call("track", api, body, user, context_group, msg.event, None)
+
+    # page or screen: counted as "<Page|Screen> Viewed <name>"
+    kind = "page" if isinstance(msg, Page) else "screen"
+    if user is None:
+        return _no_user(kind)
+    name = _view_name(msg)
+    if name is None:
+        return Skip(f"name is required to forward a {kind} call (`name` or `properties.name`)")
+    event = f"{kind.capitalize()} Viewed {name}"
+    if api == "v2":
+        body = _present(userId=user, event=event, timestamp=when, groupId=context_group)
+    else:
+        body = _segment(kind, msg, user, when, name=name)
+    return _call("track", api, body, user, context_group, event, None)
+
+
+def _call(
+    kind: Kind,
+    api: Api,
+    body: dict[str, Any],
+    user: str | None,
+    group: str | None,
+    event: str | None,
+    traits: dict[str, Any] | None,
+) -> Call:
+    return Call(
+        kind=kind,
+        path=f"/v2/{kind}" if api == "v2" else "/segment",
+        body=body,
+        user_id=user,
+        group_id=group,
+        event=event,
+        traits=traits,
+    )
+
+
+def _segment(
+    type: str, msg: Message, user: str | None, when: str, **fields: Any
+) -> dict[str, Any]:
+    """The body Segment's own Accoil destination sends to `/segment`."""
+    return _present(
+        type=type, userId=user, anonymousId=anonymous_id(msg), timestamp=when, **fields
+    )
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    # Optional fields are left out rather than sent as null.
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _no_user(kind: str) -> Skip:
+    return Skip(f"userId is required to forward {'an' if kind == 'identify' else 'a'} {kind} call")
+
+
+def _traits_in(context: dict[str, Any] | None) -> dict[str, Any]:
+    traits = context.get("traits") if context else None
+    return traits if isinstance(traits, dict) else {}
+
+
+def _view_name(msg: Page | Screen) -> str | None:
+    name: object = msg.name
+    if not (isinstance(name, str) and name.strip()) and msg.properties:
+        name = msg.properties.get("name")
+    return name if isinstance(name, str) and name.strip() else None

@@ -1,0 +1,81 @@
+"""Trait normalisation and the timestamp format Accoil receives."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+# Unix times at or above this magnitude are milliseconds, below it seconds.
+# 1e11 seconds is the year 5138 (no real date is later), and 1e11 milliseconds
+# is 1973-03-03 (few real dates in milliseconds are earlier).
+MS_THRESHOLD = 1e11
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso(dt: datetime) -> str:
+    """ISO 8601 in UTC with millisecond precision: "2026-11-28T10:00:00.123Z". Naive is UTC."""
+    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    return dt.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
+def normalise_traits(kind: Literal["identify", "group"], traits: dict[str, Any]) -> dict[str, Any]:
+    """Traits as Accoil wants them: `createdAt` as ISO 8601 UTC, group `mrr` as a number.
+
+    Returns a new dict; every other trait, and any value that cannot be read, is unchanged.
+    """
+    out = dict(traits)
+    if "createdAt" in out:
+        out["createdAt"] = created_at(out["createdAt"])
+    if kind == "group" and isinstance(out.get("mrr"), str):
+        number = _number(out["mrr"])
+        if number is not None:
+            out["mrr"] = number
+    return out
+
+
+def created_at(value: Any) -> Any:
+    """An ISO 8601 string or Unix seconds/milliseconds (numbers or numeric strings) as
+    ISO 8601 UTC; anything unreadable as it came."""
+    if isinstance(value, str):
+        number = _number(value)
+        return _from_iso(value) if number is None else _from_unix(number, original=value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _from_unix(value, original=value)
+    return value
+
+
+def _from_iso(text: str) -> str:
+    try:
+        return iso(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        return text
+
+
+def _from_unix(value: float, *, original: Any) -> Any:
+    if not math.isfinite(value):
+        return original
+    try:
+        # Epoch plus a timedelta, not fromtimestamp: exact for integral milliseconds, and
+        # fine before 1970.
+        if abs(value) >= MS_THRESHOLD:
+            return iso(_EPOCH + timedelta(milliseconds=value))
+        return iso(_EPOCH + timedelta(seconds=value))
+    except OverflowError:
+        return original
+
+
+def _number(text: str) -> int | float | None:
+    """A plain decimal number in a string (no exponent, no NaN): int when integral."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    if "." not in text:
+        return int(text)
+    number = float(text)
+    if not math.isfinite(number):
+        return None
+    return int(number) if number.is_integer() else number

@@ -1,0 +1,113 @@
+"""Runs the real gateway in-process on a free loopback port, for contract tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import Settings, Source
+
+T = TypeVar("T")
+
+WRITE_KEY = "wk_contract_test_0001"
+API_KEY = "ak_contract_test_0001"
+ADMIN = "admin_contract_token"
+
+
+def settings_for(
+    mock_url: str, data_dir: Path, *, sources: list[Source] | None = None, **overrides: Any
+) -> Settings:
+    if sources is None:
+        sources = [Source(write_key=WRITE_KEY, accoil_api_key=API_KEY, base_url=mock_url,
+                          rate_per_second=1000.0, name="main")]
+    fields: dict[str, Any] = {
+        "sources": sources,
+        "port": 0,
+        "data_dir": str(data_dir),
+        "admin_token": ADMIN,
+        "flush_interval": 0.05,
+        "actor_idle": 0.5,
+        "retry_base": 0.01,
+        "retry_max": 0.2,
+        "circuit_cooldown": 0.2,
+        "shutdown_timeout": 5.0,
+    }
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+def basic(write_key: str) -> str:
+    return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    url: str
+    http: aiohttp.ClientSession
+
+    async def post(
+        self, path: str, payload: Any = None, *, key: str | None = WRITE_KEY, **kw: Any
+    ) -> tuple[int, Any]:
+        headers = dict(kw.pop("headers", {}))
+        if key is not None:
+            headers["Authorization"] = basic(key)
+        async with self.http.post(self.url + path, json=payload, headers=headers, **kw) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = await resp.text()
+            return resp.status, body
+
+    async def admin(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        async with self.http.request(method, self.url + path, headers=headers, **kw) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Wait until everything accepted was applied and forwarded (or dead-lettered)."""
+        gw = self.gateway
+
+        async def settled() -> bool:
+            counts = await gw.store.counts()
+            busy = any(f.busy for f in gw.forwarders.values())
+            return counts.inbox == 0 and counts.outbox == 0 and not busy
+
+        await eventually(settled, timeout)
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    gw = Gateway(settings)
+    runner = web.AppRunner(gw.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    async with aiohttp.ClientSession() as http:
+        try:
+            yield Running(gw, f"http://127.0.0.1:{port}", http)
+        finally:
+            await runner.cleanup()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,601 @@
+"""Segment message types and request-body decoding (gateway.ingest.messages)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.ingest.messages import (
+    MAX_BATCH,
+    MAX_MESSAGE_BYTES,
+    Alias,
+    Decoded,
+    Group,
+    Identify,
+    InvalidBody,
+    Message,
+    Page,
+    Screen,
+    Track,
+    anonymous_id,
+    decode_batch,
+    decode_single,
+    effective_timestamp,
+    merged,
+    user_id,
+)
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def batch_of(*raw: bytes, **top: Any) -> bytes:
+    """A batch body whose messages are exactly these bytes (so `raw` can be compared)."""
+    rest = "".join(f',"{k}":{json.dumps(v)}' for k, v in top.items())
+    return b'{"batch":[' + b",".join(raw) + b"]" + rest.encode() + b"}"
+
+
+TRACK = {"type": "track", "messageId": "m-track", "userId": "u1", "event": "Signed Up"}
+
+
+# --- valid messages -------------------------------------------------------------------
+
+VALID = [
+    (
+        {"type": "identify", "userId": "u1", "traits": {"email": "a@b.c"}},
+        Identify(userId="u1", traits={"email": "a@b.c"}),
+    ),
+    (
+        {"type": "group", "userId": 7, "groupId": "acct", "traits": {"plan": "pro"}},
+        Group(userId=7, groupId="acct", traits={"plan": "pro"}),
+    ),
+    ({"type": "group", "anonymousId": "a", "groupId": 42}, Group(anonymousId="a", groupId=42)),
+    (
+        {"type": "track", "userId": "u1", "event": "Signed Up", "properties": {"x": 1}},
+        Track(userId="u1", event="Signed Up", properties={"x": 1}),
+    ),
+    (
+        {"type": "page", "userId": "u1", "name": "Home", "category": "Docs"},
+        Page(userId="u1", name="Home", category="Docs"),
+    ),
+    ({"type": "page", "anonymousId": "a"}, Page(anonymousId="a")),
+    ({"type": "screen", "userId": "u1", "name": "Settings"}, Screen(userId="u1", name="Settings")),
+    ({"type": "alias", "userId": "u1", "previousId": "anon"}, Alias(userId="u1", previousId="anon")),
+    # userId empty but anonymousId present; integer id 0 is an id
+    ({"type": "track", "userId": "", "anonymousId": "a", "event": "E"},
+     Track(userId="", anonymousId="a", event="E")),
+    ({"type": "track", "userId": 0, "event": "E"}, Track(userId=0, event="E")),
+    # unknown fields are ignored, as Segment does
+    ({"type": "track", "userId": "u", "event": "E", "channel": "server", "version": 2},
+     Track(userId="u", event="E")),
+    (
+        {
+            "type": "track", "userId": "u", "event": "E", "messageId": "x" * 200,
+            "timestamp": "2026-11-28T10:00:00.123Z", "originalTimestamp": "2026-11-28T10:00:00",
+            "sentAt": "2026-11-28T12:00:00+02:00", "context": {"ip": "1.2.3.4"},
+            "integrations": {"All": False},
+        },
+        Track(
+            userId="u", event="E", messageId="x" * 200,
+            timestamp=datetime(2026, 11, 28, 10, 0, 0, 123000, tzinfo=UTC),
+            originalTimestamp=datetime(2026, 11, 28, 10, 0, 0),
+            sentAt=datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone(timedelta(hours=2))),
+            context={"ip": "1.2.3.4"}, integrations={"All": False},
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "expected"), VALID)
+def test_valid_message_in_batch(message: dict[str, Any], expected: Message) -> None:
+    body = dumps({"batch": [message]})
+    decoded = decode_batch(body)
+    assert decoded.rejected == []
+    assert decoded.messages == [expected]
+    assert decoded.body == body  # nothing rejected: persisted as sent
+
+
+def test_valid_batch_keeps_body_and_top_level_fields() -> None:
+    body = dumps({
+        "batch": [TRACK, {"type": "identify", "userId": "u1"}],
+        "context": {"library": {"name": "analytics-python"}},
+        "integrations": {"All": True},
+        "sentAt": "2026-11-28T10:00:01Z",
+    })
+    decoded = decode_batch(body)
+    assert decoded.body is body
+    assert [type(m) for m in decoded.messages] == [Track, Identify]
+    assert decoded.context == {"library": {"name": "analytics-python"}}
+    assert decoded.integrations == {"All": True}
+    assert decoded.sent_at == datetime(2026, 11, 28, 10, 0, 1, tzinfo=UTC)
+    assert decoded.write_key is None
+
+
+def test_write_key_is_read_and_kept_out_of_the_stored_body() -> None:
+    body = dumps({"batch": [TRACK], "writeKey": "wk_secret", "sentAt": "2026-11-28T10:00:01Z"})
+    decoded = decode_batch(body)
+    assert decoded.write_key == "wk_secret"
+    assert b"wk_secret" not in decoded.body
+    again = decode_batch(decoded.body)
+    assert again.messages == decoded.messages
+    assert again.sent_at == decoded.sent_at
+    assert again.write_key is None
+
+
+def test_empty_batch_is_valid() -> None:
+    decoded = decode_batch(b'{"batch": []}')
+    assert decoded.messages == [] and decoded.rejected == []
+
+
+# --- invalid messages: rejected one by one, the rest accepted ---------------------------
+
+INVALID = [
+    ({"type": "track", "userId": "u"}, "Object missing required field `event`"),
+    ({"type": "track", "userId": "u", "event": ""}, "Expected `str` of length >= 1 - at `event`"),
+    ({"type": "track", "userId": "u", "event": 5}, "Expected `str`, got `int` - at `event`"),
+    ({"type": "track", "event": "E"}, "userId or anonymousId is required"),
+    ({"type": "track", "event": "E", "userId": "", "anonymousId": ""},
+     "userId or anonymousId is required"),
+    ({"type": "identify", "userId": None, "anonymousId": None}, "userId or anonymousId is required"),
+    ({"type": "identify", "userId": True}, "at `userId`"),
+    ({"type": "identify", "anonymousId": [1]}, "at `anonymousId`"),
+    ({"type": "group", "userId": "u"}, "Object missing required field `groupId`"),
+    ({"type": "group", "userId": "u", "groupId": ""}, "at `groupId`"),
+    ({"type": "group", "userId": "u", "groupId": "g", "traits": []}, "at `traits`"),
+    ({"type": "alias", "userId": "u"}, "Object missing required field `previousId`"),
+    ({"type": "page", "userId": "u", "name": 3}, "at `name`"),
+    ({"type": "merge", "userId": "u"}, "Invalid value 'merge' - at `type`"),
+    ({"userId": "u", "event": "E"}, "Object missing required field `type`"),
+    ({"type": "track", "userId": "u", "event": "E", "messageId": "x" * 201},
+     "Expected `str` of length <= 200 - at `messageId`"),
+    ({"type": "track", "userId": "u", "event": "E", "timestamp": "yesterday"},
+     "at `timestamp`"),
+    ({"type": "track", "userId": "u", "event": "E", "context": "web"},
+     "Expected `object | null`, got `str` - at `context`"),
+    ({"type": "track", "userId": "u", "event": "E", "properties": {"a": {"b": [1e400]}}},
+     "Number out of range - at `properties"),
+    (3, "Expected `object`, got `int`"),
+    ("track", "Expected `object`, got `str`"),
+    ([TRACK], "Expected `object`, got `array`"),
+]
+
+
+@pytest.mark.parametrize(("message", "reason"), INVALID)
+def test_invalid_message_is_rejected_alone(message: Any, reason: str) -> None:
+    # json.dumps cannot write 1e400, so build the raw bytes by hand
+    bad = json.dumps(message).replace("Infinity", "1e400").encode()
+    good = [dumps({**TRACK, "messageId": f"m{i}"}) for i in range(3)]
+    body = batch_of(good[0], bad, good[1], good[2], sentAt="2026-11-28T10:00:01Z")
+    decoded = decode_batch(body)
+
+    assert [m.messageId for m in decoded.messages] == ["m0", "m1", "m2"]
+    assert len(decoded.rejected) == 1
+    rejected = decoded.rejected[0]
+    assert rejected.index == 1
+    assert reason in rejected.reason
+    assert "$" not in rejected.reason  # the path is relative to the message
+    assert rejected.raw == bad
+    expected_id = message.get("messageId") if isinstance(message, dict) else None
+    assert rejected.messageId == expected_id
+
+
+def test_rejected_reports_message_id_when_readable() -> None:
+    body = batch_of(
+        dumps({"type": "track", "userId": "u", "messageId": "keep-me"}),
+        dumps({"type": "track", "userId": "u", "messageId": 12}),
+    )
+    decoded = decode_batch(body)
+    assert [r.messageId for r in decoded.rejected] == ["keep-me", None]
+
+
+def test_mixed_batch_reencodes_a_body_that_decodes_back() -> None:
+    messages = [
+        {**TRACK, "messageId": "a"},
+        {"type": "track", "userId": "u"},  # no event
+        {"type": "identify", "anonymousId": "x", "messageId": "b", "traits": {"n": 10**30}},
+        {"type": "group", "userId": "u"},  # no groupId
+        {"type": "page", "userId": "u", "name": "Home", "messageId": "c", "context": {"z": -0.0}},
+    ]
+    body = dumps({
+        "batch": messages,
+        "context": {"library": {"name": "l"}},
+        "integrations": {"All": False},
+        "sentAt": "2026-11-28T10:00:01.5+01:00",
+        "writeKey": "wk_secret",
+    })
+    decoded = decode_batch(body)
+    assert [r.index for r in decoded.rejected] == [1, 3]
+    assert "`event`" in decoded.rejected[0].reason
+    assert "`groupId`" in decoded.rejected[1].reason
+    assert [m.messageId for m in decoded.messages] == ["a", "b", "c"]
+    assert decoded.write_key == "wk_secret"
+
+    stored = json.loads(decoded.body)
+    assert "writeKey" not in stored
+    again = decode_batch(decoded.body)
+    assert again.rejected == []
+    assert again.messages == decoded.messages
+    assert again.context == decoded.context
+    assert again.integrations == decoded.integrations
+    assert again.sent_at == decoded.sent_at
+    assert again.body == decoded.body
+
+
+def test_all_rejected_leaves_an_empty_batch() -> None:
+    decoded = decode_batch(batch_of(b"1", b"{}"))
+    assert decoded.messages == []
+    assert [r.index for r in decoded.rejected] == [0, 1]
+    assert decode_batch(decoded.body).messages == []
+
+
+# --- limits --------------------------------------------------------------------------
+
+
+def test_batch_of_2500_is_accepted_and_2501_is_not() -> None:
+    one = dumps({"type": "track", "userId": "u", "event": "E"})
+    assert len(decode_batch(batch_of(*[one] * MAX_BATCH)).messages) == MAX_BATCH
+    with pytest.raises(InvalidBody, match="at most 2,500 messages"):
+        decode_batch(batch_of(*[one] * (MAX_BATCH + 1)))
+    # even when one of them is also invalid (the per-message path checks the count too)
+    with pytest.raises(InvalidBody, match="at most 2,500 messages"):
+        decode_batch(batch_of(*[one] * MAX_BATCH, b"{}"))
+
+
+def sized(size: int, messageId: str) -> bytes:
+    """A valid track message of exactly `size` bytes of JSON."""
+    head = {"type": "track", "userId": "u", "event": "E", "messageId": messageId, "pad": ""}
+    pad = size - len(dumps(head))
+    raw = dumps({**head, "pad": "x" * pad})
+    assert len(raw) == size
+    return raw
+
+
+def test_message_over_32kb_is_rejected() -> None:
+    small = sized(200, "small")
+    at_limit = sized(MAX_MESSAGE_BYTES, "at-limit")
+    over = sized(MAX_MESSAGE_BYTES + 1, "over")
+    decoded = decode_batch(batch_of(small, at_limit, over, small))
+    assert [m.messageId for m in decoded.messages] == ["small", "at-limit", "small"]
+    [rejected] = decoded.rejected
+    assert rejected.index == 2
+    assert rejected.messageId == "over"
+    assert "32 KB" in rejected.reason and "32,769 bytes" in rejected.reason
+    assert rejected.raw == over
+    assert decode_batch(decoded.body).messages == decoded.messages
+
+
+def test_large_body_of_small_messages_is_kept_as_sent() -> None:
+    body = batch_of(*[sized(1000, f"m{i}") for i in range(100)])
+    assert len(body) > MAX_MESSAGE_BYTES
+    decoded = decode_batch(body)
+    assert len(decoded.messages) == 100 and decoded.rejected == []
+    assert decoded.body is body
+
+
+# --- bodies that cannot be read at all -------------------------------------------------
+
+INVALID_BODIES = [
+    (b"", "not valid JSON"),
+    (b"not json", "not valid JSON"),
+    (b'{"batch": [', "not valid JSON"),
+    (b'{"batch": []} trailing', "not valid JSON"),
+    (b'{"batch": [], "context": {"ip": "\xff"}}', "not valid UTF-8"),
+    # bytes msgspec would skip unread are checked too
+    (b'{"batch": [{"type": "track", "userId": "u", "event": "E", "x": "\xc3\x28"}]}',
+     "not valid UTF-8"),
+    (b"[]", "Expected `object`, got `array`"),
+    (b'"batch"', "Expected `object`, got `str`"),
+    (b"{}", "Object missing required field `batch`"),
+    (b'{"batch": {}}', "Expected `array`, got `object` - at `batch`"),
+    (b'{"batch": null}', "at `batch`"),
+    (b'{"batch": [], "context": []}', "at `context`"),
+    (b'{"batch": [], "integrations": 1}', "at `integrations`"),
+    (b'{"batch": [], "sentAt": "soon"}', "at `sentAt`"),
+    (b'{"batch": [], "writeKey": 5}', "at `writeKey`"),
+    (b'{"batch": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), INVALID_BODIES)
+def test_invalid_body(body: bytes, reason: str) -> None:
+    with pytest.raises(InvalidBody) as info:
+        decode_batch(body)
+    assert reason in info.value.reason
+    assert "$" not in info.value.reason
+
+
+def test_valid_utf8_is_accepted() -> None:
+    body = dumps({"batch": [{**TRACK, "event": "Café ☕"}]}).replace(b"\\u00e9", "é".encode())
+    assert decode_batch(body).messages[0].event == "Café ☕"  # type: ignore[union-attr]
+
+
+# --- single-message routes ------------------------------------------------------------
+
+
+def test_single_type_comes_from_the_path() -> None:
+    body = dumps({"type": "identify", "userId": "u", "event": "Signed Up", "messageId": "m"})
+    decoded = decode_single(body, "track")
+    assert decoded.messages == [Track(userId="u", event="Signed Up", messageId="m")]
+    assert decoded.rejected == []
+    assert decode_batch(decoded.body).messages == decoded.messages
+
+
+def test_single_without_type_in_body() -> None:
+    decoded = decode_single(b'{"userId": "u", "groupId": "g"}', "group")
+    assert decoded.messages == [Group(userId="u", groupId="g")]
+
+
+def test_single_reads_and_drops_write_key() -> None:
+    body = dumps({"userId": "u", "traits": {}, "writeKey": "wk_secret"})
+    decoded = decode_single(body, "identify")
+    assert decoded.write_key == "wk_secret"
+    assert decoded.messages == [Identify(userId="u", traits={})]
+    assert b"wk_secret" not in decoded.body
+    assert decode_batch(decoded.body).messages == decoded.messages
+
+
+def test_single_write_key_of_wrong_type_is_ignored() -> None:
+    decoded = decode_single(b'{"userId": "u", "event": "E", "writeKey": 5}', "track")
+    assert decoded.write_key is None
+    assert len(decoded.messages) == 1
+
+
+def test_single_invalid_message_is_rejected_not_raised() -> None:
+    body = dumps({"userId": "u", "messageId": "m", "writeKey": "wk_secret"})
+    decoded = decode_single(body, "track")
+    assert decoded.messages == []
+    [rejected] = decoded.rejected
+    assert rejected.index == 0
+    assert rejected.messageId == "m"
+    assert "`event`" in rejected.reason
+    assert b"wk_secret" not in rejected.raw
+    assert json.loads(rejected.raw)["type"] == "track"
+    assert decoded.write_key == "wk_secret"
+    assert decode_batch(decoded.body).messages == []
+
+
+def test_single_over_32kb_is_rejected() -> None:
+    decoded = decode_single(sized(MAX_MESSAGE_BYTES + 100, "big"), "track")
+    assert decoded.messages == []
+    assert "32 KB" in decoded.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[1]", "must be a JSON object"),
+        (b"nope", "not valid JSON"),
+        (b'{"userId": "\xff"}', "not valid UTF-8"),
+    ],
+)
+def test_single_invalid_body(body: bytes, reason: str) -> None:
+    with pytest.raises(InvalidBody, match=reason):
+        decode_single(body, "track")
+
+
+# --- per-event helpers ---------------------------------------------------------------
+
+RECEIVED = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+T0 = datetime(2026, 11, 28, 9, 0, 0, tzinfo=UTC)
+PLUS2 = timezone(timedelta(hours=2))
+
+
+@pytest.mark.parametrize(
+    ("fields", "batch_sent_at", "received", "expected"),
+    [
+        # timestamp wins over everything
+        ({"timestamp": T0, "originalTimestamp": RECEIVED, "sentAt": RECEIVED}, RECEIVED,
+         RECEIVED, T0),
+        # timestamp with an offset, and a naive one (taken as UTC)
+        ({"timestamp": datetime(2026, 11, 28, 11, 0, tzinfo=PLUS2)}, None, RECEIVED, T0),
+        ({"timestamp": datetime(2026, 11, 28, 9, 0)}, None, RECEIVED, T0),
+        # skew corrected with the message's own sentAt (client clock 1 h fast)
+        ({"originalTimestamp": T0 + timedelta(hours=1), "sentAt": T0 + timedelta(hours=4)},
+         None, RECEIVED, RECEIVED - timedelta(hours=3)),
+        # ... the message's sentAt before the batch's
+        ({"originalTimestamp": T0, "sentAt": T0 + timedelta(minutes=1)},
+         T0 + timedelta(hours=1), RECEIVED, RECEIVED - timedelta(minutes=1)),
+        # ... else the batch's sentAt
+        ({"originalTimestamp": T0}, T0 + timedelta(seconds=30), RECEIVED,
+         RECEIVED - timedelta(seconds=30)),
+        # ... naive values, mixed with aware ones
+        ({"originalTimestamp": datetime(2026, 11, 28, 9, 0)}, datetime(2026, 11, 28, 11, 0, 5,
+         tzinfo=PLUS2), datetime(2026, 11, 28, 12, 0), RECEIVED - timedelta(seconds=5)),
+        # originalTimestamp without any sentAt: receivedAt
+        ({"originalTimestamp": T0}, None, RECEIVED, RECEIVED),
+        # sentAt without originalTimestamp: receivedAt
+        ({"sentAt": T0}, T0, RECEIVED, RECEIVED),
+        # nothing: receivedAt, made aware
+        ({}, None, datetime(2026, 11, 28, 12, 0), RECEIVED),
+        ({}, None, datetime(2026, 11, 28, 14, 0, tzinfo=PLUS2), RECEIVED),
+        # a skew that leaves the calendar: receivedAt
+        ({"originalTimestamp": datetime(1, 1, 1, tzinfo=UTC),
+          "sentAt": datetime(9999, 1, 1, tzinfo=UTC)}, None, RECEIVED, RECEIVED),
+    ],
+)
+def test_effective_timestamp(
+    fields: dict[str, Any], batch_sent_at: datetime | None, received: datetime,
+    expected: datetime,
+) -> None:
+    msg = Track(userId="u", event="E", **fields)
+    got = effective_timestamp(msg, batch_sent_at, received)
+    assert got == expected
+    assert got.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "expected"),
+    [
+        (None, None, None),
+        ({"a": 1}, None, {"a": 1}),
+        (None, {"a": 1}, {"a": 1}),
+        ({"a": 1, "b": 2}, {"b": 3}, {"a": 1, "b": 3}),
+        # nested dicts merge, the message's values win
+        ({"library": {"name": "py", "version": "1"}, "ip": "1.1.1.1"},
+         {"library": {"version": "2"}, "groupId": "g"},
+         {"library": {"name": "py", "version": "2"}, "ip": "1.1.1.1", "groupId": "g"}),
+        ({"traits": {"a": {"b": 1, "c": 2}}}, {"traits": {"a": {"c": 3}}},
+         {"traits": {"a": {"b": 1, "c": 3}}}),
+        # a non-dict on either side replaces rather than merges
+        ({"traits": {"a": 1}}, {"traits": None}, {"traits": None}),
+        ({"traits": "x"}, {"traits": {"a": 1}}, {"traits": {"a": 1}}),
+    ],
+)
+def test_merged(
+    outer: dict[str, Any] | None, inner: dict[str, Any] | None, expected: dict[str, Any] | None
+) -> None:
+    before = json.dumps([outer, inner])
+    assert merged(outer, inner) == expected
+    assert json.dumps([outer, inner]) == before  # inputs untouched
+
+
+@pytest.mark.parametrize(
+    ("userId", "anonymousId", "user", "anon"),
+    [
+        ("u1", "a1", "u1", "a1"),
+        (42, 0, "42", "0"),
+        ("", "a", None, "a"),
+        (None, "a", None, "a"),
+        ("u", "", "u", None),
+    ],
+)
+def test_ids_normalised(
+    userId: str | int | None, anonymousId: str | int | None, user: str | None, anon: str | None
+) -> None:
+    msg = Track(userId=userId, anonymousId=anonymousId, event="E")
+    assert user_id(msg) == user
+    assert anonymous_id(msg) == anon
+
+
+# --- properties ----------------------------------------------------------------------
+
+ids = st.one_of(st.text(min_size=1, max_size=20), st.integers(-(2**63), 2**63 - 1))
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=10),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=8,
+)
+json_object = st.dictionaries(st.text(max_size=8), json_value, max_size=4)
+moments = st.datetimes(timezones=st.one_of(st.none(), st.just(UTC)))
+
+
+@st.composite
+def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["identify", "group", "track", "page", "screen", "alias"]))
+    msg: dict[str, Any] = {"type": kind}
+    who = draw(st.sampled_from(["userId", "anonymousId", "both"]))
+    if who in ("userId", "both"):
+        msg["userId"] = draw(ids)
+    if who in ("anonymousId", "both"):
+        msg["anonymousId"] = draw(ids)
+    optional = {
+        "messageId": st.text(max_size=40),
+        "timestamp": moments, "originalTimestamp": moments, "sentAt": moments,
+        "context": json_object, "integrations": json_object,
+    }
+    if kind in ("identify", "group"):
+        optional["traits"] = json_object
+    if kind == "group":
+        msg["groupId"] = draw(ids)
+    if kind == "track":
+        msg["event"] = draw(st.text(min_size=1, max_size=20))
+    if kind in ("track", "page", "screen"):
+        optional["properties"] = json_object
+    if kind in ("page", "screen"):
+        optional["name"] = st.text(max_size=10)
+        optional["category"] = st.text(max_size=10)
+    if kind == "alias":
+        msg["previousId"] = draw(ids)
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            msg[key] = draw(strategy)
+    return msg
+
+
+def check_roundtrip(decoded: Decoded) -> None:
+    again = decode_batch(decoded.body)
+    assert again.rejected == []
+    assert again.messages == decoded.messages
+    assert (again.context, again.integrations, again.sent_at) == (
+        decoded.context, decoded.integrations, decoded.sent_at)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(valid_messages(), max_size=12),
+    broken=st.sets(st.integers(0, 11)),
+    context=st.one_of(st.none(), json_object),
+    sent_at=st.one_of(st.none(), moments),
+)
+def test_generated_batches_roundtrip(
+    messages: list[dict[str, Any]], broken: set[int], context: dict[str, Any] | None,
+    sent_at: datetime | None,
+) -> None:
+    top: dict[str, Any] = {"batch": messages}
+    if context is not None:
+        top["context"] = context
+    if sent_at is not None:
+        top["sentAt"] = sent_at
+    decoded = decode_batch(msgspec.json.encode(top))
+    assert decoded.rejected == []
+    assert len(decoded.messages) == len(messages)
+    for sent, got in zip(messages, decoded.messages, strict=True):
+        assert type(got).__name__.lower() == sent["type"]
+        assert got.userId == sent.get("userId")
+        assert got.anonymousId == sent.get("anonymousId")
+        assert got.context == sent.get("context")
+        assert getattr(got, "event", None) == sent.get("event")
+        assert getattr(got, "groupId", None) == sent.get("groupId")
+    check_roundtrip(decoded)
+
+    # the same batch with some messages stripped of every id: exactly those are rejected
+    bad = {i for i in broken if i < len(messages)}
+    mangled = [
+        {k: v for k, v in m.items() if k not in ("userId", "anonymousId")} if i in bad else m
+        for i, m in enumerate(messages)
+    ]
+    decoded = decode_batch(msgspec.json.encode({**top, "batch": mangled}))
+    assert [r.index for r in decoded.rejected] == sorted(bad)
+    assert all(r.reason == "userId or anonymousId is required" for r in decoded.rejected)
+    assert len(decoded.messages) == len(messages) - len(bad)
+    check_roundtrip(decoded)
+
+
+def only_invalid_body(call: Any, body: bytes) -> Decoded | None:
+    try:
+        result: Decoded = call(body)
+    except InvalidBody as exc:
+        assert exc.reason
+        return None
+    check_roundtrip(result)
+    return result
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=st.one_of(
+    st.binary(max_size=200),
+    json_value.map(lambda v: msgspec.json.encode(v)),
+    st.lists(json_value, max_size=4).map(lambda b: msgspec.json.encode({"batch": b})),
+    st.lists(st.one_of(valid_messages(), json_object), max_size=4).map(
+        lambda b: msgspec.json.encode({"batch": b})),
+))
+def test_decode_raises_only_invalid_body(body: bytes) -> None:
+    decoded = only_invalid_body(decode_batch, body)
+    if decoded is not None:
+        assert len(decoded.messages) + len(decoded.rejected) == len(json.loads(body)["batch"])
+    for kind in ("track", "identify", "nonsense"):
+        single = only_invalid_body(lambda b, kind=kind: decode_single(b, kind), body)
+        if single is not None:
+            assert len(single.messages) + len(single.rejected) == 1
