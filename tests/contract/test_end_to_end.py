@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import gzip
 from pathlib import Path
 from typing import Any
@@ -322,10 +321,9 @@ async def test_stg_keys_keep_their_prefix_off_custom_base_urls(mock_accoil: Mock
     async with running(settings_for(mock_accoil.url, tmp_path, sources=[source])) as gw:
         await gw.post("/v1/batch", {"batch": [track("1")]})
         await gw.idle()
+    # a custom base URL means no staging host: the key goes as it is, in the segment form
     (call,) = mock_accoil.calls()
     assert call["api_key"] == "stg_abc"
-    expected = "Basic " + base64.b64encode(b"stg_abc:").decode()
-    assert expected  # the mock decoded it: the journal names the key it derived from the header
 
 
 @pytest.mark.parametrize("route", ["/healthz", "/readyz", "/metrics"])

@@ -1,0 +1,144 @@
+"""The gateway as its users run it: `python -m gateway serve`, driven by Segment's own client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mock_accoil.server import MockAccoilServer
+
+WRITE_KEY = "wk_process_test_0002"
+API_KEY = "ak_process_test_0002"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def gateway_process(mock_url: str, data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_WRITE_KEY": WRITE_KEY,
+        "ACCOIL_API_KEY": API_KEY,
+        "ACCOIL_BASE_URL": mock_url,
+        "ACCOIL_RATE_PER_SECOND": "1000",
+        "GATEWAY_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "gateway did not become ready"
+                time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def post_batch(url: str, batch: list[dict[str, object]]) -> int:
+    req = urllib.request.Request(
+        url + "/v1/batch", data=json.dumps({"batch": batch}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": _basic()},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return int(resp.status)
+
+
+def _basic() -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+
+
+def test_sigterm_drains_everything_accepted(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    # a long flush interval: only the shutdown drain can get these out in time
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "30") as (proc, url):
+        for n in range(5):
+            batch = [{"type": "track", "messageId": f"d{n}-{i}", "userId": f"u{i % 7}",
+                      "event": "Drained"} for i in range(40)]
+            assert post_batch(url, batch) == 200
+        assert mock_accoil.calls() == []
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()
+    assert sum(r["count"] for r in mock_accoil.counts(event="Drained")) == 200
+    logs = out.decode()
+    assert WRITE_KEY not in logs and API_KEY not in logs
+    stopped = [json.loads(line) for line in logs.splitlines() if '"gateway stopped"' in line]
+    assert stopped and stopped[0]["inbox"] == 0 and stopped[0]["outbox"] == 0
+
+
+def test_what_the_drain_cannot_send_waits_for_the_next_start(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    mock_accoil.add_fault(503)  # Accoil down for the whole first run
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
+        assert post_batch(url, [{"type": "track", "messageId": f"k{i}", "userId": "u1",
+                                 "event": "Kept"} for i in range(10)]) == 200
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    assert mock_accoil.count("u1", "Kept") == 0
+    mock_accoil.clear_faults()
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
+        deadline = time.monotonic() + 15
+        while mock_accoil.count("u1", "Kept") < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert mock_accoil.count("u1", "Kept") == 10
+
+
+def test_segments_python_client_reaches_accoil(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    from segment.analytics.client import Client
+
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
+        errors: list[Exception] = []
+        client = Client(WRITE_KEY, host=url, gzip=True, sync_mode=True,
+                        on_error=lambda e, _batch: errors.append(e))
+        client.identify("user-1", {"email": "ada@example.com", "name": "Ada"},
+                        context={"groupId": "acme"})
+        client.group("user-1", "acme", {"name": "Acme Inc", "plan": "growth", "mrr": "4200"})
+        for _ in range(3):
+            client.track("user-1", "Report Exported", {"format": "csv"})
+        client.page("user-1", "Docs", "Getting Started")
+        client.screen("user-1", "App", "Settings")
+        client.alias("user-1", "anon-7")
+        client.flush()
+        assert errors == []
+        deadline = time.monotonic() + 15
+        while len(mock_accoil.calls()) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert mock_accoil.count("user-1", "Report Exported") == 3
+    assert mock_accoil.count("user-1", "Page Viewed Getting Started") == 1
+    assert mock_accoil.count("user-1", "Screen Viewed Settings") == 1
+    (user,) = mock_accoil.users()
+    assert user["traits"] == {"email": "ada@example.com", "name": "Ada"}
+    (account,) = mock_accoil.accounts()
+    assert account["traits"] == {"name": "Acme Inc", "plan": "growth", "mrr": 4200}
+    assert "user-1" in account["members"]
+    assert len(mock_accoil.calls()) == 7
