@@ -1,0 +1,114 @@
+"""Ingest's edges: write-key parsing, body limits and gunzip, trait merging in an actor."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.actors.actor import Pending
+from gateway.config import Source
+from gateway.ingest.auth import Keys, basic_user
+from gateway.ingest.body import BodyError, read_body
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "user"),
+    [
+        (None, None),
+        ("Basic " + b64("wk_1:"), "wk_1"),
+        ("basic " + b64("wk_1:ignored"), "wk_1"),
+        ("Basic " + b64("wk_1"), "wk_1"),
+        ("Bearer wk_1", ""),
+        ("Basic !!!", ""),
+        ("Basic " + base64.b64encode(b"\xff\xfe:").decode(), ""),
+    ],
+)
+def test_basic_user(header: str | None, user: str | None) -> None:
+    assert basic_user(header) == user
+
+
+def test_keys_find_only_exact_matches() -> None:
+    a = Source(write_key="wk_a", accoil_api_key="k1", name="a")
+    b = Source(write_key="wk_b", accoil_api_key="k2", name="b")
+    keys = Keys([a, b])
+    assert keys.find("wk_a") is a and keys.find("wk_b") is b
+    assert keys.find("wk_") is None and keys.find("") is None and keys.find(None) is None
+    assert keys.find("wk_a ") is None
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await read_body(request, limit=1000)
+        except BodyError as exc:
+            return web.Response(status=exc.status, text=exc.reason)
+        return web.Response(body=body)
+
+    app = web.Application(handler_args={"auto_decompress": False})
+    app.router.add_post("/", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client
+
+
+async def test_plain_body_within_limit(echo: TestClient[web.Request, web.Application]) -> None:
+    resp = await echo.post("/", data=b"x" * 1000)
+    assert resp.status == 200 and await resp.read() == b"x" * 1000
+
+
+async def test_plain_body_over_limit(echo: TestClient[web.Request, web.Application]) -> None:
+    resp = await echo.post("/", data=b"x" * 1001)
+    assert resp.status == 413
+
+
+async def test_chunked_body_over_limit(echo: TestClient[web.Request, web.Application]) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"y" * 100
+
+    resp = await echo.post("/", data=chunks())
+    assert resp.status == 413
+
+
+async def test_gzip_inflates(echo: TestClient[web.Request, web.Application]) -> None:
+    resp = await echo.post("/", data=gzip.compress(b"z" * 900), headers={"Content-Encoding": "gzip"})
+    assert resp.status == 200 and await resp.read() == b"z" * 900
+
+
+async def test_gzip_bomb_stops_at_the_limit(echo: TestClient[web.Request, web.Application]) -> None:
+    resp = await echo.post("/", data=gzip.compress(b"0" * 200_000), headers={"Content-Encoding": "gzip"})
+    assert resp.status == 413 and "gunzip" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [(b"not gzip at all", "not valid gzip"), (gzip.compress(b"abc" * 50)[:-12], "truncated")],
+)
+async def test_bad_gzip_is_400(
+    echo: TestClient[web.Request, web.Application], data: bytes, fragment: str
+) -> None:
+    resp = await echo.post("/", data=data, headers={"Content-Encoding": "gzip"})
+    assert resp.status == 400 and fragment in await resp.text()
+
+
+async def test_unknown_encoding_is_415(echo: TestClient[web.Request, web.Application]) -> None:
+    resp = await echo.post("/", data=b"{}", headers={"Content-Encoding": "br"})
+    assert resp.status == 415
+
+
+def test_pending_merge_keeps_the_latest_value_per_trait() -> None:
+    p = Pending("identify", "/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, "2026-01-02")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, {"a": 1, "b": 1}, "2026-01-02")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-01"}, {"a": 0, "c": 0}, "2026-01-01")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-03"}, {"b": 3}, "2026-01-03")
+    assert {k: v for k, (v, _) in p.traits.items()} == {"a": 1, "b": 3, "c": 0}
+    assert p.ts == "2026-01-03" and p.body["timestamp"] == "2026-01-03"
