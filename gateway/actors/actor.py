@@ -124,6 +124,10 @@ class Actor:
     def idle(self) -> bool:
         return not self._items
 
+    @property
+    def leaving(self) -> bool:
+        return self._leave or self._stopping
+
     # the actor's own loop
 
     async def run(self) -> None:
