@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+
+from gateway.observability.logging import Redactor
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -27,12 +30,15 @@ class Admin:
         self.gw = gateway
         token = gateway.settings.admin_token
         self._token = token.encode() if token else None
+        self._openapi: bytes | None = None
+        self._redactor = Redactor.from_settings(gateway.settings)
 
     def routes(self) -> list[web.RouteDef]:
         defs = [
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
         ]
         if self._token is not None:
             defs += [
@@ -57,6 +63,12 @@ class Admin:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of the ingest and operator routes (packaged with the gateway)."""
+        if self._openapi is None:
+            self._openapi = resources.files("gateway").joinpath("ingest/openapi.json").read_bytes()
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def readyz(self, request: web.Request) -> web.Response:
         gw = self.gw
@@ -108,6 +120,10 @@ class Admin:
             limit = min(int(q.get("limit", "100")), MAX_PAGE)
         except ValueError:
             return _json({"error": "after and limit must be integers"}, 400)
+        if not 0 <= after < 2**63 or limit < 1:
+            # limit 0 would page forever (and index an empty page), a negative one means all,
+            # and SQLite integers stop at 2**63
+            return _json({"error": "after must be in [0, 2**63) and limit at least 1"}, 400)
         letters = await self.gw.store.dead_letters(
             q.get("source"), after, limit, q.get("replayed") in ("1", "true")
         )
@@ -125,7 +141,7 @@ class Admin:
                 }
             )
         nxt = letters[-1].id if len(letters) == limit else None
-        return _json({"dead_letters": items, "next": nxt})
+        return self._masked({"dead_letters": items, "next": nxt})
 
     async def replay(self, request: web.Request) -> web.Response:
         try:
@@ -138,7 +154,15 @@ class Admin:
 
     async def ledger(self, request: web.Request) -> web.Response:
         rows = await self.gw.store.ledger(request.query.get("source"), request.query.get("day"))
-        return _json({"ledger": rows})
+        return self._masked({"ledger": rows})
+
+    def _masked(self, payload: Any) -> web.Response:
+        """`_json`, with every configured secret masked: dead letters and ledger rows hold
+        what clients sent, which may include a write key (a message's own `writeKey`) or any
+        other key pasted into a trait. (A secret with a character that JSON escapes, such as
+        a quote or a backslash, would not be matched in the encoded text.)"""
+        text = self._redactor.mask(msgspec.json.encode(payload).decode())
+        return web.Response(body=text.encode(), content_type="application/json")
 
 
 class ReplaySpec(msgspec.Struct, forbid_unknown_fields=True):

@@ -63,6 +63,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dedupe_window: Positive = 7 * 86400.0
     fsync: Fsync = "normal"
     shutdown_timeout: Positive = 10.0
+    # a client has this long to send a request's headers and body, and an idle keep-alive
+    # connection is closed after it: a slow or stalled client cannot hold a handler for ever
+    read_timeout: Positive = 30.0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     # retry backoff, seconds: full jitter over min(max, base * 2**attempt)

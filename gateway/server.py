@@ -16,7 +16,11 @@ log = structlog.get_logger("gateway.server")
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     gateway = Gateway(settings)
-    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        gateway.app(), access_log=None, handle_signals=False,
+        # aiohttp's own default is an hour; it also bounds how long headers may trickle in
+        keepalive_timeout=settings.read_timeout,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout)
     stop = asyncio.Event()

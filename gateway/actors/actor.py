@@ -207,7 +207,8 @@ class Actor:
         if call.kind == "identify":
             key = f"i\x1f{call.user_id}"
         else:
-            key = f"g\x1f{call.group_id}\x1f{call.user_id or ''}"
+            # JSON keeps the pair unambiguous whatever characters the ids hold
+            key = "g" + msgspec.json.encode([call.group_id, call.user_id or ""]).decode()
             if call.user_id is not None and call.group_id is not None:
                 self._accounts.append((call.user_id, call.group_id))
         pending = self._pending.get(key)

@@ -80,6 +80,9 @@ class Forwarder:
             pause = max(self._paused_until - time.monotonic(), self.circuit.wait_time())
             self.metrics.circuit_open.labels(src).set(self.circuit.state != "closed")
             if pause > 0:
+                # a wake-up left set by a finished call would end every sleep at once, and
+                # Event.wait() on a set event never yields: the loop would spin, starving ingest
+                self._wake.clear()
                 await self._sleep(pause)
                 continue
             self._wake.clear()
@@ -103,6 +106,10 @@ class Forwarder:
             self._finished = {k: t for k, t in self._finished.items() if t > read_at}
             if started:
                 continue
+            if items:
+                # all due calls are on the wire: the next completion wakes us
+                await self._sleep(IDLE_POLL)
+                continue
             nxt = await self.store.next_due(src)
             wait = IDLE_POLL if nxt is None else min(max(nxt - time.time(), 0.01), IDLE_POLL)
             await self._sleep(wait)
@@ -120,6 +127,10 @@ class Forwarder:
         call = _call_label(item)
         try:
             async with self.throttle:
+                # a call that queued for the rate before a Retry-After paused the source
+                # must not go out during the pause (which a 429 on the wire may extend)
+                while (paused := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(paused)
                 outcome = await self.client.post(item.path, _decode(item.body))
             self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
             if isinstance(outcome, Delivered):

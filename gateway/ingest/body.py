@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 from aiohttp import web
@@ -17,8 +18,22 @@ class BodyError(Exception):
         self.reason = reason
 
 
-async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
-    """The body, gunzipped; 413 past `limit` without holding more than `limit` bytes of it."""
+async def read_body(
+    request: web.Request, limit: int = MAX_BODY, within: float | None = None
+) -> bytes:
+    """The body, gunzipped; 413 past `limit` without holding more than `limit` bytes of it,
+    408 when it takes longer than `within` seconds to arrive."""
+    try:
+        async with asyncio.timeout(within):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise BodyError(408, f"request body not received within {within:g} s") from None
+    except ConnectionResetError:
+        # the client went away mid-body: nobody reads the reply, but it must not log as a crash
+        raise BodyError(400, "connection lost while reading the body") from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip"):
         raise BodyError(415, f"unsupported Content-Encoding {encoding[:40]!r}: use gzip or none")
@@ -61,6 +76,9 @@ async def _gunzip(request: web.Request, limit: int) -> bytes:
         raise BodyError(400, f"body is not valid gzip: {exc}") from None
     if not inflate.eof:
         raise BodyError(400, "gzip body is truncated")
+    if inflate.unused_data or await request.content.read(1):
+        # a second gzip member or trailing bytes: refuse rather than silently drop them
+        raise BodyError(400, "data after the end of the gzip stream")
     if len(out) > limit:
         raise BodyError(413, f"request body over {limit} bytes after gunzip")
     return bytes(out)

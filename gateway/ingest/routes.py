@@ -88,7 +88,7 @@ class Ingest:
         if self.backlog.full:
             return self._busy("backlog full", source)
         try:
-            body = await read_body(request)
+            body = await read_body(request, within=self.settings.read_timeout)
             decoded = decode_batch(body) if kind is None else decode_single(body, kind)
         except BodyError as exc:
             if source is not None:

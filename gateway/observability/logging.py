@@ -160,6 +160,7 @@ def configure_logging(
 
     handler = logging.StreamHandler(out)
     handler.set_name("accoil-gateway")
+    handler.addFilter(BadRequestFilter())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
@@ -178,6 +179,22 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (an over-long header, a bad request line) as an
+    error with a traceback quoting the raw bytes, which may hold a credential that no mask
+    recognises (the start of a longer Basic header): keep one warning line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name == "aiohttp.server" and isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "bad HTTP request: %s %s", (exc.code, type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -600,8 +600,9 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
 
 
 def _ledger_key(day: str, user: str, account: str, event: str) -> str:
-    # unit separators: user ids and event names may hold any printable character
-    return "\x1f".join(("t", day, user, account, event))
+    # JSON, not a separator: ids and event names may hold any character, the separator too,
+    # and two different (user, account, event) rows must never share a key
+    return "t" + _encode([day, user, account, event]).decode()
 
 
 def _put_call(

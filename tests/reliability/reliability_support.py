@@ -1,0 +1,221 @@
+"""Shared helpers of the reliability suite (a unique module name: tests/ has no packages).
+
+`GatewayProcess` runs `python -m gateway serve` as a child process on a free loopback
+port, with its log captured to a file, and can SIGKILL and restart it on the same data
+directory. `record()` writes a test's figures to a JSON file (RELIABILITY.md quotes them).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+WRITE_KEY = "wk_reliability_3f9a1c77e2"
+API_KEY = "ak_reliability_b81d04c6f5"
+ADMIN_TOKEN = "adm_reliability_5e27aa90d1"
+
+# Where the figures of a run go: $RELIABILITY_FIGURES, else a file in the temp directory.
+FIGURES_ENV = "RELIABILITY_FIGURES"
+
+
+def figures_path() -> Path:
+    given = os.environ.get(FIGURES_ENV)
+    if given:
+        return Path(given)
+    return Path(tempfile.gettempdir()) / "accoil-gateway-reliability" / "figures.json"
+
+
+def record(name: str, figures: dict[str, Any]) -> None:
+    """Merge one scenario's figures into the figures file, and print them (`pytest -s`)."""
+    path = figures_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    current[name] = {**figures, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    print(f"\n[reliability] {name}: {json.dumps(figures, sort_keys=True)}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+def bearer(token: str = ADMIN_TOKEN) -> str:
+    return f"Bearer {token}"
+
+
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """A blocking request that returns (status, headers, body) for any status."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def gateway_env(
+    *,
+    write_key: str | None = WRITE_KEY,
+    api_key: str | None = API_KEY,
+    base_url: str | None = None,
+    admin_token: str | None = ADMIN_TOKEN,
+    **extra: str,
+) -> dict[str, str]:
+    """The child's environment: ours minus any GATEWAY_/ACCOIL_ variable, plus these."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "ACCOIL_"))
+    }
+    for name, value in (
+        ("GATEWAY_WRITE_KEY", write_key),
+        ("ACCOIL_API_KEY", api_key),
+        ("ACCOIL_BASE_URL", base_url),
+        ("GATEWAY_ADMIN_TOKEN", admin_token),
+    ):
+        if value is not None:
+            env[name] = value
+    env.update(extra)
+    return env
+
+
+class GatewayProcess:
+    """`python -m gateway serve` as a child process; always `close()` it (try/finally)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str],
+        *,
+        flush_interval: float = 0.2,
+        host: str | None = "127.0.0.1",
+        port: int | None = None,
+        config: Path | None = None,
+        log_level: str = "info",
+    ) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.flush_interval = flush_interval
+        self.host = host
+        self.port = port if port is not None else free_port()
+        self.config = config
+        self.log_level = log_level
+        self.log_path = data_dir.parent / f"{data_dir.name}-gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def args(self) -> list[str]:
+        args = [sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--flush-interval", str(self.flush_interval),
+                "--log-format", "json", "--log-level", self.log_level]
+        if self.host is not None:
+            args += ["--host", self.host]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        return args
+
+    def start(self, within: float = 20.0) -> None:
+        """Start it and wait until /healthz answers."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.args(), env=self.env, cwd=self.data_dir.parent,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + within
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited with {self.proc.returncode} on start:\n{self.log()[-3000:]}"
+                )
+            with contextlib.suppress(OSError):
+                status, _, _ = http("GET", self.url + "/healthz", timeout=1.0)
+                if status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not answer within {within}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, within: float = 20.0) -> int | None:
+        """SIGTERM and wait for the drain; SIGKILL if it takes longer than `within`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(within)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stats(self) -> dict[str, Any]:
+        status, _, body = http("GET", self.url + "/admin/stats", headers={"Authorization": bearer()})
+        assert status == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def wait_drained(self, within: float) -> float:
+        """Wait until the inbox and the outbox are empty; the seconds it took."""
+        started = time.monotonic()
+        deadline = started + within
+        while True:
+            stats = self.stats()
+            if stats["inbox_messages"] == 0 and stats["outbox_calls"] == 0:
+                return time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not drained within {within}s: {stats}")
+            time.sleep(0.05)
