@@ -27,7 +27,7 @@ from gateway.store import SqliteStore, Store
 log = structlog.get_logger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-HOUSEKEEPING = 30.0  # seconds between backlog re-counts and dedupe pruning
+HOUSEKEEPING = 30.0  # seconds between prunings of old message ids and ledger rows
 
 
 class Gateway:
@@ -82,6 +82,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.store.open()
+        # every inbox row counts as wholly unapplied again: the router replays it from the start
+        await self.store.restart_inbox()
         counts = await self.store.counts()
         self.backlog.inbox, self.backlog.outbox = counts.inbox, counts.outbox
         for source in self.settings.sources:
@@ -150,8 +152,6 @@ class Gateway:
             await asyncio.sleep(HOUSEKEEPING)
             try:
                 await self.store.prune(time.time() - self.settings.dedupe_window)
-                counts = await self.store.counts()
-                self.backlog.inbox, self.backlog.outbox = counts.inbox, counts.outbox
             except Exception:
                 log.exception("housekeeping failed")
 

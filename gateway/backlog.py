@@ -8,6 +8,12 @@ class Backlog:
         self.limit = limit
         self.inbox = 0  # messages accepted, not yet applied by an actor
         self.outbox = 0  # upstream calls queued, not yet delivered or dead-lettered
+        self.requests = 0  # ingest requests being served right now
+
+    @property
+    def ingest_first(self) -> bool:
+        """Requests are arriving and the inbox has room: routing should give way to ingest."""
+        return self.requests > 0 and self.inbox < self.limit // 2
 
     @property
     def total(self) -> int:

@@ -33,10 +33,16 @@ class Source(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     track_mode: TrackMode = "exact"
     timeout: Positive = 10.0
 
+    def __post_init__(self) -> None:
+        # computed once: the id names the source on every message's path
+        if not self.name:
+            self.name = _fingerprint(self.write_key)
+
     @property
     def id(self) -> str:
-        """A stable, secret-free name for logs, metrics and the store."""
-        return self.name or _fingerprint(self.write_key)
+        """A stable, secret-free name for logs, metrics and the store: `name`, or else
+        `src_` and a hash of the write key."""
+        return self.name
 
 
 def _fingerprint(secret: str) -> str:
@@ -56,7 +62,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_max_pending: PositiveInt = 1000
     actor_idle: Positive = 10.0
     mailbox_size: PositiveInt = 1000
-    max_actors: PositiveInt = 20000
+    max_actors: PositiveInt = 5000
     # accepted events not yet forwarded; past it ingest answers 503
     max_backlog: PositiveInt = 5_000_000
     retry_after: PositiveInt = 5

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.router")
 
 READ_AHEAD = 64  # inbox rows read at once
+# while ingest is busy, the router routes one row per pause: a trickle that keeps actors and
+# forwarders moving but leaves most of the CPU to the requests
+YIELD = 0.05
 HANDOFF = 512  # decoded requests kept in memory for the router; past it, it decodes again
 USERS = 200_000  # user -> account entries remembered
 
@@ -77,8 +80,9 @@ class Router:
         self._wake.set()
 
     async def run(self) -> None:
-        """Route until stopped, then return once the inbox is drained to the actors."""
-        await self.store.restart_inbox()
+        """Route until stopped, then return once the inbox is drained to the actors.
+
+        The store's inbox must have been restarted (`Store.restart_inbox`) before."""
         while True:
             self._wake.clear()
             rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
@@ -88,6 +92,10 @@ class Router:
                 await self._wake.wait()
                 continue
             for row in rows:
+                if self.backlog.ingest_first:
+                    # the inbox is durable: while requests arrive, answer them first and route
+                    # a row at a time in the gaps (a burst is absorbed, not refused)
+                    await asyncio.sleep(YIELD)
                 try:
                     await self._route(row)
                 except Exception:

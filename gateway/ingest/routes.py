@@ -76,6 +76,13 @@ class Ingest:
         return handler
 
     async def _ingest(self, request: web.Request, kind: str | None) -> web.Response:
+        self.backlog.requests += 1
+        try:
+            return await self._take(request, kind)
+        finally:
+            self.backlog.requests -= 1
+
+    async def _take(self, request: web.Request, kind: str | None) -> web.Response:
         received_at = time.time()
         if not self._accepting():
             return self._busy("shutting down")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +42,12 @@ CREATE TABLE IF NOT EXISTS inbox (
     source TEXT NOT NULL,
     received_at REAL NOT NULL,
     body BLOB NOT NULL,
-    count INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+-- how many messages of an inbox row no actor has committed yet; apart from the body because
+-- SQLite rewrites a whole record on UPDATE, and actors update this once per flush
+CREATE TABLE IF NOT EXISTS progress (
+    id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dedupe (
@@ -115,40 +120,50 @@ _decode_traits = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 class _Writer(threading.Thread):
-    """Runs queued operations in batches, one transaction per batch."""
+    """Runs queued operations in batches, one transaction per batch.
+
+    Two lanes: acknowledgements (`urgent`: ingest's accepts) always go first and commit in a
+    transaction of their own, so a client's 200 never waits behind more than one batch of
+    actor flushes, which are capped at `flush_batch` operations a transaction.
+    """
 
     def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name="store-writer", daemon=True)
         self.conn = conn
         self.loop = loop
-        self.ops: queue.SimpleQueue[tuple[Op, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._urgent: deque[tuple[Op, asyncio.Future[Any]]] = deque()
+        self._normal: deque[tuple[Op, asyncio.Future[Any]]] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
         self.max_batch = 512
+        self.flush_batch = 64
 
-    def submit(self, op: Op) -> asyncio.Future[Any]:
+    def submit(self, op: Op, *, urgent: bool = False) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
-        self.ops.put((op, fut))
+        with self._ready:
+            (self._urgent if urgent else self._normal).append((op, fut))
+            self._ready.notify()
         return fut
 
     def stop(self) -> None:
-        self.ops.put(None)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+
+    def _next_batch(self) -> list[tuple[Op, asyncio.Future[Any]]] | None:
+        with self._ready:
+            while not self._urgent and not self._normal:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            lane, cap = (
+                (self._urgent, self.max_batch) if self._urgent else (self._normal, self.flush_batch)
+            )
+            return [lane.popleft() for _ in range(min(cap, len(lane)))]
 
     def run(self) -> None:
         conn = self.conn
-        stopping = False
-        while not stopping:
-            item = self.ops.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self.ops.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
+        while (batch := self._next_batch()) is not None:
             results: list[tuple[asyncio.Future[Any], bool, Any]] = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -197,7 +212,7 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA cache_size=-16000")  # 16 MB of page cache a connection
+        conn.execute("PRAGMA cache_size=-8000")  # 8 MB of page cache a connection
         return conn
 
     async def open(self) -> None:
@@ -221,9 +236,9 @@ class SqliteStore:
             self._reader.shutdown(wait=True)
             self._reader = None
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
         assert self._writer is not None, "store is not open"
-        result: T = await self._writer.submit(op)
+        result: T = await self._writer.submit(op, urgent=urgent)
         return result
 
     async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -241,21 +256,20 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> int | None:
             row_id = None
             if body is not None and count:
-                cur = conn.execute(
-                    "INSERT INTO inbox (source, received_at, body, count, pending)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (source, received_at, body, count, count),
-                )
-                row_id = cur.lastrowid
+                row_id = _insert_inbox(conn, source, received_at, body, count)
             _insert_dead(conn, dead, received_at)
             return row_id
 
-        return await self._write(op)
+        return await self._write(op, urgent=True)
 
     # router
 
     async def restart_inbox(self) -> None:
-        await self._write(lambda conn: conn.execute("UPDATE inbox SET pending = count"))
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO progress (id, pending) SELECT id, count FROM inbox"
+            )
+        )
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
         def op(conn: sqlite3.Connection) -> list[InboxRow]:
@@ -440,17 +454,14 @@ class SqliteStore:
                 done += 1
             for src, payloads in messages.items():
                 body = b'{"batch":[' + b",".join(payloads) + b"]}"
-                conn.execute(
-                    "INSERT INTO inbox (source, received_at, body, count, pending) VALUES (?, ?, ?, ?, ?)",
-                    (src, now, body, len(payloads), len(payloads)),
-                )
+                _insert_inbox(conn, src, now, body, len(payloads))
             return done
 
         return await self._write(op)
 
     async def counts(self) -> Counts:
         def op(conn: sqlite3.Connection) -> Counts:
-            inbox = _one(conn.execute("SELECT COALESCE(SUM(pending), 0) FROM inbox"))[0]
+            inbox = _one(conn.execute("SELECT COALESCE(SUM(pending), 0) FROM progress"))[0]
             outbox = _one(conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox"))[0]
             dead = _one(conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
@@ -488,6 +499,17 @@ class SqliteStore:
             return n
 
         return await self._write(op)
+
+
+def _insert_inbox(
+    conn: sqlite3.Connection, source: str, received_at: float, body: bytes, count: int
+) -> int | None:
+    row_id = conn.execute(
+        "INSERT INTO inbox (source, received_at, body, count) VALUES (?, ?, ?, ?)",
+        (source, received_at, body, count),
+    ).lastrowid
+    conn.execute("INSERT INTO progress (id, pending) VALUES (?, ?)", (row_id, count))
+    return row_id
 
 
 def _one(cur: sqlite3.Cursor) -> Any:
@@ -594,8 +616,12 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
         )
     _insert_dead(conn, f.dead, now)
     for row_id, n in f.inbox.items():
-        conn.execute("UPDATE inbox SET pending = pending - ? WHERE id = ?", (n, row_id))
-        conn.execute("DELETE FROM inbox WHERE id = ? AND pending <= 0", (row_id,))
+        row = _one(conn.execute(
+            "UPDATE progress SET pending = pending - ? WHERE id = ? RETURNING pending", (n, row_id)
+        ))
+        if row is not None and row[0] <= 0:
+            conn.execute("DELETE FROM progress WHERE id = ?", (row_id,))
+            conn.execute("DELETE FROM inbox WHERE id = ?", (row_id,))
     return FlushResult(counted, duplicates, calls)
 
 

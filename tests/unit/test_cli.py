@@ -168,7 +168,8 @@ def test_serve_passes_flags_and_logs_json(
     (settings,) = server
     assert (settings.host, settings.port, settings.data_dir) == ("0.0.0.0", 9002, "/from/env")
     assert (settings.flush_interval, settings.log_format, settings.log_level) == (0.5, "json", "debug")
-    assert [s.name for s in settings.sources] == ["web", ""]
+    assert [s.name for s in settings.sources][0] == "web"
+    assert settings.sources[1].name.startswith("src_")  # no name: a hash of the write key
     err = capsys.readouterr().err
     lines = {line["event"]: line for line in map(json.loads, err.splitlines())}
     assert lines["starting"]["port"] == 9002 and lines["starting"]["sources"][0] == "web"
