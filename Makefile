@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint reliability bench clean
+.PHONY: run test lint install reliability bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +17,17 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
+	bash scripts/ensure_wrk.sh
 	$(VENV)/bin/pytest -q
 
 reliability: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow tests/reliability
+
+bench: $(STAMP)
+	bash scripts/ensure_wrk.sh
+	$(PY) scripts/bench_ingest.py
+	$(PY) scripts/bench_forward.py
+	$(PY) scripts/bench_memory.py
 
 run: $(STAMP)
 	$(PY) scripts/run_demo.py

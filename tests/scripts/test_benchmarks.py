@@ -1,0 +1,88 @@
+"""Short runs of the benchmarks: each ends with the report it promises, every figure from
+a real measurement. No timing is asserted: on a shared machine only the shape is stable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from benchkit.wrk import have_wrk
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def last_json_line(*argv: str, timeout: float = 120) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=SCRIPTS.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_bench_ingest_compares_gateway_with_both_baselines(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_ingest.py"), "--duration", "1", "--warmup", "0",
+        "--latency-duration", "1", "--connections", "4", "--bodies", "5",
+        "--workdir", str(tmp_path),
+    )
+    assert s["generator"] == ("wrk" if have_wrk() else "aiohttp")
+    assert s["duration_s"] == 1 and s["connections"] == 4 and s["batch_events"] == 100
+    for target in ("noop", "naive", "gateway"):
+        assert s[f"{target}_events_per_s"] > 0, target
+        assert s.get(f"{target}_errors") is None, s.get(f"{target}_errors")
+    assert s["gateway_vs_noop"] == pytest.approx(
+        s["gateway_events_per_s"] / s["noop_events_per_s"], abs=1e-3)
+    assert s["gateway_vs_naive"] == pytest.approx(
+        s["gateway_events_per_s"] / s["naive_events_per_s"], abs=1e-3)
+    half = s["half_rate"]
+    assert half["events_per_s_target"] == pytest.approx(s["gateway_events_per_s"] / 2, rel=0.01)
+    assert half["errors"] == {}
+    assert s["half_rate_p99_ms"] == half["latency_ms"]["p99"] > 0
+
+
+def test_bench_ingest_falls_back_to_aiohttp_and_says_so(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_ingest.py"), "--generator", "aiohttp", "--targets", "noop",
+        "--duration", "1", "--warmup", "0", "--latency-duration", "0", "--connections", "4",
+        "--bodies", "3", "--workdir", str(tmp_path),
+    )
+    assert s["generator"] == "aiohttp" and s["threads"] is None
+    assert s["noop_events_per_s"] > 0
+    assert s["gateway_vs_noop"] is None and "half_rate" not in s
+
+
+def test_bench_forward_drains_everything_and_compares(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_forward.py"), "--calls", "1500", "--concurrency", "8",
+        "--accounts", "20", "--users", "200", "--workdir", str(tmp_path),
+        "--json", str(tmp_path / "forward.json"),
+    )
+    assert s["complete"] and s["calls"] == s["expected_calls"] == s["queued_before_drain"]
+    assert s["bare_status"] == {"202": s["calls"]}
+    assert s["gateway_calls_per_s"] > 0 and s["bare_calls_per_s"] > 0
+    assert s["gateway_vs_bare"] == pytest.approx(
+        s["gateway_calls_per_s"] / s["bare_calls_per_s"], abs=1e-3)
+    assert s["dead_letters"] == 0
+    assert json.loads((tmp_path / "forward.json").read_text()) == s
+
+
+def test_bench_memory_samples_every_phase(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_memory.py"), "--events", "3000", "--accounts", "300",
+        "--drain-seconds", "0", "--idle-wait", "10", "--no-progress",
+        "--gateway-env", "GATEWAY_ACTOR_IDLE=0.5", "--workdir", str(tmp_path),
+    )
+    assert s["ingest"]["distinct_accounts"] == 300
+    assert s["ingest"]["status"] == {"200": 30}
+    assert s["applied"]["ledger"]["events"] > 0
+    assert s["idle"]["all_passivated"] and s["idle"]["active_actors"] == 0
+    drain = s["drain"]
+    assert drain["emptied"] and drain["sent_calls"] == drain["queued_calls"] > 0
+    assert drain["calls_per_s"] > 0
+    peaks = [s["ingest"]["peak_rss_mb"], s["applied"]["peak_rss_mb"], drain["peak_rss_mb"]]
+    assert all(p > 10 for p in peaks)  # a Python process with aiohttp: tens of MB at least
+    assert s["peak_rss_mb"] == max(peaks) <= s["vm_hwm_mb"]
