@@ -42,7 +42,7 @@ READ_AHEAD = 64  # inbox rows read at once
 # while ingest is busy, the router routes one row per pause: a trickle that keeps actors and
 # forwarders moving but leaves most of the CPU to the requests
 YIELD = 0.05
-HANDOFF = 512  # decoded requests kept in memory for the router; past it, it decodes again
+HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
 USERS = 200_000  # user -> account entries remembered
 
 

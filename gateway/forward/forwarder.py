@@ -125,6 +125,7 @@ class Forwarder:
     async def _send(self, item: OutboxItem) -> None:
         src = self.source.id
         call = _call_label(item)
+        released = False
         try:
             async with self.throttle:
                 # a call that queued for the rate before a Retry-After paused the source
@@ -132,6 +133,10 @@ class Forwarder:
                 while (paused := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
                     await asyncio.sleep(paused)
                 outcome = await self.client.post(item.path, _decode(item.body))
+            # the connection is free: the next call may go while this outcome is recorded
+            # (the row stays marked in flight until then, so it is not sent twice)
+            self._slots.release()
+            released = True
             self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
             if isinstance(outcome, Delivered):
                 self.circuit.success()
@@ -176,7 +181,8 @@ class Forwarder:
                 self._in_flight[item.id] = left
             else:
                 self._in_flight.pop(item.id, None)
-            self._slots.release()
+            if not released:
+                self._slots.release()
             self._wake.set()
 
     async def drain(self, within: float) -> bool:

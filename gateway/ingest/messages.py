@@ -26,7 +26,9 @@ MessageId = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_ID)]
 _MISSING = (None, "")
 
 
-class MessageBase(msgspec.Struct, kw_only=True, tag_field="type"):
+# gc=False: decoded from JSON, a message holds only plain data and can never be part of a
+# reference cycle, so the cyclic collector need not track the many each request makes
+class MessageBase(msgspec.Struct, kw_only=True, tag_field="type", gc=False):
     """Fields every Segment call has. Unknown fields are ignored, as Segment does."""
 
     messageId: MessageId | None = None
