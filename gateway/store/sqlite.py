@@ -136,7 +136,7 @@ class _Writer(threading.Thread):
         self._ready = threading.Condition()
         self._stopping = False
         self.max_batch = 512
-        self.flush_batch = 64
+        self.flush_batch = 8
 
     def submit(self, op: Op, *, urgent: bool = False) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
