@@ -121,10 +121,6 @@ class Actor:
         self._ready.set()
 
     @property
-    def idle(self) -> bool:
-        return not self._items
-
-    @property
     def leaving(self) -> bool:
         return self._leave or self._stopping
 

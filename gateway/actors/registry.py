@@ -30,6 +30,7 @@ class Actors:
         self.backlog = backlog
         self._on_calls = on_calls
         self._live: dict[tuple[str, str], Actor] = {}
+        self._asked: set[Actor] = set()  # asked to passivate, not gone yet
         self._room = asyncio.Event()
         self._all_gone = asyncio.Event()
         self._all_gone.set()
@@ -42,10 +43,11 @@ class Actors:
         actor = self._live.get(key)
         if actor is None:
             while len(self._live) >= self.settings.max_actors:
-                # crowded: ask the longest-lived idle quarter to flush and passivate (one scan
-                # frees many places, so admissions stay cheap), then wait for a place
+                # crowded: ask the longest-lived quarter to flush and passivate (one scan frees
+                # many places, so admissions stay cheap), then wait for a place
                 self._room.clear()
-                self._evict(max(1, self.settings.max_actors // 4))
+                if not self._asked:  # else those already asked are still flushing: wait
+                    self._evict(max(1, self.settings.max_actors // 4))
                 await self._room.wait()
             actor = self._live.get(key)
             if actor is None:
@@ -56,8 +58,11 @@ class Actors:
         for other in self._live.values():  # insertion order: oldest activation first
             if wanted <= 0:
                 break
-            if other.idle and not other.leaving:
+            # busy ones too: the router waits meanwhile, so an actor asked to leave gets no
+            # more messages, works through its mailbox, flushes and goes
+            if not other.leaving:
                 other.leave_soon()
+                self._asked.add(other)
                 wanted -= 1
 
     def _start(self, source: Source, account: str, key: tuple[str, str]) -> Actor:
@@ -80,6 +85,7 @@ class Actors:
         key = (actor.source.id, actor.account)
         if self._live.get(key) is actor:
             del self._live[key]
+        self._asked.discard(actor)
         self.metrics.active_actors.set(len(self._live))
         self._room.set()
         if not self._live:

@@ -330,3 +330,16 @@ async def test_stg_keys_keep_their_prefix_off_custom_base_urls(mock_accoil: Mock
 async def test_operational_routes_answer(mock_accoil: MockAccoilServer, tmp_path: Path, route: str) -> None:
     async with running(settings_for(mock_accoil.url, tmp_path)) as gw, gw.http.get(gw.url + route) as resp:
         assert resp.status == 200
+
+
+async def test_more_accounts_than_live_actors(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    # 60 accounts through at most 4 live actors: idle ones passivate to make room, nothing lost
+    settings = settings_for(mock_accoil.url, tmp_path, max_actors=4, flush_interval=0.2)
+    batch = [track(f"m{i}", user=f"u{i}", context={"groupId": f"acct{i % 60}"}) for i in range(120)]
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/batch", {"batch": batch}))[0] == 200
+        await gw.idle(timeout=20)
+        assert len(gw.gateway.actors) <= 4
+        (_, ledger) = await gw.admin("GET", "/admin/ledger")
+    assert len({row["account"] for row in ledger["ledger"]}) == 60
+    assert sum(r["count"] for r in mock_accoil.counts(event="Report Built")) == 120
