@@ -106,6 +106,10 @@ class Router:
     async def _route(self, row: InboxRow) -> None:
         source = self.sources.get(row.source)
         decoded = self._handoff.pop(row.id, None)
+        # messages of this row that cannot be taken: from a stored body only, where replayed
+        # dead letters count as messages of their row and may still be invalid (ingest's own
+        # rejects in a hand-off are dead letters already and not part of the row)
+        invalid: list[tuple[bytes, str]] = []
         if decoded is None:
             try:
                 decoded = decode_batch(row.body)
@@ -113,18 +117,14 @@ class Router:
                 reason = f"stored body unreadable: {exc.reason}"
                 await self._dead(row, source, [(row.body, reason)], row.count)
                 return
-        elif decoded.rejected:
-            # ingest's own rejects are dead letters already and not part of the row
-            decoded = Decoded(decoded.messages, [], decoded.context, decoded.integrations,
-                              decoded.sent_at, decoded.write_key, decoded.body)
+            invalid = [(r.raw, r.reason) for r in decoded.rejected]
         if source is None:
             gone = [(msgspec.json.encode(m), "source is no longer configured")
                     for m in decoded.messages]
-            await self._dead(row, None, gone + [(r.raw, r.reason) for r in decoded.rejected])
+            await self._dead(row, None, gone + invalid)
             return
-        if decoded.rejected:
-            # replayed dead letters count as messages of their row and may still be invalid
-            await self._dead(row, source, [(r.raw, r.reason) for r in decoded.rejected])
+        if invalid:
+            await self._dead(row, source, invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
         await self._learn(source, decoded.messages)
         for index, msg in enumerate(decoded.messages):
