@@ -11,6 +11,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.observability.logging import Redactor
+from gateway.observability.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -83,14 +84,15 @@ class Admin:
         gw.metrics.backlog.set(gw.backlog.total)
         gw.metrics.inbox.set(gw.backlog.inbox)
         gw.metrics.ready.set(int(gw.accepting))
-        body, content_type = gw.metrics.render()
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = content_type
+        resp = web.Response(body=await gw.render_metrics())
+        resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
 
     async def stats(self, request: web.Request) -> web.Response:
         gw = self.gw
         counts = await gw.store.counts()
+        pipeline = await gw.pipeline_stats()
+        circuits = pipeline["circuits"]
         return _json(
             {
                 "accepting": gw.accepting,
@@ -99,14 +101,14 @@ class Admin:
                 "outbox_calls": counts.outbox,
                 "dead_letters": counts.dead_letters,
                 "ledger": {"rows": counts.ledger_rows, "events": counts.ledger_events},
-                "active_actors": len(gw.actors),
+                "active_actors": pipeline["active_actors"],
                 "sources": [
                     {
                         "id": s.id,
                         "api": s.api,
                         "base_url": s.base_url,
                         "track_mode": s.track_mode,
-                        "circuit": gw.forwarders[s.id].circuit.state if s.id in gw.forwarders else None,
+                        "circuit": circuits.get(s.id),
                     }
                     for s in gw.settings.sources
                 ],

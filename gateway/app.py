@@ -1,58 +1,78 @@
-"""The gateway assembled: ingest -> store -> router -> actors -> outbox -> forwarders."""
+"""The gateway assembled: ingest -> store -> pipeline (router -> actors -> outbox -> forwarders).
+
+This process serves HTTP: ingest and the operator routes. The pipeline runs beside it
+(`pipeline = "inline"`) or in a worker process (`"process"`, see `gateway.worker`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import fcntl
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from gateway.actors.registry import Actors
-from gateway.actors.router import Router
 from gateway.admin import Admin
 from gateway.backlog import Backlog
 from gateway.config import Settings
-from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.body import MAX_BODY
 from gateway.ingest.routes import Ingest
-from gateway.mapping import upstream
 from gateway.observability.metrics import Metrics
+from gateway.pipeline import Pipeline
 from gateway.store import SqliteStore, Store
+from gateway.worker import RemotePipeline
 
 log = structlog.get_logger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-HOUSEKEEPING = 30.0  # seconds between prunings of old message ids and ledger rows
+LOCK_WAIT = 30.0  # seconds a start waits for an earlier gateway to leave the data directory
 
 
 class Gateway:
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.sources = {s.id: s for s in settings.sources}
+        data = Path(settings.data_dir)
+        remote = settings.pipeline == "process" and store is None
         self.store: Store = store or SqliteStore(
-            Path(settings.data_dir) / "gateway.db", fsync=settings.fsync
+            data / "gateway.db", fsync=settings.fsync, checkpoint=not remote
         )
         self.metrics = Metrics(self.sources)
-        self.backlog = Backlog(settings.max_backlog)
-        self.forwarders: dict[str, Forwarder] = {}
-        self.actors = Actors(self.store, settings, self.metrics, self.backlog, self._calls_queued)
-        self.router = Router(self.store, self.actors, self.sources, self.metrics, self.backlog)
+        self._data = data
+        self._lock_fd: int | None = None
+        self.pipeline: Pipeline | RemotePipeline
+        if remote:
+            self.backlog = Backlog(settings.max_backlog, data / "backlog")
+            self.pipeline = RemotePipeline(settings, self._lock)
+        else:
+            self.backlog = Backlog(settings.max_backlog)
+            self.pipeline = Pipeline(settings, self.store, self.metrics, self.backlog)
         self.ingest = Ingest(
-            settings, self.store, self.router, self.backlog, self.metrics, lambda: self.accepting
+            settings, self.store, self.backlog, self.metrics, lambda: self.accepting,
+            self.pipeline.committed,
         )
         self.accepting = False
-        self._tasks: list[asyncio.Task[None]] = []
-        self._router_task: asyncio.Task[None] | None = None
 
-    def _calls_queued(self, source_id: str) -> None:
-        fwd = self.forwarders.get(source_id)
-        if fwd is not None:
-            fwd.wake()
+    def _lock(self) -> int:
+        assert self._lock_fd is not None
+        return self._lock_fd
+
+    @property
+    def actors(self) -> Actors:
+        assert isinstance(self.pipeline, Pipeline), "the pipeline runs in a worker process"
+        return self.pipeline.actors
+
+    @property
+    def forwarders(self) -> dict[str, Forwarder]:
+        assert isinstance(self.pipeline, Pipeline), "the pipeline runs in a worker process"
+        return self.pipeline.forwarders
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -81,22 +101,17 @@ class Gateway:
         return resp
 
     async def start(self) -> None:
+        self._data.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = await _lock_dir(self._data / "lock")
         await self.store.open()
-        # every inbox row counts as wholly unapplied again: the router replays it from the start
-        await self.store.restart_inbox()
+        await self.pipeline.start()
         counts = await self.store.counts()
-        self.backlog.inbox, self.backlog.outbox = counts.inbox, counts.outbox
-        for source in self.settings.sources:
-            client = AccoilClient.for_source(source, upstream(source))
-            fwd = Forwarder(source, self.store, client, self.settings, self.metrics, self.backlog)
-            self.forwarders[source.id] = fwd
-            self._tasks.append(asyncio.create_task(fwd.run(), name=f"forward:{source.id}"))
-        self._router_task = asyncio.create_task(self.router.run(), name="router")
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self.accepting = True
         log.info(
             "gateway started", sources=list(self.sources), inbox=counts.inbox,
             outbox=counts.outbox, dead_letters=counts.dead_letters,
+            pipeline=self.settings.pipeline if isinstance(self.pipeline, RemotePipeline)
+            else "inline",
         )
 
     async def _stop_accepting(self) -> None:
@@ -105,55 +120,42 @@ class Gateway:
     async def stop(self) -> None:
         """Drain: route the inbox, flush actors, forward what the timeout allows, keep the rest."""
         self.accepting = False
-        deadline = time.monotonic() + self.settings.shutdown_timeout
-
-        def left() -> float:
-            return max(0.0, deadline - time.monotonic())
-
-        if self._router_task is not None:
-            self.router.stop()
-            try:
-                async with asyncio.timeout(left()):
-                    await self._router_task
-            except TimeoutError:
-                log.warning("shutdown: inbox not fully routed; the rest waits in the store")
-            self._router_task = None
-        flushed = await self.actors.stop(max(left(), 1.0))
-        if not flushed:
-            log.warning("shutdown: some actors did not flush; their messages stay in the inbox")
-        for fwd in self.forwarders.values():
-            await fwd.drain(left())
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        for fwd in self.forwarders.values():
-            await fwd.stop()
+        await self.pipeline.stop(self.settings.shutdown_timeout)
         counts = await self.store.counts()
         await self.store.close()
+        self.backlog.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with it
+            self._lock_fd = None
         log.info(
             "gateway stopped", inbox=counts.inbox, outbox=counts.outbox,
             dead_letters=counts.dead_letters,
         )
 
     async def replay(self, ids: list[int] | None, source: str | None) -> int:
-        n = await self.store.replay(ids, source, time.time())
-        counts = await self.store.counts()
-        self.backlog.inbox, self.backlog.outbox = counts.inbox, counts.outbox
-        self.router.wake()
-        for fwd in self.forwarders.values():
-            fwd.wake()
-        return n
+        return await self.pipeline.replay(ids, source)
 
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(HOUSEKEEPING)
-            try:
-                await self.store.prune(time.time() - self.settings.dedupe_window)
-            except Exception:
-                log.exception("housekeeping failed")
+    async def pipeline_stats(self) -> dict[str, Any]:
+        return await self.pipeline.stats()
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render_ingest() + await self.pipeline.metrics_text()
+
+
+async def _lock_dir(path: Path) -> int:
+    """An exclusive lock on the data directory, held while this gateway (and its worker)
+    lives; waits for an earlier one to go (a worker outlives its front by a moment)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(f"another gateway holds {path.parent}") from None
+            await asyncio.sleep(0.05)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -15,6 +15,7 @@ DEFAULT_BASE_URL = "https://in.accoil.com"
 Api = Literal["v2", "segment"]
 TrackMode = Literal["exact", "daily-unique"]
 Fsync = Literal["off", "normal", "full"]
+PipelineMode = Literal["process", "inline"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -68,6 +69,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after: PositiveInt = 5
     dedupe_window: Positive = 7 * 86400.0
     fsync: Fsync = "normal"
+    # "process": router, actors and forwarders run in a worker process of their own, so that
+    # ingest keeps a core; "inline": everything in one process (tests, one-core machines)
+    pipeline: PipelineMode = "process"
+    # the worker's CPU priority below ingest's (os.nice): under contention, acks come first
+    pipeline_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     shutdown_timeout: Positive = 10.0
     # a client has this long to send a request's headers and body, and an idle keep-alive
     # connection is closed after it: a slow or stalled client cannot hold a handler for ever

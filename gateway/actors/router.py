@@ -1,7 +1,9 @@
 """The router: reads the inbox in commit order and hands each message to its account's actor.
 
-Ingest hands over what it already decoded (so the common case decodes once); after a
-restart, or when ingest runs far ahead, the router decodes the stored body instead. The
+When ingest runs in the same process it hands over what it already decoded (so the common
+case decodes once); otherwise (ingest in another process, after a restart, or when ingest
+runs far ahead) the router decodes the stored body. A row holds the request's invalid
+messages too: the router keeps them as dead letters, with the reason ingest gave. The
 account of a message is its groupId (group calls) or `context.groupId`; else the account
 last seen for that user in a group call; else the user itself.
 """
@@ -9,6 +11,7 @@ last seen for that user in a group call; else the user itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -43,6 +46,7 @@ READ_AHEAD = 64  # inbox rows read at once
 # forwarders moving but leaves most of the CPU to the requests
 YIELD = 0.05
 HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
+POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 USERS = 200_000  # user -> account entries remembered
 
 
@@ -89,7 +93,9 @@ class Router:
             if not rows:
                 if self._stopping:
                     return
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL):
+                        await self._wake.wait()
                 continue
             for row in rows:
                 if self.backlog.ingest_first:
@@ -105,11 +111,8 @@ class Router:
 
     async def _route(self, row: InboxRow) -> None:
         source = self.sources.get(row.source)
+        self.store.take(row.id, row.count)
         decoded = self._handoff.pop(row.id, None)
-        # messages of this row that cannot be taken: from a stored body only, where replayed
-        # dead letters count as messages of their row and may still be invalid (ingest's own
-        # rejects in a hand-off are dead letters already and not part of the row)
-        invalid: list[tuple[bytes, str]] = []
         if decoded is None:
             try:
                 decoded = decode_batch(row.body)
@@ -117,7 +120,9 @@ class Router:
                 reason = f"stored body unreadable: {exc.reason}"
                 await self._dead(row, source, [(row.body, reason)], row.count)
                 return
-            invalid = [(r.raw, r.reason) for r in decoded.rejected]
+        # the row's messages that cannot be taken: rejected by ingest, or replayed dead
+        # letters that are still invalid
+        invalid = [(r.raw, r.reason) for r in decoded.rejected]
         if source is None:
             gone = [(msgspec.json.encode(m), "source is no longer configured")
                     for m in decoded.messages]
@@ -180,8 +185,9 @@ class Router:
         done = len(items) if done is None else done
         src = source.id if source is not None else row.source
         letters = [
-            DeadLetter(source=src, stage="ingest", reason=reason, payload=payload)
-            for payload, reason in items
+            DeadLetter(source=src, stage="ingest", reason=reason, payload=payload,
+                       key=f"dl\x1f{row.id}\x1f{row.received_at!r}\x1f{i}")
+            for i, (payload, reason) in enumerate(items)
         ]
         await self.store.flush(
             Flush(source=src, account="", track_mode="exact", dead=letters,

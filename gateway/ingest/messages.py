@@ -101,9 +101,14 @@ class Decoded(msgspec.Struct):
     integrations: dict[str, Any] | None
     sent_at: datetime | None
     write_key: str | None
-    # What the gateway persists: a batch body that `decode_batch` turns back
-    # into exactly `messages`, nothing rejected, and no write key.
+    # What the gateway persists: the batch without its write key, which `decode_batch`
+    # turns back into exactly these `messages` and `rejected` (the router keeps the
+    # rejected as dead letters)
     body: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.messages) + len(self.rejected)
 
 
 class InvalidBody(Exception):
@@ -200,7 +205,7 @@ def decode_single(body: bytes, type: str) -> Decoded:
             integrations=None,
             sent_at=None,
             write_key=write_key,
-            body=_persisted([], None),
+            body=_persisted([msgspec.Raw(raw)], None),
         )
     return Decoded(
         messages=[outcome],
@@ -227,7 +232,6 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         )
     messages: list[Message] = []
     rejected: list[Rejected] = []
-    kept: list[msgspec.Raw] = []
     for index, raw in enumerate(envelope.batch):
         outcome = _decode_message(raw)
         if isinstance(outcome, str):
@@ -235,7 +239,6 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
             rejected.append(Rejected(index, _read_message_id(data), outcome, data))
         else:
             messages.append(outcome)
-            kept.append(raw)
     return Decoded(
         messages=messages,
         rejected=rejected,
@@ -243,7 +246,7 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         integrations=envelope.integrations,
         sent_at=envelope.sentAt,
         write_key=envelope.writeKey,
-        body=_persisted(kept, envelope),
+        body=body if envelope.writeKey is None else _persisted(envelope.batch, envelope),
     )
 
 

@@ -2,7 +2,9 @@
 
 The request path does no per-event Python in the common case: one msgspec decode in C,
 one group-committed insert of the body, and the reply. Mapping, dedupe and the ledger
-happen in the actors, after the reply.
+happen in the pipeline (router and actors), after the reply, by default in a process of
+its own. A request's invalid messages are stored with it: the router keeps them as dead
+letters.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from gateway.config import Settings, Source
 from gateway.ingest.auth import Keys, basic_user
 from gateway.ingest.body import BodyError, read_body
 from gateway.ingest.messages import Decoded, InvalidBody, decode_batch, decode_single
-from gateway.store import DeadLetter, Store
+from gateway.store import Store
 
 if TYPE_CHECKING:
-    from gateway.actors.router import Router
     from gateway.backlog import Backlog
     from gateway.observability.metrics import Metrics
 
@@ -44,15 +45,17 @@ class Ingest:
         self,
         settings: Settings,
         store: Store,
-        router: Router,
         backlog: Backlog,
         metrics: Metrics,
         accepting: Callable[[], bool],
+        committed: Callable[[int, Decoded], None] | None = None,
     ) -> None:
+        """`committed(row_id, decoded)` hears of each inbox row ingest commits (the router,
+        when it runs in this process)."""
         self.settings = settings
         self.keys = Keys(settings.sources)
         self.store = store
-        self.router = router
+        self._committed = committed
         self.backlog = backlog
         self.metrics = metrics
         self._accepting = accepting
@@ -114,28 +117,22 @@ class Ingest:
     async def _accept(
         self, source: Source, decoded: Decoded, received_at: float, *, single: bool
     ) -> web.Response:
-        count = len(decoded.messages)
         src = source.id
-        self.metrics.received.labels(src).inc(count + len(decoded.rejected))
-        dead = [
-            DeadLetter(source=src, stage="ingest", reason=r.reason, payload=r.raw)
-            for r in decoded.rejected
-        ]
-        try:
-            row_id = await self.store.accept(
-                src, received_at, decoded.body if count else None, count, dead
-            )
-        except Exception:
-            log.exception("commit failed", source_id=src)
-            return self._busy("store unavailable", source)
-        if row_id is not None:
+        count = decoded.count
+        self.metrics.received.labels(src).inc(count)
+        if count:
+            try:
+                row_id = await self.store.accept(src, received_at, decoded.body, count)
+            except Exception:
+                log.exception("commit failed", source_id=src)
+                return self._busy("store unavailable", source)
             self.backlog.accepted(count)
-            self.router.submitted(row_id, decoded)
-        self.metrics.accepted.labels(src).inc(count)
+            if self._committed is not None:
+                self._committed(row_id, decoded)
+        self.metrics.accepted.labels(src).inc(len(decoded.messages))
         if not decoded.rejected:
             return web.Response(body=_OK, content_type="application/json", headers=CORS)
         self.metrics.rejected.labels(src, "invalid").inc(len(decoded.rejected))
-        self.metrics.dead_letters.labels(src, "ingest").inc(len(decoded.rejected))
         rejected = [
             {"index": r.index, "messageId": r.messageId, "reason": r.reason}
             for r in decoded.rejected

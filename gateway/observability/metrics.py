@@ -1,4 +1,9 @@
-"""Prometheus metrics, in a registry owned by one `Metrics` instance.
+"""Prometheus metrics, in two registries owned by one `Metrics` instance.
+
+Ingest's series (`registry`) and the pipeline's (`pipeline_registry`) are apart because
+the pipeline may run in a process of its own (`gateway.worker`): each process updates only
+its own families, and `/metrics` is ingest's exposition followed by the pipeline's, no
+family in both.
 
 Label values are bounded: `source` is `Source.id` (secret-free), `reason`, `type`, `call`,
 `stage` come from the fixed sets below (anything else is counted as "other"), `status` is
@@ -44,6 +49,7 @@ def status_label(status: int | None) -> str:
 class Metrics:
     def __init__(self, sources: Iterable[str] = ()) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self.pipeline_registry = p = CollectorRegistry(auto_describe=True)
         self.received = Counter(
             _P + "messages_received", "Messages received by ingest, valid or not.",
             ["source"], registry=r)
@@ -55,39 +61,39 @@ class Metrics:
             ["source", "reason"], registry=r)
         self.deduplicated = Counter(
             _P + "messages_deduplicated", "Messages dropped as repeats of a messageId already seen.",
-            ["source"], registry=r)
+            ["source"], registry=p)
         self.coalesced = Counter(
             _P + "messages_coalesced",
             "Messages merged into a pending call instead of becoming their own call.",
-            ["source", "kind"], registry=r)
+            ["source", "kind"], registry=p)
         self.unsupported = Counter(
             _P + "messages_unsupported", "Messages with no Accoil equivalent (alias), by type.",
-            ["source", "type"], registry=r)
+            ["source", "type"], registry=p)
         self.forwarded = Counter(
             _P + "calls_forwarded", "Calls sent to Accoil, by call and HTTP status (or error).",
-            ["source", "call", "status"], registry=r)
+            ["source", "call", "status"], registry=p)
         self.retries = Counter(
             _P + "retries", "Calls to Accoil retried after 429, 5xx, timeout or connection error.",
-            ["source"], registry=r)
+            ["source"], registry=p)
         self.dead_letters = Counter(
             _P + "dead_letters", "Messages or calls kept as dead letters, by stage.",
-            ["source", "stage"], registry=r)
+            ["source", "stage"], registry=p)
         self.backlog = Gauge(
             _P + "backlog", "Events accepted and not yet forwarded.", registry=r)
         self.inbox = Gauge(
             _P + "inbox_messages", "Messages in the durable inbox, not yet taken by an actor.",
             registry=r)
         self.active_actors = Gauge(
-            _P + "active_actors", "Account actors currently in memory.", registry=r)
+            _P + "active_actors", "Account actors currently in memory.", registry=p)
         self.upstream_latency = Histogram(
             _P + "upstream_latency_seconds", "Time of one call to Accoil, response or error.",
-            ["source", "call"], buckets=LATENCY_BUCKETS, registry=r)
+            ["source", "call"], buckets=LATENCY_BUCKETS, registry=p)
         self.requests = Counter(
             _P + "http_requests", "HTTP requests served, by route template and status.",
             ["route", "status"], registry=r)
         self.circuit_open = Gauge(
             _P + "circuit_open", "1 while a source's circuit is open (forwarding paused).",
-            ["source"], registry=r)
+            ["source"], registry=p)
         self.ready = Gauge(
             _P + "ready", "1 while the gateway accepts traffic, 0 while starting or draining.",
             registry=r)
@@ -100,6 +106,12 @@ class Metrics:
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
 
+    def render_ingest(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def render_pipeline(self) -> bytes:
+        return generate_latest(self.pipeline_registry)
+
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition: (body, content type)."""
-        return generate_latest(self.registry), CONTENT_TYPE
+        """The Prometheus text exposition of both registries: (body, content type)."""
+        return self.render_ingest() + self.render_pipeline(), CONTENT_TYPE

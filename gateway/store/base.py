@@ -26,6 +26,9 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     path: str | None = None
     repeat: int = 1  # forward stage: how many occurrences of the call this stands for
     account: str | None = None
+    # kept once per key: an inbox row routed again after a crash must not keep its invalid
+    # messages twice
+    key: str | None = None
 
 
 class StoredLetter(msgspec.Struct, kw_only=True):
@@ -127,15 +130,22 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # ingest
-    async def accept(
-        self, source: str, received_at: float, body: bytes | None, count: int, dead: list[DeadLetter]
-    ) -> int | None:
-        """Commit a request's accepted messages (as one inbox row) and its rejects; the row id."""
+    async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
+        """Commit a request's body, `count` messages valid or not, as one inbox row; its id."""
         ...
 
     # router
     async def restart_inbox(self) -> None:
         """Mark every inbox row as wholly unapplied again; called once before replaying it."""
+        ...
+
+    def take(self, row_id: int, count: int) -> None:
+        """The router takes an inbox row: `count` of its messages are now pending. Queued,
+        not awaited: it lands before any flush that completes messages of the row."""
+        ...
+
+    async def reap(self) -> int:
+        """Delete inbox rows whose messages are all applied; how many."""
         ...
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]: ...

@@ -1,7 +1,12 @@
-"""The embedded store: SQLite in WAL mode.
+"""The embedded store: SQLite in WAL mode, in two files.
 
-All writes go through one thread that batches whatever is queued into a single
-transaction (group commit): concurrent requests and actor flushes share one commit,
+`inbox.db` holds the inbox, the accepted request bodies: ingest writes it and nothing
+else, so an acknowledgement never waits for the pipeline's transactions, which write
+`gateway.db` (progress, dedupe keys, ledger, outbox, dead letters) and touch the inbox only
+to delete rows they have wholly applied. Both files are attached to every connection.
+
+All writes of a process go through one thread that batches whatever is queued into a
+single transaction (group commit): concurrent requests and actor flushes share one commit,
 and the event loop never blocks on the disk. Each operation runs in its own savepoint,
 so one failing operation does not undo its neighbours. Reads use a second connection
 on another thread; WAL lets them run beside the writer.
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 
 from gateway.store.base import (
     Counts,
@@ -32,24 +38,30 @@ from gateway.store.base import (
     StoredLetter,
 )
 
+log = structlog.get_logger("gateway.store")
+
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
+INBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ib.inbox (
     -- AUTOINCREMENT: ids are never reused, so the router's cursor never skips a new row
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     received_at REAL NOT NULL,
-    body BLOB NOT NULL,
-    count INTEGER NOT NULL
+    count INTEGER NOT NULL,  -- before the body: counting rows never reads a body
+    body BLOB NOT NULL
 );
--- how many messages of an inbox row no actor has committed yet; apart from the body because
--- SQLite rewrites a whole record on UPDATE, and actors update this once per flush
+"""
+
+SCHEMA = """
+-- how many messages of an inbox row no actor has committed yet, from the moment the router
+-- takes the row; a row at 0 is deleted from the inbox by `reap`
 CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS progress_done ON progress (id) WHERE pending <= 0;
 CREATE TABLE IF NOT EXISTS dedupe (
     source TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -133,15 +145,17 @@ class _Writer(threading.Thread):
         self.loop = loop
         self._urgent: deque[tuple[Op, asyncio.Future[Any]]] = deque()
         self._normal: deque[tuple[Op, asyncio.Future[Any]]] = deque()
+        self._bare: deque[tuple[Op, asyncio.Future[Any]]] = deque()  # outside transactions
         self._ready = threading.Condition()
         self._stopping = False
         self.max_batch = 512
         self.flush_batch = 8
 
-    def submit(self, op: Op, *, urgent: bool = False) -> asyncio.Future[Any]:
+    def submit(self, op: Op, *, urgent: bool = False, bare: bool = False) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
+        lane = self._bare if bare else self._urgent if urgent else self._normal
         with self._ready:
-            (self._urgent if urgent else self._normal).append((op, fut))
+            lane.append((op, fut))
             self._ready.notify()
         return fut
 
@@ -150,23 +164,38 @@ class _Writer(threading.Thread):
             self._stopping = True
             self._ready.notify()
 
-    def _next_batch(self) -> list[tuple[Op, asyncio.Future[Any]]] | None:
+    def _next_batch(self) -> tuple[list[tuple[Op, asyncio.Future[Any]]], bool] | None:
+        """The next batch, and whether it runs outside a transaction."""
         with self._ready:
-            while not self._urgent and not self._normal:
+            while not self._urgent and not self._normal and not self._bare:
                 if self._stopping:
                     return None
                 self._ready.wait()
-            lane, cap = (
-                (self._urgent, self.max_batch) if self._urgent else (self._normal, self.flush_batch)
-            )
-            return [lane.popleft() for _ in range(min(cap, len(lane)))]
+            if self._urgent:
+                lane, cap = self._urgent, self.max_batch
+            elif self._normal:
+                lane, cap = self._normal, self.flush_batch
+            else:
+                return [self._bare.popleft()], True
+            return [lane.popleft() for _ in range(min(cap, len(lane)))], False
 
     def run(self) -> None:
         conn = self.conn
-        while (batch := self._next_batch()) is not None:
+        while (next_batch := self._next_batch()) is not None:
+            batch, bare = next_batch
             results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+            if bare:
+                op, fut = batch[0]
+                try:
+                    results.append((fut, True, op(conn)))
+                except Exception as exc:
+                    results.append((fut, False, exc))
+                self.loop.call_soon_threadsafe(_resolve, results)
+                continue
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                # deferred, not IMMEDIATE: a transaction locks only the files it writes, so
+                # ingest's inserts into inbox.db never wait for the pipeline's writes
+                conn.execute("BEGIN")
                 for op, fut in batch:
                     conn.execute("SAVEPOINT op")
                     try:
@@ -187,6 +216,11 @@ class _Writer(threading.Thread):
         conn.close()
 
 
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store write failed", error=repr(fut.exception()))
+
+
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():
@@ -198,9 +232,16 @@ def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path, *, fsync: str = "normal") -> None:
+    def __init__(
+        self, path: str | Path, *, fsync: str = "normal", checkpoint: bool = True
+    ) -> None:
+        """`path` is gateway.db; inbox.db lies beside it. `checkpoint=False` leaves the
+        checkpoints of inbox.db to another process (`reap` does them), so that ingest's
+        commits only append to the write-ahead log."""
         self.path = Path(path)
+        self.inbox_path = self.path.with_name("inbox.db")
         self.fsync = fsync
+        self.checkpoint = checkpoint
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
@@ -209,16 +250,22 @@ class SqliteStore:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
+        conn.execute("ATTACH DATABASE ? AS ib", (str(self.inbox_path),))
+        for db in ("main", "ib"):
+            conn.execute(f"PRAGMA {db}.journal_mode=WAL")
+            conn.execute(f"PRAGMA {db}.synchronous={SYNCHRONOUS[self.fsync]}")
+            # a checkpoint that emptied the log also shrinks its file back
+            conn.execute(f"PRAGMA {db}.journal_size_limit={64 * 1024 * 1024}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA cache_size=-8000")  # 8 MB of page cache a connection
+        if not self.checkpoint:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
-        conn.executescript(SCHEMA)
+        conn.executescript(INBOX_SCHEMA + SCHEMA)
         self._writer = _Writer(conn, asyncio.get_running_loop())
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
@@ -241,6 +288,17 @@ class SqliteStore:
         result: T = await self._writer.submit(op, urgent=urgent)
         return result
 
+    def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> None:
+        """Queue a write without waiting for it; a failure is logged."""
+        assert self._writer is not None, "store is not open"
+        self._writer.submit(op).add_done_callback(_log_failure)
+
+    async def _write_outside(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `op` on the writer's thread outside any transaction (a checkpoint, say)."""
+        assert self._writer is not None, "store is not open"
+        result: T = await self._writer.submit(op, bare=True)
+        return result
+
     async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._reader is not None, "store is not open"
         conn = self._read_conn
@@ -250,31 +308,48 @@ class SqliteStore:
 
     # ingest
 
-    async def accept(
-        self, source: str, received_at: float, body: bytes | None, count: int, dead: list[DeadLetter]
-    ) -> int | None:
-        def op(conn: sqlite3.Connection) -> int | None:
-            row_id = None
-            if body is not None and count:
-                row_id = _insert_inbox(conn, source, received_at, body, count)
-            _insert_dead(conn, dead, received_at)
-            return row_id
-
-        return await self._write(op, urgent=True)
+    async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
+        return await self._write(
+            lambda conn: _insert_inbox(conn, source, received_at, body, count), urgent=True
+        )
 
     # router
 
     async def restart_inbox(self) -> None:
-        await self._write(
+        def op(conn: sqlite3.Connection) -> None:
+            # rows wholly applied go now (routing them again would only find duplicates)
+            conn.execute("DELETE FROM ib.inbox WHERE id IN (SELECT id FROM progress WHERE pending <= 0)")
+            conn.execute("DELETE FROM progress")
+
+        await self._write(op)
+
+    def take(self, row_id: int, count: int) -> None:
+        self._submit(
             lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO progress (id, pending) SELECT id, count FROM inbox"
+                "INSERT OR REPLACE INTO progress (id, pending) VALUES (?, ?)", (row_id, count)
             )
         )
+
+    async def reap(self, limit: int = 1000) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM progress WHERE pending <= 0 LIMIT ?", (limit,)
+            ).fetchall()]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                conn.execute(f"DELETE FROM ib.inbox WHERE id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM progress WHERE id IN ({marks})", ids)
+            return len(ids)
+
+        n = await self._write(op)
+        if not self.checkpoint:
+            await self._write_outside(lambda conn: conn.execute("PRAGMA ib.wal_checkpoint(PASSIVE)"))
+        return n
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
         def op(conn: sqlite3.Connection) -> list[InboxRow]:
             rows = conn.execute(
-                "SELECT id, source, received_at, body, count FROM inbox"
+                "SELECT id, source, received_at, body, count FROM ib.inbox"
                 " WHERE id > ? ORDER BY id LIMIT ?",
                 (cursor, limit),
             ).fetchall()
@@ -461,7 +536,11 @@ class SqliteStore:
 
     async def counts(self) -> Counts:
         def op(conn: sqlite3.Connection) -> Counts:
-            inbox = _one(conn.execute("SELECT COALESCE(SUM(pending), 0) FROM progress"))[0]
+            # a row the router has not taken yet has no progress: all of it is pending
+            inbox = _one(conn.execute(
+                "SELECT COALESCE(SUM(COALESCE(p.pending, i.count)), 0)"
+                " FROM ib.inbox AS i LEFT JOIN progress AS p ON p.id = i.id"
+            ))[0]
             outbox = _one(conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox"))[0]
             dead = _one(conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
@@ -503,12 +582,12 @@ class SqliteStore:
 
 def _insert_inbox(
     conn: sqlite3.Connection, source: str, received_at: float, body: bytes, count: int
-) -> int | None:
+) -> int:
     row_id = conn.execute(
-        "INSERT INTO inbox (source, received_at, body, count) VALUES (?, ?, ?, ?)",
-        (source, received_at, body, count),
+        "INSERT INTO ib.inbox (source, received_at, count, body) VALUES (?, ?, ?, ?)",
+        (source, received_at, count, body),
     ).lastrowid
-    conn.execute("INSERT INTO progress (id, pending) VALUES (?, ?)", (row_id, count))
+    assert row_id is not None
     return row_id
 
 
@@ -534,13 +613,17 @@ def _kind_of(path: str | None, payload: bytes) -> str:
 
 
 def _insert_dead(conn: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
-    if dead:
+    fresh = [d for d in dead if d.key is None or conn.execute(
+        "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
+        (d.source, d.key, now),
+    ).rowcount]
+    if fresh:
         conn.executemany(
             "INSERT INTO dead_letters (source, stage, reason, payload, status, path, repeat,"
             " account, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account, now)
-                for d in dead
+                for d in fresh
             ],
         )
 
@@ -616,12 +699,9 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
         )
     _insert_dead(conn, f.dead, now)
     for row_id, n in f.inbox.items():
-        row = _one(conn.execute(
-            "UPDATE progress SET pending = pending - ? WHERE id = ? RETURNING pending", (n, row_id)
-        ))
-        if row is not None and row[0] <= 0:
-            conn.execute("DELETE FROM progress WHERE id = ?", (row_id,))
-            conn.execute("DELETE FROM inbox WHERE id = ?", (row_id,))
+        # the row itself is deleted later, by `reap`: deleting it here would make every
+        # flush write inbox.db and wait for ingest's commits
+        conn.execute("UPDATE progress SET pending = pending - ? WHERE id = ?", (n, row_id))
     return FlushResult(counted, duplicates, calls)
 
 

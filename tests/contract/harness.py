@@ -41,6 +41,9 @@ def settings_for(
         "retry_max": 0.2,
         "circuit_cooldown": 0.2,
         "shutdown_timeout": 5.0,
+        # in-process tests look at the actors and forwarders; the subprocess tests run the
+        # default, a worker process
+        "pipeline": "inline",
     }
     fields.update(overrides)
     return Settings(**fields)

@@ -26,21 +26,26 @@ def hit(mid: str, *, user: str = "u1", event: str = "Clicked", ts: str = "2026-1
     return TrackHit(mid, ts[:10], user, event, ts, "/v2/track", body)
 
 
-async def test_accept_commits_inbox_row_and_dead_letters(store: SqliteStore) -> None:
-    letter = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":1}')
-    row = await store.accept("s", 1.0, b'{"batch":[]}', 3, [letter])
-    assert row is not None
+async def test_accept_commits_an_inbox_row_in_its_own_file(store: SqliteStore) -> None:
+    row = await store.accept("s", 1.0, b'{"batch":[]}', 3)
     rows = await store.inbox_after(0, 10)
-    assert [(r.id, r.source, r.count) for r in rows] == [(row, "s", 3)]
+    assert [(r.id, r.source, r.count, r.body) for r in rows] == [(row, "s", 3, b'{"batch":[]}')]
+    assert (await store.counts()).inbox == 3
+    with sqlite3.connect(store.inbox_path) as conn:
+        assert conn.execute("SELECT id, count FROM inbox").fetchall() == [(row, 3)]
+
+
+async def test_dead_letters_with_a_key_are_kept_once(store: SqliteStore) -> None:
+    letter = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":1}', key="k1")
+    other = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":2}', key="k2")
+    for _ in range(2):
+        await store.flush(Flush(source="s", account="", track_mode="exact", dead=[letter, other]))
     letters = await store.dead_letters(None, 0, 10, False)
-    assert [(d.stage, d.reason, d.payload) for d in letters] == [("ingest", "bad", b'{"x":1}')]
-    # only rejects: no inbox row
-    assert await store.accept("s", 1.0, None, 0, [letter]) is None
-    assert len(await store.inbox_after(0, 10)) == 1
+    assert [d.payload for d in letters] == [b'{"x":1}', b'{"x":2}']
 
 
 async def test_concurrent_accepts_share_commits_and_all_land(store: SqliteStore) -> None:
-    ids = await asyncio.gather(*(store.accept("s", 1.0, b"{}", 1, []) for _ in range(200)))
+    ids = await asyncio.gather(*(store.accept("s", 1.0, b"{}", 1) for _ in range(200)))
     assert len(set(ids)) == 200
     assert len(await store.inbox_after(0, 1000)) == 200
 
@@ -129,10 +134,10 @@ async def test_replay_requeues_calls_and_messages(store: SqliteStore) -> None:
     await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("1")]))
     (item,) = await store.due("s", 1e12, 10)
     await store.reject(item, 422, "no")
-    await store.accept("s", 1.0, None, 0, [
+    await store.flush(Flush(source="s", account="", track_mode="exact", dead=[
         DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"type":"track"}'),
         DeadLetter(source="s", stage="ingest", reason="not json", payload=b"\xff{"),
-    ])
+    ]))
     assert await store.replay(None, "s", 10.0) == 2
     (requeued,) = await store.due("s", 1e12, 10)
     assert (requeued.kind, requeued.repeat) == ("track", 1)
@@ -142,15 +147,28 @@ async def test_replay_requeues_calls_and_messages(store: SqliteStore) -> None:
     assert [d.reason for d in left] == ["not json"]
 
 
-async def test_flush_completes_inbox_rows_and_restart_resets_them(store: SqliteStore) -> None:
-    row = await store.accept("s", 1.0, b"{}", 3, [])
-    assert row is not None
-    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 2}))
+async def test_flush_completes_inbox_rows_reap_deletes_them_restart_resets_them(
+    store: SqliteStore,
+) -> None:
+    row = await store.accept("s", 1.0, b"{}", 3)
+    done = await store.accept("s", 1.0, b"{}", 1)
+    store.take(row, 3)
+    store.take(done, 1)
+    await store.flush(
+        Flush(source="s", account="a", track_mode="exact", inbox={row: 2, done: 1})
+    )
     assert (await store.counts()).inbox == 1
+    # a row wholly applied is gone after a restart; one partly applied is pending again
     await store.restart_inbox()
+    assert [r.id for r in await store.inbox_after(0, 10)] == [row]
     assert (await store.counts()).inbox == 3
+    store.take(row, 3)
     await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 3}))
+    assert (await store.counts()).inbox == 0
+    assert [r.id for r in await store.inbox_after(0, 10)] == [row]  # until reaped
+    assert await store.reap() == 1
     assert await store.inbox_after(0, 10) == []
+    assert await store.reap() == 0
 
 
 async def test_known_traits_and_accounts(store: SqliteStore) -> None:
@@ -166,7 +184,7 @@ async def test_a_failing_op_does_not_undo_its_neighbours(store: SqliteStore) -> 
     async def bad() -> None:
         await store._write(lambda conn: conn.execute("INSERT INTO nope VALUES (1)"))
 
-    good = store.accept("s", 1.0, b"{}", 1, [])
+    good = store.accept("s", 1.0, b"{}", 1)
     results = await asyncio.gather(bad(), good, return_exceptions=True)
     assert isinstance(results[0], sqlite3.OperationalError)
     assert isinstance(results[1], int)

@@ -1,0 +1,138 @@
+"""The pipeline, everything after ingest's ack: router -> actors -> outbox -> forwarders.
+
+It reads the durable inbox that ingest writes, so it can run in ingest's process (tests,
+`pipeline = "inline"`) or in a process of its own (`gateway.worker`, the default): the
+same object either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from gateway.actors.registry import Actors
+from gateway.actors.router import Router
+from gateway.backlog import Backlog
+from gateway.config import Settings
+from gateway.forward.client import AccoilClient
+from gateway.forward.forwarder import Forwarder
+from gateway.ingest.messages import Decoded
+from gateway.mapping import upstream
+from gateway.observability.metrics import Metrics
+from gateway.store import Counts, Store
+
+log = structlog.get_logger("gateway.pipeline")
+
+HOUSEKEEPING = 30.0  # seconds between prunings of old message ids and ledger rows
+REAP = 0.25  # seconds between deletions of wholly applied inbox rows
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics, backlog: Backlog) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.backlog = backlog
+        self.sources = {s.id: s for s in settings.sources}
+        self.forwarders: dict[str, Forwarder] = {}
+        self.actors = Actors(store, settings, metrics, backlog, self._calls_queued)
+        self.router = Router(store, self.actors, self.sources, metrics, backlog)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._router_task: asyncio.Task[None] | None = None
+
+    def _calls_queued(self, source_id: str) -> None:
+        fwd = self.forwarders.get(source_id)
+        if fwd is not None:
+            fwd.wake()
+
+    def committed(self, row_id: int, decoded: Decoded) -> None:
+        """Ingest, in this process, committed inbox row `row_id`: route it from memory."""
+        self.router.submitted(row_id, decoded)
+
+    async def start(self) -> Counts:
+        # every inbox row not wholly applied counts as unapplied again: the router replays
+        # it from the start, and dedupe drops what was already applied
+        await self.store.restart_inbox()
+        counts = await self.store.counts()
+        self.backlog.resync(counts.inbox, counts.outbox)
+        for source in self.settings.sources:
+            client = AccoilClient.for_source(source, upstream(source))
+            fwd = Forwarder(source, self.store, client, self.settings, self.metrics, self.backlog)
+            self.forwarders[source.id] = fwd
+            self._tasks.append(asyncio.create_task(fwd.run(), name=f"forward:{source.id}"))
+        self._router_task = asyncio.create_task(self.router.run(), name="router")
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._tasks.append(asyncio.create_task(self._reaping(), name="reaping"))
+        return counts
+
+    async def stop(self, within: float) -> None:
+        """Drain: route the inbox, flush actors, forward what `within` seconds allow, keep
+        the rest."""
+        deadline = time.monotonic() + within
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if self._router_task is not None:
+            self.router.stop()
+            try:
+                async with asyncio.timeout(left()):
+                    await self._router_task
+            except TimeoutError:
+                log.warning("shutdown: inbox not fully routed; the rest waits in the store")
+            self._router_task = None
+        flushed = await self.actors.stop(max(left(), 1.0))
+        if not flushed:
+            log.warning("shutdown: some actors did not flush; their messages stay in the inbox")
+        for fwd in self.forwarders.values():
+            await fwd.drain(left())
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for fwd in self.forwarders.values():
+            await fwd.stop()
+        with contextlib.suppress(Exception):
+            while await self.store.reap():
+                pass
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render_pipeline()
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "active_actors": len(self.actors),
+            "circuits": {sid: fwd.circuit.state for sid, fwd in self.forwarders.items()},
+            "busy": any(f.busy for f in self.forwarders.values()),
+        }
+
+    async def replay(self, ids: list[int] | None, source: str | None) -> int:
+        n = await self.store.replay(ids, source, time.time())
+        counts = await self.store.counts()
+        self.backlog.resync(counts.inbox, counts.outbox)
+        self.router.wake()
+        for fwd in self.forwarders.values():
+            fwd.wake()
+        return n
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING)
+            try:
+                await self.store.prune(time.time() - self.settings.dedupe_window)
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def _reaping(self) -> None:
+        while True:
+            await asyncio.sleep(REAP)
+            try:
+                await self.store.reap()
+            except Exception:
+                log.exception("reaping the inbox failed")

@@ -1,0 +1,247 @@
+"""The pipeline in a process of its own, so that ingest keeps a core to itself.
+
+Ingest's process (the front) starts `python -m gateway.worker FD` and talks to it over a
+socket pair, one JSON object a line: the settings first, then requests (`stats`,
+`metrics`, `replay`, `stop`), each answered with the same `id`. Both processes open the
+same SQLite files (see `gateway.store.sqlite`) and share the backlog counters (see
+`gateway.backlog`).
+
+- The worker runs at a lower CPU priority (`pipeline_nice`): when both want the CPU,
+  acknowledging requests comes first; the inbox is durable, so a burst waits there.
+- SIGINT and SIGTERM are the front's to handle: it stops accepting, then asks the worker
+  to drain (`stop`). If the front dies, the worker sees its end of the socket close and
+  exits at once, as if killed; the next start replays the inbox.
+- The worker holds the front's lock on the data directory (an inherited descriptor), so a
+  new gateway on that directory waits until both old processes are gone.
+- If the worker dies, the front starts another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway.backlog import Backlog
+from gateway.config import Settings
+
+log = structlog.get_logger("gateway.worker")
+
+LIMIT = 64 * 1024 * 1024  # longest line: a metrics exposition fits many times over
+RESTART = 1.0  # seconds before a worker that died is started again
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    id: int
+    op: str
+    args: dict[str, Any] = {}
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    id: int
+    result: Any = None
+    error: str | None = None
+
+
+class WorkerError(Exception):
+    pass
+
+
+class RemotePipeline:
+    """The front's handle on the worker process: the same methods as `Pipeline`."""
+
+    committed = None  # the worker reads the inbox from the store, not from memory
+
+    def __init__(self, settings: Settings, lock_fd: Callable[[], int]) -> None:
+        """`lock_fd()`: the front's lock on the data directory, for the worker to hold too."""
+        self.settings = settings
+        self._lock_fd = lock_fd
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.worker", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(), self._lock_fd()),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=ours, limit=LIMIT)
+        self._writer.write(msgspec.json.encode(self.settings) + b"\n")
+        line = await self._reader.readline()
+        if not line:
+            raise WorkerError("the pipeline worker exited while starting (see its log)")
+        asyncio.create_task(self._read_replies(self._reader), name="worker-replies")
+        log.info("pipeline worker started", pid=self._proc.pid)
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            reply = msgspec.json.decode(line, type=Reply)
+            fut = self._pending.pop(reply.id, None)
+            if fut is None or fut.done():
+                continue
+            if reply.error is not None:
+                fut.set_exception(WorkerError(reply.error))
+            else:
+                fut.set_result(reply.result)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerError("the pipeline worker is gone"))
+        self._pending.clear()
+
+    async def _supervise(self) -> None:
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("pipeline worker exited; starting another", code=code)
+            await asyncio.sleep(RESTART)
+            try:
+                await self._spawn()
+            except Exception:
+                log.exception("could not start the pipeline worker")
+
+    async def _call(self, op: str, within: float = 30.0, **args: Any) -> Any:
+        if self._writer is None or self._writer.is_closing():
+            raise WorkerError("the pipeline worker is not running")
+        self._next += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = fut
+        self._writer.write(msgspec.json.encode(Request(self._next, op, args)) + b"\n")
+        async with asyncio.timeout(within):
+            return await fut
+
+    async def stop(self, within: float) -> None:
+        self._stopping = True
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            await self._call("stop", within=within + 5.0, within_s=within)
+        except (WorkerError, TimeoutError) as exc:
+            log.warning("pipeline worker did not drain", error=str(exc))
+        try:
+            async with asyncio.timeout(5.0):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._writer is not None:
+            self._writer.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("stats", within=5.0)
+        return result
+
+    async def metrics_text(self) -> bytes:
+        text: str = await self._call("metrics", within=5.0)
+        return text.encode()
+
+    async def replay(self, ids: list[int] | None, source: str | None) -> int:
+        n: int = await self._call("replay", ids=ids, source=source)
+        return n
+
+
+async def _serve(sock: socket.socket) -> None:
+    # imported here: the front imports this module for `RemotePipeline` only
+    from gateway.observability.logging import Redactor, configure_logging
+    from gateway.observability.metrics import Metrics
+    from gateway.pipeline import Pipeline
+    from gateway.store import SqliteStore
+
+    reader, writer = await asyncio.open_connection(sock=sock, limit=LIMIT)
+    settings = msgspec.json.decode(await reader.readline(), type=Settings)
+    configure_logging(
+        settings.log_format, settings.log_level, redactor=Redactor.from_settings(settings)
+    )
+    with contextlib.suppress(OSError):
+        os.nice(settings.pipeline_nice)
+    data = Path(settings.data_dir)
+    store = SqliteStore(data / "gateway.db", fsync=settings.fsync)
+    metrics = Metrics(s.id for s in settings.sources)
+    backlog = Backlog(settings.max_backlog, data / "backlog")
+    pipeline = Pipeline(settings, store, metrics, backlog)
+    await store.open()
+    await pipeline.start()
+    writer.write(b'{"ready":true}\n')
+
+    async def answer(req: Request) -> None:
+        reply = Reply(req.id)
+        try:
+            if req.op == "stats":
+                reply.result = await pipeline.stats()
+            elif req.op == "metrics":
+                reply.result = metrics.render_pipeline().decode()
+            elif req.op == "replay":
+                reply.result = await pipeline.replay(req.args.get("ids"), req.args.get("source"))
+            elif req.op == "stop":
+                await pipeline.stop(float(req.args.get("within_s", settings.shutdown_timeout)))
+                await store.close()
+                backlog.close()
+            else:
+                reply.error = f"unknown request {req.op!r}"
+        except Exception as exc:
+            log.exception("worker request failed", op=req.op)
+            reply.error = repr(exc)
+        writer.write(msgspec.json.encode(reply) + b"\n")
+
+    tasks: set[asyncio.Task[None]] = set()
+    while line := await reader.readline():
+        req = msgspec.json.decode(line, type=Request)
+        if req.op == "stop":
+            await answer(req)
+            await writer.drain()
+            return
+        task = asyncio.create_task(answer(req))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    # the front is gone without a word: stop at once, as a crash would; the store is
+    # consistent at every commit and the next start replays the inbox
+    log.warning("front process gone: worker exiting")
+    os._exit(1)
+
+
+def main() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    started = time.monotonic()
+    try:
+        asyncio.run(_serve(sock))
+    except Exception:
+        structlog.get_logger("gateway.worker").exception(
+            "pipeline worker failed", after_s=round(time.monotonic() - started, 1)
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
