@@ -20,7 +20,14 @@ from aiohttp import web
 from gateway.config import Settings, Source
 from gateway.ingest.auth import Keys, basic_user
 from gateway.ingest.body import BodyError, read_body
-from gateway.ingest.messages import Decoded, InvalidBody, decode_batch, decode_single
+from gateway.ingest.messages import (
+    Checked,
+    Decoded,
+    InvalidBody,
+    check_batch,
+    decode_batch,
+    decode_single,
+)
 from gateway.store import Store
 
 if TYPE_CHECKING:
@@ -56,6 +63,10 @@ class Ingest:
         self.keys = Keys(settings.sources)
         self.store = store
         self._committed = committed
+        # with no router here to hand the messages to, validating them is enough
+        self._read_batch: Callable[[bytes], Decoded | Checked] = (
+            decode_batch if committed is not None else check_batch
+        )
         self.backlog = backlog
         self.metrics = metrics
         self._accepting = accepting
@@ -99,7 +110,7 @@ class Ingest:
             return self._busy("backlog full", source)
         try:
             body = await read_body(request, within=self.settings.read_timeout)
-            decoded = decode_batch(body) if kind is None else decode_single(body, kind)
+            decoded = self._read_batch(body) if kind is None else decode_single(body, kind)
         except BodyError as exc:
             if source is not None:
                 self.metrics.rejected.labels(source.id, _reason(exc.status)).inc()
@@ -115,7 +126,7 @@ class Ingest:
         return await self._accept(source, decoded, received_at, single=kind is not None)
 
     async def _accept(
-        self, source: Source, decoded: Decoded, received_at: float, *, single: bool
+        self, source: Source, decoded: Decoded | Checked, received_at: float, *, single: bool
     ) -> web.Response:
         src = source.id
         count = decoded.count
@@ -127,9 +138,9 @@ class Ingest:
                 log.exception("commit failed", source_id=src)
                 return self._busy("store unavailable", source)
             self.backlog.accepted(count)
-            if self._committed is not None:
+            if self._committed is not None and isinstance(decoded, Decoded):
                 self._committed(row_id, decoded)
-        self.metrics.accepted.labels(src).inc(len(decoded.messages))
+        self.metrics.accepted.labels(src).inc(decoded.valid)
         if not decoded.rejected:
             return web.Response(body=_OK, content_type="application/json", headers=CORS)
         self.metrics.rejected.labels(src, "invalid").inc(len(decoded.rejected))

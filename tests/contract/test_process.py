@@ -27,9 +27,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def gateway_process(mock_url: str, data_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def gateway_process(
+    mock_url: str, data_dir: Path, *extra: str, env_extra: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     env = {
+        **(env_extra or {}),
         **os.environ,
         "GATEWAY_WRITE_KEY": WRITE_KEY,
         "ACCOIL_API_KEY": API_KEY,
@@ -142,3 +145,90 @@ def test_segments_python_client_reaches_accoil(mock_accoil: MockAccoilServer, tm
     assert account["traits"] == {"name": "Acme Inc", "plan": "growth", "mrr": 4200}
     assert "user-1" in account["members"]
     assert len(mock_accoil.calls()) == 7
+
+
+ADMIN = "admin_process_test_token"
+
+
+def admin_get(url: str, path: str) -> bytes:
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {ADMIN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+def worker_pids(front: int) -> list[int]:
+    """The front's children running the pipeline worker."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == front and b"gateway.worker" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_until(check: object, timeout: float = 15.0) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_pipeline_runs_in_a_worker_process(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    env = {"GATEWAY_ADMIN_TOKEN": ADMIN}
+    with gateway_process(mock_accoil.url, tmp_path, env_extra=env) as (proc, url):
+        (worker,) = worker_pids(proc.pid)
+        assert post_batch(url, [
+            {"type": "track", "userId": "u1", "event": "Signed In", "messageId": "p1"},
+            {"type": "track", "userId": "u1", "messageId": "p2"},  # no event: rejected
+            {"type": "group", "userId": "u1", "groupId": "g1", "messageId": "p3"},
+        ]) == 200
+        wait_until(lambda: mock_accoil.count("u1", "Signed In") == 1)
+
+        # the router, in the worker, kept the rejected message as a dead letter
+        def dead() -> list[dict[str, object]]:
+            letters = json.loads(admin_get(url, "/admin/dead-letters"))["dead_letters"]
+            return list(letters)
+
+        wait_until(lambda: len(dead()) == 1)
+        (letter,) = dead()
+        assert letter["stage"] == "ingest" and "event" in str(letter["reason"])
+
+        # /metrics joins both processes' series: ingest's and the pipeline's
+        def metrics() -> str:
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+                return str(resp.read().decode())
+
+        wait_until(lambda: 'calls_forwarded_total{call="track",source=' in metrics())
+        text = metrics()
+        assert "accoil_gateway_messages_accepted_total" in text
+        assert 'accoil_gateway_dead_letters_total{source="src_' in text
+        families = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+        assert len(families) == len(set(families))  # no family twice
+        stats = json.loads(admin_get(url, "/admin/stats"))
+        assert stats["sources"][0]["circuit"] == "closed"
+        assert isinstance(stats["active_actors"], int)
+
+        # the front killed: the worker notices at once and leaves too
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not Path(f"/proc/{worker}").exists() or
+                   Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_a_dead_worker_is_replaced(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    with gateway_process(mock_accoil.url, tmp_path) as (proc, url):
+        (worker,) = worker_pids(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: [p for p in worker_pids(proc.pid) if p != worker] != [])
+        assert post_batch(url, [
+            {"type": "track", "userId": "u9", "event": "After Restart", "messageId": "r1"},
+        ]) == 200
+        wait_until(lambda: mock_accoil.count("u9", "After Restart") == 1)

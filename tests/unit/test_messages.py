@@ -24,6 +24,7 @@ from gateway.ingest.messages import (
     Screen,
     Track,
     anonymous_id,
+    check_batch,
     decode_batch,
     decode_single,
     effective_timestamp,
@@ -588,14 +589,19 @@ def only_invalid_body(call: Any, body: bytes) -> Decoded | None:
     return result
 
 
-@settings(max_examples=150, deadline=None)
-@given(body=st.one_of(
+bodies = st.one_of(
     st.binary(max_size=200),
     json_value.map(lambda v: msgspec.json.encode(v)),
     st.lists(json_value, max_size=4).map(lambda b: msgspec.json.encode({"batch": b})),
     st.lists(st.one_of(valid_messages(), json_object), max_size=4).map(
         lambda b: msgspec.json.encode({"batch": b})),
-))
+    st.tuples(st.lists(valid_messages(), max_size=6), json_value).map(
+        lambda t: msgspec.json.encode({"batch": t[0], "context": t[1]})),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=bodies)
 def test_decode_raises_only_invalid_body(body: bytes) -> None:
     decoded = only_invalid_body(decode_batch, body)
     if decoded is not None:
@@ -604,3 +610,29 @@ def test_decode_raises_only_invalid_body(body: bytes) -> None:
         single = only_invalid_body(lambda b, kind=kind: decode_single(b, kind), body)
         if single is not None:
             assert len(single.messages) + len(single.rejected) == 1
+
+
+def same_verdict(body: bytes) -> None:
+    """`check_batch` (ingest, pipeline in another process) says what `decode_batch` (the
+    router) will: the same count, the same rejects with the same reasons, the same stored
+    body, or the same `InvalidBody`."""
+    try:
+        full = decode_batch(body).checked()
+    except InvalidBody as exc:
+        with pytest.raises(InvalidBody) as info:
+            check_batch(body)
+        assert info.value.reason == exc.reason
+        return
+    assert check_batch(body) == full
+
+
+@pytest.mark.parametrize(("message", "reason"), INVALID)
+def test_check_batch_rejects_what_decode_batch_rejects(message: Any, reason: str) -> None:
+    same_verdict(batch_of(dumps(TRACK), dumps(message)))
+    same_verdict(batch_of(dumps(message), writeKey="wk"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=bodies)
+def test_check_batch_agrees_with_decode_batch(body: bytes) -> None:
+    same_verdict(body)
