@@ -28,7 +28,7 @@ from gateway.store import Counts, Store
 log = structlog.get_logger("gateway.pipeline")
 
 HOUSEKEEPING = 30.0  # seconds between prunings of old message ids and ledger rows
-REAP = 0.25  # seconds between deletions of wholly applied inbox rows
+REAP = 1.0  # seconds between deletions of wholly applied inbox segments
 
 
 class Pipeline:
@@ -99,8 +99,7 @@ class Pipeline:
         for fwd in self.forwarders.values():
             await fwd.stop()
         with contextlib.suppress(Exception):
-            while await self.store.reap():
-                pass
+            await self.store.reap(self.router.cursor)
 
     async def metrics_text(self) -> bytes:
         return self.metrics.render_pipeline()
@@ -112,8 +111,10 @@ class Pipeline:
             "busy": any(f.busy for f in self.forwarders.values()),
         }
 
-    async def replay(self, ids: list[int] | None, source: str | None) -> int:
-        n = await self.store.replay(ids, source, time.time())
+    async def requeue(self, ids: list[int]) -> int:
+        """Mark dead letters replayed (their messages are back in the inbox); calls go back
+        to the outbox."""
+        n = await self.store.requeue(ids, time.time())
         counts = await self.store.counts()
         self.backlog.resync(counts.inbox, counts.outbox)
         self.router.wake()
@@ -133,6 +134,6 @@ class Pipeline:
         while True:
             await asyncio.sleep(REAP)
             try:
-                await self.store.reap()
+                await self.store.reap(self.router.cursor)
             except Exception:
                 log.exception("reaping the inbox failed")

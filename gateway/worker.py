@@ -2,9 +2,9 @@
 
 Ingest's process (the front) starts `python -m gateway.worker FD` and talks to it over a
 socket pair, one JSON object a line: the settings first, then requests (`stats`,
-`metrics`, `replay`, `stop`), each answered with the same `id`. Both processes open the
-same SQLite files (see `gateway.store.sqlite`) and share the backlog counters (see
-`gateway.backlog`).
+`metrics`, `requeue`, `stop`), each answered with the same `id`. Both processes open the
+same store (see `gateway.store.sqlite`: ingest appends to the inbox, the worker writes the
+rest) and share the backlog counters (see `gateway.backlog`).
 
 - The worker runs at a lower CPU priority (`pipeline_nice`): when both want the CPU,
   acknowledging requests comes first; the inbox is durable, so a burst waits there.
@@ -165,8 +165,8 @@ class RemotePipeline:
         text: str = await self._call("metrics", within=5.0)
         return text.encode()
 
-    async def replay(self, ids: list[int] | None, source: str | None) -> int:
-        n: int = await self._call("replay", ids=ids, source=source)
+    async def requeue(self, ids: list[int]) -> int:
+        n: int = await self._call("requeue", ids=ids)
         return n
 
 
@@ -185,7 +185,7 @@ async def _serve(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         os.nice(settings.pipeline_nice)
     data = Path(settings.data_dir)
-    store = SqliteStore(data / "gateway.db", fsync=settings.fsync)
+    store = SqliteStore(data / "gateway.db", fsync=settings.fsync, ingest=False)
     metrics = Metrics(s.id for s in settings.sources)
     backlog = Backlog(settings.max_backlog, data / "backlog")
     pipeline = Pipeline(settings, store, metrics, backlog)
@@ -200,8 +200,8 @@ async def _serve(sock: socket.socket) -> None:
                 reply.result = await pipeline.stats()
             elif req.op == "metrics":
                 reply.result = metrics.render_pipeline().decode()
-            elif req.op == "replay":
-                reply.result = await pipeline.replay(req.args.get("ids"), req.args.get("source"))
+            elif req.op == "requeue":
+                reply.result = await pipeline.requeue(req.args["ids"])
             elif req.op == "stop":
                 await pipeline.stop(float(req.args.get("within_s", settings.shutdown_timeout)))
                 await store.close()

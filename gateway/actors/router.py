@@ -98,6 +98,9 @@ class Router:
                         await self._wake.wait()
                 continue
             for row in rows:
+                if row.count == 0:  # wholly applied before a restart
+                    self.cursor = row.id
+                    continue
                 if self.backlog.ingest_first:
                     # the inbox is durable: while requests arrive, answer them first and route
                     # a row at a time in the gaps (a burst is absorbed, not refused)

@@ -131,7 +131,8 @@ class Store(Protocol):
 
     # ingest
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
-        """Commit a request's body, `count` messages valid or not, as one inbox row; its id."""
+        """Make a request's body durable, `count` messages valid or not, as one inbox record;
+        its id. Ids only grow, and are never reused."""
         ...
 
     # router
@@ -144,8 +145,9 @@ class Store(Protocol):
         not awaited: it lands before any flush that completes messages of the row."""
         ...
 
-    async def reap(self) -> int:
-        """Delete inbox rows whose messages are all applied; how many."""
+    async def reap(self, taken: int) -> int:
+        """Delete what of the inbox is wholly applied, up to record `taken` (the router has
+        taken every record up to it since the start); how many pieces went."""
         ...
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]: ...
@@ -173,7 +175,10 @@ class Store(Protocol):
         self, source: str | None, after: int, limit: int, include_replayed: bool
     ) -> list[StoredLetter]: ...
 
-    async def replay(self, ids: list[int] | None, source: str | None, now: float) -> int: ...
+    async def replayable(self, ids: list[int] | None, source: str | None) -> list[StoredLetter]:
+        ...
+
+    async def requeue(self, ids: list[int], now: float) -> int: ...
 
     async def counts(self) -> Counts: ...
 

@@ -1,15 +1,16 @@
-"""The embedded store: SQLite in WAL mode, in two files.
+"""The embedded store: SQLite in WAL mode, beside an append-only inbox.
 
-`inbox.db` holds the inbox, the accepted request bodies: ingest writes it and nothing
-else, so an acknowledgement never waits for the pipeline's transactions, which write
-`gateway.db` (progress, dedupe keys, ledger, outbox, dead letters) and touch the inbox only
-to delete rows they have wholly applied. Both files are attached to every connection.
+The inbox (accepted request bodies) is a log of segment files (`gateway.store.inbox`),
+appended by ingest on the event loop. Everything else (progress through the inbox, dedupe
+keys, the ledger, the outbox, dead letters) is in `gateway.db`, written by the pipeline.
+When the pipeline runs in a worker process the two processes never wait for each other's
+writes.
 
-All writes of a process go through one thread that batches whatever is queued into a
-single transaction (group commit): concurrent requests and actor flushes share one commit,
-and the event loop never blocks on the disk. Each operation runs in its own savepoint,
-so one failing operation does not undo its neighbours. Reads use a second connection
-on another thread; WAL lets them run beside the writer.
+All SQLite writes of a process go through one thread that batches whatever is queued into
+a single transaction (group commit): actor flushes share one commit, and the event loop
+never blocks on the disk. Each operation runs in its own savepoint, so one failing
+operation does not undo its neighbours. Reads use a second connection on another thread;
+WAL lets them run beside the writer.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from gateway.store.base import (
     OutboxItem,
     StoredLetter,
 )
+from gateway.store.inbox import InboxLog
 
 log = structlog.get_logger("gateway.store")
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
-INBOX_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS ib.inbox (
     -- AUTOINCREMENT: ids are never reused, so the router's cursor never skips a new row
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,13 +57,12 @@ CREATE TABLE IF NOT EXISTS ib.inbox (
 """
 
 SCHEMA = """
--- how many messages of an inbox row no actor has committed yet, from the moment the router
--- takes the row; a row at 0 is deleted from the inbox by `reap`
+-- how many messages of an inbox record no actor has committed yet, from the moment the
+-- router takes the record; `reap` deletes a segment of the inbox once all of it is at 0
 CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS progress_done ON progress (id) WHERE pending <= 0;
 CREATE TABLE IF NOT EXISTS dedupe (
     source TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -132,30 +133,22 @@ _decode_traits = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 class _Writer(threading.Thread):
-    """Runs queued operations in batches, one transaction per batch.
-
-    Two lanes: acknowledgements (`urgent`: ingest's accepts) always go first and commit in a
-    transaction of their own, so a client's 200 never waits behind more than one batch of
-    actor flushes, which are capped at `flush_batch` operations a transaction.
-    """
+    """Runs queued operations in batches, one transaction per batch (at most `max_batch`
+    operations, so that no caller waits behind an unbounded transaction)."""
 
     def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name="store-writer", daemon=True)
         self.conn = conn
         self.loop = loop
-        self._urgent: deque[tuple[Op, asyncio.Future[Any]]] = deque()
-        self._normal: deque[tuple[Op, asyncio.Future[Any]]] = deque()
-        self._bare: deque[tuple[Op, asyncio.Future[Any]]] = deque()  # outside transactions
+        self._queue: deque[tuple[Op, asyncio.Future[Any]]] = deque()
         self._ready = threading.Condition()
         self._stopping = False
-        self.max_batch = 512
-        self.flush_batch = 8
+        self.max_batch = 64
 
-    def submit(self, op: Op, *, urgent: bool = False, bare: bool = False) -> asyncio.Future[Any]:
+    def submit(self, op: Op) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
-        lane = self._bare if bare else self._urgent if urgent else self._normal
         with self._ready:
-            lane.append((op, fut))
+            self._queue.append((op, fut))
             self._ready.notify()
         return fut
 
@@ -164,38 +157,21 @@ class _Writer(threading.Thread):
             self._stopping = True
             self._ready.notify()
 
-    def _next_batch(self) -> tuple[list[tuple[Op, asyncio.Future[Any]]], bool] | None:
-        """The next batch, and whether it runs outside a transaction."""
+    def _next_batch(self) -> list[tuple[Op, asyncio.Future[Any]]] | None:
         with self._ready:
-            while not self._urgent and not self._normal and not self._bare:
+            while not self._queue:
                 if self._stopping:
                     return None
                 self._ready.wait()
-            if self._urgent:
-                lane, cap = self._urgent, self.max_batch
-            elif self._normal:
-                lane, cap = self._normal, self.flush_batch
-            else:
-                return [self._bare.popleft()], True
-            return [lane.popleft() for _ in range(min(cap, len(lane)))], False
+            queue = self._queue
+            return [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
 
     def run(self) -> None:
         conn = self.conn
-        while (next_batch := self._next_batch()) is not None:
-            batch, bare = next_batch
+        while (batch := self._next_batch()) is not None:
             results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-            if bare:
-                op, fut = batch[0]
-                try:
-                    results.append((fut, True, op(conn)))
-                except Exception as exc:
-                    results.append((fut, False, exc))
-                self.loop.call_soon_threadsafe(_resolve, results)
-                continue
             try:
-                # deferred, not IMMEDIATE: a transaction locks only the files it writes, so
-                # ingest's inserts into inbox.db never wait for the pipeline's writes
-                conn.execute("BEGIN")
+                conn.execute("BEGIN IMMEDIATE")
                 for op, fut in batch:
                     conn.execute("SAVEPOINT op")
                     try:
@@ -232,16 +208,14 @@ def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 
 
 class SqliteStore:
-    def __init__(
-        self, path: str | Path, *, fsync: str = "normal", checkpoint: bool = True
-    ) -> None:
-        """`path` is gateway.db; inbox.db lies beside it. `checkpoint=False` leaves the
-        checkpoints of inbox.db to another process (`reap` does them), so that ingest's
-        commits only append to the write-ahead log."""
+    def __init__(self, path: str | Path, *, fsync: str = "normal", ingest: bool = True) -> None:
+        """`path` is gateway.db; the inbox is the folder `inbox` beside it. `ingest=False`:
+        this process only reads the inbox (the pipeline's worker process)."""
         self.path = Path(path)
-        self.inbox_path = self.path.with_name("inbox.db")
         self.fsync = fsync
-        self.checkpoint = checkpoint
+        self.inbox = InboxLog(self.path.parent / "inbox", fsync=fsync)
+        self._ingest = ingest
+        self._applied: set[int] = set()  # inbox records wholly applied before a restart
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
@@ -250,22 +224,18 @@ class SqliteStore:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
-        conn.execute("ATTACH DATABASE ? AS ib", (str(self.inbox_path),))
-        for db in ("main", "ib"):
-            conn.execute(f"PRAGMA {db}.journal_mode=WAL")
-            conn.execute(f"PRAGMA {db}.synchronous={SYNCHRONOUS[self.fsync]}")
-            # a checkpoint that emptied the log also shrinks its file back
-            conn.execute(f"PRAGMA {db}.journal_size_limit={64 * 1024 * 1024}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA cache_size=-8000")  # 8 MB of page cache a connection
-        if not self.checkpoint:
-            conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
-        conn.executescript(INBOX_SCHEMA + SCHEMA)
+        conn.executescript(SCHEMA)
+        if self._ingest:
+            self.inbox.open_for_append()
         self._writer = _Writer(conn, asyncio.get_running_loop())
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
@@ -282,22 +252,17 @@ class SqliteStore:
                 await self._run_read(lambda _: conn.close())
             self._reader.shutdown(wait=True)
             self._reader = None
+        self.inbox.close()
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._writer is not None, "store is not open"
-        result: T = await self._writer.submit(op, urgent=urgent)
+        result: T = await self._writer.submit(op)
         return result
 
     def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> None:
         """Queue a write without waiting for it; a failure is logged."""
         assert self._writer is not None, "store is not open"
         self._writer.submit(op).add_done_callback(_log_failure)
-
-    async def _write_outside(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `op` on the writer's thread outside any transaction (a checkpoint, say)."""
-        assert self._writer is not None, "store is not open"
-        result: T = await self._writer.submit(op, bare=True)
-        return result
 
     async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._reader is not None, "store is not open"
@@ -309,19 +274,16 @@ class SqliteStore:
     # ingest
 
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
-        return await self._write(
-            lambda conn: _insert_inbox(conn, source, received_at, body, count), urgent=True
-        )
+        return await self.inbox.append(source, received_at, body, count)
 
     # router
 
     async def restart_inbox(self) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            # rows wholly applied go now (routing them again would only find duplicates)
-            conn.execute("DELETE FROM ib.inbox WHERE id IN (SELECT id FROM progress WHERE pending <= 0)")
-            conn.execute("DELETE FROM progress")
+        def op(conn: sqlite3.Connection) -> list[int]:
+            conn.execute("DELETE FROM progress WHERE pending > 0")
+            return [r[0] for r in conn.execute("SELECT id FROM progress").fetchall()]
 
-        await self._write(op)
+        self._applied = set(await self._write(op))
 
     def take(self, row_id: int, count: int) -> None:
         self._submit(
@@ -330,30 +292,34 @@ class SqliteStore:
             )
         )
 
-    async def reap(self, limit: int = 1000) -> int:
+    async def reap(self, taken: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM progress WHERE pending <= 0 LIMIT ?", (limit,)
-            ).fetchall()]
-            if ids:
-                marks = ",".join("?" * len(ids))
-                conn.execute(f"DELETE FROM ib.inbox WHERE id IN ({marks})", ids)
-                conn.execute(f"DELETE FROM progress WHERE id IN ({marks})", ids)
-            return len(ids)
+            segments = self.inbox.segments()
+            dropped = 0
+            # never the newest segment: ingest appends to it, and it holds the last id
+            for first, after in zip(segments, segments[1:], strict=False):
+                last = after - 1
+                if last > taken or _one(conn.execute(
+                    "SELECT 1 FROM progress WHERE id BETWEEN ? AND ? AND pending > 0 LIMIT 1",
+                    (first, last),
+                )):
+                    break
+                self.inbox.drop(first)
+                conn.execute("DELETE FROM progress WHERE id <= ?", (last,))
+                dropped += 1
+            return dropped
 
-        n = await self._write(op)
-        if not self.checkpoint:
-            await self._write_outside(lambda conn: conn.execute("PRAGMA ib.wal_checkpoint(PASSIVE)"))
-        return n
+        return await self._write(op)
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
         def op(conn: sqlite3.Connection) -> list[InboxRow]:
-            rows = conn.execute(
-                "SELECT id, source, received_at, body, count FROM ib.inbox"
-                " WHERE id > ? ORDER BY id LIMIT ?",
-                (cursor, limit),
-            ).fetchall()
-            return [InboxRow(*row) for row in rows]
+            rows = self.inbox.read_after(cursor, limit)
+            if self._applied:
+                # wholly applied before the restart: nothing left to route
+                for row in rows:
+                    if row.id in self._applied:
+                        row.count = 0
+            return rows
 
         return await self._run_read(op)
 
@@ -483,64 +449,61 @@ class SqliteStore:
                 sql += " AND replayed_at IS NULL"
             sql += " ORDER BY id LIMIT ?"
             args.append(limit)
-            return [
-                StoredLetter(
-                    id=r[0], source=r[1], stage=r[2], reason=r[3], payload=r[4], status=r[5],
-                    path=r[6], repeat=r[7], account=r[8], created_at=r[9], replayed_at=r[10],
-                )
-                for r in conn.execute(sql, args)
-            ]
+            return _letters(conn.execute(sql, args))
 
         return await self._run_read(op)
 
-    async def replay(self, ids: list[int] | None, source: str | None, now: float) -> int:
-        """Give dead letters another go: calls back to the outbox, messages back to the inbox."""
-
-        def op(conn: sqlite3.Connection) -> int:
+    async def replayable(self, ids: list[int] | None, source: str | None) -> list[StoredLetter]:
+        """Dead letters not replayed yet: all of them, or those of `ids`, of `source`."""
+        def op(conn: sqlite3.Connection) -> list[StoredLetter]:
             sql = (
-                "SELECT id, source, stage, payload, path, repeat, account FROM dead_letters"
-                " WHERE replayed_at IS NULL"
+                "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
+                " created_at, replayed_at FROM dead_letters WHERE replayed_at IS NULL"
             )
             args: list[Any] = []
             if source is not None:
                 sql += " AND source = ?"
                 args.append(source)
-            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
             wanted = None if ids is None else set(ids)
-            messages: dict[str, list[bytes]] = {}
+            return [
+                letter for letter in _letters(conn.execute(sql + " ORDER BY id", args))
+                if wanted is None or letter.id in wanted
+            ]
+
+        return await self._run_read(op)
+
+    async def requeue(self, ids: list[int], now: float) -> int:
+        """Mark dead letters replayed; those of the forward stage go back to the outbox (the
+        messages of the others were put back into the inbox by the caller)."""
+        def op(conn: sqlite3.Connection) -> int:
             done = 0
-            for letter_id, src, stage, payload, path, repeat, account in rows:
-                if wanted is not None and letter_id not in wanted:
+            for letter_id in ids:
+                row = _one(conn.execute(
+                    "SELECT source, stage, payload, path, repeat, account FROM dead_letters"
+                    " WHERE id = ? AND replayed_at IS NULL", (letter_id,)
+                ))
+                if row is None:
                     continue
+                src, stage, payload, path, repeat, account = row
                 if stage == "forward":
-                    kind = _kind_of(path, payload)
                     conn.execute(
                         "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
                         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (src, f"r\x1f{letter_id}", account, kind, path, payload, repeat, now, now),
+                        (src, f"r\x1f{letter_id}", account, _kind_of(path, payload), path, payload,
+                         repeat, now, now),
                     )
-                else:
-                    try:
-                        msgspec.json.decode(payload)
-                    except msgspec.DecodeError:
-                        continue  # not JSON: nothing a replay could make of it
-                    messages.setdefault(src, []).append(payload)
                 conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ?", (now, letter_id))
                 done += 1
-            for src, payloads in messages.items():
-                body = b'{"batch":[' + b",".join(payloads) + b"]}"
-                _insert_inbox(conn, src, now, body, len(payloads))
             return done
 
         return await self._write(op)
 
     async def counts(self) -> Counts:
         def op(conn: sqlite3.Connection) -> Counts:
-            # a row the router has not taken yet has no progress: all of it is pending
-            inbox = _one(conn.execute(
-                "SELECT COALESCE(SUM(COALESCE(p.pending, i.count)), 0)"
-                " FROM ib.inbox AS i LEFT JOIN progress AS p ON p.id = i.id"
-            ))[0]
+            records = self.inbox.counts()
+            # a record the router has not taken yet has no progress: all of it is pending
+            progress = dict(conn.execute("SELECT id, pending FROM progress").fetchall())
+            inbox = sum(max(0, progress.get(i, n)) for i, n in records.items())
             outbox = _one(conn.execute("SELECT COALESCE(SUM(repeat), 0) FROM outbox"))[0]
             dead = _one(conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL"
@@ -580,15 +543,14 @@ class SqliteStore:
         return await self._write(op)
 
 
-def _insert_inbox(
-    conn: sqlite3.Connection, source: str, received_at: float, body: bytes, count: int
-) -> int:
-    row_id = conn.execute(
-        "INSERT INTO ib.inbox (source, received_at, count, body) VALUES (?, ?, ?, ?)",
-        (source, received_at, count, body),
-    ).lastrowid
-    assert row_id is not None
-    return row_id
+def _letters(cur: sqlite3.Cursor) -> list[StoredLetter]:
+    return [
+        StoredLetter(
+            id=r[0], source=r[1], stage=r[2], reason=r[3], payload=r[4], status=r[5],
+            path=r[6], repeat=r[7], account=r[8], created_at=r[9], replayed_at=r[10],
+        )
+        for r in cur
+    ]
 
 
 def _one(cur: sqlite3.Cursor) -> Any:
@@ -699,8 +661,6 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
         )
     _insert_dead(conn, f.dead, now)
     for row_id, n in f.inbox.items():
-        # the row itself is deleted later, by `reap`: deleting it here would make every
-        # flush write inbox.db and wait for ingest's commits
         conn.execute("UPDATE progress SET pending = pending - ? WHERE id = ?", (n, row_id))
     return FlushResult(counted, duplicates, calls)
 

@@ -26,13 +26,12 @@ def hit(mid: str, *, user: str = "u1", event: str = "Clicked", ts: str = "2026-1
     return TrackHit(mid, ts[:10], user, event, ts, "/v2/track", body)
 
 
-async def test_accept_commits_an_inbox_row_in_its_own_file(store: SqliteStore) -> None:
+async def test_accept_appends_an_inbox_record(store: SqliteStore) -> None:
     row = await store.accept("s", 1.0, b'{"batch":[]}', 3)
     rows = await store.inbox_after(0, 10)
     assert [(r.id, r.source, r.count, r.body) for r in rows] == [(row, "s", 3, b'{"batch":[]}')]
     assert (await store.counts()).inbox == 3
-    with sqlite3.connect(store.inbox_path) as conn:
-        assert conn.execute("SELECT id, count FROM inbox").fetchall() == [(row, 3)]
+    assert [p.name for p in store.inbox.dir.iterdir()] == [f"{1:020d}.log"]
 
 
 async def test_dead_letters_with_a_key_are_kept_once(store: SqliteStore) -> None:
@@ -130,45 +129,82 @@ async def test_retry_postpones_and_reject_dead_letters(store: SqliteStore) -> No
     assert (letter.stage, letter.status, letter.repeat, letter.account) == ("forward", 400, 2, "acme")
 
 
-async def test_replay_requeues_calls_and_messages(store: SqliteStore) -> None:
+async def test_requeue_puts_calls_back_and_marks_letters(store: SqliteStore) -> None:
     await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("1")]))
     (item,) = await store.due("s", 1e12, 10)
     await store.reject(item, 422, "no")
     await store.flush(Flush(source="s", account="", track_mode="exact", dead=[
         DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"type":"track"}'),
-        DeadLetter(source="s", stage="ingest", reason="not json", payload=b"\xff{"),
     ]))
-    assert await store.replay(None, "s", 10.0) == 2
+    letters = await store.replayable(None, "s")
+    assert [d.stage for d in letters] == ["forward", "ingest"]
+    assert [d.id for d in await store.replayable([letters[1].id], None)] == [letters[1].id]
+    assert await store.requeue([d.id for d in letters], 10.0) == 2
+    assert await store.requeue([d.id for d in letters], 10.0) == 0  # once
     (requeued,) = await store.due("s", 1e12, 10)
     assert (requeued.kind, requeued.repeat) == ("track", 1)
-    (row,) = await store.inbox_after(0, 10)
-    assert msgspec.json.decode(row.body) == {"batch": [{"type": "track"}]}
-    left = await store.dead_letters("s", 0, 10, False)
-    assert [d.reason for d in left] == ["not json"]
+    assert await store.dead_letters("s", 0, 10, False) == []
+    assert await store.replayable(None, None) == []
 
 
-async def test_flush_completes_inbox_rows_reap_deletes_them_restart_resets_them(
-    store: SqliteStore,
-) -> None:
+async def test_flush_completes_inbox_records_restart_and_reap(store: SqliteStore) -> None:
+    store.inbox.segment_bytes = 1  # a segment a record
     row = await store.accept("s", 1.0, b"{}", 3)
     done = await store.accept("s", 1.0, b"{}", 1)
+    newest = await store.accept("s", 1.0, b"{}", 1)
     store.take(row, 3)
     store.take(done, 1)
     await store.flush(
         Flush(source="s", account="a", track_mode="exact", inbox={row: 2, done: 1})
     )
-    assert (await store.counts()).inbox == 1
-    # a row wholly applied is gone after a restart; one partly applied is pending again
+    assert (await store.counts()).inbox == 2  # one of row, and newest (not taken yet)
+    # after a restart: a record partly applied is pending again; one wholly applied comes
+    # back with nothing to route
     await store.restart_inbox()
-    assert [r.id for r in await store.inbox_after(0, 10)] == [row]
-    assert (await store.counts()).inbox == 3
+    assert [(r.id, r.count) for r in await store.inbox_after(0, 10)] == [
+        (row, 3), (done, 0), (newest, 1)
+    ]
+    assert (await store.counts()).inbox == 4
     store.take(row, 3)
     await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 3}))
-    assert (await store.counts()).inbox == 0
-    assert [r.id for r in await store.inbox_after(0, 10)] == [row]  # until reaped
-    assert await store.reap() == 1
+    # reaping stops at what the router has not taken since the start, and at a record
+    # still pending; it never drops the newest segment
+    assert await store.reap(taken=row) == 1
+    assert [r.id for r in await store.inbox_after(0, 10)] == [done, newest]
+    assert await store.reap(taken=done) == 1
+    store.take(newest, 1)
+    assert await store.reap(taken=newest) == 0  # taken, not applied
+    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={newest: 1}))
+    assert await store.reap(taken=newest) == 1
     assert await store.inbox_after(0, 10) == []
-    assert await store.reap() == 0
+    assert [p.name for p in store.inbox.dir.iterdir()] == [f"{newest + 1:020d}.log"]
+    assert (await store.counts()).inbox == 0
+
+
+async def test_inbox_ids_continue_after_reopen_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "g.db")
+    await s.open()
+    first = await s.accept("s", 1.0, b'{"batch":[1]}', 1)
+    await s.accept("s", 1.0, b'{"batch":[2]}', 1)
+    await s.close()
+    (segment,) = s.inbox.dir.iterdir()
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-3])  # the last record torn, as by a crash mid-write
+    s = SqliteStore(tmp_path / "g.db")
+    await s.open()
+    assert [r.body for r in await s.inbox_after(0, 10)] == [b'{"batch":[1]}']
+    third = await s.accept("s", 1.0, b'{"batch":[3]}', 1)
+    assert third == first + 1  # the torn record was never acknowledged: its id is free
+    assert [r.body for r in await s.inbox_after(0, 10)] == [b'{"batch":[1]}', b'{"batch":[3]}']
+    await s.close()
+
+
+async def test_fsync_full_syncs_before_the_ack(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "g.db", fsync="full")
+    await s.open()
+    ids = await asyncio.gather(*(s.accept("s", 1.0, b"{}", 1) for _ in range(50)))
+    assert ids == list(range(1, 51))
+    await s.close()
 
 
 async def test_known_traits_and_accounts(store: SqliteStore) -> None:

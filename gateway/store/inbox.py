@@ -1,0 +1,243 @@
+"""The inbox: accepted request bodies, as an append-only log of segment files.
+
+Ingest appends; the router reads in id order; a segment is deleted whole once every record
+in it is applied (`SqliteStore.reap`). Appending is one `write` per group commit, made on
+the event loop, so an acknowledgement costs no thread hop and no SQLite transaction: the
+records of every request that arrived in the same turn of the loop go out together.
+
+Durability follows `fsync`: "off" and "normal" write to the OS (a killed process loses
+nothing), "full" also waits for `fdatasync` (a power cut loses nothing).
+
+A record: a header (crc32, id, received_at, count, body length, source length), the source
+id, then the body. The crc covers everything after itself, so a record torn by a crash is
+recognised: the next writer cuts it off; readers stop before a record that is not whole
+yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from gateway.store.base import InboxRow
+
+HEADER = struct.Struct("<IQdIIH")  # crc32, id, received_at, count, body length, source length
+SEGMENT_BYTES = 64 * 1024 * 1024
+SUFFIX = ".log"
+
+
+class CorruptInbox(Exception):
+    pass
+
+
+def segment_name(first_id: int) -> str:
+    return f"{first_id:020d}{SUFFIX}"
+
+
+def encode(row_id: int, source: str, received_at: float, count: int, body: bytes) -> bytes:
+    src = source.encode()
+    head = HEADER.pack(0, row_id, received_at, count, len(body), len(src))
+    crc = zlib.crc32(body, zlib.crc32(src, zlib.crc32(head[4:])))
+    return struct.pack("<I", crc) + head[4:] + src + body
+
+
+class InboxLog:
+    def __init__(self, directory: Path, *, fsync: str = "normal") -> None:
+        self.dir = directory
+        self.fsync = fsync
+        self.segment_bytes = SEGMENT_BYTES
+        self._fd: int | None = None  # the active segment, when this process appends
+        self._size = 0
+        self._next_id = 1
+        self._buffer = bytearray()
+        self._waiting: list[tuple[asyncio.Future[int], int]] = []
+        self._scheduled = False
+        # where the last read stopped: (segment's first id, offset, last id read)
+        self._cursor: tuple[int, int, int] | None = None
+
+    # appending (ingest's process only)
+
+    def open_for_append(self) -> None:
+        """Find the last whole record, cut off a torn tail, and continue after it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        segments = self.segments()
+        first = segments[-1] if segments else 1
+        path = self.dir / segment_name(first)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        end, last = _scan(fd, first)
+        if end < os.fstat(fd).st_size:
+            os.ftruncate(fd, end)
+        self._fd, self._size, self._next_id = fd, end, last + 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def append(self, source: str, received_at: float, body: bytes, count: int) -> asyncio.Future[int]:
+        """Queue a record; the future resolves to its id once it is written (and synced, with
+        fsync "full"). Records queued in one turn of the event loop share one write."""
+        assert self._fd is not None, "inbox is not open for appending"
+        loop = asyncio.get_running_loop()
+        row_id = self._next_id
+        self._next_id += 1
+        self._buffer += encode(row_id, source, received_at, count, body)
+        fut: asyncio.Future[int] = loop.create_future()
+        self._waiting.append((fut, row_id))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._write)
+        return fut
+
+    def _write(self) -> None:
+        self._scheduled = False
+        data, waiting = bytes(self._buffer), self._waiting
+        self._buffer.clear()
+        self._waiting = []
+        fd = self._fd
+        try:
+            assert fd is not None, "inbox closed with writes pending"
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._size += len(data)
+        except Exception as exc:
+            # nothing of this group is acknowledged; a torn tail is cut off at the next start
+            for fut, _ in waiting:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        if self.fsync == "full":
+            task = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
+            task.add_done_callback(lambda t: _settle(waiting, t.exception()))
+        else:
+            _settle(waiting, None)
+        if self._size >= self.segment_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        if self.fsync == "full":
+            os.fdatasync(self._fd)
+        os.close(self._fd)
+        path = self.dir / segment_name(self._next_id)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = 0
+
+    # reading (any process)
+
+    def segments(self) -> list[int]:
+        """The first id of each segment, oldest first."""
+        if not self.dir.exists():
+            return []
+        return sorted(int(p.name[: -len(SUFFIX)]) for p in self.dir.glob("*" + SUFFIX))
+
+    def read_after(self, cursor: int, limit: int) -> list[InboxRow]:
+        """Up to `limit` whole records with ids above `cursor`, in id order."""
+        segments = self.segments()
+        if not segments:
+            return []
+        if self._cursor is not None and self._cursor[2] == cursor and self._cursor[0] in segments:
+            first, offset = self._cursor[0], self._cursor[1]
+        else:
+            first = max((s for s in segments if s <= cursor + 1), default=segments[0])
+            offset = 0
+        rows: list[InboxRow] = []
+        while len(rows) < limit:
+            path = self.dir / segment_name(first)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                break
+            try:
+                offset = _read(fd, offset, cursor, limit, rows)
+            finally:
+                os.close(fd)
+            if rows:
+                cursor = rows[-1].id
+            later = [s for s in segments if s > first]
+            if len(rows) >= limit or not later or later[0] > cursor + 1:
+                break  # wanted all, or this segment is still being written
+            first, offset = later[0], 0
+        self._cursor = (first, offset, cursor)
+        return rows
+
+    def counts(self) -> dict[int, int]:
+        """Every record's id and message count (headers only)."""
+        found: dict[int, int] = {}
+        for first in self.segments():
+            try:
+                fd = os.open(self.dir / segment_name(first), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                offset, size = 0, os.fstat(fd).st_size
+                while offset + HEADER.size <= size:
+                    _, row_id, _, count, body_len, src_len = HEADER.unpack(
+                        os.pread(fd, HEADER.size, offset)
+                    )
+                    end = offset + HEADER.size + src_len + body_len
+                    if end > size:
+                        break
+                    found[row_id] = count
+                    offset = end
+            finally:
+                os.close(fd)
+        return found
+
+    def drop(self, first_id: int) -> None:
+        (self.dir / segment_name(first_id)).unlink(missing_ok=True)
+        if self._cursor is not None and self._cursor[0] == first_id:
+            self._cursor = None
+
+
+def _settle(waiting: list[tuple[asyncio.Future[int], int]], exc: BaseException | None) -> None:
+    for fut, row_id in waiting:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(row_id)
+        else:
+            fut.set_exception(exc)
+
+
+def _scan(fd: int, first: int) -> tuple[int, int]:
+    """The end of the last whole record of a segment, and its id (first - 1 if none)."""
+    offset, last, size = 0, first - 1, os.fstat(fd).st_size
+    while True:
+        record = _record_at(fd, offset, size)
+        if record is None:
+            return offset, last
+        row, end = record
+        offset, last = end, row.id
+
+
+def _record_at(fd: int, offset: int, size: int) -> tuple[InboxRow, int] | None:
+    """The whole record at `offset` and where it ends, or None: not (yet) whole."""
+    if offset + HEADER.size > size:
+        return None
+    head = os.pread(fd, HEADER.size, offset)
+    crc, row_id, received_at, count, body_len, src_len = HEADER.unpack(head)
+    end = offset + HEADER.size + src_len + body_len
+    if end > size:
+        return None
+    rest = os.pread(fd, src_len + body_len, offset + HEADER.size)
+    if len(rest) < src_len + body_len or zlib.crc32(rest, zlib.crc32(head[4:])) != crc:
+        return None  # torn by a crash, or still being written
+    return InboxRow(row_id, rest[:src_len].decode(), received_at, rest[src_len:], count), end
+
+
+def _read(fd: int, offset: int, cursor: int, limit: int, rows: list[InboxRow]) -> int:
+    size = os.fstat(fd).st_size
+    while len(rows) < limit:
+        record = _record_at(fd, offset, size)
+        if record is None:
+            break
+        row, end = record
+        if row.id > cursor:
+            rows.append(row)
+        offset = end
+    return offset
