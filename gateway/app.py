@@ -94,9 +94,9 @@ class Gateway:
         try:
             resp = await handler(request)
         except web.HTTPException as exc:
-            self.metrics.requests.labels(name, str(exc.status)).inc()
+            self.metrics.child(self.metrics.requests, name, str(exc.status)).inc()
             raise
-        self.metrics.requests.labels(name, str(resp.status)).inc()
+        self.metrics.child(self.metrics.requests, name, str(resp.status)).inc()
         return resp
 
     async def start(self) -> None:

@@ -23,6 +23,9 @@ async def read_body(
 ) -> bytes:
     """The body, gunzipped; 413 past `limit` without holding more than `limit` bytes of it,
     408 when it takes longer than `within` seconds to arrive."""
+    if request.content.is_eof():
+        # all of it arrived with the headers (the common case): no deadline to keep
+        return await _read_body(request, limit)
     try:
         async with asyncio.timeout(within):
             return await _read_body(request, limit)

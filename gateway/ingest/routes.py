@@ -130,7 +130,7 @@ class Ingest:
     ) -> web.Response:
         src = source.id
         count = decoded.count
-        self.metrics.received.labels(src).inc(count)
+        self.metrics.child(self.metrics.received, src).inc(count)
         if count:
             try:
                 row_id = await self.store.accept(src, received_at, decoded.body, count)
@@ -140,7 +140,7 @@ class Ingest:
             self.backlog.accepted(count)
             if self._committed is not None and isinstance(decoded, Decoded):
                 self._committed(row_id, decoded)
-        self.metrics.accepted.labels(src).inc(decoded.valid)
+        self.metrics.child(self.metrics.accepted, src).inc(decoded.valid)
         if not decoded.rejected:
             return web.Response(body=_OK, content_type="application/json", headers=CORS)
         self.metrics.rejected.labels(src, "invalid").inc(len(decoded.rejected))

@@ -50,6 +50,7 @@ class Metrics:
     def __init__(self, sources: Iterable[str] = ()) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.pipeline_registry = p = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self.received = Counter(
             _P + "messages_received", "Messages received by ingest, valid or not.",
             ["source"], registry=r)
@@ -105,6 +106,15 @@ class Metrics:
         for counter in (self.received, self.accepted, self.deduplicated, self.retries):
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
+
+    def child(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, remembered: the request path counts each request
+        several times, and `labels()` takes a lock and validates its arguments each call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render_ingest(self) -> bytes:
         return generate_latest(self.registry)
