@@ -44,6 +44,7 @@ CORS = {
     "Access-Control-Max-Age": "86400",
 }
 _OK = msgspec.json.encode({"success": True})
+_JSON = {"Content-Type": "application/json; charset=utf-8"}
 _encode = msgspec.json.encode
 
 
@@ -92,9 +93,13 @@ class Ingest:
     async def _ingest(self, request: web.Request, kind: str | None) -> web.Response:
         self.backlog.requests += 1
         try:
-            return await self._take(request, kind)
+            resp = await self._take(request, kind)
         finally:
             self.backlog.requests -= 1
+        if "Origin" in request.headers:
+            # a browser (analytics.js): let it read the reply; other clients never look
+            resp.headers.update(CORS)
+        return resp
 
     async def _take(self, request: web.Request, kind: str | None) -> web.Response:
         received_at = time.time()
@@ -142,7 +147,7 @@ class Ingest:
                 self._committed(row_id, decoded)
         self.metrics.child(self.metrics.accepted, src).inc(decoded.valid)
         if not decoded.rejected:
-            return web.Response(body=_OK, content_type="application/json", headers=CORS)
+            return web.Response(body=_OK, headers=_JSON)
         self.metrics.rejected.labels(src, "invalid").inc(len(decoded.rejected))
         rejected = [
             {"index": r.index, "messageId": r.messageId, "reason": r.reason}
@@ -153,8 +158,7 @@ class Ingest:
             return _error(400, decoded.rejected[0].reason, rejected=rejected)
         return web.Response(
             body=_encode({"success": True, "rejected": rejected}),
-            content_type="application/json",
-            headers=CORS,
+            headers=_JSON,
         )
 
     def _unauthorized(self) -> web.Response:
@@ -189,6 +193,5 @@ def _error(
     return web.Response(
         status=status,
         body=_encode(payload),
-        content_type="application/json",
-        headers={**CORS, **(extra or {})},
+        headers={**_JSON, **(extra or {})},
     )

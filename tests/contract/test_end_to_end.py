@@ -205,6 +205,26 @@ async def test_auth_like_segment(mock_accoil: MockAccoilServer, tmp_path: Path) 
     assert mock_accoil.count("u1", "Report Built") == 2
 
 
+async def test_browsers_get_cors_headers(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    origin = {"Origin": "https://app.example.com"}
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        async with gw.http.options(gw.url + "/v1/track", headers=origin) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+        for key in (WRITE_KEY, "nope"):  # the reply, success or error, is readable by the page
+            async with gw.http.post(gw.url + "/v1/track", json=track("c1"),
+                                    headers={**origin, "Authorization": basic(key)}) as resp:
+                assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        # a server-side SDK sends no Origin, and gets no CORS headers
+        status, _ = await gw.post("/v1/track", track("c2"))
+        async with gw.http.post(gw.url + "/v1/track", json=track("c3"),
+                                headers={"Authorization": basic(WRITE_KEY)}) as resp:
+            assert resp.status == 200 and status == 200
+            assert "Access-Control-Allow-Origin" not in resp.headers
+            assert resp.headers["Content-Type"].startswith("application/json")
+
+
 async def test_single_message_routes_take_their_type_from_the_path(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
