@@ -13,7 +13,8 @@ Accoil down, once it is applied, and while it drains after Accoil comes back.
 4. mock_accoil starts on the upstream port; the drain rate is measured for
    `--drain-seconds` (0: until the outbox is empty).
 
-VmRSS of the gateway process is sampled every 100 ms from /proc; the report gives the peak
+VmRSS of the gateway (its process and its pipeline worker, summed) is sampled every 100 ms
+from /proc; the report gives the peak
 of each phase, and VmHWM (the kernel's peak). Target: < 200 MB with 1M events, 100k accounts.
 """
 

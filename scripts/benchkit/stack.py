@@ -243,18 +243,32 @@ class Memory(msgspec.Struct):
 
 
 def memory(pid: int) -> Memory | None:
-    """The process's resident memory, from /proc (None if it is gone)."""
+    """The resident memory of the process and its children (the gateway's pipeline
+    worker), from /proc (None if it is gone). VmHWM is summed over the processes: each
+    one's own peak, so the sum is an upper bound of their joint peak."""
     rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        return None
+    pids = [pid, *_descendants(pid)]
+    for i, each in enumerate(pids):
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1])
+        except OSError:
+            if i == 0:
+                return None
     return Memory(rss, hwm)
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
 
 
 def get_json(url: str, *, token: str | None = None, timeout: float = 30.0) -> Any:
