@@ -25,6 +25,8 @@ from pathlib import Path
 from gateway.store.base import InboxRow
 
 HEADER = struct.Struct("<IQdIIH")  # crc32, id, received_at, count, body length, source length
+_CRC = struct.Struct("<I")
+IOV_MAX = 1024  # pieces one writev takes
 SEGMENT_BYTES = 64 * 1024 * 1024
 SUFFIX = ".log"
 
@@ -37,11 +39,14 @@ def segment_name(first_id: int) -> str:
     return f"{first_id:020d}{SUFFIX}"
 
 
-def encode(row_id: int, source: str, received_at: float, count: int, body: bytes) -> bytes:
+def encode(
+    row_id: int, source: str, received_at: float, count: int, body: bytes
+) -> tuple[bytes, bytes, bytes]:
+    """A record as the three pieces it is written from (no copy of the body)."""
     src = source.encode()
-    head = HEADER.pack(0, row_id, received_at, count, len(body), len(src))
-    crc = zlib.crc32(body, zlib.crc32(src, zlib.crc32(head[4:])))
-    return struct.pack("<I", crc) + head[4:] + src + body
+    head = HEADER.pack(0, row_id, received_at, count, len(body), len(src))[4:]
+    crc = zlib.crc32(body, zlib.crc32(src, zlib.crc32(head)))
+    return _CRC.pack(crc) + head, src, body
 
 
 class InboxLog:
@@ -52,7 +57,7 @@ class InboxLog:
         self._fd: int | None = None  # the active segment, when this process appends
         self._size = 0
         self._next_id = 1
-        self._buffer = bytearray()
+        self._pieces: list[bytes] = []
         self._waiting: list[tuple[asyncio.Future[int], int]] = []
         self._scheduled = False
         # where the last read stopped: (segment's first id, offset, last id read)
@@ -84,7 +89,7 @@ class InboxLog:
         loop = asyncio.get_running_loop()
         row_id = self._next_id
         self._next_id += 1
-        self._buffer += encode(row_id, source, received_at, count, body)
+        self._pieces += encode(row_id, source, received_at, count, body)
         fut: asyncio.Future[int] = loop.create_future()
         self._waiting.append((fut, row_id))
         if not self._scheduled:
@@ -94,16 +99,12 @@ class InboxLog:
 
     def _write(self) -> None:
         self._scheduled = False
-        data, waiting = bytes(self._buffer), self._waiting
-        self._buffer.clear()
-        self._waiting = []
+        pieces, waiting = self._pieces, self._waiting
+        self._pieces, self._waiting = [], []
         fd = self._fd
         try:
             assert fd is not None, "inbox closed with writes pending"
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            self._size += len(data)
+            self._size += _write_all(fd, pieces)
         except Exception as exc:
             # nothing of this group is acknowledged; a torn tail is cut off at the next start
             for fut, _ in waiting:
@@ -192,6 +193,20 @@ class InboxLog:
         (self.dir / segment_name(first_id)).unlink(missing_ok=True)
         if self._cursor is not None and self._cursor[0] == first_id:
             self._cursor = None
+
+
+def _write_all(fd: int, pieces: list[bytes]) -> int:
+    total = 0
+    for i in range(0, len(pieces), IOV_MAX):
+        chunk = pieces[i : i + IOV_MAX]
+        size = sum(map(len, chunk))
+        written = os.writev(fd, chunk)
+        if written < size:  # rare: a short write; finish the rest from one buffer
+            rest = memoryview(b"".join(chunk))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        total += size
+    return total
 
 
 def _settle(waiting: list[tuple[asyncio.Future[int], int]], exc: BaseException | None) -> None:
