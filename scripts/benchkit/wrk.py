@@ -9,11 +9,13 @@ every request carries its own messageId, at the cost of one `table.concat` (Lua)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
 import time
-from collections import Counter
+import urllib.parse
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,49 +187,137 @@ async def closed_loop(url: str, bodies: Bodies, authorization: str, *, seconds: 
 async def open_loop(url: str, bodies: Bodies, authorization: str, *, rate: float,
                     seconds: float, nonce: str, max_in_flight: int = 256) -> Run:
     """Requests leave at a fixed rate whatever the server does; latency counts from the time
-    each was due, so queueing behind a slow server is measured (no coordinated omission)."""
-    headers = {"Authorization": authorization, "Content-Type": "application/json"}
+    each was due, so queueing behind a slow server is measured (no coordinated omission).
+
+    Plain asyncio sockets, not an HTTP client library: at a few thousand 20 KB requests a
+    second a client library costs the generator most of a core, and its own lag would be
+    measured as the server's. One request at a time per keep-alive connection, up to
+    `max_in_flight` connections."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {authorization}\r\n"
+            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n")
+    loop = asyncio.get_running_loop()
     status: Counter[str] = Counter()
     latencies: list[float] = []
     late: list[float] = []
-    connector = aiohttp.TCPConnector(limit=max_in_flight)
-    timeout = aiohttp.ClientTimeout(total=60)
-    tasks: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    idle: deque[_Conn] = deque()
+    waiting: deque[tuple[float, bytes]] = deque()  # due, but every connection busy
+    conns: set[_Conn] = set()
+    finished = asyncio.Event()
+    expected = int(rate * seconds)
 
-        async def send(i: int, due: float) -> None:
-            data = bodies.body(i, f"{nonce}{i:011d}")
-            try:
-                async with session.post(url.rstrip("/") + PATH, data=data,
-                                        headers=headers) as resp:
-                    await resp.read()
-                    status[str(resp.status)] += 1
-            except (aiohttp.ClientError, TimeoutError, OSError):
-                status["error"] += 1
-            latencies.append(time.perf_counter() - due)
+    def settle(due: float, outcome: str) -> None:
+        status[outcome] += 1
+        latencies.append(time.perf_counter() - due)
+        if sum(status.values()) >= expected:
+            finished.set()
 
-        start = time.perf_counter()
-        n = int(rate * seconds)
-        for i in range(n):
-            due = start + i / rate
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            late.append(max(0.0, time.perf_counter() - due))
-            task = asyncio.create_task(send(i, due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-        took = time.perf_counter() - start
+    def answered(conn: _Conn, code: str) -> None:
+        settle(conn.due, code)
+        if waiting:
+            conn.send(*waiting.popleft())
+        else:
+            idle.append(conn)
+
+    def lost(conn: _Conn) -> None:
+        conns.discard(conn)
+        if conn in idle:
+            idle.remove(conn)
+        if conn.busy:
+            settle(conn.due, "error")
+
+    async def connect() -> _Conn:
+        _, conn = await loop.create_connection(lambda: _Conn(answered, lost), host, port)
+        conns.add(conn)
+        return conn
+
+    def request(i: int) -> bytes:
+        body = bodies.body(i, f"{nonce}{i:011d}")
+        return (head % len(body)).encode() + body
+
+    for conn in await asyncio.gather(*(connect() for _ in range(min(32, max_in_flight)))):
+        idle.append(conn)
+    opening: set[asyncio.Task[None]] = set()
+
+    async def open_one(due: float, data: bytes) -> None:
+        try:
+            conn = await connect()
+        except OSError:
+            settle(due, "error")
+            return
+        conn.send(due, data)
+
+    start = time.perf_counter()
+    for i in range(expected):
+        due = start + i / rate
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        late.append(max(0.0, time.perf_counter() - due))
+        data = request(i)
+        if idle:
+            idle.popleft().send(due, data)
+        elif len(conns) + len(opening) < max_in_flight:
+            task = asyncio.create_task(open_one(due, data))
+            opening.add(task)
+            task.add_done_callback(opening.discard)
+        else:
+            waiting.append((due, data))
+    if expected:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 60.0)
+    took = time.perf_counter() - start
+    for conn in list(conns):
+        conn.close()
     ok = sum(c for s, c in status.items() if s.startswith("2"))
     errors = {s: c for s, c in status.items() if not s.startswith("2")}
     lat = latency_ms(latencies)
     send_lag = latency_ms(late)
     return Run(
-        generator="aiohttp open loop", seconds=took, requests=sum(status.values()), ok=ok,
+        generator="asyncio open loop", seconds=took, requests=sum(status.values()), ok=ok,
         events_per_request=bodies.size, errors=errors,
         latency={"p50": lat["p50"], "p95": lat["p95"], "p99": lat["p99"], "max": lat["max"]},
         extra={"target_rps": rate, "achieved_rps": round(sum(status.values()) / took, 1),
                "send_lag_ms": {"p99": send_lag["p99"], "max": send_lag["max"]}},
     )
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection of the open loop: one request in flight at a time."""
+
+    def __init__(self, answered: Any, lost: Any) -> None:
+        self._answered = answered
+        self._lost = lost
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.due = 0.0
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, due: float, data: bytes) -> None:
+        assert self.transport is not None
+        self.due, self.busy = due, True
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buf[:end]).lower()
+            at = head.find(b"content-length:")
+            length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            del self.buf[: end + 4 + length]
+            self.busy = False
+            self._answered(self, head[9:12].decode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
