@@ -29,6 +29,7 @@ import msgspec
 from benchkit.client import push
 from benchkit.stack import (
     Keys,
+    descendants,
     exit_on_sigterm,
     get_json,
     send_json,
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mix", default="track=75,page=20,screen=5",
                    help="counted kinds only, so that every event is one call")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a gateway setting (repeatable)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for each phase")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report here")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "GATEWAY_RETRY_MAX": "0.5",
         "GATEWAY_CIRCUIT_COOLDOWN": "0.5",
         "GATEWAY_MAX_BACKLOG": str(max(5_000_000, args.calls * 2)),
+        **dict(item.partition("=")[::2] for item in args.gateway_env),
     }
     gw = start_gateway(workdir, keys, mock.url, env=env)
     with stopping(mock, gw):
@@ -138,7 +142,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         seq0 = last_seq(mock.url)
         spy = None
         if args.profile is not None:
-            spy = start_py_spy(gw.child.pid, args.profile, args.profile_seconds, "forward")
+            # the forwarders run in the gateway's pipeline worker, a child process
+            target = next(iter(descendants(gw.child.pid)), gw.child.pid)
+            spy = start_py_spy(target, args.profile, args.profile_seconds, "forward")
         send_json(mock.url + "/_mock/faults", "DELETE")
         t0 = time.monotonic()
         wait_for(lambda: stats()["outbox_calls"] == 0, timeout=args.timeout, every=0.1,

@@ -75,7 +75,7 @@ class Forwarder:
 
     async def run(self) -> None:
         src = self.source.id
-        batch = max(64, 4 * self.source.max_concurrency)
+        batch = max(256, 16 * self.source.max_concurrency)
         while not self._stopping:
             pause = max(self._paused_until - time.monotonic(), self.circuit.wait_time())
             self.metrics.circuit_open.labels(src).set(self.circuit.state != "closed")

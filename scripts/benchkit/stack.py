@@ -247,7 +247,7 @@ def memory(pid: int) -> Memory | None:
     worker), from /proc (None if it is gone). VmHWM is summed over the processes: each
     one's own peak, so the sum is an upper bound of their joint peak."""
     rss = hwm = 0
-    pids = [pid, *_descendants(pid)]
+    pids = [pid, *descendants(pid)]
     for i, each in enumerate(pids):
         try:
             with open(f"/proc/{each}/status") as f:
@@ -262,13 +262,13 @@ def memory(pid: int) -> Memory | None:
     return Memory(rss, hwm)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except OSError:
         return []
-    return children + [d for c in children for d in _descendants(c)]
+    return children + [d for c in children for d in descendants(c)]
 
 
 def get_json(url: str, *, token: str | None = None, timeout: float = 30.0) -> Any:
