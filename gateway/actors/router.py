@@ -139,7 +139,10 @@ class Router:
             context = merged(decoded.context, msg.context)
             env = Envelope(
                 inbox_id=row.id,
-                message_id=msg.messageId or f"gw-{row.id}-{index}",
+                # the same when the record is routed again, and never the id of another
+                # message: record ids start again with a new inbox (a deleted or upgraded
+                # data directory) while the dedupe keys in gateway.db remain
+                message_id=msg.messageId or f"gw-{row.id}-{row.received_at!r}-{index}",
                 message=msg,
                 timestamp=effective_timestamp(msg, decoded.sent_at, received),
                 context=context,

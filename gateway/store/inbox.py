@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class InboxLog:
         """Find the last whole record, cut off a torn tail, and continue after it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         segments = self.segments()
-        first = segments[-1] if segments else 1
+        # a new inbox starts its ids at the clock (µs), not at 1: ids must never repeat one
+        # that gateway.db still knows (progress, dedupe keys), should the inbox be replaced
+        first = segments[-1] if segments else time.time_ns() // 1000
         path = self.dir / segment_name(first)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         end, last = _scan(fd, first)

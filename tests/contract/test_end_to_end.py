@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,23 @@ async def test_duplicates_are_dropped_across_a_restart(mock_accoil: MockAccoilSe
         metrics = await (await gw.http.get(gw.url + "/metrics")).text()
     assert mock_accoil.count("u1", "Report Built") == 6
     assert 'accoil_gateway_messages_deduplicated_total{source="main"} 5.0' in metrics
+
+
+async def test_messages_without_an_id_are_never_taken_for_earlier_ones(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # the id generated for a message without one must not repeat when inbox record ids
+    # start again (a new inbox beside an old gateway.db, as after an upgrade)
+    settings = settings_for(mock_accoil.url, tmp_path)
+    anonymous = {k: v for k, v in track("x").items() if k != "messageId"}
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/batch", {"batch": [anonymous]}))[0] == 200
+        await gw.idle()
+    shutil.rmtree(tmp_path / "inbox")
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/batch", {"batch": [anonymous]}))[0] == 200
+        await gw.idle()
+    assert mock_accoil.count("u1", "Report Built") == 2
 
 
 async def test_exact_mode_forwards_every_occurrence(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:

@@ -17,23 +17,24 @@ async def test_records_cross_segments_and_read_back_in_order(tmp_path: Path) -> 
     bodies = [rng.randbytes(rng.randint(0, 600)) for _ in range(400)]
     # appended in one turn of the loop: one group, one writev
     ids = await asyncio.gather(*(writer.append("s", float(i), b, i % 7) for i, b in enumerate(bodies)))
-    assert ids == list(range(1, 401))
+    one = ids[0]  # a new inbox starts at the clock, so that ids never repeat older ones
+    assert one > 1_700_000_000 * 10**6 and ids == list(range(one, one + 400))
     more = [await writer.append("t", 0.0, b"x" * i, 1) for i in range(50)]
-    assert more == list(range(401, 451))
-    # a group is never split: the 400 share segment 1, the later ones rotate every ~1000 bytes
-    assert writer.segments()[:2] == [1, 401] and len(writer.segments()) > 3
+    assert more == list(range(one + 400, one + 450))
+    # a group is never split: the 400 share the first segment, later ones rotate every ~1000 bytes
+    assert writer.segments()[:2] == [one, one + 400] and len(writer.segments()) > 3
 
     reader = InboxLog(tmp_path / "inbox")  # another process's view: it never appends
     got, cursor = [], 0
     while rows := reader.read_after(cursor, 64):
         got += rows
         cursor = rows[-1].id
-    assert [r.id for r in got] == list(range(1, 451))
+    assert [r.id for r in got] == list(range(one, one + 450))
     assert [r.body for r in got[:400]] == bodies
     assert [(r.source, r.count) for r in got[398:402]] == [("s", 398 % 7), ("s", 399 % 7), ("t", 1), ("t", 1)]
     assert reader.counts() == {r.id: r.count for r in got}
     # a reader may start anywhere, and a dropped segment is skipped
-    assert [r.id for r in reader.read_after(200, 3)] == [201, 202, 203]
+    assert [r.id for r in reader.read_after(one + 199, 3)] == [one + 200, one + 201, one + 202]
     first = reader.segments()[0]
     reader.drop(first)
     assert reader.read_after(0, 1)[0].id == reader.segments()[0]
