@@ -46,17 +46,6 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS ib.inbox (
-    -- AUTOINCREMENT: ids are never reused, so the router's cursor never skips a new row
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    count INTEGER NOT NULL,  -- before the body: counting rows never reads a body
-    body BLOB NOT NULL
-);
-"""
-
-SCHEMA = """
 -- how many messages of an inbox record no actor has committed yet, from the moment the
 -- router takes the record; `reap` deletes a segment of the inbox once all of it is at 0
 CREATE TABLE IF NOT EXISTS progress (
