@@ -74,12 +74,15 @@ class RemotePipeline:
         self._next = 0
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
+        self._replies: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
 
     async def start(self) -> None:
         await self._spawn()
         self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
 
     async def _spawn(self) -> None:
+        if self._writer is not None:  # the end of the socket to a worker that died
+            self._writer.close()
         ours, theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -94,7 +97,7 @@ class RemotePipeline:
         line = await self._reader.readline()
         if not line:
             raise WorkerError("the pipeline worker exited while starting (see its log)")
-        asyncio.create_task(self._read_replies(self._reader), name="worker-replies")
+        self._replies = asyncio.create_task(self._read_replies(self._reader), name="worker-replies")
         log.info("pipeline worker started", pid=self._proc.pid)
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
