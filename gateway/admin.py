@@ -91,7 +91,7 @@ class Admin:
     async def stats(self, request: web.Request) -> web.Response:
         gw = self.gw
         counts = await gw.store.counts()
-        pipeline = await gw.pipeline_stats()
+        pipeline = await gw.pipeline.stats()
         circuits = pipeline["circuits"]
         return _json(
             {

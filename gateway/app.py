@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import structlog
@@ -103,8 +102,7 @@ class Gateway:
         self._data.mkdir(parents=True, exist_ok=True)
         self._lock_fd = await _lock_dir(self._data / "lock")
         await self.store.open()
-        await self.pipeline.start()
-        counts = await self.store.counts()
+        counts = await self.pipeline.start()
         self.accepting = True
         log.info(
             "gateway started", sources=list(self.sources), inbox=counts.inbox,
@@ -150,9 +148,6 @@ class Gateway:
             await self.store.accept(src, time.time(), body, len(payloads))
             self.backlog.accepted(len(payloads))
         return await self.pipeline.requeue(handled)
-
-    async def pipeline_stats(self) -> dict[str, Any]:
-        return await self.pipeline.stats()
 
     async def render_metrics(self) -> bytes:
         return self.metrics.render_ingest() + await self.pipeline.metrics_text()

@@ -35,6 +35,7 @@ import structlog
 
 from gateway.backlog import Backlog
 from gateway.config import Settings
+from gateway.store import Counts
 
 log = structlog.get_logger("gateway.worker")
 
@@ -52,6 +53,12 @@ class Reply(msgspec.Struct, omit_defaults=True):
     id: int
     result: Any = None
     error: str | None = None
+
+
+class Ready(msgspec.Struct):
+    """The worker's first line: it runs, and what the store held when it started."""
+
+    counts: Counts
 
 
 class WorkerError(Exception):
@@ -76,11 +83,12 @@ class RemotePipeline:
         self._watch: asyncio.Task[None] | None = None
         self._replies: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
 
-    async def start(self) -> None:
-        await self._spawn()
+    async def start(self) -> Counts:
+        counts = await self._spawn()
         self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
+        return counts
 
-    async def _spawn(self) -> None:
+    async def _spawn(self) -> Counts:
         if self._writer is not None:  # the end of the socket to a worker that died
             self._writer.close()
         ours, theirs = socket.socketpair()
@@ -97,8 +105,10 @@ class RemotePipeline:
         line = await self._reader.readline()
         if not line:
             raise WorkerError("the pipeline worker exited while starting (see its log)")
+        ready = msgspec.json.decode(line, type=Ready)
         self._replies = asyncio.create_task(self._read_replies(self._reader), name="worker-replies")
         log.info("pipeline worker started", pid=self._proc.pid)
+        return ready.counts
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -193,8 +203,7 @@ async def _serve(sock: socket.socket) -> None:
     backlog = Backlog(settings.max_backlog, data / "backlog")
     pipeline = Pipeline(settings, store, metrics, backlog)
     await store.open()
-    await pipeline.start()
-    writer.write(b'{"ready":true}\n')
+    writer.write(msgspec.json.encode(Ready(await pipeline.start())) + b"\n")
 
     async def answer(req: Request) -> None:
         reply = Reply(req.id)
