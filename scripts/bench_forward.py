@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +37,7 @@ from benchkit.stack import (
     start_py_spy,
     stopping,
     wait_for,
+    workdir,
 )
 from benchkit.stats import table
 from benchkit.traffic import Tally, Traffic, parse_mix
@@ -183,10 +183,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="bench-forward-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        rep = run(args, workdir)
+    with workdir(args.workdir, "bench-forward-") as folder:
+        rep = run(args, folder)
     print(table([
         ("calls forwarded", rep["calls"]),
         ("gateway drain (calls/s)", rep["gateway_calls_per_s"]),

@@ -32,7 +32,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from benchkit.stack import (
     start_mock,
     start_py_spy,
     start_target,
+    workdir,
 )
 from benchkit.stats import table
 from benchkit.traffic import DEFAULT_MIX, Traffic, parse_mix
@@ -265,14 +265,12 @@ def render(s: dict[str, Any], targets: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        bench = Bench(args, workdir)
+    with workdir(args.workdir, "bench-ingest-") as folder:
+        bench = Bench(args, folder)
         print(f"generator: {bench.generator}"
               + ("" if bench.generator == "wrk" else " (wrk not found: ratios to noop are "
                  "limited by the Python client)"), file=sys.stderr, flush=True)
-        bench.mock = start_mock(workdir, max_calls=10_000)
+        bench.mock = start_mock(folder, max_calls=10_000)
         results: dict[str, list[Run]] = {}
         latency: Run | None = None
         try:

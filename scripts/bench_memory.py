@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from benchkit.stack import (
     start_mock,
     stopping,
     wait_for,
+    workdir,
 )
 from benchkit.stats import Progress, table
 from benchkit.traffic import DEFAULT_MIX, Tally, Traffic, parse_mix
@@ -207,10 +207,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        rep = run(args, workdir)
+    with workdir(args.workdir, "bench-memory-") as folder:
+        rep = run(args, folder)
     print(table([
         ("events / accounts", f"{rep['events']:,} / {rep['accounts']:,}"),
         ("ingest (events/s)", rep["ingest"]["events_per_s"]),

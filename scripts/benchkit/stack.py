@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +40,15 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+@contextlib.contextmanager
+def workdir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """`given` (made if missing, and kept), or a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        path = given or Path(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
 
 
 def free_port() -> int:
