@@ -17,7 +17,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from gateway.actors.registry import Actors
+from gateway.actors.dispatcher import Dispatcher
 from gateway.admin import Admin
 from gateway.backlog import Backlog
 from gateway.config import Settings
@@ -63,7 +63,7 @@ class Gateway:
         return self._lock_fd
 
     @property
-    def actors(self) -> Actors:
+    def actors(self) -> Dispatcher:
         assert isinstance(self.pipeline, Pipeline), "the pipeline runs in a worker process"
         return self.pipeline.actors
 

@@ -59,10 +59,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./data"
     admin_token: str | None = None
     flush_interval: Positive = 2.0
-    # pending keys (users, trait sets, ledger rows) one actor holds before it flushes early
-    flush_max_pending: PositiveInt = 1000
+    # messages read from the inbox and not yet committed, all actors together: past it the
+    # dispatcher commits a turn before it reads more (memory flat whatever the backlog)
+    max_in_flight: PositiveInt = 20_000
     actor_idle: Positive = 10.0
-    mailbox_size: PositiveInt = 1000
     max_actors: PositiveInt = 5000
     # accepted events not yet forwarded; past it ingest answers 503
     max_backlog: PositiveInt = 5_000_000

@@ -1,4 +1,4 @@
-"""The pipeline, everything after ingest's ack: router -> actors -> outbox -> forwarders.
+"""The pipeline, everything after ingest's ack: router -> dispatcher/actors -> outbox -> forwarders.
 
 It reads the durable inbox that ingest writes, so it can run in ingest's process (tests,
 `pipeline = "inline"`) or in a process of its own (`gateway.worker`, the default): the
@@ -14,14 +14,14 @@ from typing import Any
 
 import structlog
 
-from gateway.actors.registry import Actors
+from gateway.actors.dispatcher import Dispatcher
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.messages import Decoded
-from gateway.mapping import upstream
+from gateway.mapping import call_kind, upstream
 from gateway.observability.metrics import Metrics
 from gateway.store import Counts, Store
 
@@ -39,10 +39,10 @@ class Pipeline:
         self.backlog = backlog
         self.sources = {s.id: s for s in settings.sources}
         self.forwarders: dict[str, Forwarder] = {}
-        self.actors = Actors(store, settings, metrics, backlog, self._calls_queued)
-        self.router = Router(store, self.actors, self.sources, metrics, backlog)
+        self.router = Router(store, self.sources)
+        self.actors = Dispatcher(store, self.router, settings, metrics, backlog, self._calls_queued)
         self._tasks: list[asyncio.Task[None]] = []
-        self._router_task: asyncio.Task[None] | None = None
+        self._dispatcher_task: asyncio.Task[None] | None = None
 
     def _calls_queued(self, source_id: str) -> None:
         fwd = self.forwarders.get(source_id)
@@ -51,7 +51,8 @@ class Pipeline:
 
     def committed(self, row_id: int, decoded: Decoded) -> None:
         """Ingest, in this process, committed inbox row `row_id`: route it from memory."""
-        self.router.submitted(row_id, decoded)
+        if self.router.submitted(row_id, decoded):
+            self.actors.wake()
 
     async def start(self) -> Counts:
         # every inbox row not wholly applied counts as unapplied again: the router replays
@@ -64,7 +65,7 @@ class Pipeline:
             fwd = Forwarder(source, self.store, client, self.settings, self.metrics, self.backlog)
             self.forwarders[source.id] = fwd
             self._tasks.append(asyncio.create_task(fwd.run(), name=f"forward:{source.id}"))
-        self._router_task = asyncio.create_task(self.router.run(), name="router")
+        self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._tasks.append(asyncio.create_task(self._reaping(), name="reaping"))
         return counts
@@ -77,17 +78,14 @@ class Pipeline:
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        if self._router_task is not None:
-            self.router.stop()
+        if self._dispatcher_task is not None:
+            self.actors.stop()
             try:
-                async with asyncio.timeout(left()):
-                    await self._router_task
+                async with asyncio.timeout(max(left(), 1.0)):
+                    await self._dispatcher_task
             except TimeoutError:
-                log.warning("shutdown: inbox not fully routed; the rest waits in the store")
-            self._router_task = None
-        flushed = await self.actors.stop(max(left(), 1.0))
-        if not flushed:
-            log.warning("shutdown: some actors did not flush; their messages stay in the inbox")
+                log.warning("shutdown: inbox not fully applied; the rest waits in the store")
+            self._dispatcher_task = None
         for fwd in self.forwarders.values():
             await fwd.drain(left())
         for task in self._tasks:
@@ -99,7 +97,7 @@ class Pipeline:
         for fwd in self.forwarders.values():
             await fwd.stop()
         with contextlib.suppress(Exception):
-            await self.store.reap(self.router.cursor)
+            await self.store.reap(self.actors.cursor)
 
     async def metrics_text(self) -> bytes:
         return self.metrics.render_pipeline()
@@ -114,10 +112,15 @@ class Pipeline:
     async def requeue(self, ids: list[int]) -> int:
         """Mark dead letters replayed (their messages are back in the inbox); calls go back
         to the outbox."""
-        n = await self.store.requeue(ids, time.time())
+        wanted = {letter.id: letter for letter in await self.store.replayable(ids, None)}
+        letters = [
+            (i, call_kind(letter.path, letter.payload) if letter.stage == "forward" else None)
+            for i in ids if (letter := wanted.get(i)) is not None
+        ]
+        n = await self.store.requeue(letters, time.time())
         counts = await self.store.counts()
         self.backlog.resync(counts.inbox, counts.outbox)
-        self.router.wake()
+        self.actors.wake()
         for fwd in self.forwarders.values():
             fwd.wake()
         return n
@@ -134,6 +137,6 @@ class Pipeline:
         while True:
             await asyncio.sleep(REAP)
             try:
-                await self.store.reap(self.router.cursor)
+                await self.store.reap(self.actors.cursor)
             except Exception:
                 log.exception("reaping the inbox failed")

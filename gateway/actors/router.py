@@ -1,26 +1,23 @@
-"""The router: reads the inbox in commit order and hands each message to its account's actor.
+"""The router: turns an inbox record into messages for their accounts' actors.
 
 When ingest runs in the same process it hands over what it already decoded (so the common
 case decodes once); otherwise (ingest in another process, after a restart, or when ingest
-runs far ahead) the router decodes the stored body. A row holds the request's invalid
-messages too: the router keeps them as dead letters, with the reason ingest gave. The
-account of a message is its groupId (group calls) or `context.groupId`; else the account
-last seen for that user in a group call; else the user itself.
+runs far ahead) the router decodes the stored body. A record holds the request's invalid
+messages too: the router keeps them as dead letters, with the reason ingest gave.
+
+The account of a message (DESIGN 4) is its groupId (group calls) or `context.groupId`;
+else the account last seen for that user in a group call; else the user itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 
 from gateway.actors.actor import Envelope
-from gateway.actors.registry import Actors
 from gateway.config import Source
 from gateway.ingest.messages import (
     Decoded,
@@ -33,121 +30,60 @@ from gateway.ingest.messages import (
     merged,
     user_id,
 )
-from gateway.store import DeadLetter, Flush, InboxRow, Store
+from gateway.keys import dedupe_key, dedupe_prefix, generated_message_id, rejected_id
+from gateway.store import DeadLetter, InboxRow
 
 if TYPE_CHECKING:
-    from gateway.backlog import Backlog
-    from gateway.observability.metrics import Metrics
+    from gateway.store.base import ActorState
 
-log = structlog.get_logger("gateway.router")
-
-READ_AHEAD = 64  # inbox rows read at once
-# while ingest is busy, the router routes one row per pause: a trickle that keeps actors and
-# forwarders moving but leaves most of the CPU to the requests
-YIELD = 0.05
 HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
-POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 USERS = 200_000  # user -> account entries remembered
+
+Deliver = Callable[[Envelope, Source, str], None]
 
 
 class Router:
-    def __init__(
-        self,
-        store: Store,
-        actors: Actors,
-        sources: dict[str, Source],
-        metrics: Metrics,
-        backlog: Backlog,
-    ) -> None:
-        self.store = store
-        self.actors = actors
+    def __init__(self, state: ActorState, sources: dict[str, Source]) -> None:
+        self.state = state
         self.sources = sources
-        self.metrics = metrics
-        self.backlog = backlog
+        self._prefixes = {sid: dedupe_prefix(sid) for sid in sources}
         self._handoff: dict[int, Decoded] = {}
-        self._wake = asyncio.Event()
         self._users: dict[tuple[str, str], str | None] = {}
-        self._stopping = False
-        self.cursor = 0
 
-    def submitted(self, row_id: int, decoded: Decoded) -> None:
-        """Ingest committed a request as inbox row `row_id`."""
-        if len(self._handoff) < HANDOFF:
-            self._handoff[row_id] = decoded
-        self._wake.set()
+    def submitted(self, row_id: int, decoded: Decoded) -> bool:
+        """Ingest committed a request as inbox row `row_id`; False when not kept."""
+        if len(self._handoff) >= HANDOFF:
+            return False
+        self._handoff[row_id] = decoded
+        return True
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Route until stopped, then return once the inbox is drained to the actors.
-
-        The store's inbox must have been restarted (`Store.restart_inbox`) before."""
-        while True:
-            self._wake.clear()
-            rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
-            if not rows:
-                if self._stopping:
-                    return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(POLL):
-                        await self._wake.wait()
-                continue
-            for row in rows:
-                if row.count == 0:  # wholly applied before a restart
-                    self.cursor = row.id
-                    continue
-                if self.backlog.ingest_first:
-                    # the inbox is durable: while requests arrive, answer them first and route
-                    # a row at a time in the gaps (a burst is absorbed, not refused)
-                    await asyncio.sleep(YIELD)
-                try:
-                    await self._route(row)
-                except Exception:
-                    # leave the row in the inbox: the next start routes it again
-                    log.exception("routing failed", source_id=row.source, inbox_id=row.id)
-                self.cursor = row.id
-
-    async def _route(self, row: InboxRow) -> None:
+    async def route(self, row: InboxRow, deliver: Deliver) -> list[DeadLetter]:
+        """Hand each message of `row` to `deliver`; the dead letters of those that cannot be
+        taken (rejected by ingest, replayed dead letters still invalid, unreadable)."""
         source = self.sources.get(row.source)
-        self.store.take(row.id, row.count)
         decoded = self._handoff.pop(row.id, None)
         if decoded is None:
             try:
                 decoded = decode_batch(row.body)
             except InvalidBody as exc:
-                reason = f"stored body unreadable: {exc.reason}"
-                await self._dead(row, source, [(row.body, reason)], row.count)
-                return
-        # the row's messages that cannot be taken: rejected by ingest, or replayed dead
-        # letters that are still invalid
+                return self._dead(row, [(row.body, f"stored body unreadable: {exc.reason}")])
         invalid = [(r.raw, r.reason) for r in decoded.rejected]
         if source is None:
             gone = [(msgspec.json.encode(m), "source is no longer configured")
                     for m in decoded.messages]
-            await self._dead(row, None, gone + invalid)
-            return
-        if invalid:
-            await self._dead(row, source, invalid)
+            return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
         await self._learn(source, decoded.messages)
+        prefix = self._prefixes[source.id]
+        batch_context, sent_at = decoded.context, decoded.sent_at
         for index, msg in enumerate(decoded.messages):
-            context = merged(decoded.context, msg.context)
+            context = merged(batch_context, msg.context)
+            mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
             env = Envelope(
-                inbox_id=row.id,
-                # the same when the record is routed again, and never the id of another
-                # message: record ids start again with a new inbox (a deleted or upgraded
-                # data directory) while the dedupe keys in gateway.db remain
-                message_id=msg.messageId or f"gw-{row.id}-{row.received_at!r}-{index}",
-                message=msg,
-                timestamp=effective_timestamp(msg, decoded.sent_at, received),
-                context=context,
+                dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context
             )
-            await self.actors.deliver(env, source, self._account(source, msg, context))
+            deliver(env, source, self._account(source, msg, context))
+        return self._dead(row, invalid)
 
     def _account(self, source: Source, msg: Message, context: dict[str, Any] | None) -> str:
         user = user_id(msg)
@@ -171,7 +107,7 @@ class Router:
         }
         if not missing:
             return
-        found = await self.store.accounts_of(source.id, sorted(missing))
+        found = await self.state.accounts_of(source.id, sorted(missing))
         for user in missing:
             self._remember((source.id, user), found.get(user))
 
@@ -181,24 +117,10 @@ class Router:
         if len(self._users) > USERS:
             del self._users[next(iter(self._users))]
 
-    async def _dead(
-        self,
-        row: InboxRow,
-        source: Source | None,
-        items: list[tuple[bytes, str]],
-        done: int | None = None,
-    ) -> None:
-        done = len(items) if done is None else done
-        src = source.id if source is not None else row.source
-        letters = [
-            DeadLetter(source=src, stage="ingest", reason=reason, payload=payload,
-                       key=f"dl\x1f{row.id}\x1f{row.received_at!r}\x1f{i}")
+    def _dead(self, row: InboxRow, items: list[tuple[bytes, str]]) -> list[DeadLetter]:
+        prefix = self._prefixes.get(row.source) or dedupe_prefix(row.source)
+        return [
+            DeadLetter(source=row.source, stage="ingest", reason=reason, payload=payload,
+                       key=dedupe_key(prefix, rejected_id(row.id, row.received_at, i)))
             for i, (payload, reason) in enumerate(items)
         ]
-        await self.store.flush(
-            Flush(source=src, account="", track_mode="exact", dead=letters,
-                  inbox={row.id: done}, now=time.time())
-        )
-        for _ in letters:
-            self.metrics.dead_letters.labels(src, "ingest").inc()
-        self.backlog.applied(done, 0)

@@ -1,6 +1,6 @@
 """Segment message -> Accoil call: pure functions, no I/O (DESIGN 3)."""
 
-from gateway.mapping.calls import Call, Kind, Skip, to_call
+from gateway.mapping.calls import Call, Kind, Skip, call_kind, to_call
 from gateway.mapping.traits import MS_THRESHOLD, created_at, iso, normalise_traits
 from gateway.mapping.upstream import STAGING_BASE_URL, Upstream, upstream
 
@@ -11,6 +11,7 @@ __all__ = [
     "Kind",
     "Skip",
     "Upstream",
+    "call_kind",
     "created_at",
     "iso",
     "normalise_traits",

@@ -150,3 +150,14 @@ def _view_name(msg: Page | Screen) -> str | None:
     if not (isinstance(name, str) and name.strip()) and msg.properties:
         name = msg.properties.get("name")
     return name if isinstance(name, str) and name.strip() else None
+
+
+def call_kind(path: str | None, body: bytes) -> Kind:
+    """The kind of a call as it was queued, from its path (v2) or its body's type (segment)."""
+    if path and path.endswith(("/identify", "/group")):
+        return "identify" if path.endswith("/identify") else "group"
+    if path == "/segment":
+        kind = msgspec.json.decode(body).get("type")
+        if kind in ("identify", "group"):
+            return "identify" if kind == "identify" else "group"
+    return "track"

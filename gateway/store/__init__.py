@@ -1,31 +1,35 @@
-"""Durable state: the inbox, dedupe keys, the daily-count ledger, the outbox, dead letters."""
+"""Durable state behind one interface per role: inbox, actor state, outbox, dead letters."""
 
 from gateway.store.base import (
-    CallPut,
+    ActorState,
     Counts,
     DeadLetter,
-    Flush,
-    FlushResult,
+    DeadLetters,
+    Inbox,
     InboxRow,
     Known,
+    Outbox,
     OutboxItem,
+    Queued,
     Store,
     StoredLetter,
-    TrackHit,
+    Turn,
 )
 from gateway.store.sqlite import SqliteStore
 
 __all__ = [
-    "CallPut",
+    "ActorState",
     "Counts",
     "DeadLetter",
-    "Flush",
-    "FlushResult",
+    "DeadLetters",
+    "Inbox",
     "InboxRow",
     "Known",
+    "Outbox",
     "OutboxItem",
+    "Queued",
     "SqliteStore",
     "Store",
     "StoredLetter",
-    "TrackHit",
+    "Turn",
 ]

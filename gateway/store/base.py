@@ -1,18 +1,24 @@
-"""The store's interface: every piece of durable state the gateway keeps.
+"""The store's interfaces, one per role: inbox, actor state, outbox, dead letters.
 
-The interface is deliberately narrow and coarse: one call per request (`accept`), one per
-actor flush (`flush`), one per upstream outcome. Each call is atomic, so a backend on a
-distributed engine (Redis, planned) needs one transaction or script per method.
+A store only stores and fetches; every rule (dedupe, ledger, trait merge, track mode) is
+in `gateway.rules`. Each role has an async side, for the pipeline's loop, and a
+transactional side (`Turn`): the dispatcher runs a whole turn (fetch, decide, write) as
+one script inside one transaction, `Store.transact`, so that a turn's effects and its
+progress through the inbox commit together. A backend on a distributed engine (Redis)
+runs the same script shape: one Lua script per partition's turn.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
+from gateway.rules.ledger import LedgerKey, Row
+
 Stage = Literal["ingest", "mapping", "forward"]
-TrackMode = Literal["exact", "daily-unique"]
+T = TypeVar("T")
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -26,9 +32,8 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     path: str | None = None
     repeat: int = 1  # forward stage: how many occurrences of the call this stands for
     account: str | None = None
-    # kept once per key: an inbox row routed again after a crash must not keep its invalid
-    # messages twice
-    key: str | None = None
+    # a dedupe key (`gateway.keys`): kept once, however often its message is routed
+    key: bytes | None = None
 
 
 class StoredLetter(msgspec.Struct, kw_only=True):
@@ -53,55 +58,25 @@ class InboxRow(msgspec.Struct, array_like=True):
     count: int
 
 
-class TrackHit(msgspec.Struct, array_like=True):
-    """One occurrence of a counted call (track, page, screen), for the ledger."""
+class Queued(msgspec.Struct, array_like=True):
+    """A call for the outbox."""
 
-    message_id: str
-    day: str  # UTC day of the call's timestamp, YYYY-MM-DD
-    user_id: str
-    event: str
-    timestamp: str  # ISO 8601; the ledger keeps the latest per key
+    source: str
+    key: str  # `gateway.keys`: one unsent row per key
+    account: str | None
+    kind: str  # "identify" | "group" | "track"
     path: str
-    body: dict[str, Any]
-
-
-class CallPut(msgspec.Struct, array_like=True):
-    """An identify or group call to forward; replaces (merging traits) an unsent one of the same key."""
-
-    key: str
-    kind: str
-    path: str
-    body: dict[str, Any]
+    body: bytes
+    repeat: int = 1
 
 
 class Known(msgspec.Struct, array_like=True):
-    """The traits already queued for a key on a UTC day (for same-day no-change suppression)."""
+    """The traits already queued for a key on a UTC day (for same-day suppression)."""
 
+    source: str
     key: str
     day: str
     traits: dict[str, Any]
-
-
-class Flush(msgspec.Struct, kw_only=True):
-    """Everything one actor commits at once."""
-
-    source: str
-    account: str
-    track_mode: TrackMode
-    tracks: list[TrackHit] = []
-    calls: list[CallPut] = []
-    seen: list[str] = []  # message ids of the other messages, for dedupe
-    known: list[Known] = []
-    accounts: list[tuple[str, str]] = []  # (user, account) from group calls
-    dead: list[DeadLetter] = []
-    inbox: dict[int, int] = {}  # inbox row id -> messages of it this flush completes
-    now: float = 0.0
-
-
-class FlushResult(msgspec.Struct):
-    counted: int  # track occurrences new to the ledger
-    duplicates: int  # messages whose id was seen before
-    calls: int  # upstream calls this flush added to the outbox
 
 
 class OutboxItem(msgspec.Struct, kw_only=True):
@@ -124,42 +99,102 @@ class Counts(msgspec.Struct):
     ledger_events: int
 
 
-class Store(Protocol):
-    async def open(self) -> None: ...
+# the transactional side of each role, as a turn's script sees it
 
-    async def close(self) -> None: ...
 
-    # ingest
+class InboxTurn(Protocol):
+    def applied(self, done: Mapping[int, int]) -> None:
+        """Messages of inbox records (id -> how many) are applied."""
+
+
+class StateTurn(Protocol):
+    def seen(self, keys: list[bytes]) -> set[bytes]:
+        """Those of the dedupe keys stored within the window."""
+
+    def remember(self, keys: list[bytes]) -> None: ...
+
+    def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]: ...
+
+    def put_ledger(self, rows: list[Row]) -> None: ...
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
+        """The traits stored for (source, key) pairs, with their day."""
+
+    def put_known(self, rows: list[Known]) -> None: ...
+
+    def put_accounts(self, rows: list[tuple[str, str, str]]) -> None:
+        """(source, user, account): the account a group call put the user in."""
+
+
+class OutboxTurn(Protocol):
+    def unsent(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        """The bodies of the queued calls of (source, key) pairs."""
+
+    def add(self, calls: list[Queued]) -> None:
+        """Queue `repeat` more occurrences of each call, the body replaced."""
+
+    def replace(self, calls: list[Queued]) -> None:
+        """Queue each call, replacing an unsent one of its key."""
+
+
+class DeadTurn(Protocol):
+    def add(self, letters: list[DeadLetter]) -> None: ...
+
+
+class Turn(Protocol):
+    @property
+    def now(self) -> float: ...
+
+    @property
+    def inbox(self) -> InboxTurn: ...
+
+    @property
+    def state(self) -> StateTurn: ...
+
+    @property
+    def outbox(self) -> OutboxTurn: ...
+
+    @property
+    def dead(self) -> DeadTurn: ...
+
+
+# the async side of each role
+
+
+class Inbox(Protocol):
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
         """Make a request's body durable, `count` messages valid or not, as one inbox record;
         its id. Ids only grow, and are never reused."""
         ...
 
-    # router
     async def restart_inbox(self) -> None:
         """Mark every inbox row as wholly unapplied again; called once before replaying it."""
         ...
 
     def take(self, row_id: int, count: int) -> None:
         """The router takes an inbox row: `count` of its messages are now pending. Queued,
-        not awaited: it lands before any flush that completes messages of the row."""
+        not awaited: it lands before any turn that applies messages of the row."""
         ...
 
     async def reap(self, taken: int) -> int:
-        """Delete what of the inbox is wholly applied, up to record `taken` (the router has
-        taken every record up to it since the start); how many pieces went."""
+        """Delete what of the inbox is wholly applied, up to record `taken`; how many
+        pieces went."""
         ...
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]: ...
 
+
+class ActorState(Protocol):
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]: ...
 
-    # actors
-    async def known(self, source: str, keys: list[str], day: str) -> dict[str, dict[str, Any]]: ...
+    async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]: ...
 
-    async def flush(self, flush: Flush) -> FlushResult: ...
+    async def prune(self, before: float) -> int:
+        """Forget dedupe keys, ledger rows and known traits older than `before`."""
+        ...
 
-    # forwarder
+
+class Outbox(Protocol):
     async def due(self, source: str, now: float, limit: int) -> list[OutboxItem]: ...
 
     async def delivered(self, item: OutboxItem) -> None: ...
@@ -170,7 +205,8 @@ class Store(Protocol):
 
     async def next_due(self, source: str) -> float | None: ...
 
-    # admin and housekeeping
+
+class DeadLetters(Protocol):
     async def dead_letters(
         self, source: str | None, after: int, limit: int, include_replayed: bool
     ) -> list[StoredLetter]: ...
@@ -178,10 +214,20 @@ class Store(Protocol):
     async def replayable(self, ids: list[int] | None, source: str | None) -> list[StoredLetter]:
         ...
 
-    async def requeue(self, ids: list[int], now: float) -> int: ...
+    async def requeue(self, letters: Sequence[tuple[int, str | None]], now: float) -> int:
+        """Mark dead letters replayed; a letter given a call kind goes back to the outbox
+        as that kind of call."""
+        ...
+
+
+class Store(Inbox, ActorState, Outbox, DeadLetters, Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def transact(self, script: Callable[[Turn], T], now: float | None = None) -> Awaitable[T]:
+        """Run `script` in one transaction: all of its writes commit, or none. `now`: the
+        time its writes are stamped with (default: the clock)."""
+        ...
 
     async def counts(self) -> Counts: ...
-
-    async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]: ...
-
-    async def prune(self, before: float) -> int: ...

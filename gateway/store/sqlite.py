@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,14 +29,17 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from gateway.keys import replay_key
+from gateway.rules.ledger import LedgerKey, Row
 from gateway.store.base import (
     Counts,
     DeadLetter,
-    Flush,
-    FlushResult,
     InboxRow,
+    Known,
     OutboxItem,
+    Queued,
     StoredLetter,
+    Turn,
 )
 from gateway.store.inbox import InboxLog
 
@@ -52,13 +55,9 @@ CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS dedupe (
-    source TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    seen_at REAL NOT NULL,
-    PRIMARY KEY (source, message_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedupe_seen ON dedupe (seen_at);
+-- dedupe keys (`gateway.keys`) live in one table per UTC day they were stored,
+-- `dedupe_YYYYMMDD (key BLOB PRIMARY KEY) WITHOUT ROWID`, made on demand: pruning drops
+-- a whole day at once
 CREATE TABLE IF NOT EXISTS accounts (
     source TEXT NOT NULL,
     user_id TEXT NOT NULL,
@@ -205,6 +204,7 @@ class SqliteStore:
         self.inbox = InboxLog(self.path.parent / "inbox", fsync=fsync)
         self._ingest = ingest
         self._applied: set[int] = set()  # inbox records wholly applied before a restart
+        self._days = _Days()
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
@@ -327,24 +327,10 @@ class SqliteStore:
 
         return await self._run_read(op)
 
-    # actors
+    # the dispatcher
 
-    async def known(self, source: str, keys: list[str], day: str) -> dict[str, dict[str, Any]]:
-        def op(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-            found: dict[str, dict[str, Any]] = {}
-            for chunk in _chunks(keys, 500):
-                marks = ",".join("?" * len(chunk))
-                for key, traits in conn.execute(
-                    f"SELECT key, traits FROM known WHERE source = ? AND day = ? AND key IN ({marks})",
-                    (source, day, *chunk),
-                ):
-                    found[key] = _decode_traits(traits)
-            return found
-
-        return await self._run_read(op)
-
-    async def flush(self, flush: Flush) -> FlushResult:
-        return await self._write(lambda conn: _apply_flush(conn, flush))
+    async def transact(self, script: Callable[[Turn], T], now: float | None = None) -> T:
+        return await self._write(lambda conn: script(SqliteTurn(conn, self._days, now)))
 
     # forwarder
 
@@ -461,25 +447,24 @@ class SqliteStore:
 
         return await self._run_read(op)
 
-    async def requeue(self, ids: list[int], now: float) -> int:
-        """Mark dead letters replayed; those of the forward stage go back to the outbox (the
+    async def requeue(self, letters: Sequence[tuple[int, str | None]], now: float) -> int:
+        """Mark dead letters replayed; those given a call kind go back to the outbox (the
         messages of the others were put back into the inbox by the caller)."""
         def op(conn: sqlite3.Connection) -> int:
             done = 0
-            for letter_id in ids:
+            for letter_id, kind in letters:
                 row = _one(conn.execute(
-                    "SELECT source, stage, payload, path, repeat, account FROM dead_letters"
+                    "SELECT source, payload, path, repeat, account FROM dead_letters"
                     " WHERE id = ? AND replayed_at IS NULL", (letter_id,)
                 ))
                 if row is None:
                     continue
-                src, stage, payload, path, repeat, account = row
-                if stage == "forward":
+                src, payload, path, repeat, account = row
+                if kind is not None:
                     conn.execute(
                         "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
                         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (src, f"r\x1f{letter_id}", account, _kind_of(path, payload), path, payload,
-                         repeat, now, now),
+                        (src, replay_key(letter_id), account, kind, path, payload, repeat, now, now),
                     )
                 conn.execute("UPDATE dead_letters SET replayed_at = ? WHERE id = ?", (now, letter_id))
                 done += 1
@@ -520,13 +505,20 @@ class SqliteStore:
         return await self._run_read(op)
 
     async def prune(self, before: float) -> int:
-        """Forget message ids and ledger rows older than the dedupe window."""
+        """Forget dedupe keys (a day at a time), ledger rows and known traits older than
+        `before`."""
+        oldest = _day(before)
 
         def op(conn: sqlite3.Connection) -> int:
-            n = conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount
+            n = 0
+            for day in [d for d in self._days.load(conn) if d < oldest]:
+                conn.execute(f"DROP TABLE IF EXISTS {_dedupe_table(day)}")
+                self._days.dropped(day)
+                n += 1
             n += conn.execute("DELETE FROM ledger WHERE updated_at < ?", (before,)).rowcount
-            day = time.strftime("%Y-%m-%d", time.gmtime(before))
-            n += conn.execute("DELETE FROM known WHERE day < ?", (day,)).rowcount
+            n += conn.execute(
+                "DELETE FROM known WHERE day < ?", (time.strftime("%Y-%m-%d", time.gmtime(before)),)
+            ).rowcount
             return n
 
         return await self._write(op)
@@ -553,132 +545,199 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _kind_of(path: str | None, payload: bytes) -> str:
-    if path and path.endswith(("/identify", "/group")):
-        return path.rsplit("/", 1)[1]
-    if path == "/segment":
-        kind = msgspec.json.decode(payload).get("type")
-        if kind in ("identify", "group"):
-            return str(kind)
-    return "track"
+def _day(at: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(at))
+
+
+def _dedupe_table(day: str) -> str:
+    return f"dedupe_{day}"
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class _Days:
+    """The days that have a dedupe table, newest first (the writer thread's; loaded once)."""
+
+    def __init__(self) -> None:
+        self._days: list[str] | None = None
+
+    def load(self, conn: sqlite3.Connection) -> list[str]:
+        if self._days is None:
+            names = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'dedupe_*'"
+            ).fetchall()
+            self._days = sorted((n[len("dedupe_"):] for (n,) in names), reverse=True)
+        return self._days
+
+    def ensure(self, conn: sqlite3.Connection, day: str) -> str:
+        days = self.load(conn)
+        if day not in days:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {_dedupe_table(day)} (key BLOB PRIMARY KEY) WITHOUT ROWID"
+            )
+            days.append(day)
+            days.sort(reverse=True)
+        return _dedupe_table(day)
+
+    def dropped(self, day: str) -> None:
+        if self._days is not None and day in self._days:
+            self._days.remove(day)
+
+
+CHUNK = 500  # values bound to one statement
+
+
+class SqliteTurn:
+    """One turn's transaction: every role's transactional side on the writer's connection."""
+
+    def __init__(self, conn: sqlite3.Connection, days: _Days, now: float | None = None) -> None:
+        self.conn = conn
+        self.now = time.time() if now is None else now
+        self._days = days
+        self.inbox = self
+        self.state = self
+        self.outbox = _OutboxTurn(conn, self.now)
+        self.dead = _DeadTurn(self)
+
+    # inbox
+
+    def applied(self, done: Mapping[int, int]) -> None:
+        self.conn.executemany(
+            "UPDATE progress SET pending = pending - ? WHERE id = ?",
+            [(n, row_id) for row_id, n in done.items()],
+        )
+
+    # actor state
+
+    def seen(self, keys: list[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        if not keys:
+            return found
+        conn = self.conn
+        for day in self._days.load(conn):
+            table = _dedupe_table(day)
+            for i in range(0, len(keys), CHUNK):
+                chunk = keys[i : i + CHUNK]
+                found.update(k for (k,) in conn.execute(
+                    f"SELECT key FROM {table} WHERE key IN ({_marks(len(chunk))})", chunk
+                ))
+        return found
+
+    def remember(self, keys: list[bytes]) -> None:
+        if keys:
+            table = self._days.ensure(self.conn, _day(self.now))
+            self.conn.executemany(
+                f"INSERT OR IGNORE INTO {table} (key) VALUES (?)", [(k,) for k in keys]
+            )
+
+    def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
+        wanted = list(keys)
+        found: dict[LedgerKey, Row] = {}
+        for i in range(0, len(wanted), CHUNK // 5):
+            chunk = wanted[i : i + CHUNK // 5]
+            values = ",".join(["(?,?,?,?,?)"] * len(chunk))
+            for src, day, user, account, event, count, last_ts in self.conn.execute(
+                "SELECT source, day, user_id, account, event, count, last_ts FROM ledger"
+                f" WHERE (source, day, user_id, account, event) IN (VALUES {values})",
+                [v for key in chunk for v in key],
+            ):
+                key = LedgerKey(src, day, user, account, event)
+                found[key] = Row(key, count, last_ts)
+        return found
+
+    def put_ledger(self, rows: list[Row]) -> None:
+        now = self.now
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO ledger (source, day, user_id, account, event, count, last_ts,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*r.key, r.events, r.last_ts, now) for r in rows],
+        )
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
+        found: dict[tuple[str, str], Known] = {}
+        for source, group in _by_source(keys).items():
+            for i in range(0, len(group), CHUNK):
+                chunk = group[i : i + CHUNK]
+                for key, day, traits in self.conn.execute(
+                    f"SELECT key, day, traits FROM known WHERE source = ? AND key IN ({_marks(len(chunk))})",
+                    (source, *chunk),
+                ):
+                    found[(source, key)] = Known(source, key, day, _decode_traits(traits))
+        return found
+
+    def put_known(self, rows: list[Known]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO known (source, key, day, traits) VALUES (?, ?, ?, ?)",
+            [(k.source, k.key, k.day, _encode(k.traits)) for k in rows],
+        )
+
+    def put_accounts(self, rows: list[tuple[str, str, str]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO accounts (source, user_id, account) VALUES (?, ?, ?)", rows
+        )
+
+
+class _OutboxTurn:
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+
+    def unsent(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        found: dict[tuple[str, str], bytes] = {}
+        for source, group in _by_source(keys).items():
+            for i in range(0, len(group), CHUNK):
+                chunk = group[i : i + CHUNK]
+                for key, body in self.conn.execute(
+                    f"SELECT key, body FROM outbox WHERE source = ? AND key IN ({_marks(len(chunk))})",
+                    (source, *chunk),
+                ):
+                    found[(source, key)] = body
+        return found
+
+    def add(self, calls: list[Queued]) -> None:
+        now = self.now
+        self.conn.executemany(
+            "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, key)"
+            " DO UPDATE SET repeat = repeat + excluded.repeat, body = excluded.body,"
+            " version = version + 1",
+            [(c.source, c.key, c.account, c.kind, c.path, c.body, c.repeat, now, now) for c in calls],
+        )
+
+    def replace(self, calls: list[Queued]) -> None:
+        now = self.now
+        self.conn.executemany(
+            "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, key)"
+            " DO UPDATE SET body = excluded.body, path = excluded.path, version = version + 1",
+            [(c.source, c.key, c.account, c.kind, c.path, c.body, c.repeat, now, now) for c in calls],
+        )
+
+
+class _DeadTurn:
+    def __init__(self, turn: SqliteTurn) -> None:
+        self.turn = turn
+
+    def add(self, letters: list[DeadLetter]) -> None:
+        _insert_dead(self.turn.conn, letters, self.turn.now)
+
+
+def _by_source(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for source, key in keys:
+        grouped.setdefault(source, []).append(key)
+    return grouped
 
 
 def _insert_dead(conn: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
-    fresh = [d for d in dead if d.key is None or conn.execute(
-        "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
-        (d.source, d.key, now),
-    ).rowcount]
-    if fresh:
+    if dead:
         conn.executemany(
             "INSERT INTO dead_letters (source, stage, reason, payload, status, path, repeat,"
             " account, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account, now)
-                for d in fresh
+                for d in dead
             ],
         )
-
-
-def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
-    now = f.now or time.time()
-    duplicates = 0
-    calls = 0
-    # count each occurrence once: the message id decides, in the same transaction as the count
-    fresh: dict[tuple[str, str, str], list[Any]] = {}
-    for hit in f.tracks:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
-            (f.source, hit.message_id, now),
-        )
-        if cur.rowcount == 0:
-            duplicates += 1
-            continue
-        key = (hit.day, hit.user_id, hit.event)
-        agg = fresh.get(key)
-        if agg is None:
-            fresh[key] = [1, hit.timestamp, hit.path, hit.body]
-        else:
-            agg[0] += 1
-            if hit.timestamp >= agg[1]:
-                agg[1], agg[3] = hit.timestamp, hit.body
-    for mid in f.seen:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
-            (f.source, mid, now),
-        )
-        duplicates += cur.rowcount == 0
-    counted = 0
-    for (day, user, event), (n, ts, path, body) in fresh.items():
-        counted += n
-        row = _one(conn.execute(
-            "SELECT count, last_ts FROM ledger WHERE source = ? AND day = ? AND user_id = ?"
-            " AND account = ? AND event = ?",
-            (f.source, day, user, f.account, event),
-        ))
-        before = 0 if row is None else row[0]
-        if row is not None and row[1] > ts:
-            ts = row[1]
-            body = {**body, "timestamp": ts}
-        conn.execute(
-            "INSERT INTO ledger (source, day, user_id, account, event, count, last_ts, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = count + excluded.count,"
-            " last_ts = excluded.last_ts, updated_at = excluded.updated_at",
-            (f.source, day, user, f.account, event, n, ts, now),
-        )
-        send = n if f.track_mode == "exact" else int(before == 0)
-        if send:
-            calls += send
-            conn.execute(
-                "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
-                " created_at) VALUES (?, ?, ?, 'track', ?, ?, ?, ?, ?) ON CONFLICT (source, key)"
-                " DO UPDATE SET repeat = repeat + excluded.repeat, body = excluded.body,"
-                " version = version + 1",
-                (f.source, _ledger_key(day, user, f.account, event), f.account, path,
-                 _encode(body), send, now, now),
-            )
-    for call in f.calls:
-        calls += _put_call(conn, f, call.key, call.kind, call.path, call.body, now)
-    if f.known:
-        conn.executemany(
-            "INSERT OR REPLACE INTO known (source, key, day, traits) VALUES (?, ?, ?, ?)",
-            [(f.source, k.key, k.day, _encode(k.traits)) for k in f.known],
-        )
-    if f.accounts:
-        conn.executemany(
-            "INSERT OR REPLACE INTO accounts (source, user_id, account) VALUES (?, ?, ?)",
-            [(f.source, user, account) for user, account in f.accounts],
-        )
-    _insert_dead(conn, f.dead, now)
-    for row_id, n in f.inbox.items():
-        conn.execute("UPDATE progress SET pending = pending - ? WHERE id = ?", (n, row_id))
-    return FlushResult(counted, duplicates, calls)
-
-
-def _ledger_key(day: str, user: str, account: str, event: str) -> str:
-    # JSON, not a separator: ids and event names may hold any character, the separator too,
-    # and two different (user, account, event) rows must never share a key
-    return "t" + _encode([day, user, account, event]).decode()
-
-
-def _put_call(
-    conn: sqlite3.Connection, f: Flush, key: str, kind: str, path: str, body: dict[str, Any],
-    now: float,
-) -> int:
-    """Queue an identify/group call, folding it into an unsent one of the same key."""
-    row = _one(conn.execute(
-        "SELECT id, body FROM outbox WHERE source = ? AND key = ?", (f.source, key)
-    ))
-    if row is None:
-        conn.execute(
-            "INSERT INTO outbox (source, key, account, kind, path, body, repeat, next_at,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
-            (f.source, key, f.account, kind, path, _encode(body), now, now),
-        )
-        return 1
-    old = msgspec.json.decode(row[1])
-    merged = {**body, "traits": {**(old.get("traits") or {}), **(body.get("traits") or {})}}
-    conn.execute(
-        "UPDATE outbox SET body = ?, version = version + 1, path = ? WHERE id = ?",
-        (_encode(merged), path, row[0]),
-    )
-    return 0

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.actors.actor import Pending
+from gateway.rules.traits import Pending
 from gateway.config import Source
 from gateway.ingest.auth import Keys, basic_user
 from gateway.ingest.body import BodyError, read_body

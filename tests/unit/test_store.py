@@ -1,16 +1,23 @@
-"""The SQLite store: ledger, dedupe, outbox and dead letters, each commit atomic."""
+"""The SQLite store under a dispatcher turn: ledger, dedupe, outbox and dead letters, each
+turn atomic; and the forwarder's and admin's sides of the store."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
-from gateway.store import CallPut, DeadLetter, Flush, Known, SqliteStore, TrackHit
+from gateway.actors.turn import Flush, Outcome, PendingCall, commit
+from gateway.config import TrackMode
+from gateway.keys import dedupe_key, dedupe_prefix, identify_key
+from gateway.rules.ledger import Hit, LedgerKey
+from gateway.rules.traits import Pending
+from gateway.store import DeadLetter, Known, SqliteStore, Turn
 
 
 @pytest.fixture
@@ -21,9 +28,41 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await s.close()
 
 
-def hit(mid: str, *, user: str = "u1", event: str = "Clicked", ts: str = "2026-11-28T10:00:00.000Z") -> TrackHit:
+def hit(
+    mid: str, *, source: str = "s", account: str = "acme", user: str = "u1",
+    event: str = "Clicked", ts: str = "2026-11-28T10:00:00.000Z",
+) -> tuple[bytes, Hit]:
     body = {"userId": user, "event": event, "timestamp": ts}
-    return TrackHit(mid, ts[:10], user, event, ts, "/v2/track", body)
+    key = LedgerKey(source, ts[:10], user, account, event)
+    return dedupe_key(dedupe_prefix(source), mid), Hit(key, ts, "/v2/track", body)
+
+
+def identify(source: str, user: str, traits: dict[str, Any], ts: str) -> PendingCall:
+    body = {"userId": user, "timestamp": ts}
+    p = Pending("identify", "/v2/identify", body, ts)
+    p.merge("/v2/identify", body, traits, ts)
+    return PendingCall(source, "a", identify_key(user), p)
+
+
+async def flush(
+    store: SqliteStore,
+    *,
+    tracks: Sequence[tuple[bytes, Hit]] = (),
+    calls: Sequence[PendingCall] = (),
+    dead: Sequence[DeadLetter] = (),
+    inbox: dict[int, int] | None = None,
+    mode: TrackMode = "exact",
+    now: float | None = None,
+) -> Outcome:
+    f = Flush({"s": mode, "t": mode})
+    for key, h in tracks:
+        f.hit_keys.append(key)
+        f.hits.append(h)
+    f.calls += calls
+    f.dead += dead
+    f.inbox = inbox or {}
+
+    return await store.transact(lambda tx: commit(f, tx), now)
 
 
 async def test_accept_appends_an_inbox_record(store: SqliteStore) -> None:
@@ -35,10 +74,11 @@ async def test_accept_appends_an_inbox_record(store: SqliteStore) -> None:
 
 
 async def test_dead_letters_with_a_key_are_kept_once(store: SqliteStore) -> None:
-    letter = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":1}', key="k1")
-    other = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":2}', key="k2")
+    k1, k2 = dedupe_key(b"s", "k1"), dedupe_key(b"s", "k2")
+    letter = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":1}', key=k1)
+    other = DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"x":2}', key=k2)
     for _ in range(2):
-        await store.flush(Flush(source="s", account="", track_mode="exact", dead=[letter, other]))
+        await flush(store, dead=[letter, other])
     letters = await store.dead_letters(None, 0, 10, False)
     assert [d.payload for d in letters] == [b'{"x":1}', b'{"x":2}']
 
@@ -49,14 +89,13 @@ async def test_concurrent_accepts_share_commits_and_all_land(store: SqliteStore)
     assert len(await store.inbox_after(0, 1000)) == 200
 
 
-async def test_flush_counts_each_message_id_once(store: SqliteStore) -> None:
-    f = Flush(source="s", account="acme", track_mode="exact", tracks=[hit("m1"), hit("m2"), hit("m1")])
-    result = await store.flush(f)
-    assert (result.counted, result.duplicates, result.calls) == (2, 1, 2)
-    again = await store.flush(Flush(source="s", account="acme", track_mode="exact", tracks=[hit("m2")]))
-    assert (again.counted, again.duplicates, again.calls) == (0, 1, 0)
+async def test_a_turn_counts_each_message_id_once(store: SqliteStore) -> None:
+    result = await flush(store, tracks=[hit("m1"), hit("m2"), hit("m1")])
+    assert (result.counted, result.duplicates["s"], result.calls["s"]) == (2, 1, 2)
+    again = await flush(store, tracks=[hit("m2")])
+    assert (again.counted, again.duplicates["s"], again.calls["s"]) == (0, 1, 0)
     # the same id in another source is another message
-    other = await store.flush(Flush(source="t", account="acme", track_mode="exact", tracks=[hit("m1")]))
+    other = await flush(store, tracks=[hit("m1", source="t")])
     assert other.counted == 1
     ledger = await store.ledger("s", None)
     assert [(r["userId"], r["account"], r["event"], r["count"]) for r in ledger] == [
@@ -68,26 +107,28 @@ async def test_flush_counts_each_message_id_once(store: SqliteStore) -> None:
 
 async def test_exact_mode_keeps_latest_timestamp_and_adds_repeats(store: SqliteStore) -> None:
     late, early = "2026-11-28T12:00:00.000Z", "2026-11-28T09:00:00.000Z"
-    await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("1", ts=late)]))
-    await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("2", ts=early)]))
+    await flush(store, tracks=[hit("1", ts=late)])
+    await flush(store, tracks=[hit("2", ts=early)])
     (item,) = await store.due("s", 1e12, 10)
     assert item.repeat == 2
     assert msgspec.json.decode(item.body)["timestamp"] == late
+    (row,) = await store.ledger("s", None)
+    assert (row["count"], row["lastTimestamp"]) == (2, late)
 
 
 async def test_daily_unique_queues_one_call_per_key_and_day(store: SqliteStore) -> None:
     day2 = "2026-11-29T01:00:00.000Z"
     for mid in ("1", "2", "3"):
-        await store.flush(Flush(source="s", account="a", track_mode="daily-unique", tracks=[hit(mid)]))
-    await store.flush(Flush(source="s", account="a", track_mode="daily-unique", tracks=[hit("4", ts=day2)]))
+        await flush(store, tracks=[hit(mid)], mode="daily-unique")
+    await flush(store, tracks=[hit("4", ts=day2), hit("5", ts=day2)], mode="daily-unique")
     due = await store.due("s", 1e12, 10)
     assert sorted(i.repeat for i in due) == [1, 1]
     counts = await store.counts()
-    assert (counts.ledger_rows, counts.ledger_events, counts.outbox) == (2, 4, 2)
+    assert (counts.ledger_rows, counts.ledger_events, counts.outbox) == (2, 5, 2)
 
 
 async def test_delivered_decrements_track_rows_and_removes_them(store: SqliteStore) -> None:
-    await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("1"), hit("2")]))
+    await flush(store, tracks=[hit("1"), hit("2")])
     (item,) = await store.due("s", 1e12, 10)
     await store.delivered(item)
     (left,) = await store.due("s", 1e12, 10)
@@ -98,26 +139,29 @@ async def test_delivered_decrements_track_rows_and_removes_them(store: SqliteSto
 
 
 async def test_identify_calls_merge_traits_while_unsent(store: SqliteStore) -> None:
-    body1 = {"userId": "u", "traits": {"a": 1, "b": 1}, "timestamp": "t1"}
-    body2 = {"userId": "u", "traits": {"b": 2}, "timestamp": "t2"}
-    r1 = await store.flush(Flush(source="s", account="a", track_mode="exact",
-                                 calls=[CallPut("i\x1fu", "identify", "/v2/identify", body1)]))
+    r1 = await flush(store, calls=[identify("s", "u", {"a": 1, "b": 1}, "2026-11-28T01:00:00.000Z")])
     (first,) = await store.due("s", 1e12, 10)
-    r2 = await store.flush(Flush(source="s", account="a", track_mode="exact",
-                                 calls=[CallPut("i\x1fu", "identify", "/v2/identify", body2)]))
-    assert (r1.calls, r2.calls) == (1, 0)
+    r2 = await flush(store, calls=[identify("s", "u", {"b": 2}, "2026-11-28T02:00:00.000Z")])
+    assert (r1.calls["s"], r2.calls["s"]) == (1, 0)
     (item,) = await store.due("s", 1e12, 10)
-    assert msgspec.json.decode(item.body) == {"userId": "u", "traits": {"a": 1, "b": 2}, "timestamp": "t2"}
+    assert msgspec.json.decode(item.body) == {
+        "userId": "u", "traits": {"a": 1, "b": 2}, "timestamp": "2026-11-28T02:00:00.000Z"
+    }
     # delivering the older version leaves the newer one queued
     await store.delivered(first)
     (still,) = await store.due("s", 1e12, 10)
     assert still.version == item.version
     await store.delivered(still)
     assert await store.due("s", 1e12, 10) == []
+    # the same traits again that day: nothing to send; another day: sent again
+    r3 = await flush(store, calls=[identify("s", "u", {"b": 2}, "2026-11-28T03:00:00.000Z")])
+    assert r3.suppressed[("s", "identify")] == 1 and await store.due("s", 1e12, 10) == []
+    r4 = await flush(store, calls=[identify("s", "u", {"b": 2}, "2026-11-29T03:00:00.000Z")])
+    assert r4.calls["s"] == 1
 
 
 async def test_retry_postpones_and_reject_dead_letters(store: SqliteStore) -> None:
-    await store.flush(Flush(source="s", account="acme", track_mode="exact", tracks=[hit("1"), hit("2")]))
+    await flush(store, tracks=[hit("1"), hit("2")])
     (item,) = await store.due("s", 1e12, 10)
     await store.retry(item, 5e11, "server_error")
     assert await store.due("s", 1e11, 10) == []
@@ -130,17 +174,18 @@ async def test_retry_postpones_and_reject_dead_letters(store: SqliteStore) -> No
 
 
 async def test_requeue_puts_calls_back_and_marks_letters(store: SqliteStore) -> None:
-    await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("1")]))
+    await flush(store, tracks=[hit("1")])
     (item,) = await store.due("s", 1e12, 10)
     await store.reject(item, 422, "no")
-    await store.flush(Flush(source="s", account="", track_mode="exact", dead=[
+    await flush(store, dead=[
         DeadLetter(source="s", stage="ingest", reason="bad", payload=b'{"type":"track"}'),
-    ]))
+    ])
     letters = await store.replayable(None, "s")
     assert [d.stage for d in letters] == ["forward", "ingest"]
     assert [d.id for d in await store.replayable([letters[1].id], None)] == [letters[1].id]
-    assert await store.requeue([d.id for d in letters], 10.0) == 2
-    assert await store.requeue([d.id for d in letters], 10.0) == 0  # once
+    requeue = [(letters[0].id, "track"), (letters[1].id, None)]
+    assert await store.requeue(requeue, 10.0) == 2
+    assert await store.requeue(requeue, 10.0) == 0  # once
     (requeued,) = await store.due("s", 1e12, 10)
     assert (requeued.kind, requeued.repeat) == ("track", 1)
     assert await store.dead_letters("s", 0, 10, False) == []
@@ -154,9 +199,7 @@ async def test_flush_completes_inbox_records_restart_and_reap(store: SqliteStore
     newest = await store.accept("s", 1.0, b"{}", 1)
     store.take(row, 3)
     store.take(done, 1)
-    await store.flush(
-        Flush(source="s", account="a", track_mode="exact", inbox={row: 2, done: 1})
-    )
+    await flush(store, inbox={row: 2, done: 1})
     assert (await store.counts()).inbox == 2  # one of row, and newest (not taken yet)
     # after a restart: a record partly applied is pending again; one wholly applied comes
     # back with nothing to route
@@ -166,7 +209,7 @@ async def test_flush_completes_inbox_records_restart_and_reap(store: SqliteStore
     ]
     assert (await store.counts()).inbox == 4
     store.take(row, 3)
-    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 3}))
+    await flush(store, inbox={row: 3})
     # reaping stops at what the router has not taken since the start, and at a record
     # still pending; it never drops the newest segment
     assert await store.reap(taken=row) == 1
@@ -174,7 +217,7 @@ async def test_flush_completes_inbox_records_restart_and_reap(store: SqliteStore
     assert await store.reap(taken=done) == 1
     store.take(newest, 1)
     assert await store.reap(taken=newest) == 0  # taken, not applied
-    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={newest: 1}))
+    await flush(store, inbox={newest: 1})
     assert await store.reap(taken=newest) == 1
     assert await store.inbox_after(0, 10) == []
     assert [p.name for p in store.inbox.dir.iterdir()] == [f"{newest + 1:020d}.log"]
@@ -208,11 +251,13 @@ async def test_fsync_full_syncs_before_the_ack(tmp_path: Path) -> None:
 
 
 async def test_known_traits_and_accounts(store: SqliteStore) -> None:
-    await store.flush(Flush(source="s", account="g1", track_mode="exact",
-                            known=[Known("i\x1fu", "2026-11-28", {"plan": "pro"})],
-                            accounts=[("u", "g1")]))
-    assert await store.known("s", ["i\x1fu", "i\x1fv"], "2026-11-28") == {"i\x1fu": {"plan": "pro"}}
-    assert await store.known("s", ["i\x1fu"], "2026-11-29") == {}
+    def script(tx: Turn) -> None:
+        tx.state.put_known([Known("s", "i\x1fu", "2026-11-28", {"plan": "pro"})])
+        tx.state.put_accounts([("s", "u", "g1")])
+
+    await store.transact(script)
+    found = await store.transact(lambda tx: tx.state.known([("s", "i\x1fu"), ("s", "i\x1fv")]))
+    assert found == {("s", "i\x1fu"): Known("s", "i\x1fu", "2026-11-28", {"plan": "pro"})}
     assert await store.accounts_of("s", ["u", "v"]) == {"u": "g1"}
 
 
@@ -230,20 +275,32 @@ async def test_a_failing_op_does_not_undo_its_neighbours(store: SqliteStore) -> 
 async def test_state_survives_reopen(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path / "g.db")
     await s.open()
-    await s.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("m1")]))
+    await flush(s, tracks=[hit("m1")])
     await s.close()
     s2 = SqliteStore(tmp_path / "g.db")
     await s2.open()
     try:
-        r = await s2.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("m1")]))
-        assert r.duplicates == 1
+        r = await flush(s2, tracks=[hit("m1")])
+        assert r.duplicates["s"] == 1
         assert (await s2.counts()).outbox == 1
     finally:
         await s2.close()
 
 
-async def test_prune_forgets_old_message_ids(store: SqliteStore) -> None:
-    await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("m1")], now=100.0))
-    assert await store.prune(200.0) >= 1
-    r = await store.flush(Flush(source="s", account="a", track_mode="exact", tracks=[hit("m1")], now=300.0))
-    assert r.duplicates == 0
+async def test_dedupe_keys_are_kept_by_day_and_pruned_a_day_at_once(store: SqliteStore) -> None:
+    day = 86400.0
+    await flush(store, tracks=[hit("m1")], now=10 * day)
+    await flush(store, tracks=[hit("m2")], now=11 * day + 5)
+    assert (await flush(store, tracks=[hit("m1"), hit("m2")], now=12 * day)).counted == 0
+    # the window ends inside day 11: day 10's keys go, day 11's stay
+    assert await store.prune(11 * day + 100) >= 1
+    again = await flush(store, tracks=[hit("m1"), hit("m2")], now=12 * day)
+    assert (again.counted, again.duplicates["s"]) == (1, 1)
+
+
+async def test_seen_finds_exactly_the_remembered_keys(store: SqliteStore) -> None:
+    keys = [dedupe_key(b"s", f"message-{i}") for i in range(2000)]
+    others = [dedupe_key(b"t", f"message-{i}") for i in range(10)]
+    await store.transact(lambda tx: tx.state.remember(keys))
+    found = await store.transact(lambda tx: tx.state.seen(keys[::100] + others))
+    assert found == set(keys[::100])

@@ -1,0 +1,224 @@
+"""The dispatcher: reads the inbox in commit order, runs the actors that have mail, and
+commits their state in turns (DESIGN 4).
+
+One loop, no task per actor. It reads inbox records, the router hands each message to its
+account's actor (activated on first message: a dict entry), and the actors with mail take
+it into their pending state. A turn ends when the messages held (read and not committed)
+reach `max_in_flight`, when the oldest has waited `flush_interval`, when the live actors
+reach `max_actors`, or at shutdown; then the state of every actor that took mail commits
+as one transaction (`gateway.actors.turn`), with the turn's progress through the inbox.
+Messages held are bounded in total, so memory stays flat whatever the backlog and the
+number of accounts. After a turn every actor holds nothing: those idle for `actor_idle`
+are passivated by dropping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gateway.actors.actor import Actor, Envelope
+from gateway.actors.router import Router
+from gateway.actors.turn import Flush, Outcome, commit
+from gateway.config import Settings, Source
+from gateway.store import InboxRow, Store
+
+if TYPE_CHECKING:
+    from gateway.backlog import Backlog
+    from gateway.observability.metrics import Metrics
+
+log = structlog.get_logger("gateway.actors")
+
+READ_AHEAD = 16  # inbox records read at once
+# while ingest is busy in this process, route one record per pause: a trickle that keeps
+# actors and forwarders moving but leaves most of the CPU to the requests
+YIELD = 0.05
+POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
+RETRY = 1.0  # seconds before a turn whose commit failed is tried again
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        settings: Settings,
+        metrics: Metrics,
+        backlog: Backlog,
+        on_calls: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.settings = settings
+        self.metrics = metrics
+        self.backlog = backlog
+        self._on_calls = on_calls
+        self._modes = {s.id: s.track_mode for s in settings.sources}
+        # live actors, least recently given mail first
+        self._live: dict[tuple[str, str], Actor] = {}
+        self._ready: list[Actor] = []  # actors with mail
+        self._holding: list[Actor] = []  # actors with state to commit
+        self._flush = Flush(self._modes)
+        self._started: float | None = None  # when the oldest held message was read
+        self._clock = time.monotonic()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.cursor = 0  # the last inbox record routed
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @property
+    def held(self) -> int:
+        """Messages read from the inbox and not committed yet."""
+        return self._flush.messages
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Route what the inbox holds, commit, and return from `run`."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Route and commit until stopped. The store's inbox must have been restarted
+        (`Store.restart_inbox`) before."""
+        s = self.settings
+        while True:
+            self._wake.clear()
+            rows = []
+            if self.held < s.max_in_flight:
+                rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
+            for row in rows:
+                if row.count and self.backlog.ingest_first:
+                    # the inbox is durable: while requests arrive, answer them first and
+                    # route a record at a time in the gaps (a burst is absorbed, not refused)
+                    await asyncio.sleep(YIELD)
+                await self._route(row)
+                if self.held >= s.max_in_flight or len(self._live) >= s.max_actors:
+                    await self._commit()
+            if self.held and (self._due() or (self._stopping and not rows)):
+                await self._commit()
+            if not rows:
+                if self._stopping and not self.held:
+                    return
+                self._passivate()
+                wait = POLL
+                if self._started is not None:
+                    wait = min(wait, max(0.0, self._started + s.flush_interval - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+
+    def _due(self) -> bool:
+        return (
+            self._started is not None
+            and time.monotonic() - self._started >= self.settings.flush_interval
+        )
+
+    async def _route(self, row: InboxRow) -> None:
+        self.cursor = row.id
+        if row.count == 0:  # wholly applied before a restart
+            return
+        self._clock = time.monotonic()
+        if self._started is None:
+            self._started = self._clock
+        self.store.take(row.id, row.count)
+        try:
+            dead = await self.router.route(row, self._deliver)
+        except Exception:
+            # leave the record pending in the inbox: the next start routes it again
+            log.exception("routing failed", source_id=row.source, inbox_id=row.id)
+            self._ready.clear()
+            return
+        f = self._flush
+        f.dead += dead
+        f.inbox[row.id] = f.inbox.get(row.id, 0) + row.count
+        f.messages += row.count
+        metrics = self.metrics
+        for actor in self._ready:
+            if not actor.held:
+                self._holding.append(actor)
+            actor.work(metrics)
+        self._ready.clear()
+
+    def _deliver(self, env: Envelope, source: Source, account: str) -> None:
+        key = (source.id, account)
+        actor = self._live.pop(key, None)
+        if actor is None:
+            actor = Actor(source, account)
+        self._live[key] = actor  # to the end: most recently given mail
+        if not actor.mail:
+            self._ready.append(actor)
+            actor.last = self._clock
+        actor.mail.append(env)
+
+    async def _commit(self) -> None:
+        """Commit the turn, then passivate. When the store refuses it, the state stays held
+        (the inbox still has every message of it) and the next try comes after a pause."""
+        f = self._flush
+        if not f.messages:
+            return
+        for actor in self._holding:
+            f.add(actor)
+        try:
+            outcome = await self.store.transact(lambda tx: commit(f, tx))
+        except Exception:
+            log.exception("turn commit failed; trying again", messages=f.messages)
+            self._flush = _refill(f)
+            await asyncio.sleep(RETRY)
+            return
+        for actor in self._holding:
+            actor.reset()
+        self._holding.clear()
+        self._flush = Flush(self._modes)
+        self._started = None
+        self._report(f, outcome)
+        self._passivate()
+
+    def _report(self, f: Flush, outcome: Outcome) -> None:
+        m = self.metrics
+        for src, n in outcome.duplicates.items():
+            m.deduplicated.labels(src).inc(n)
+        for (src, kind), n in outcome.suppressed.items():
+            m.coalesced.labels(src, kind).inc(n)
+        for letter in outcome.dead:
+            m.dead_letters.labels(letter.source, letter.stage).inc()
+        if outcome.dead:
+            first = outcome.dead[0]
+            log.warning(
+                "messages not forwardable", source_id=first.source, account=first.account,
+                count=len(outcome.dead), reason=first.reason,
+            )
+        self.backlog.applied(f.messages, sum(outcome.calls.values()))
+        for src in outcome.calls:
+            self._on_calls(src)
+
+    def _passivate(self) -> None:
+        """Drop the actors idle for `actor_idle` (or the oldest, past `max_actors`) that hold
+        nothing."""
+        s = self.settings
+        idle_before = time.monotonic() - s.actor_idle
+        crowded = len(self._live) - s.max_actors * 3 // 4
+        for key in list(self._live):
+            actor = self._live[key]
+            if actor.held or actor.mail:
+                break
+            if actor.last > idle_before and crowded <= 0:
+                break
+            del self._live[key]
+            crowded -= 1
+        self.metrics.active_actors.set(len(self._live))
+
+
+def _refill(f: Flush) -> Flush:
+    """A turn that failed, ready to collect its actors again at the next try."""
+    again = Flush(f.modes)
+    again.dead, again.inbox, again.messages = f.dead, f.inbox, f.messages
+    return again
