@@ -129,7 +129,7 @@ class Pipeline:
         while True:
             await asyncio.sleep(HOUSEKEEPING)
             try:
-                await self.store.prune(time.time() - self.settings.dedupe_window)
+                await self.actors.prune(time.time() - self.settings.dedupe_window)
             except Exception:
                 log.exception("housekeeping failed")
 

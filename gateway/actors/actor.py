@@ -19,7 +19,7 @@ from gateway.config import Source
 from gateway.ingest.messages import Message
 from gateway.keys import group_key, identify_key
 from gateway.mapping import Skip, to_call
-from gateway.rules.ledger import Hit, LedgerKey
+from gateway.rules.ledger import Hit, LedgerKey, Row
 from gateway.rules.traits import Pending
 from gateway.store import DeadLetter
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from gateway.observability.metrics import Metrics
+
+
+LEDGER_CACHE = 4096  # ledger rows an actor remembers
 
 
 class Envelope(NamedTuple):
@@ -40,8 +43,8 @@ class Envelope(NamedTuple):
 
 class Actor:
     __slots__ = (
-        "source", "account", "mail", "hits", "marks", "pending", "accounts", "dead", "held",
-        "last",
+        "source", "account", "mail", "hit_keys", "hits", "marks", "pending", "accounts", "dead",
+        "held", "last", "ledger",
     )
 
     def __init__(self, source: Source, account: str) -> None:
@@ -49,16 +52,24 @@ class Actor:
         self.account = account
         self.mail: deque[Envelope] = deque()
         self.last = 0.0  # when it last had mail (the dispatcher's clock)
+        # the account's ledger rows as committed, so that a turn need not fetch them again
+        self.ledger: dict[LedgerKey, Row] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget what a committed turn made durable."""
-        self.hits: list[tuple[bytes, Hit]] = []
+        self.hit_keys: list[bytes] = []  # the dedupe key of each hit
+        self.hits: list[Hit] = []
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
         self.dead: list[DeadLetter] = []
         self.held = 0  # messages taken since the last commit
+
+    def committed(self, row: Row) -> None:
+        if len(self.ledger) >= LEDGER_CACHE:
+            self.ledger.clear()  # rows of past days, mostly: fetched again if wanted
+        self.ledger[row.key] = row
 
     def work(self, metrics: Metrics) -> None:
         """Take every message in the mailbox into the pending state."""
@@ -85,7 +96,8 @@ class Actor:
         if call.kind == "track":
             assert call.user_id is not None and call.event is not None
             key = LedgerKey(source.id, ts[:10], call.user_id, self.account, call.event)
-            self.hits.append((env.key, Hit(key, ts, call.path, call.body)))
+            self.hit_keys.append(env.key)
+            self.hits.append(Hit(key, ts, call.path, call.body))
             return
         self.marks.append(env.key)
         if call.kind == "identify":

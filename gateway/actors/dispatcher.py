@@ -26,6 +26,7 @@ from gateway.actors.actor import Actor, Envelope
 from gateway.actors.router import Router
 from gateway.actors.turn import Flush, Outcome, commit
 from gateway.config import Settings, Source
+from gateway.rules.ledger import LedgerKey, Row
 from gateway.store import InboxRow, Store
 
 if TYPE_CHECKING:
@@ -63,10 +64,11 @@ class Dispatcher:
         self._live: dict[tuple[str, str], Actor] = {}
         self._ready: list[Actor] = []  # actors with mail
         self._holding: list[Actor] = []  # actors with state to commit
-        self._flush = Flush(self._modes)
+        self._flush = Flush(self._modes, self._cached)
         self._started: float | None = None  # when the oldest held message was read
         self._clock = time.monotonic()
         self._wake = asyncio.Event()
+        self._turn = asyncio.Lock()  # a commit, or a pruning: never both at once
         self._stopping = False
         self.cursor = 0  # the last inbox record routed
 
@@ -168,7 +170,8 @@ class Dispatcher:
         for actor in self._holding:
             f.add(actor)
         try:
-            outcome = await self.store.transact(lambda tx: commit(f, tx))
+            async with self._turn:
+                outcome = await self.store.transact(lambda tx: commit(f, tx))
         except Exception:
             log.exception("turn commit failed; trying again", messages=f.messages)
             self._flush = _refill(f)
@@ -177,10 +180,26 @@ class Dispatcher:
         for actor in self._holding:
             actor.reset()
         self._holding.clear()
-        self._flush = Flush(self._modes)
+        live = self._live
+        for row in outcome.rows:
+            if (actor := live.get((row.key.source, row.key.account))) is not None:
+                actor.committed(row)
+        self._flush = Flush(self._modes, self._cached)
         self._started = None
         self._report(f, outcome)
         self._passivate()
+
+    async def prune(self, before: float) -> int:
+        """Forget what is older than `before` (dedupe keys, ledger rows), in the store and
+        in the actors' memory of it."""
+        async with self._turn:
+            for actor in self._live.values():
+                actor.ledger.clear()
+            return await self.store.prune(before)
+
+    def _cached(self, key: LedgerKey) -> Row | None:
+        actor = self._live.get((key.source, key.account))
+        return None if actor is None else actor.ledger.get(key)
 
     def _report(self, f: Flush, outcome: Outcome) -> None:
         m = self.metrics
@@ -219,6 +238,6 @@ class Dispatcher:
 
 def _refill(f: Flush) -> Flush:
     """A turn that failed, ready to collect its actors again at the next try."""
-    again = Flush(f.modes)
+    again = Flush(f.modes, f.cached)
     again.dead, again.inbox, again.messages = f.dead, f.inbox, f.messages
     return again

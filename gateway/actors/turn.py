@@ -10,7 +10,7 @@ transaction: a crash loses a whole turn or nothing, and the inbox replays it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import compress
 from typing import Any, NamedTuple
 
@@ -19,7 +19,7 @@ import msgspec
 from gateway.actors.actor import Actor
 from gateway.config import TrackMode
 from gateway.rules.dedupe import first_seen
-from gateway.rules.ledger import Hit, settle, tally
+from gateway.rules.ledger import Hit, LedgerKey, Row, settle, tally
 from gateway.rules.traits import Pending, body_of, fold, outgoing
 from gateway.store.base import DeadLetter, Known, Queued, Turn
 
@@ -38,8 +38,11 @@ class Flush:
     """What a turn commits: the state the actors took, the dead letters the router kept,
     and how many messages of each inbox record that completes."""
 
-    def __init__(self, modes: Mapping[str, TrackMode]) -> None:
+    def __init__(
+        self, modes: Mapping[str, TrackMode], cached: Callable[[LedgerKey], Row | None]
+    ) -> None:
         self.modes = modes
+        self.cached = cached  # a ledger row as the actors remember it, if they do
         self.hit_keys: list[bytes] = []
         self.hits: list[Hit] = []
         self.marks: list[bytes] = []
@@ -52,9 +55,8 @@ class Flush:
 
     def add(self, actor: Actor) -> None:
         src, account = actor.source.id, actor.account
-        for key, hit in actor.hits:
-            self.hit_keys.append(key)
-            self.hits.append(hit)
+        self.hit_keys += actor.hit_keys
+        self.hits += actor.hits
         self.marks += actor.marks
         self.mark_sources += [src] * len(actor.marks)
         self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]
@@ -68,6 +70,7 @@ class Outcome(NamedTuple):
     suppressed: Counter[tuple[str, str]]  # (source, kind): calls that changed nothing today
     calls: Counter[str]  # per source: upstream calls added to the outbox
     dead: list[DeadLetter]  # the dead letters kept (once per key)
+    rows: list[Row]  # the ledger rows written
 
 
 def commit(f: Flush, tx: Turn) -> Outcome:
@@ -82,18 +85,29 @@ def commit(f: Flush, tx: Turn) -> Outcome:
     tx.state.remember(list(compress(keys, fresh)))
     n_hits, n_marks = len(f.hits), len(f.marks)
     hits = list(compress(f.hits, fresh[:n_hits]))
-    for hit, ok in zip(f.hits, fresh[:n_hits], strict=True):
-        if not ok:
-            duplicates[hit.key.source] += 1
-    for src, ok in zip(f.mark_sources, fresh[n_hits : n_hits + n_marks], strict=True):
-        if not ok:
-            duplicates[src] += 1
+    if not all(fresh[:n_hits]):
+        for hit, ok in zip(f.hits, fresh[:n_hits], strict=True):
+            if not ok:
+                duplicates[hit.key.source] += 1
+    if not all(fresh[n_hits : n_hits + n_marks]):
+        for src, ok in zip(f.mark_sources, fresh[n_hits : n_hits + n_marks], strict=True):
+            if not ok:
+                duplicates[src] += 1
     dead = [d for d in f.dead if d.key is None]
     dead += compress(keyed, fresh[n_hits + n_marks :])
 
     # the ledger: one row per key, the calls its new occurrences send
     tallies = tally(hits)
-    rows, sends = settle(tallies, tx.state.ledger(tallies.keys()), f.modes)
+    stored: dict[LedgerKey, Row] = {}
+    missing: list[LedgerKey] = []
+    for key in tallies:
+        row = f.cached(key)
+        if row is None:
+            missing.append(key)
+        else:
+            stored[key] = row
+    stored.update(tx.state.ledger(missing))
+    rows, sends = settle(tallies, stored, f.modes)
     tx.state.put_ledger(rows)
     tx.outbox.add([
         Queued(s.source, s.key, s.account, "track", s.path, _encode(s.body), s.repeat)
@@ -132,4 +146,4 @@ def commit(f: Flush, tx: Turn) -> Outcome:
         tx.state.put_accounts(f.accounts)
     tx.dead.add(dead)
     tx.inbox.applied(f.inbox)
-    return Outcome(len(hits), duplicates, suppressed, calls, dead)
+    return Outcome(len(hits), duplicates, suppressed, calls, dead, rows)

@@ -629,7 +629,8 @@ class SqliteTurn:
         if keys:
             table = self._days.ensure(self.conn, _day(self.now))
             self.conn.executemany(
-                f"INSERT OR IGNORE INTO {table} (key) VALUES (?)", [(k,) for k in keys]
+                # in key order: each page of the table is visited once a turn
+                f"INSERT OR IGNORE INTO {table} (key) VALUES (?)", [(k,) for k in sorted(keys)]
             )
 
     def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
@@ -638,9 +639,12 @@ class SqliteTurn:
         for i in range(0, len(wanted), CHUNK // 5):
             chunk = wanted[i : i + CHUNK // 5]
             values = ",".join(["(?,?,?,?,?)"] * len(chunk))
+            # a join, not `(...) IN (VALUES ...)`: SQLite scans the table for the latter
             for src, day, user, account, event, count, last_ts in self.conn.execute(
-                "SELECT source, day, user_id, account, event, count, last_ts FROM ledger"
-                f" WHERE (source, day, user_id, account, event) IN (VALUES {values})",
+                f"WITH v(s, d, u, a, e) AS (VALUES {values})"
+                " SELECT l.source, l.day, l.user_id, l.account, l.event, l.count, l.last_ts"
+                " FROM v JOIN ledger l ON l.source = v.s AND l.day = v.d AND l.user_id = v.u"
+                " AND l.account = v.a AND l.event = v.e",
                 [v for key in chunk for v in key],
             ):
                 key = LedgerKey(src, day, user, account, event)
@@ -650,8 +654,9 @@ class SqliteTurn:
     def put_ledger(self, rows: list[Row]) -> None:
         now = self.now
         self.conn.executemany(
-            "INSERT OR REPLACE INTO ledger (source, day, user_id, account, event, count, last_ts,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO ledger (source, day, user_id, account, event, count, last_ts, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET count = excluded.count,"
+            " last_ts = excluded.last_ts, updated_at = excluded.updated_at",
             [(*r.key, r.events, r.last_ts, now) for r in rows],
         )
 

@@ -10,7 +10,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.rules.traits import Pending
 from gateway.config import Source
 from gateway.ingest.auth import Keys, basic_user
 from gateway.ingest.body import BodyError, read_body
@@ -105,10 +104,3 @@ async def test_unknown_encoding_is_415(echo: TestClient[web.Request, web.Applica
     assert resp.status == 415
 
 
-def test_pending_merge_keeps_the_latest_value_per_trait() -> None:
-    p = Pending("identify", "/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, "2026-01-02")
-    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, {"a": 1, "b": 1}, "2026-01-02")
-    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-01"}, {"a": 0, "c": 0}, "2026-01-01")
-    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-03"}, {"b": 3}, "2026-01-03")
-    assert {k: v for k, (v, _) in p.traits.items()} == {"a": 1, "b": 3, "c": 0}
-    assert p.ts == "2026-01-03" and p.body["timestamp"] == "2026-01-03"

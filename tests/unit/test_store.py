@@ -54,7 +54,7 @@ async def flush(
     mode: TrackMode = "exact",
     now: float | None = None,
 ) -> Outcome:
-    f = Flush({"s": mode, "t": mode})
+    f = Flush({"s": mode, "t": mode}, lambda key: None)
     for key, h in tracks:
         f.hit_keys.append(key)
         f.hits.append(h)

@@ -1,0 +1,83 @@
+"""The actor rules, called directly: dedupe, ledger and track mode, trait merge."""
+
+from __future__ import annotations
+
+from gateway.keys import DEDUPE_BYTES, dedupe_key, dedupe_prefix, group_key, ledger_key
+from gateway.rules.dedupe import first_seen
+from gateway.rules.ledger import Hit, LedgerKey, Row, settle, tally
+from gateway.rules.traits import Pending, fold, outgoing
+
+KEY = LedgerKey("s", "2026-11-28", "u1", "acme", "Clicked")
+
+
+def hit(ts: str, key: LedgerKey = KEY) -> Hit:
+    return Hit(key, ts, "/v2/track", {"userId": key.user, "event": key.event, "timestamp": ts})
+
+
+def test_first_seen_drops_stored_keys_and_repeats_within_the_turn() -> None:
+    assert first_seen([b"a", b"b", b"a", b"c"], {b"c"}) == [True, True, False, False]
+    assert first_seen([b"a", b"b"], set()) == [True, True]
+    assert first_seen([], set()) == []
+
+
+def test_dedupe_keys_are_fixed_size_and_never_mix_sources() -> None:
+    short = dedupe_key(dedupe_prefix("s"), "m")
+    long = dedupe_key(dedupe_prefix("s"), "m" * 200)
+    assert len(short) == len(long) == DEDUPE_BYTES
+    # the prefix carries the source's length: ("ab", "c") and ("a", "bc") differ
+    assert dedupe_key(dedupe_prefix("ab"), "c") != dedupe_key(dedupe_prefix("a"), "bc")
+    assert dedupe_key(dedupe_prefix("s"), "m") == short
+
+
+def test_group_and_ledger_keys_are_unambiguous() -> None:
+    assert group_key("a\x1fb", "c") != group_key("a", "b\x1fc")
+    assert ledger_key("d", "u,1", "a", "e") != ledger_key("d", "u", "1,a", "e")
+
+
+def test_tally_counts_per_key_and_keeps_the_latest_call() -> None:
+    other = KEY._replace(event="Other")
+    t = tally([hit("2026-11-28T10:00:00.000Z"), hit("2026-11-28T12:00:00.000Z"),
+               hit("2026-11-28T11:00:00.000Z"), hit("2026-11-28T09:00:00.000Z", other)])
+    assert (t[KEY].count, t[KEY].timestamp) == (3, "2026-11-28T12:00:00.000Z")
+    assert t[KEY].body["timestamp"] == "2026-11-28T12:00:00.000Z"
+    assert t[other].count == 1
+
+
+def test_exact_mode_sends_every_new_occurrence_with_the_latest_timestamp() -> None:
+    t = tally([hit("2026-11-28T10:00:00.000Z"), hit("2026-11-28T10:00:01.000Z")])
+    stored = {KEY: Row(KEY, 5, "2026-11-28T23:00:00.000Z")}
+    rows, sends = settle(t, stored, {"s": "exact"})
+    assert rows == [Row(KEY, 7, "2026-11-28T23:00:00.000Z")]
+    (send,) = sends
+    assert send.repeat == 2 and send.body["timestamp"] == "2026-11-28T23:00:00.000Z"
+    assert send.key == ledger_key(KEY.day, KEY.user, KEY.account, KEY.event)
+
+
+def test_daily_unique_sends_once_per_key_and_day() -> None:
+    t = tally([hit("2026-11-28T10:00:00.000Z"), hit("2026-11-28T10:00:01.000Z")])
+    rows, sends = settle(t, {}, {"s": "daily-unique"})
+    assert rows[0].events == 2 and [s.repeat for s in sends] == [1]
+    rows, sends = settle(t, {KEY: rows[0]}, {"s": "daily-unique"})
+    assert rows[0].events == 4 and sends == []
+
+
+def test_pending_merge_keeps_the_latest_value_per_trait() -> None:
+    p = Pending("identify", "/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, "2026-01-02")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-02"}, {"a": 1, "b": 1}, "2026-01-02")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-01"}, {"a": 0, "c": 0}, "2026-01-01")
+    p.merge("/v2/identify", {"userId": "u", "timestamp": "2026-01-03"}, {"b": 3}, "2026-01-03")
+    assert p.values() == {"a": 1, "b": 3, "c": 0}
+    assert p.ts == "2026-01-03" and p.day == "2026-01-03"
+
+
+def test_same_day_suppression_and_fold() -> None:
+    p = Pending("identify", "/v2/identify", {"userId": "u"}, "2026-01-02T00:00:00.000Z")
+    p.merge("/v2/identify", {"userId": "u"}, {"plan": "pro"}, "2026-01-02T00:00:00.000Z")
+    assert outgoing(p, None) == {"plan": "pro"}
+    assert outgoing(p, {"plan": "pro", "seats": 3}) is None  # nothing new that day
+    assert outgoing(p, {"plan": "free", "seats": 3}) == {"plan": "pro", "seats": 3}
+    unsent = {"userId": "u", "traits": {"seats": 3, "plan": "free"}}
+    assert fold(unsent, {"userId": "u", "traits": {"plan": "pro"}})["traits"] == {
+        "seats": 3, "plan": "pro"
+    }
+    assert fold(None, {"traits": {}}) == {"traits": {}}
