@@ -19,7 +19,7 @@ from gateway.config import Source
 from gateway.ingest.messages import Message
 from gateway.keys import group_key, identify_key
 from gateway.mapping import Skip, to_call
-from gateway.rules.ledger import Hit, LedgerKey, Row
+from gateway.rules.ledger import LedgerKey, Row, Tally, count
 from gateway.rules.traits import Pending
 from gateway.store import DeadLetter
 
@@ -43,8 +43,8 @@ class Envelope(NamedTuple):
 
 class Actor:
     __slots__ = (
-        "source", "account", "mail", "hit_keys", "hits", "marks", "pending", "accounts", "dead",
-        "held", "last", "ledger",
+        "source", "account", "mail", "hit_keys", "hit_refs", "tallies", "marks", "pending",
+        "accounts", "dead", "held", "last", "ledger",
     )
 
     def __init__(self, source: Source, account: str) -> None:
@@ -58,8 +58,11 @@ class Actor:
 
     def reset(self) -> None:
         """Forget what a committed turn made durable."""
-        self.hit_keys: list[bytes] = []  # the dedupe key of each hit
-        self.hits: list[Hit] = []
+        # each counted call's dedupe key and ledger key, in order; and per ledger key, the
+        # occurrences counted and the latest call
+        self.hit_keys: list[bytes] = []
+        self.hit_refs: list[LedgerKey] = []
+        self.tallies: dict[LedgerKey, Tally] = {}
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
@@ -97,7 +100,8 @@ class Actor:
             assert call.user_id is not None and call.event is not None
             key = LedgerKey(source.id, ts[:10], call.user_id, self.account, call.event)
             self.hit_keys.append(env.key)
-            self.hits.append(Hit(key, ts, call.path, call.body))
+            self.hit_refs.append(key)
+            count(self.tallies, key, ts, call.path, call.body)
             return
         self.marks.append(env.key)
         if call.kind == "identify":

@@ -65,6 +65,8 @@ class Dispatcher:
         self._ready: list[Actor] = []  # actors with mail
         self._holding: list[Actor] = []  # actors with state to commit
         self._flush = Flush(self._modes, self._cached)
+        self._landing: asyncio.Task[None] | None = None  # the turn being committed
+        self._landing_messages = 0
         self._started: float | None = None  # when the oldest held message was read
         self._clock = time.monotonic()
         self._wake = asyncio.Event()
@@ -78,7 +80,7 @@ class Dispatcher:
     @property
     def held(self) -> int:
         """Messages read from the inbox and not committed yet."""
-        return self._flush.messages
+        return self._flush.messages + self._landing_messages
 
     def wake(self) -> None:
         self._wake.set()
@@ -91,7 +93,16 @@ class Dispatcher:
     async def run(self) -> None:
         """Route and commit until stopped. The store's inbox must have been restarted
         (`Store.restart_inbox`) before."""
+        try:
+            await self._run()
+        finally:
+            if self._landing is not None and not self._landing.done():
+                self._landing.cancel()  # shutdown ran out of time: the inbox keeps it
+
+    async def _run(self) -> None:
         s = self.settings
+        # a turn is committed while the next one is read: half the bound each
+        turn = max(1, s.max_in_flight // 2)
         while True:
             self._wake.clear()
             rows = []
@@ -103,12 +114,13 @@ class Dispatcher:
                     # route a record at a time in the gaps (a burst is absorbed, not refused)
                     await asyncio.sleep(YIELD)
                 await self._route(row)
-                if self.held >= s.max_in_flight or len(self._live) >= s.max_actors:
+                if self._flush.messages >= turn or len(self._live) >= s.max_actors:
                     await self._commit()
-            if self.held and (self._due() or (self._stopping and not rows)):
+            if self._flush.messages and (self._due() or (self._stopping and not rows)):
                 await self._commit()
             if not rows:
-                if self._stopping and not self.held:
+                if self._stopping and not self._flush.messages:
+                    await self._landed()
                     return
                 self._passivate()
                 wait = POLL
@@ -137,6 +149,8 @@ class Dispatcher:
         except Exception:
             # leave the record pending in the inbox: the next start routes it again
             log.exception("routing failed", source_id=row.source, inbox_id=row.id)
+            for actor in self._ready:
+                actor.mail.clear()
             self._ready.clear()
             return
         f = self._flush
@@ -162,32 +176,45 @@ class Dispatcher:
         actor.mail.append(env)
 
     async def _commit(self) -> None:
-        """Commit the turn, then passivate. When the store refuses it, the state stays held
-        (the inbox still has every message of it) and the next try comes after a pause."""
+        """End the turn: its state leaves the actors and commits in the background while
+        the next turn is read. Turns land in order: this waits for the one before."""
+        await self._landed()
         f = self._flush
         if not f.messages:
             return
         for actor in self._holding:
             f.add(actor)
-        try:
-            async with self._turn:
-                outcome = await self.store.transact(lambda tx: commit(f, tx))
-        except Exception:
-            log.exception("turn commit failed; trying again", messages=f.messages)
-            self._flush = _refill(f)
-            await asyncio.sleep(RETRY)
-            return
-        for actor in self._holding:
             actor.reset()
         self._holding.clear()
+        self._flush = Flush(self._modes, self._cached)
+        self._started = None
+        self._landing_messages = f.messages
+        self._landing = asyncio.create_task(self._land(f), name="turn")
+
+    async def _landed(self) -> None:
+        if self._landing is not None:
+            await self._landing
+            self._landing = None
+
+    async def _land(self, f: Flush) -> None:
+        """Commit `f`; when the store refuses it, try again after a pause (the inbox still
+        holds every message of it, and nothing later commits before it)."""
+        while True:
+            try:
+                async with self._turn:
+                    outcome = await self.store.transact(lambda tx: commit(f, tx))
+                break
+            except Exception:
+                log.exception("turn commit failed; trying again", messages=f.messages)
+                await asyncio.sleep(RETRY)
+        self._landing_messages = 0
         live = self._live
         for row in outcome.rows:
             if (actor := live.get((row.key.source, row.key.account))) is not None:
                 actor.committed(row)
-        self._flush = Flush(self._modes, self._cached)
-        self._started = None
         self._report(f, outcome)
         self._passivate()
+        self._wake.set()
 
     async def prune(self, before: float) -> int:
         """Forget what is older than `before` (dedupe keys, ledger rows), in the store and
@@ -234,10 +261,3 @@ class Dispatcher:
             del self._live[key]
             crowded -= 1
         self.metrics.active_actors.set(len(self._live))
-
-
-def _refill(f: Flush) -> Flush:
-    """A turn that failed, ready to collect its actors again at the next try."""
-    again = Flush(f.modes, f.cached)
-    again.dead, again.inbox, again.messages = f.dead, f.inbox, f.messages
-    return again

@@ -19,7 +19,7 @@ import msgspec
 from gateway.actors.actor import Actor
 from gateway.config import TrackMode
 from gateway.rules.dedupe import first_seen
-from gateway.rules.ledger import Hit, LedgerKey, Row, settle, tally
+from gateway.rules.ledger import LedgerKey, Row, Tally, discount, settle
 from gateway.rules.traits import Pending, body_of, fold, outgoing
 from gateway.store.base import DeadLetter, Known, Queued, Turn
 
@@ -44,7 +44,8 @@ class Flush:
         self.modes = modes
         self.cached = cached  # a ledger row as the actors remember it, if they do
         self.hit_keys: list[bytes] = []
-        self.hits: list[Hit] = []
+        self.hit_refs: list[LedgerKey] = []
+        self.tallies: dict[LedgerKey, Tally] = {}
         self.marks: list[bytes] = []
         self.mark_sources: list[str] = []
         self.calls: list[PendingCall] = []
@@ -56,7 +57,8 @@ class Flush:
     def add(self, actor: Actor) -> None:
         src, account = actor.source.id, actor.account
         self.hit_keys += actor.hit_keys
-        self.hits += actor.hits
+        self.hit_refs += actor.hit_refs
+        self.tallies.update(actor.tallies)  # ledger keys name the account: no overlap
         self.marks += actor.marks
         self.mark_sources += [src] * len(actor.marks)
         self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]
@@ -83,12 +85,15 @@ def commit(f: Flush, tx: Turn) -> Outcome:
     keys = f.hit_keys + f.marks + [d.key for d in keyed if d.key is not None]
     fresh = first_seen(keys, tx.state.seen(keys))
     tx.state.remember(list(compress(keys, fresh)))
-    n_hits, n_marks = len(f.hits), len(f.marks)
-    hits = list(compress(f.hits, fresh[:n_hits]))
+    n_hits, n_marks = len(f.hit_keys), len(f.marks)
+    counted = n_hits
+    tallies = f.tallies
     if not all(fresh[:n_hits]):
-        for hit, ok in zip(f.hits, fresh[:n_hits], strict=True):
-            if not ok:
-                duplicates[hit.key.source] += 1
+        repeats = [ref for ref, ok in zip(f.hit_refs, fresh[:n_hits], strict=True) if not ok]
+        tallies = discount(f.tallies, repeats)
+        counted -= len(repeats)
+        for ref in repeats:
+            duplicates[ref.source] += 1
     if not all(fresh[n_hits : n_hits + n_marks]):
         for src, ok in zip(f.mark_sources, fresh[n_hits : n_hits + n_marks], strict=True):
             if not ok:
@@ -97,7 +102,6 @@ def commit(f: Flush, tx: Turn) -> Outcome:
     dead += compress(keyed, fresh[n_hits + n_marks :])
 
     # the ledger: one row per key, the calls its new occurrences send
-    tallies = tally(hits)
     stored: dict[LedgerKey, Row] = {}
     missing: list[LedgerKey] = []
     for key in tallies:
@@ -146,4 +150,4 @@ def commit(f: Flush, tx: Turn) -> Outcome:
         tx.state.put_accounts(f.accounts)
     tx.dead.add(dead)
     tx.inbox.applied(f.inbox)
-    return Outcome(len(hits), duplicates, suppressed, calls, dead, rows)
+    return Outcome(counted, duplicates, suppressed, calls, dead, rows)

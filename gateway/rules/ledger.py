@@ -9,6 +9,7 @@ latest timestamp seen for its key.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -34,18 +35,18 @@ class Hit(NamedTuple):
 
 
 class Tally:
-    """A turn's occurrences of one key: how many, and the latest call."""
+    """Occurrences of one key: how many, and the latest call."""
 
     __slots__ = ("count", "timestamp", "path", "body")
 
-    def __init__(self, hit: Hit) -> None:
+    def __init__(self, timestamp: str, path: str, body: dict[str, Any]) -> None:
         self.count = 1
-        self.timestamp, self.path, self.body = hit.timestamp, hit.path, hit.body
+        self.timestamp, self.path, self.body = timestamp, path, body
 
-    def add(self, hit: Hit) -> None:
+    def add(self, timestamp: str, path: str, body: dict[str, Any]) -> None:
         self.count += 1
-        if hit.timestamp >= self.timestamp:
-            self.timestamp, self.path, self.body = hit.timestamp, hit.path, hit.body
+        if timestamp >= self.timestamp:
+            self.timestamp, self.path, self.body = timestamp, path, body
 
 
 class Row(NamedTuple):
@@ -67,14 +68,37 @@ class Send(NamedTuple):
     repeat: int
 
 
+def count(
+    tallies: dict[LedgerKey, Tally], key: LedgerKey, timestamp: str, path: str,
+    body: dict[str, Any],
+) -> None:
+    """One more occurrence of `key`."""
+    t = tallies.get(key)
+    if t is None:
+        tallies[key] = Tally(timestamp, path, body)
+    else:
+        t.add(timestamp, path, body)
+
+
+def discount(tallies: Mapping[LedgerKey, Tally], repeats: Iterable[LedgerKey]) -> dict[LedgerKey, Tally]:
+    """`tallies` without occurrences that dedupe found to be repeats (a new dict; the
+    tallies given are left as they are). A repeat's call may stay the latest: it was
+    seen, when it first came."""
+    out = dict(tallies)
+    for key, n in Counter(repeats).items():
+        t = tallies[key]
+        if t.count > n:
+            less = out[key] = Tally(t.timestamp, t.path, t.body)
+            less.count = t.count - n
+        else:
+            del out[key]
+    return out
+
+
 def tally(hits: Iterable[Hit]) -> dict[LedgerKey, Tally]:
     tallies: dict[LedgerKey, Tally] = {}
     for hit in hits:
-        t = tallies.get(hit.key)
-        if t is None:
-            tallies[hit.key] = Tally(hit)
-        else:
-            t.add(hit)
+        count(tallies, *hit)
     return tallies
 
 

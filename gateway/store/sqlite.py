@@ -204,7 +204,7 @@ class SqliteStore:
         self.inbox = InboxLog(self.path.parent / "inbox", fsync=fsync)
         self._ingest = ingest
         self._applied: set[int] = set()  # inbox records wholly applied before a restart
-        self._days = _Days()
+        self._dedupe = _Dedupe()
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
@@ -330,7 +330,11 @@ class SqliteStore:
     # the dispatcher
 
     async def transact(self, script: Callable[[Turn], T], now: float | None = None) -> T:
-        return await self._write(lambda conn: script(SqliteTurn(conn, self._days, now)))
+        try:
+            return await self._write(lambda conn: script(SqliteTurn(conn, self._dedupe, now)))
+        except Exception:
+            self._dedupe.forget()  # the tables it made, if any, were rolled back
+            raise
 
     # forwarder
 
@@ -510,11 +514,7 @@ class SqliteStore:
         oldest = _day(before)
 
         def op(conn: sqlite3.Connection) -> int:
-            n = 0
-            for day in [d for d in self._days.load(conn) if d < oldest]:
-                conn.execute(f"DROP TABLE IF EXISTS {_dedupe_table(day)}")
-                self._days.dropped(day)
-                n += 1
+            n = self._dedupe.drop_before(conn, oldest)
             n += conn.execute("DELETE FROM ledger WHERE updated_at < ?", (before,)).rowcount
             n += conn.execute(
                 "DELETE FROM known WHERE day < ?", (time.strftime("%Y-%m-%d", time.gmtime(before)),)
@@ -549,41 +549,79 @@ def _day(at: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(at))
 
 
-def _dedupe_table(day: str) -> str:
-    return f"dedupe_{day}"
-
-
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class _Days:
-    """The days that have a dedupe table, newest first (the writer thread's; loaded once)."""
+class _Dedupe:
+    """Dedupe keys, a pair of tables per UTC day they were stored (the writer thread's).
+
+    Random 16-byte keys land all over a B-tree: inserted straight into a table of millions,
+    each turn would rewrite most of its pages. So a turn inserts into the day's small
+    table (`dedupe_YYYYMMDD_new`, which stays in the page cache), and once that holds
+    `MERGE` keys they move, in key order, into the day's large table (`dedupe_YYYYMMDD`)
+    in one pass: a page of the large table is written once per merge, not once per turn.
+    A lookup probes both tables of each day in the window; pruning drops a day's two.
+    """
+
+    MERGE = 200_000
 
     def __init__(self) -> None:
-        self._days: list[str] | None = None
+        self._days: list[str] | None = None  # newest first
+        self._new = 0  # keys in today's small table
 
-    def load(self, conn: sqlite3.Connection) -> list[str]:
+    def days(self, conn: sqlite3.Connection) -> list[str]:
         if self._days is None:
-            names = conn.execute(
+            names = {n for (n,) in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'dedupe_*'"
-            ).fetchall()
-            self._days = sorted((n[len("dedupe_"):] for (n,) in names), reverse=True)
+            )}
+            self._days = sorted({n[7:15] for n in names}, reverse=True)
+            if self._days:
+                today = self._days[0]
+                self._ensure(conn, today)
+                self._new = _one(conn.execute(f"SELECT COUNT(*) FROM dedupe_{today}_new"))[0]
         return self._days
 
-    def ensure(self, conn: sqlite3.Connection, day: str) -> str:
-        days = self.load(conn)
-        if day not in days:
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {_dedupe_table(day)} (key BLOB PRIMARY KEY) WITHOUT ROWID"
-            )
-            days.append(day)
-            days.sort(reverse=True)
-        return _dedupe_table(day)
+    def tables(self, conn: sqlite3.Connection) -> list[str]:
+        return [t for day in self.days(conn) for t in (f"dedupe_{day}_new", f"dedupe_{day}")]
 
-    def dropped(self, day: str) -> None:
-        if self._days is not None and day in self._days:
-            self._days.remove(day)
+    def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> None:
+        days = self.days(conn)
+        if not days or day > days[0]:
+            self._ensure(conn, day)
+            days.insert(0, day)
+            self._new = 0
+        elif day != days[0]:  # the clock went back: file it under the newest day
+            day = days[0]
+        # in key order: each page of the table is visited once
+        conn.executemany(
+            f"INSERT OR IGNORE INTO dedupe_{day}_new (key) VALUES (?)", [(k,) for k in sorted(keys)]
+        )
+        self._new += len(keys)
+        if self._new >= self.MERGE:
+            conn.execute(
+                f"INSERT OR IGNORE INTO dedupe_{day} SELECT key FROM dedupe_{day}_new ORDER BY key"
+            )
+            conn.execute(f"DELETE FROM dedupe_{day}_new")
+            self._new = 0
+
+    def drop_before(self, conn: sqlite3.Connection, oldest: str) -> int:
+        days = self.days(conn)
+        gone = [d for d in days if d < oldest]
+        for day in gone:
+            conn.execute(f"DROP TABLE IF EXISTS dedupe_{day}_new")
+            conn.execute(f"DROP TABLE IF EXISTS dedupe_{day}")
+            days.remove(day)
+        return len(gone)
+
+    def forget(self) -> None:
+        """Read the tables again at the next use (a transaction that made them rolled back)."""
+        self._days = None
+
+    @staticmethod
+    def _ensure(conn: sqlite3.Connection, day: str) -> None:
+        for table in (f"dedupe_{day}", f"dedupe_{day}_new"):
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key BLOB PRIMARY KEY) WITHOUT ROWID")
 
 
 CHUNK = 500  # values bound to one statement
@@ -592,10 +630,10 @@ CHUNK = 500  # values bound to one statement
 class SqliteTurn:
     """One turn's transaction: every role's transactional side on the writer's connection."""
 
-    def __init__(self, conn: sqlite3.Connection, days: _Days, now: float | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, dedupe: _Dedupe, now: float | None = None) -> None:
         self.conn = conn
         self.now = time.time() if now is None else now
-        self._days = days
+        self._dedupe = dedupe
         self.inbox = self
         self.state = self
         self.outbox = _OutboxTurn(conn, self.now)
@@ -616,8 +654,7 @@ class SqliteTurn:
         if not keys:
             return found
         conn = self.conn
-        for day in self._days.load(conn):
-            table = _dedupe_table(day)
+        for table in self._dedupe.tables(conn):
             for i in range(0, len(keys), CHUNK):
                 chunk = keys[i : i + CHUNK]
                 found.update(k for (k,) in conn.execute(
@@ -627,11 +664,7 @@ class SqliteTurn:
 
     def remember(self, keys: list[bytes]) -> None:
         if keys:
-            table = self._days.ensure(self.conn, _day(self.now))
-            self.conn.executemany(
-                # in key order: each page of the table is visited once a turn
-                f"INSERT OR IGNORE INTO {table} (key) VALUES (?)", [(k,) for k in sorted(keys)]
-            )
+            self._dedupe.add(self.conn, _day(self.now), keys)
 
     def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
         wanted = list(keys)

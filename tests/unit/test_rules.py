@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.keys import DEDUPE_BYTES, dedupe_key, dedupe_prefix, group_key, ledger_key
 from gateway.rules.dedupe import first_seen
-from gateway.rules.ledger import Hit, LedgerKey, Row, settle, tally
+from gateway.rules.ledger import Hit, LedgerKey, Row, discount, settle, tally
 from gateway.rules.traits import Pending, fold, outgoing
 
 KEY = LedgerKey("s", "2026-11-28", "u1", "acme", "Clicked")
@@ -41,6 +41,16 @@ def test_tally_counts_per_key_and_keeps_the_latest_call() -> None:
     assert (t[KEY].count, t[KEY].timestamp) == (3, "2026-11-28T12:00:00.000Z")
     assert t[KEY].body["timestamp"] == "2026-11-28T12:00:00.000Z"
     assert t[other].count == 1
+
+
+def test_discount_takes_back_repeats_and_leaves_the_tallies_given() -> None:
+    other = KEY._replace(event="Other")
+    t = tally([hit("2026-11-28T10:00:00.000Z"), hit("2026-11-28T12:00:00.000Z"),
+               hit("2026-11-28T09:00:00.000Z", other)])
+    less = discount(t, [KEY, other])
+    assert list(less) == [KEY] and less[KEY].count == 1
+    assert less[KEY].timestamp == "2026-11-28T12:00:00.000Z"
+    assert (t[KEY].count, t[other].count) == (2, 1)
 
 
 def test_exact_mode_sends_every_new_occurrence_with_the_latest_timestamp() -> None:

@@ -15,7 +15,7 @@ import pytest
 from gateway.actors.turn import Flush, Outcome, PendingCall, commit
 from gateway.config import TrackMode
 from gateway.keys import dedupe_key, dedupe_prefix, identify_key
-from gateway.rules.ledger import Hit, LedgerKey
+from gateway.rules.ledger import Hit, LedgerKey, count
 from gateway.rules.traits import Pending
 from gateway.store import DeadLetter, Known, SqliteStore, Turn
 
@@ -57,7 +57,8 @@ async def flush(
     f = Flush({"s": mode, "t": mode}, lambda key: None)
     for key, h in tracks:
         f.hit_keys.append(key)
-        f.hits.append(h)
+        f.hit_refs.append(h.key)
+        count(f.tallies, *h)
     f.calls += calls
     f.dead += dead
     f.inbox = inbox or {}
