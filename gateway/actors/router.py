@@ -94,7 +94,7 @@ class Router:
             return group
         if context is not None:
             group_id = context.get("groupId")
-            if isinstance(group_id, str | int) and not isinstance(group_id, bool) and group_id != "":
+            if isinstance(group_id, (str, int)) and not isinstance(group_id, bool) and group_id != "":
                 return str(group_id)
         if user is not None:
             return self._users.get((source.id, user)) or user

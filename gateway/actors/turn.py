@@ -83,8 +83,7 @@ def commit(f: Flush, tx: Turn) -> Outcome:
     # dedupe: every key at once, hits first; a dead letter's key keeps it once
     keyed = [d for d in f.dead if d.key is not None]
     keys = f.hit_keys + f.marks + [d.key for d in keyed if d.key is not None]
-    fresh = first_seen(keys, tx.state.seen(keys))
-    tx.state.remember(list(compress(keys, fresh)))
+    fresh = first_seen(keys, tx.state.remember(keys))
     n_hits, n_marks = len(f.hit_keys), len(f.marks)
     counted = n_hits
     tallies = f.tallies

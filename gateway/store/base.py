@@ -108,10 +108,8 @@ class InboxTurn(Protocol):
 
 
 class StateTurn(Protocol):
-    def seen(self, keys: list[bytes]) -> set[bytes]:
-        """Those of the dedupe keys stored within the window."""
-
-    def remember(self, keys: list[bytes]) -> None: ...
+    def remember(self, keys: list[bytes]) -> set[bytes]:
+        """Store dedupe keys; those of them already stored within the window."""
 
     def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]: ...
 

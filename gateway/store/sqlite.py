@@ -582,10 +582,8 @@ class _Dedupe:
                 self._new = _one(conn.execute(f"SELECT COUNT(*) FROM dedupe_{today}_new"))[0]
         return self._days
 
-    def tables(self, conn: sqlite3.Connection) -> list[str]:
-        return [t for day in self.days(conn) for t in (f"dedupe_{day}_new", f"dedupe_{day}")]
-
-    def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> None:
+    def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
+        """Store `keys` under `day`; those already stored (in any day's tables)."""
         days = self.days(conn)
         if not days or day > days[0]:
             self._ensure(conn, day)
@@ -593,17 +591,34 @@ class _Dedupe:
             self._new = 0
         elif day != days[0]:  # the clock went back: file it under the newest day
             day = days[0]
-        # in key order: each page of the table is visited once
-        conn.executemany(
-            f"INSERT OR IGNORE INTO dedupe_{day}_new (key) VALUES (?)", [(k,) for k in sorted(keys)]
-        )
-        self._new += len(keys)
+        new = f"dedupe_{day}_new"
+        found: set[bytes] = set()
+        for table in [t for d in days for t in (f"dedupe_{d}_new", f"dedupe_{d}")]:
+            if table != new:
+                for i in range(0, len(keys), CHUNK):
+                    chunk = keys[i : i + CHUNK]
+                    found.update(k for (k,) in conn.execute(
+                        f"SELECT key FROM {table} WHERE key IN ({_marks(len(chunk))})", chunk
+                    ))
+        # the small table tells itself which of the rest it had: RETURNING names those it
+        # took; in key order, each of its pages is visited once
+        rest = sorted(k for k in keys if k not in found) if found else sorted(keys)
+        taken: set[bytes] = set()
+        for i in range(0, len(rest), CHUNK):
+            chunk = rest[i : i + CHUNK]
+            taken.update(k for (k,) in conn.execute(
+                f"INSERT INTO {new} (key) VALUES {','.join(['(?)'] * len(chunk))}"
+                " ON CONFLICT DO NOTHING RETURNING key", chunk
+            ))
+        found.update(k for k in rest if k not in taken)
+        self._new += len(taken)
         if self._new >= self.MERGE:
             conn.execute(
-                f"INSERT OR IGNORE INTO dedupe_{day} SELECT key FROM dedupe_{day}_new ORDER BY key"
+                f"INSERT OR IGNORE INTO dedupe_{day} SELECT key FROM {new} ORDER BY key"
             )
-            conn.execute(f"DELETE FROM dedupe_{day}_new")
+            conn.execute(f"DELETE FROM {new}")
             self._new = 0
+        return found
 
     def drop_before(self, conn: sqlite3.Connection, oldest: str) -> int:
         days = self.days(conn)
@@ -649,22 +664,10 @@ class SqliteTurn:
 
     # actor state
 
-    def seen(self, keys: list[bytes]) -> set[bytes]:
-        found: set[bytes] = set()
+    def remember(self, keys: list[bytes]) -> set[bytes]:
         if not keys:
-            return found
-        conn = self.conn
-        for table in self._dedupe.tables(conn):
-            for i in range(0, len(keys), CHUNK):
-                chunk = keys[i : i + CHUNK]
-                found.update(k for (k,) in conn.execute(
-                    f"SELECT key FROM {table} WHERE key IN ({_marks(len(chunk))})", chunk
-                ))
-        return found
-
-    def remember(self, keys: list[bytes]) -> None:
-        if keys:
-            self._dedupe.add(self.conn, _day(self.now), keys)
+            return set()
+        return self._dedupe.add(self.conn, _day(self.now), keys)
 
     def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
         wanted = list(keys)

@@ -299,9 +299,18 @@ async def test_dedupe_keys_are_kept_by_day_and_pruned_a_day_at_once(store: Sqlit
     assert (again.counted, again.duplicates["s"]) == (1, 1)
 
 
-async def test_seen_finds_exactly_the_remembered_keys(store: SqliteStore) -> None:
+async def test_remember_names_exactly_the_keys_stored_before(store: SqliteStore) -> None:
     keys = [dedupe_key(b"s", f"message-{i}") for i in range(2000)]
     others = [dedupe_key(b"t", f"message-{i}") for i in range(10)]
-    await store.transact(lambda tx: tx.state.remember(keys))
-    found = await store.transact(lambda tx: tx.state.seen(keys[::100] + others))
+    assert await store.transact(lambda tx: tx.state.remember(keys)) == set()
+    found = await store.transact(lambda tx: tx.state.remember(keys[::100] + others))
     assert found == set(keys[::100])
+    assert await store.transact(lambda tx: tx.state.remember(others)) == set(others)
+
+
+async def test_dedupe_keys_survive_the_move_to_the_large_table(store: SqliteStore) -> None:
+    store._dedupe.MERGE = 50  # move every 50 keys
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(120)]
+    for i in range(0, 120, 30):
+        assert await store.transact(lambda tx, i=i: tx.state.remember(keys[i : i + 30])) == set()
+    assert await store.transact(lambda tx: tx.state.remember(keys)) == set(keys)
