@@ -391,5 +391,10 @@ def _collect_secrets(raw: dict[str, Any], secrets: set[str]) -> None:
 def _scrub(message: str, secrets: set[str]) -> str:
     # Belt and braces: no path above echoes a secret, but a future msgspec message might.
     for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "***")
+        if len(secret) >= MIN_SECRET:
+            message = message.replace(secret, "***")
+        else:
+            # too short to be refused anywhere but as a whole value: masked everywhere, a
+            # one-letter key would blot that letter out of the message that refuses it
+            message = message.replace(json.dumps(secret), '"***"')
     return message
