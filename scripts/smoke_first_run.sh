@@ -11,6 +11,12 @@ PY=.venv/bin/python
 fail() { echo "smoke_first_run: FAIL: $*" >&2; exit 1; }
 say() { echo "smoke_first_run: $*" >&2; }
 
+# the README's examples are curl commands: on a fresh (Debian, root) machine, install it
+if ! command -v curl >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl >/dev/null 2>&1; }
+fi
+command -v curl >/dev/null 2>&1 || fail "curl is needed (apt-get install curl)"
 test -x "$PY" || fail "no $PY: run make install (or make test) first"
 "$PY" -c 'import gateway, mock_accoil' || fail "the project is not installed in .venv"
 
