@@ -3,7 +3,7 @@
 # with a data directory that does not exist yet, send the curl it prints (as printed), see
 # the event in mock Accoil's counts, press Ctrl-C (SIGINT to make's process group, as a
 # terminal does), and check that nothing it started is left running. Also runs the
-# README's install examples. Fails loudly; takes well under a minute.
+# README's install examples and its load test line. Fails loudly; takes under a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,3 +112,11 @@ for pid in $PIDS; do running "$pid" && LEFT="$LEFT $pid"; done
 port_free "$GATEWAY_PORT" || fail "port $GATEWAY_PORT still taken after Ctrl-C"
 port_free "$MOCK_PORT" || fail "port $MOCK_PORT still taken after Ctrl-C"
 say "ok: stopped cleanly, nothing left running"
+
+# the README's load test line, as written (it starts its own mock and gateway)
+LOADTEST=$(grep -E '^\.venv/bin/python scripts/loadtest\.py ' README.md | sed 's/ *#.*//')
+[[ -n "$LOADTEST" ]] || fail "no load test line in the README"
+say "$LOADTEST"
+bash -c "$LOADTEST" >"$LOG" 2>&1 || fail "the README's load test failed"
+grep -q "completeness (exact): OK" "$LOG" || fail "the README's load test did not report completeness OK"
+say "ok: the README's load test: $(grep 'completeness (exact)' "$LOG")"

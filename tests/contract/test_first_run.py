@@ -367,3 +367,78 @@ def _ready(port: int) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+def test_a_second_demo_on_other_ports_runs_beside_the_first(tmp_path: Path) -> None:
+    # the README: GATEWAY_PORT=... MOCK_PORT=... make run moves the demo; in the same folder
+    # as a running demo it gets a store of its own instead of waiting on the first one's
+    ports = [(free_port(), free_port()), (free_port(), free_port())]
+    with demo(tmp_path, GATEWAY_PORT=str(ports[0][0]), MOCK_PORT=str(ports[0][1])) as (a, a_out, _):
+        a_out.wait_for("Ctrl-C stops both.", a, within=60)
+        with demo(tmp_path, GATEWAY_PORT=str(ports[1][0]),
+                  MOCK_PORT=str(ports[1][1])) as (b, b_out, b_err):
+            b_out.wait_for("Ctrl-C stops both.", b, within=30)
+            assert "waiting for the data directory" not in b_err.text
+            assert f"Its store is ./data/demo-{ports[1][0]}." in b_out.text
+            started = descendants(a.pid) | descendants(b.pid)
+            for proc in (b, a):
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=60) == 0
+    assert not [pid for pid in started if running(pid)]
+    assert all(port_free(p) for pair in ports for p in pair)
+
+
+def own_keys_command() -> str:
+    section = README.read_text().split("## Your own keys and config", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    (line,) = block.group(1).strip().splitlines()
+    return line
+
+
+def test_the_readme_own_keys_command_serves(tmp_path: Path) -> None:
+    # as written, with the placeholders filled in; port and store moved by the environment.
+    # (bash runs a lone command in its own process: the SIGTERM below reaches the gateway)
+    command = own_keys_command()
+    assert command == "GATEWAY_WRITE_KEY=wk_... ACCOIL_API_KEY=... accoil-gateway serve"
+    command = command.replace("wk_...", WRITE_KEY).replace("=...", f"={API_KEY}")
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GATEWAY_PORT": str(port), "GATEWAY_DATA_DIR": str(tmp_path / "data"),
+           "ACCOIL_BASE_URL": "http://127.0.0.1:9", "GATEWAY_LOG_FORMAT": "json"}
+    proc = subprocess.Popen(["bash", "-c", command], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _ready(port) or proc.poll() is not None, within=30)
+        assert _ready(port)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert WRITE_KEY.encode() not in stderr and API_KEY.encode() not in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_configuration_example_checks_out(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", doc.split("### Examples", 1)[1], flags=re.S)
+    assert toml is not None
+    text = toml.group(1)
+    for n, placeholder in enumerate(re.findall(r'"((?:wk_web_|wk_backend_|stg_)?\.\.\.)"', text)):
+        text = text.replace(f'"{placeholder}"', f'"{placeholder[:-3]}filled_in_{n:04d}"', 1)
+    (tmp_path / "gateway.toml").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "ACCOIL_"))}
+    ran = subprocess.run(
+        [str(Path(sys.executable).parent / "accoil-gateway"), "check-config", "--config",
+         "gateway.toml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert ran.returncode == 0, ran.stderr
+    rows = {line.split()[0]: line.split() for line in ran.stdout.splitlines()[2:4]}
+    assert rows["web"][1:3] == ["v2", "https://in.accoil.com"]
+    # the backend source has a stg_ key on the segment dialect: its calls go to staging
+    assert rows["backend"][1:3] == ["segment", "https://instaging.accoil.com"]
+    assert "backend: stg_ key on the segment dialect: calls go to " \
+        "https://instaging.accoil.com/segment" in ran.stdout
+    assert "filled_in" not in ran.stdout
