@@ -22,17 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.contract.test_process import free_port
+
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
 DEMO = ROOT / "scripts" / "run_demo.py"
 WRITE_KEY = "wk_first_run_0003"
 API_KEY = "ak_first_run_0003"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_free(port: int) -> bool:
@@ -265,6 +261,17 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> Non
         out.wait_for("Ctrl-C stops both.", proc, within=60)
         started = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, err.text
+    assert started and not [pid for pid in started if running(pid)]
+    assert port_free(port) and port_free(mock_port)
+
+
+def test_ctrl_c_while_starting_leaves_nothing(tmp_path: Path) -> None:
+    port, mock_port = free_port(), free_port()
+    with demo(tmp_path, GATEWAY_PORT=str(port), MOCK_PORT=str(mock_port)) as (proc, _, err):
+        err.wait_for('"listening"', proc, within=60)  # the mock is up, the gateway starting
+        started = descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, err.text
     assert started and not [pid for pid in started if running(pid)]
     assert port_free(port) and port_free(mock_port)
