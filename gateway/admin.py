@@ -5,16 +5,16 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
+from gateway.backlog import Backlog
+from gateway.config import Settings
 from gateway.observability.logging import Redactor
-from gateway.observability.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000
@@ -26,8 +26,39 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     )
 
 
+class PipelineStats(Protocol):
+    async def stats(self) -> dict[str, Any]: ...
+
+
+class Operated(Protocol):
+    """What the operator routes look at: the gateway (`gateway.app`), seen from here, so
+    that this module does not import the app that serves it."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def backlog(self) -> Backlog: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def pipeline(self) -> PipelineStats: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+    async def render_metrics(self) -> bytes: ...
+
+    async def replay(self, ids: list[int] | None, source: str | None) -> int: ...
+
+
 class Admin:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Operated) -> None:
         self.gw = gateway
         token = gateway.settings.admin_token
         self._token = token.encode() if token else None

@@ -1,8 +1,9 @@
 """The pipeline in a process of its own, so that ingest keeps a core to itself.
 
 Ingest's process (the front) starts `python -m gateway.worker FD` and talks to it over a
-socket pair, one JSON object a line: the settings first, then requests (`stats`,
-`metrics`, `requeue`, `stop`), each answered with the same `id`. Both processes open the
+socket pair, one JSON object a line: the settings first, then requests, a tagged union of
+Structs (`Stats`, `MetricsText`, `Requeue`, `Stop`, told apart by `type`), each answered
+with a `Reply` of the same `id`. Both processes open the
 same store (see `gateway.store.sqlite`: ingest appends to the inbox, the worker writes the
 rest) and share the backlog counters (see `gateway.backlog`).
 
@@ -42,17 +43,40 @@ log = structlog.get_logger("gateway.worker")
 LIMIT = 64 * 1024 * 1024  # longest line: a metrics exposition fits many times over
 RESTART = 1.0  # seconds before a worker that died is started again
 
+_encode = msgspec.json.encode
 
-class Request(msgspec.Struct, omit_defaults=True):
+
+# The front's requests: a tagged union, one Struct per request (`{"type": "stats", ...}`)
+
+
+class Stats(msgspec.Struct, tag="stats"):
     id: int
-    op: str
-    args: dict[str, Any] = {}
+
+
+class MetricsText(msgspec.Struct, tag="metrics"):
+    id: int
+
+
+class Requeue(msgspec.Struct, tag="requeue"):
+    id: int
+    ids: list[int]  # dead letters whose calls go back to the outbox
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    id: int
+    within: float  # seconds the drain may take
+
+
+Request = Stats | MetricsText | Requeue | Stop
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
     id: int
-    result: Any = None
+    result: dict[str, Any] | str | int | None = None
     error: str | None = None
+
+
+_decode_request = msgspec.json.Decoder(Request).decode
 
 
 class Ready(msgspec.Struct):
@@ -138,13 +162,16 @@ class RemotePipeline:
             except Exception:
                 log.exception("could not start the pipeline worker")
 
-    async def _call(self, op: str, within: float = 30.0, **args: Any) -> Any:
+    def _id(self) -> int:
+        self._next += 1
+        return self._next
+
+    async def _call(self, request: Request, within: float = 30.0) -> Any:
         if self._writer is None or self._writer.is_closing():
             raise WorkerError("the pipeline worker is not running")
-        self._next += 1
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[self._next] = fut
-        self._writer.write(msgspec.json.encode(Request(self._next, op, args)) + b"\n")
+        self._pending[request.id] = fut
+        self._writer.write(_encode(request) + b"\n")
         async with asyncio.timeout(within):
             return await fut
 
@@ -154,7 +181,7 @@ class RemotePipeline:
         if proc is None:
             return
         try:
-            await self._call("stop", within=within + 5.0, within_s=within)
+            await self._call(Stop(self._id(), within), within=within + 5.0)
         except (WorkerError, TimeoutError) as exc:
             log.warning("pipeline worker did not drain", error=str(exc))
         try:
@@ -171,15 +198,15 @@ class RemotePipeline:
                 await self._watch
 
     async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("stats", within=5.0)
+        result: dict[str, Any] = await self._call(Stats(self._id()), within=5.0)
         return result
 
     async def metrics_text(self) -> bytes:
-        text: str = await self._call("metrics", within=5.0)
+        text: str = await self._call(MetricsText(self._id()), within=5.0)
         return text.encode()
 
     async def requeue(self, ids: list[int]) -> int:
-        n: int = await self._call("requeue", ids=ids)
+        n: int = await self._call(Requeue(self._id(), ids))
         return n
 
 
@@ -208,27 +235,26 @@ async def _serve(sock: socket.socket) -> None:
     async def answer(req: Request) -> None:
         reply = Reply(req.id)
         try:
-            if req.op == "stats":
-                reply.result = await pipeline.stats()
-            elif req.op == "metrics":
-                reply.result = metrics.render_pipeline().decode()
-            elif req.op == "requeue":
-                reply.result = await pipeline.requeue(req.args["ids"])
-            elif req.op == "stop":
-                await pipeline.stop(float(req.args.get("within_s", settings.shutdown_timeout)))
-                await store.close()
-                backlog.close()
-            else:
-                reply.error = f"unknown request {req.op!r}"
+            match req:
+                case Stats():
+                    reply.result = await pipeline.stats()
+                case MetricsText():
+                    reply.result = metrics.render_pipeline().decode()
+                case Requeue(ids=ids):
+                    reply.result = await pipeline.requeue(ids)
+                case Stop(within=within):
+                    await pipeline.stop(within)
+                    await store.close()
+                    backlog.close()
         except Exception as exc:
-            log.exception("worker request failed", op=req.op)
+            log.exception("worker request failed", request=type(req).__name__)
             reply.error = repr(exc)
-        writer.write(msgspec.json.encode(reply) + b"\n")
+        writer.write(_encode(reply) + b"\n")
 
     tasks: set[asyncio.Task[None]] = set()
     while line := await reader.readline():
-        req = msgspec.json.decode(line, type=Request)
-        if req.op == "stop":
+        req = _decode_request(line)
+        if isinstance(req, Stop):
             await answer(req)
             await writer.drain()
             return
