@@ -73,43 +73,45 @@ class Router:
                     for m in decoded.messages]
             return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
-        await self._learn(source, decoded.messages)
+        messages = decoded.messages
+        users = [user_id(m) for m in messages]
+        await self._learn(source.id, users)
         prefix = self._prefixes[source.id]
         batch_context, sent_at = decoded.context, decoded.sent_at
-        for index, msg in enumerate(decoded.messages):
+        for index, (msg, user) in enumerate(zip(messages, users, strict=True)):
             context = merged(batch_context, msg.context)
             mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
             env = Envelope(
                 dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context
             )
-            deliver(env, source, self._account(source, msg, context))
+            deliver(env, source, self._account(source.id, msg, user, context))
         return self._dead(row, invalid)
 
-    def _account(self, source: Source, msg: Message, context: dict[str, Any] | None) -> str:
-        user = user_id(msg)
+    def _account(
+        self, source: str, msg: Message, user: str | None, context: dict[str, Any] | None
+    ) -> str:
         if isinstance(msg, Group):
             group = str(msg.groupId)
             if user is not None:
-                self._remember((source.id, user), group)
+                self._remember((source, user), group)
             return group
         if context is not None:
             group_id = context.get("groupId")
             if isinstance(group_id, (str, int)) and not isinstance(group_id, bool) and group_id != "":
                 return str(group_id)
         if user is not None:
-            return self._users.get((source.id, user)) or user
+            return self._users.get((source, user)) or user
         return anonymous_id(msg) or ""
 
-    async def _learn(self, source: Source, messages: list[Message]) -> None:
-        """Load the accounts of users this batch names that the router has not seen yet."""
-        missing = {
-            u for m in messages if (u := user_id(m)) is not None and (source.id, u) not in self._users
-        }
+    async def _learn(self, source: str, users: list[str | None]) -> None:
+        """Load the accounts of users the router has not seen yet."""
+        known = self._users
+        missing = {u for u in users if u is not None and (source, u) not in known}
         if not missing:
             return
-        found = await self.state.accounts_of(source.id, sorted(missing))
+        found = await self.state.accounts_of(source, sorted(missing))
         for user in missing:
-            self._remember((source.id, user), found.get(user))
+            self._remember((source, user), found.get(user))
 
     def _remember(self, key: tuple[str, str], account: str | None) -> None:
         self._users.pop(key, None)

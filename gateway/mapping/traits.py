@@ -7,6 +7,8 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import msgspec
+
 # Unix times at or above this magnitude are milliseconds, below it seconds.
 # 1e11 seconds is the year 5138 (no real date is later), and 1e11 milliseconds
 # is 1973-03-03 (few real dates in milliseconds are earlier).
@@ -14,12 +16,15 @@ MS_THRESHOLD = 1e11
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_encode = msgspec.json.encode
 
 
 def iso(dt: datetime) -> str:
     """ISO 8601 in UTC with millisecond precision: "2026-11-28T10:00:00.123Z". Naive is UTC."""
-    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    return dt.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+    if dt.tzinfo is not UTC:
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    # msgspec writes the date and time in C, a third of `isoformat`'s cost (once per event)
+    return f"{_encode(dt)[1:20].decode()}.{dt.microsecond // 1000:03d}Z"
 
 
 def normalise_traits(kind: Literal["identify", "group"], traits: dict[str, Any]) -> dict[str, Any]:
