@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
 
 
-LEDGER_CACHE = 4096  # ledger rows an actor remembers
-
-
 class Envelope(NamedTuple):
     """A message on its way to its account's actor, with what the router worked out."""
 
@@ -69,10 +66,11 @@ class Actor:
         self.dead: list[DeadLetter] = []
         self.held = 0  # messages taken since the last commit
 
-    def committed(self, row: Row) -> None:
-        if len(self.ledger) >= LEDGER_CACHE:
-            self.ledger.clear()  # rows of past days, mostly: fetched again if wanted
+    def committed(self, row: Row) -> int:
+        """Remember a row as committed; 1 when it is a row it did not know."""
+        known = row.key in self.ledger
         self.ledger[row.key] = row
+        return 0 if known else 1
 
     def work(self, metrics: Metrics) -> None:
         """Take every message in the mailbox into the pending state."""

@@ -41,6 +41,7 @@ READ_AHEAD = 16  # inbox records read at once
 YIELD = 0.05
 POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 RETRY = 1.0  # seconds before a turn whose commit failed is tried again
+LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all together
 
 
 class Dispatcher:
@@ -67,6 +68,7 @@ class Dispatcher:
         self._flush = Flush(self._modes, self._cached)
         self._landing: asyncio.Task[None] | None = None  # the turn being committed
         self._landing_messages = 0
+        self._remembered = 0  # ledger rows in the actors' memory (passivated ones' too)
         self._started: float | None = None  # when the oldest held message was read
         self._clock = time.monotonic()
         self._wake = asyncio.Event()
@@ -114,7 +116,12 @@ class Dispatcher:
                     # route a record at a time in the gaps (a burst is absorbed, not refused)
                     await asyncio.sleep(YIELD)
                 await self._route(row)
-                if self._flush.messages >= turn or len(self._live) >= s.max_actors:
+                if len(self._live) >= s.max_actors:
+                    # crowded: commit what the actors hold, so that they can go
+                    await self._commit()
+                    await self._landed()
+                    self._passivate()
+                elif self._flush.messages >= turn:
                     await self._commit()
             if self._flush.messages and (self._due() or (self._stopping and not rows)):
                 await self._commit()
@@ -211,7 +218,13 @@ class Dispatcher:
         live = self._live
         for row in outcome.rows:
             if (actor := live.get((row.key.source, row.key.account))) is not None:
-                actor.committed(row)
+                self._remembered += actor.committed(row)
+        if self._remembered > LEDGER_CACHE:
+            # the rows of past days, mostly: forget them all (one turn fetches what is
+            # still wanted) rather than track which are old
+            for actor in live.values():
+                actor.ledger.clear()
+            self._remembered = 0
         self._report(f, outcome)
         self._passivate()
         self._wake.set()
@@ -222,6 +235,7 @@ class Dispatcher:
         async with self._turn:
             for actor in self._live.values():
                 actor.ledger.clear()
+            self._remembered = 0
             return await self.store.prune(before)
 
     def _cached(self, key: LedgerKey) -> Row | None:

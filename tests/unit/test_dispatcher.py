@@ -1,0 +1,169 @@
+"""The router's account rule and the dispatcher: turns, the bound on messages held,
+passivation, and a turn the store refuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.actors.actor import Envelope
+from gateway.actors.dispatcher import Dispatcher
+from gateway.actors.router import Router
+from gateway.backlog import Backlog
+from gateway.config import Settings, Source
+from gateway.ingest.messages import decode_batch
+from gateway.observability.metrics import Metrics
+from gateway.store import InboxRow, SqliteStore, Turn
+
+SOURCE = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main")
+TS = "2026-11-20T10:00:00.000Z"
+
+
+def track(mid: str, user: str, account: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "track", "messageId": mid, "userId": user, "event": "E",
+                           "timestamp": TS}
+    if account is not None:
+        msg["context"] = {"groupId": account}
+    return msg
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "g.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def accounts_of(store: SqliteStore, batch: list[dict[str, Any]]) -> list[str]:
+    router = Router(store, {"main": SOURCE})
+    body = msgspec.json.encode({"batch": batch})
+    row = InboxRow(1, "main", 0.0, body, len(batch))
+    got: list[str] = []
+
+    def deliver(env: Envelope, source: Source, account: str) -> None:
+        got.append(account)
+
+    assert await router.route(row, deliver) == []
+    return got
+
+
+async def test_the_account_of_a_message(store: SqliteStore) -> None:
+    batch = [
+        track("1", "u1"),  # no group known: the user itself
+        {"type": "group", "messageId": "2", "userId": "u1", "groupId": "g1"},
+        track("3", "u1"),  # the account last seen for the user in a group call
+        track("4", "u1", account="g2"),  # context.groupId wins
+        {"type": "track", "messageId": "5", "anonymousId": "a1", "event": "E"},
+        {"type": "group", "messageId": "6", "userId": "u2", "groupId": 7},
+    ]
+    assert await accounts_of(store, batch) == ["u1", "g1", "g1", "g2", "a1", "7"]
+
+
+async def test_the_account_learnt_from_a_group_call_is_found_again_in_the_store(
+    store: SqliteStore,
+) -> None:
+    await store.transact(lambda tx: tx.state.put_accounts([("main", "u9", "g9")]))
+    assert await accounts_of(store, [track("1", "u9")]) == ["g9"]
+
+
+class Harness:
+    def __init__(self, store: SqliteStore, **settings: Any) -> None:
+        self.store = store
+        self.settings = Settings(sources=[SOURCE], flush_interval=0.05, actor_idle=0.1, **settings)
+        self.backlog = Backlog(10**9)
+        self.dispatcher = Dispatcher(
+            store, Router(store, {"main": SOURCE}), self.settings, Metrics(["main"]),
+            self.backlog, lambda source: None,
+        )
+
+    async def accept(self, batch: list[dict[str, Any]]) -> None:
+        body = msgspec.json.encode({"batch": batch})
+        assert not decode_batch(body).rejected
+        await self.store.accept("main", 0.0, body, len(batch))
+        self.backlog.accepted(len(batch))
+
+    async def applied(self, check: Callable[[], bool] = lambda: True) -> None:
+        await self.store.restart_inbox()
+        task = asyncio.create_task(self.dispatcher.run())
+        try:
+            async with asyncio.timeout(20):
+                while (await self.store.counts()).inbox or not check():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        finally:
+            self.dispatcher.stop()
+            await task
+
+
+async def test_a_turn_commits_many_actors_at_once_and_holds_at_most_the_bound(
+    store: SqliteStore,
+) -> None:
+    h = Harness(store, max_in_flight=400)
+    for b in range(20):
+        await h.accept([track(f"{b}-{i}", f"u{i}", f"acct{i % 50}") for i in range(100)])
+    turns: list[int] = []
+    transact = store.transact
+
+    def counting(script: Callable[[Turn], Any], now: float | None = None) -> Any:
+        turns.append(h.dispatcher.held)
+        return transact(script, now)
+
+    store.transact = counting  # type: ignore[method-assign]
+    await h.applied()
+    counts = await store.counts()
+    assert (counts.ledger_events, counts.outbox) == (2000, 2000)
+    # 2,000 messages of 50 accounts in turns of about 200: a turn is many actors' flushes
+    assert 5 <= len(turns) <= 20
+    assert max(turns) <= 400 + 100  # the bound, and at most one record read past a turn's end
+
+
+async def test_idle_actors_are_passivated_and_max_actors_holds(store: SqliteStore) -> None:
+    h = Harness(store, max_actors=8)
+    for b in range(8):  # 8 records of 5 accounts each
+        await h.accept([track(f"{b}-{i}", f"u{b}-{i}", f"acct{b}-{i}") for i in range(5)])
+    live: list[int] = []
+    route = h.dispatcher._route
+
+    async def routed(row: InboxRow) -> None:
+        await route(row)
+        live.append(len(h.dispatcher))
+
+    h.dispatcher._route = routed  # type: ignore[method-assign]
+    await h.applied(lambda: len(h.dispatcher) == 0)
+    assert (await store.counts()).ledger_events == 40
+    assert len({r["account"] for r in await store.ledger("main", None)}) == 40
+    # reaching 8 ends the turn and passivates; a record adds at most its 5 accounts
+    assert len(live) == 8 and max(live) < 8 + 5
+
+
+async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.actors.dispatcher.RETRY", 0.05)
+    h = Harness(store)
+    await h.accept([track(str(i), "u1", "a") for i in range(10)])
+    transact = store.transact
+    refused: list[int] = []
+
+    def failing(script: Callable[[Turn], Any], now: float | None = None) -> Any:
+        if len(refused) < 2:
+            refused.append(1)
+
+            def broken(tx: Turn) -> Any:
+                script(tx)
+                raise OSError("disk full")
+
+            return transact(broken, now)
+        return transact(script, now)
+
+    store.transact = failing  # type: ignore[method-assign]
+    await h.applied()
+    counts = await store.counts()
+    assert len(refused) == 2
+    # the refused turns left nothing behind (their writes rolled back): counted once
+    assert (counts.ledger_events, counts.outbox, counts.inbox) == (10, 10, 0)
