@@ -206,7 +206,3 @@ def _holder(fd: int) -> str:
     """Who holds the lock, as its file says: the pid of the gateway that took it."""
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     return f"pid {text}" if text.isdigit() else "pid unknown"
-
-
-def create_app(settings: Settings) -> web.Application:
-    return Gateway(settings).app()

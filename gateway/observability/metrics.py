@@ -5,9 +5,9 @@ the pipeline may run in a process of its own (`gateway.worker`): each process up
 its own families, and `/metrics` is ingest's exposition followed by the pipeline's, no
 family in both.
 
-Label values are bounded: `source` is `Source.id` (secret-free), `reason`, `type`, `call`,
-`stage` come from the fixed sets below (anything else is counted as "other"), `status` is
-an HTTP status or "error", and `route` is a route template, never a raw path.
+Label values are bounded: `source` is `Source.id` (secret-free); `reason`, `type`, `call`,
+`kind` and `stage` are names the code sets from fixed sets; `status` is an HTTP status or
+"error"; `route` is a route template, never a raw path.
 """
 
 from __future__ import annotations
@@ -22,11 +22,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-REJECT_REASONS = frozenset({"invalid", "too_large", "unauthorized", "overloaded", "other"})
-MESSAGE_TYPES = frozenset({"identify", "group", "track", "page", "screen", "alias", "other"})
-CALLS = frozenset({"identify", "group", "track", "segment"})
-STAGES = frozenset({"ingest", "mapping", "forward"})
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The classic text format every Prometheus scrapes. prometheus_client >= 0.22 labels its output
@@ -34,16 +29,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _P = "accoil_gateway_"
-
-
-def bounded(value: str, allowed: frozenset[str]) -> str:
-    """`value` if it is in `allowed`, else "other": keeps label cardinality fixed."""
-    return value if value in allowed else "other"
-
-
-def status_label(status: int | None) -> str:
-    """An HTTP status as a label, or "error" when the call got no response."""
-    return "error" if status is None else str(status)
 
 
 class Metrics:
