@@ -82,7 +82,8 @@ def to_call(
         if not msg.event:
             return Skip("event is required to forward a track call")
         if api == "v2":
-            body = _present(userId=user, event=msg.event, timestamp=when, groupId=context_group)
+            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes
+            body = _present(userId=user, event=msg.event, timestamp=when)
         else:
             body = _segment("track", msg, user, when, event=msg.event)
         return _call("track", api, body, user, context_group, msg.event, None)
@@ -96,7 +97,7 @@ def to_call(
         return Skip(f"name is required to forward a {kind} call (`name` or `properties.name`)")
     event = f"{kind.capitalize()} Viewed {name}"
     if api == "v2":
-        body = _present(userId=user, event=event, timestamp=when, groupId=context_group)
+        body = _present(userId=user, event=event, timestamp=when)
     else:
         body = _segment(kind, msg, user, when, name=name)
     return _call("track", api, body, user, context_group, event, None)
