@@ -146,6 +146,7 @@ class Router:
                 message=msg,
                 timestamp=effective_timestamp(msg, decoded.sent_at, received),
                 context=context,
+                integrations=merged(decoded.integrations, msg.integrations),
             )
             await self.actors.deliver(env, source, self._account(source, msg, context))
 
