@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_forward.py
 	$(PY) scripts/bench_memory.py
+	$(PY) scripts/bench_sustained.py
 
 run: $(STAMP)
 	$(PY) scripts/run_demo.py

@@ -295,7 +295,7 @@ def test_range_error_on_env_value_that_overrides_file(tmp_path: Path) -> None:
 
 
 def test_operations_doc_lists_every_field_and_variable() -> None:
-    doc = (Path(__file__).parents[2] / "README.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     for var, name in {**SERVER_ENV, **SOURCE_ENV}.items():
         assert f"| `{name}` |" in doc, name
         assert f"`{var}`" in doc, var

@@ -263,7 +263,7 @@ def test_each_metrics_owns_its_registry() -> None:
 
 
 def test_operations_doc_lists_every_metric() -> None:
-    doc = (Path(__file__).parents[2] / "README.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     for family in Metrics().registry.collect():
         exposed = family.name + ("_total" if family.type == "counter" else "")
         assert f"| `{exposed}` | {family.type} |" in doc, exposed
