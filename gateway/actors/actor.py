@@ -202,7 +202,7 @@ class Actor:
                 self._dead.append(
                     DeadLetter(
                         source=self.source.id, stage="mapping", reason=call.reason,
-                        payload=msgspec.json.encode(msg), account=self.account,
+                        payload=msgspec.json.encode(msg), account=self.account, grouped=True,
                     )
                 )
             return

@@ -111,3 +111,25 @@ async def test_created_at_in_either_spelling_reaches_accoil_as_iso(
     assert mock_accoil.accounts()[0]["traits"] == {
         "created_at": "2024-01-15T10:00:00.123Z", "createdAt": "2024-01-15T10:00:00.000Z"
     }
+
+
+async def test_the_same_reason_repeated_is_one_dead_letter_with_a_count(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # a browser before login: anonymous-only calls, each its own account actor
+    def anon(i: int) -> dict[str, Any]:
+        return {"type": "track", "messageId": f"a{i}", "anonymousId": f"anon-{i}",
+                "event": "Clicked", "timestamp": TS}
+
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        for start in (0, 10, 20):
+            body = {"batch": [anon(i) for i in range(start, start + 10)]
+                    + [{"type": "track", "messageId": f"bad{start}", "userId": "u1"}]}
+            assert (await gw.post("/v1/batch", body))[0] == 200
+        await gw.idle()
+        _, listing = await gw.admin("GET", "/admin/dead-letters")
+    letters = sorted(listing["dead_letters"], key=lambda d: d["stage"])
+    assert [(d["stage"], d["repeat"]) for d in letters] == [("ingest", 3), ("mapping", 30)]
+    assert letters[1]["reason"] == "userId is required to forward a track call"
+    assert letters[1]["payload"]["messageId"] == "a0"  # the first stands for all
+    assert letters[1]["last_at"] >= letters[1]["created_at"]
