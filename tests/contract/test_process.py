@@ -147,6 +147,33 @@ def test_segments_python_client_reaches_accoil(mock_accoil: MockAccoilServer, tm
     assert len(mock_accoil.calls()) == 7
 
 
+def test_segments_python_client_reads_a_401_and_does_not_retry(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    from segment.analytics.client import Client
+    from segment.analytics.request import APIError
+
+    with gateway_process(mock_accoil.url, tmp_path) as (proc, url):
+        errors: list[Exception] = []
+        # bounded, so that a regression (retrying a 401 ten times) fails in seconds
+        client = Client("wk_not_configured", host=url, max_retries=10,
+                        max_total_backoff_duration=5,
+                        on_error=lambda e, _batch: errors.append(e))
+        client.track("user-1", "Refused")
+        client.flush()
+        client.join()
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    (error,) = errors
+    assert isinstance(error, APIError)
+    assert (error.status, error.code) == (401, "unauthorized")
+    assert "write key" in error.message
+    refused = [line for line in metrics.splitlines()
+               if line.startswith("accoil_gateway_http_requests_total") and 'status="401"' in line]
+    assert refused == ['accoil_gateway_http_requests_total{route="/v1/batch",status="401"} 1.0']
+    assert mock_accoil.calls() == []
+
+
 ADMIN = "admin_process_test_token"
 
 
