@@ -59,6 +59,8 @@ CORS = {
 CODES = {
     400: "invalid_request",
     401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_encoding",
@@ -201,6 +203,15 @@ class Ingest:
             self.metrics.rejected.labels(source.id, "overloaded").inc()
         retry = str(self.settings.retry_after)
         return _error(503, f"{why}: retry later", extra={"Retry-After": retry})
+
+
+UNROUTED = (404, 405)  # aiohttp's own replies for a path or method no route serves
+
+
+def routing_error(status: int, reason: str, allow: str | None) -> web.Response:
+    """aiohttp's 404 or 405 in the shape of every other error reply."""
+    extra = {"Allow": allow} if allow is not None else None
+    return _error(status, reason.lower(), extra=extra)
 
 
 async def preflight(request: web.Request) -> web.Response:

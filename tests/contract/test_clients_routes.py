@@ -152,3 +152,13 @@ async def test_every_error_reply_has_segments_code_and_message(
             assert reply["code"] == want_code and reply["message"] == reply["error"] != ""
             assert reply["success"] is False
 
+
+
+async def test_wrong_paths_and_methods_get_json_errors(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        async with gw.http.get(gw.url + "/v1/batch") as resp:
+            assert resp.status == 405 and "POST" in resp.headers["Allow"]
+            reply = await resp.json()
+            assert (reply["code"], reply["message"]) == ("method_not_allowed", "method not allowed")
+        status, reply = await gw.post("/v2/batch", {"batch": []})
+        assert status == 404 and reply["code"] == "not_found" and reply["success"] is False
