@@ -299,3 +299,44 @@ def test_operations_doc_lists_every_field_and_variable() -> None:
     for var, name in {**SERVER_ENV, **SOURCE_ENV}.items():
         assert f"| `{name}` |" in doc, name
         assert f"`{var}`" in doc, var
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        (ONE.replace(WK1, "w"), {},
+         "sources[0].write_key: too short (1 characters); secrets need at least 8"),
+        (ONE.replace(AK1, "ak_1234"), {},
+         "sources[0].accoil_api_key: too short (7 characters); secrets need at least 8"),
+        (ONE.replace(AK1, "STG_abcd123"), {},
+         "sources[0].accoil_api_key: too short (without its stg_ prefix, 7 characters); "
+         "secrets need at least 8"),
+        (ONE.replace(TOKEN, "tok"), {},
+         "admin_token: too short (3 characters); secrets need at least 8"),
+        (None, {"GATEWAY_WRITE_KEY": "x", "ACCOIL_API_KEY": AK1},
+         "GATEWAY_WRITE_KEY: too short (1 characters); secrets need at least 8"),
+        (None, {"GATEWAY_WRITE_KEY": WK1, "ACCOIL_API_KEY": AK1, "GATEWAY_ADMIN_TOKEN": "short"},
+         "GATEWAY_ADMIN_TOKEN: too short (5 characters); secrets need at least 8"),
+    ],
+)
+def test_short_secrets_are_refused_by_name(
+    tmp_path: Path, text: str | None, env: dict[str, str], expected: str
+) -> None:
+    # a one-letter key would be masked as "***" wherever that letter appears in a log line
+    path = write(tmp_path, text) if text is not None else None
+    assert error(path, env) == expected
+
+
+def test_a_short_secret_echoed_as_a_value_is_still_masked(tmp_path: Path) -> None:
+    text = ONE.replace(AK1, "k1").replace('name = "web"', 'api = "k1"')
+    assert error(write(tmp_path, text)) == (
+        'sources[0].api: expected one of "segment", "v2", got "***"'
+    )
+
+
+def test_eight_character_secrets_are_enough() -> None:
+    env = {"GATEWAY_WRITE_KEY": "wk_12345", "ACCOIL_API_KEY": "stg_abcd1234",
+           "GATEWAY_ADMIN_TOKEN": "12345678"}
+    settings = load(None, env)
+    assert settings.sources[0].write_key == "wk_12345"
+    assert settings.admin_token == "12345678"
