@@ -9,6 +9,7 @@ tests/contract/test_process.py; the real SDKs themselves run in tests/browser.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,30 @@ async def test_batch_routes_as_mobile_and_java_sdks_send_them(
         await gw.idle()
     assert mock_accoil.count("u1", "Opened") == 1
     assert mock_accoil.count("u1", "Screen Viewed Home") == 1
+
+
+async def test_analytics_java_gzipped_import_with_a_trailing_slash(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # analytics-java: gzip, Basic auth, a batch with its library context and a sequence number
+    body = {
+        "batch": [{"type": "identify", "messageId": "jv1", "userId": "u1", "timestamp": TS,
+                   "traits": {"created_at": "2024-01-15T10:00:00Z"}},
+                  {"type": "track", "messageId": "jv2", "userId": "u1", "event": "Synced",
+                   "timestamp": TS}],
+        "sentAt": TS,
+        "context": {"library": {"name": "analytics-java", "version": "3.5.1"}},
+        "sequence": 1,
+    }
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json; charset=utf-8",
+               "User-Agent": "analytics-java/3.5.1"}
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        status, reply = await gw.post("/v1/import/", data=gzip.compress(json.dumps(body).encode()),
+                                      headers=headers)
+        assert (status, reply) == (200, {"success": True})
+        await gw.idle()
+    assert mock_accoil.count("u1", "Synced") == 1
+    assert mock_accoil.users()[0]["traits"] == {"created_at": "2024-01-15T10:00:00.000Z"}
 
 
 async def test_batching_mode_of_analytics_js(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
