@@ -3,6 +3,8 @@ pages (DESIGN 2 and 3). Both are counted, and neither is a dead letter."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,23 @@ async def test_the_same_reason_repeated_is_one_dead_letter_with_a_count(
     assert letters[1]["reason"] == "userId is required to forward a track call"
     assert letters[1]["payload"]["messageId"] == "a0"  # the first stands for all
     assert letters[1]["last_at"] >= letters[1]["created_at"]
+
+
+async def test_dead_letters_are_pruned_after_the_retention(
+    mock_accoil: MockAccoilServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.pipeline
+
+    monkeypatch.setattr(gateway.pipeline, "HOUSEKEEPING", 0.05)
+    anon = {"type": "track", "messageId": "gone", "anonymousId": "a1", "event": "E", "timestamp": TS}
+    settings = settings_for(mock_accoil.url, tmp_path, dead_letter_retention=0.5)
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/batch", {"batch": [anon]}))[0] == 200
+        await gw.idle()
+        _, listing = await gw.admin("GET", "/admin/dead-letters")
+        assert [d["payload"]["messageId"] for d in listing["dead_letters"]] == ["gone"]
+        deadline = time.monotonic() + 10
+        while listing["dead_letters"]:
+            assert time.monotonic() < deadline, "the dead letter outlived its retention"
+            await asyncio.sleep(0.05)
+            _, listing = await gw.admin("GET", "/admin/dead-letters?replayed=true")
