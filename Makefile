@@ -18,6 +18,7 @@ lint: $(STAMP)
 
 test: lint
 	bash scripts/ensure_wrk.sh
+	bash scripts/ensure_browser.sh
 	$(VENV)/bin/pytest -q
 
 reliability: $(STAMP)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
+from gateway.actors.integrations import enabled
 from gateway.config import Source
 from gateway.ingest.messages import Message
 from gateway.keys import group_key, identify_key
@@ -36,6 +37,7 @@ class Envelope(NamedTuple):
     message: Message
     timestamp: datetime
     context: dict[str, Any] | None
+    integrations: dict[str, Any] | None  # the batch's merged under the message's
 
 
 class Actor:
@@ -82,15 +84,27 @@ class Actor:
         self.held += 1
         msg = env.message
         source = self.source
-        call = to_call(msg, api=source.api, timestamp=env.timestamp, context=env.context)
+        if env.integrations and not enabled(env.integrations):
+            # turned off for Accoil by the sender (consent): counted, never a dead letter
+            self.marks.append(env.key)
+            metrics.skipped.labels(source.id, "integrations").inc()
+            return
+        call = to_call(
+            msg, api=source.api, timestamp=env.timestamp, context=env.context,
+            unnamed_pages=source.unnamed_pages,
+        )
         if isinstance(call, Skip):
             if call.unsupported:
                 self.marks.append(env.key)
                 metrics.unsupported.labels(source.id, type(msg).__name__.lower()).inc()
+            elif call.counted is not None:
+                self.marks.append(env.key)
+                metrics.skipped.labels(source.id, call.counted).inc()
             else:
                 self.dead.append(DeadLetter(
                     source=source.id, stage="mapping", reason=call.reason,
                     payload=msgspec.json.encode(msg), account=self.account, key=env.key,
+                    grouped=True,
                 ))
             return
         ts: str = call.body["timestamp"]

@@ -66,10 +66,12 @@ class Router:
             try:
                 decoded = decode_batch(row.body)
             except InvalidBody as exc:
-                return self._dead(row, [(row.body, f"stored body unreadable: {exc.reason}")])
-        invalid = [(r.raw, r.reason) for r in decoded.rejected]
+                return self._dead(row, [(row.body, f"stored body unreadable: {exc.reason}", False)])
+        # the same reason repeated is one letter with a count: these messages are at fault
+        invalid = [(r.raw, r.reason, True) for r in decoded.rejected]
         if source is None:
-            gone = [(msgspec.json.encode(m), "source is no longer configured")
+            # each kept: they are fine, and a replay after the source is back forwards them
+            gone = [(msgspec.json.encode(m), "source is no longer configured", False)
                     for m in decoded.messages]
             return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
@@ -77,12 +79,14 @@ class Router:
         users = [user_id(m) for m in messages]
         await self._learn(source.id, users)
         prefix = self._prefixes[source.id]
-        batch_context, sent_at = decoded.context, decoded.sent_at
+        batch_context, batch_integrations = decoded.context, decoded.integrations
+        sent_at = decoded.sent_at
         for index, (msg, user) in enumerate(zip(messages, users, strict=True)):
             context = merged(batch_context, msg.context)
             mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
             env = Envelope(
-                dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context
+                dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context,
+                merged(batch_integrations, msg.integrations),
             )
             deliver(env, source, self._account(source.id, msg, user, context))
         return self._dead(row, invalid)
@@ -119,10 +123,12 @@ class Router:
         if len(self._users) > USERS:
             del self._users[next(iter(self._users))]
 
-    def _dead(self, row: InboxRow, items: list[tuple[bytes, str]]) -> list[DeadLetter]:
+    def _dead(self, row: InboxRow, items: list[tuple[bytes, str, bool]]) -> list[DeadLetter]:
+        """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
         prefix = self._prefixes.get(row.source) or dedupe_prefix(row.source)
         return [
             DeadLetter(source=row.source, stage="ingest", reason=reason, payload=payload,
-                       key=dedupe_key(prefix, rejected_id(row.id, row.received_at, i)))
-            for i, (payload, reason) in enumerate(items)
+                       key=dedupe_key(prefix, rejected_id(row.id, row.received_at, i)),
+                       grouped=grouped)
+            for i, (payload, reason, grouped) in enumerate(items)
         ]

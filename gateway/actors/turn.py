@@ -18,6 +18,7 @@ import msgspec
 
 from gateway.actors.actor import Actor
 from gateway.config import TrackMode
+from gateway.rules.dead_letters import group, group_keys
 from gateway.rules.dedupe import first_seen
 from gateway.rules.ledger import LedgerKey, Row, Tally, discount, settle
 from gateway.rules.traits import Pending, body_of, fold, outgoing
@@ -147,6 +148,9 @@ def commit(f: Flush, tx: Turn) -> Outcome:
         tx.state.put_known(remembered)
     if f.accounts:
         tx.state.put_accounts(f.accounts)
-    tx.dead.add(dead)
+    if dead:
+        new, joins = group(dead, tx.dead.open_groups(group_keys(dead)))
+        tx.dead.join(joins)
+        tx.dead.add(new)
     tx.inbox.applied(f.inbox)
     return Outcome(counted, duplicates, suppressed, calls, dead, rows)

@@ -55,6 +55,11 @@ class Metrics:
         self.unsupported = Counter(
             _P + "messages_unsupported", "Messages with no Accoil equivalent (alias), by type.",
             ["source", "type"], registry=p)
+        self.skipped = Counter(
+            _P + "messages_skipped",
+            "Messages not forwarded by design, by reason: integrations (turned off for Accoil"
+            " by the sender) or unnamed (a page or screen without a name).",
+            ["source", "reason"], registry=p)
         self.forwarded = Counter(
             _P + "calls_forwarded", "Calls sent to Accoil, by call and HTTP status (or error).",
             ["source", "call", "status"], registry=p)

@@ -30,8 +30,13 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     payload: bytes  # the message (ingest, mapping) or the call body (forward), as JSON
     status: int | None = None
     path: str | None = None
-    repeat: int = 1  # forward stage: how many occurrences of the call this stands for
+    # forward stage: how many occurrences of the call this stands for; grouped letters: how
+    # many messages with this reason
+    repeat: int = 1
     account: str | None = None
+    # one letter per (source, stage, reason) while not replayed: for messages whose own
+    # content is at fault (invalid, anonymous-only), which a browser can send without end
+    grouped: bool = False
     # a dedupe key (`gateway.keys`): kept once, however often its message is routed
     key: bytes | None = None
 
@@ -48,6 +53,7 @@ class StoredLetter(msgspec.Struct, kw_only=True):
     account: str | None
     created_at: float
     replayed_at: float | None
+    last_at: float  # the latest occurrence (grouped letters); else created_at
 
 
 class InboxRow(msgspec.Struct, array_like=True):
@@ -138,6 +144,12 @@ class OutboxTurn(Protocol):
 class DeadTurn(Protocol):
     def add(self, letters: list[DeadLetter]) -> None: ...
 
+    def open_groups(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        """The id of the grouped letter, not replayed, of each (source, stage, reason)."""
+
+    def join(self, occurrences: Mapping[int, int]) -> None:
+        """More occurrences of grouped letters (id -> how many), last seen now."""
+
 
 class Turn(Protocol):
     @property
@@ -215,6 +227,10 @@ class DeadLetters(Protocol):
     async def requeue(self, letters: Sequence[tuple[int, str | None]], now: float) -> int:
         """Mark dead letters replayed; a letter given a call kind goes back to the outbox
         as that kind of call."""
+        ...
+
+    async def prune_dead_letters(self, before: float) -> int:
+        """Delete dead letters whose last occurrence is older than `before`, replayed or not."""
         ...
 
 

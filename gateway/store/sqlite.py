@@ -110,8 +110,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     repeat INTEGER NOT NULL,
     account TEXT,
     created_at REAL NOT NULL,
-    replayed_at REAL
+    replayed_at REAL,
+    last_at REAL,
+    grouped INTEGER NOT NULL DEFAULT 0
 );
+"""
+
+# Added after the first release: a data directory made before gets them at open.
+_MIGRATIONS = {
+    ("dead_letters", "last_at"): "ALTER TABLE dead_letters ADD COLUMN last_at REAL",
+    ("dead_letters", "grouped"):
+        "ALTER TABLE dead_letters ADD COLUMN grouped INTEGER NOT NULL DEFAULT 0",
+}
+# Finds the letter a repeated reason joins (see `_insert_dead`), and the letters to prune.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS dead_reason ON dead_letters (source, stage, reason)
+    WHERE replayed_at IS NULL AND grouped = 1;
+CREATE INDEX IF NOT EXISTS dead_last ON dead_letters (last_at);
 """
 
 SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
@@ -223,6 +238,7 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(SCHEMA)
+        _migrate(conn)
         if self._ingest:
             self.inbox.open_for_append()
         self._writer = _Writer(conn, asyncio.get_running_loop())
@@ -418,7 +434,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> list[StoredLetter]:
             sql = (
                 "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
-                " created_at, replayed_at FROM dead_letters WHERE id > ?"
+                " created_at, replayed_at, COALESCE(last_at, created_at) FROM dead_letters WHERE id > ?"
             )
             args: list[Any] = [after]
             if source is not None:
@@ -437,7 +453,8 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> list[StoredLetter]:
             sql = (
                 "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
-                " created_at, replayed_at FROM dead_letters WHERE replayed_at IS NULL"
+                " created_at, replayed_at, COALESCE(last_at, created_at) FROM dead_letters"
+                " WHERE replayed_at IS NULL"
             )
             args: list[Any] = []
             if source is not None:
@@ -508,6 +525,14 @@ class SqliteStore:
 
         return await self._run_read(op)
 
+    async def prune_dead_letters(self, before: float) -> int:
+        """Delete dead letters whose last occurrence is older than `before`, replayed or not."""
+        return await self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM dead_letters WHERE COALESCE(last_at, created_at) < ?", (before,)
+            ).rowcount
+        )
+
     async def prune(self, before: float) -> int:
         """Forget dedupe keys (a day at a time), ledger rows and known traits older than
         `before`."""
@@ -529,6 +554,7 @@ def _letters(cur: sqlite3.Cursor) -> list[StoredLetter]:
         StoredLetter(
             id=r[0], source=r[1], stage=r[2], reason=r[3], payload=r[4], status=r[5],
             path=r[6], repeat=r[7], account=r[8], created_at=r[9], replayed_at=r[10],
+            last_at=r[11],
         )
         for r in cur
     ]
@@ -764,6 +790,23 @@ class _DeadTurn:
     def add(self, letters: list[DeadLetter]) -> None:
         _insert_dead(self.turn.conn, letters, self.turn.now)
 
+    def open_groups(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        found: dict[tuple[str, str, str], int] = {}
+        for key in keys:
+            row = _one(self.turn.conn.execute(
+                "SELECT id FROM dead_letters WHERE source = ? AND stage = ? AND reason = ?"
+                " AND replayed_at IS NULL AND grouped = 1 ORDER BY id LIMIT 1", key,
+            ))
+            if row is not None:
+                found[key] = row[0]
+        return found
+
+    def join(self, occurrences: Mapping[int, int]) -> None:
+        self.turn.conn.executemany(
+            "UPDATE dead_letters SET repeat = repeat + ?, last_at = ? WHERE id = ?",
+            [(n, self.turn.now, letter) for letter, n in occurrences.items()],
+        )
+
 
 def _by_source(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
@@ -772,13 +815,22 @@ def _by_source(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    for (table, column), sql in _MIGRATIONS.items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(sql)
+    conn.executescript(_INDEXES)
+
+
 def _insert_dead(conn: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
     if dead:
         conn.executemany(
             "INSERT INTO dead_letters (source, stage, reason, payload, status, path, repeat,"
-            " account, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " account, created_at, last_at, grouped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account, now)
+                (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account,
+                 now, now, int(d.grouped))
                 for d in dead
             ],
         )

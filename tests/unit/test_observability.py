@@ -198,6 +198,7 @@ METRIC_NAMES = {
     "accoil_gateway_messages_deduplicated": "counter",
     "accoil_gateway_messages_coalesced": "counter",
     "accoil_gateway_messages_unsupported": "counter",
+    "accoil_gateway_messages_skipped": "counter",
     "accoil_gateway_calls_forwarded": "counter",
     "accoil_gateway_retries": "counter",
     "accoil_gateway_dead_letters": "counter",
@@ -217,6 +218,7 @@ def test_metrics_render_every_name() -> None:
     m.rejected.labels(source="web", reason="invalid").inc()
     m.coalesced.labels(source="web", kind="track").inc(2)
     m.unsupported.labels(source="web", type="alias").inc()
+    m.skipped.labels(source="web", reason="unnamed").inc()
     m.forwarded.labels(source="web", call="track", status="202").inc()
     m.forwarded.labels(source="web", call="identify", status="error").inc()
     m.dead_letters.labels(source="web", stage="forward").inc()
@@ -236,6 +238,7 @@ def test_metrics_render_every_name() -> None:
     assert 'accoil_gateway_calls_forwarded_total{call="identify",source="web",status="error"} 1.0' in text
     assert 'accoil_gateway_upstream_latency_seconds_bucket{call="track",le="0.05",source="web"} 1.0' in text
     assert "accoil_gateway_backlog 42.0" in text
+    assert 'accoil_gateway_messages_skipped_total{reason="unnamed",source="web"} 1.0' in text
 
 
 def test_known_sources_start_at_zero() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from gateway.keys import DEDUPE_BYTES, dedupe_key, dedupe_prefix, group_key, ledger_key
+from gateway.rules.dead_letters import group
 from gateway.rules.dedupe import first_seen
 from gateway.rules.ledger import Hit, LedgerKey, Row, discount, settle, tally
 from gateway.rules.traits import Pending, fold, outgoing
+from gateway.store import DeadLetter
 
 KEY = LedgerKey("s", "2026-11-28", "u1", "acme", "Clicked")
 
@@ -91,3 +93,18 @@ def test_same_day_suppression_and_fold() -> None:
         "seats": 3, "plan": "pro"
     }
     assert fold(None, {"traits": {}}) == {"traits": {}}
+
+
+def test_dead_letters_of_one_fault_group_and_others_are_each_kept() -> None:
+    def letter(reason: str, grouped: bool = True, source: str = "s") -> DeadLetter:
+        return DeadLetter(source=source, stage="mapping", reason=reason, payload=b"{}",
+                          grouped=grouped)
+
+    letters = [letter("a"), letter("b"), letter("a"), letter("c"), letter("c", source="t"),
+               letter("a", grouped=False), letter("a")]
+    new, joins = group(letters, {("s", "mapping", "c"): 41})
+    assert [(d.source, d.reason, d.repeat, d.grouped) for d in new] == [
+        ("s", "a", 3, True), ("s", "b", 1, True), ("t", "c", 1, True), ("s", "a", 1, False),
+    ]
+    assert joins == {41: 1}
+    assert letters[0].repeat == 1  # the letters given are left as they are
