@@ -53,10 +53,6 @@ class Actor:
         self.last = 0.0  # when it last had mail (the dispatcher's clock)
         # the account's ledger rows as committed, so that a turn need not fetch them again
         self.ledger: dict[LedgerKey, Row] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget what a committed turn made durable."""
         # each counted call's dedupe key and ledger key, in order; and per ledger key, the
         # occurrences counted and the latest call
         self.hit_keys: list[bytes] = []
@@ -67,6 +63,24 @@ class Actor:
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
         self.dead: list[DeadLetter] = []
         self.held = 0  # messages taken since the last commit
+
+    def reset(self) -> None:
+        """Forget what a committed turn made durable (a turn copies what it takes)."""
+        if self.held:
+            self.hit_keys.clear()
+            self.hit_refs.clear()
+            self.tallies.clear()
+            self.marks.clear()
+            self.pending.clear()
+            self.accounts.clear()
+            self.dead.clear()
+            self.held = 0
+
+    def become(self, source: Source, account: str) -> Actor:
+        """This passivated actor, activated again for another account (no new containers)."""
+        self.source, self.account = source, account
+        self.ledger.clear()
+        return self
 
     def committed(self, row: Row) -> int:
         """Remember a row as committed; 1 when it is a row it did not know."""

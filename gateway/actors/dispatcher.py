@@ -41,6 +41,7 @@ READ_AHEAD = 16  # inbox records read at once
 YIELD = 0.05
 POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 RETRY = 1.0  # seconds before a turn whose commit failed is tried again
+SPARE = 1000  # passivated actors kept for reuse: activation allocates nothing
 LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all together
 
 
@@ -64,6 +65,7 @@ class Dispatcher:
         # live actors, least recently given mail first
         self._live: dict[tuple[str, str], Actor] = {}
         self._ready: list[Actor] = []  # actors with mail
+        self._spare: list[Actor] = []  # passivated, to be activated again for any account
         self._holding: list[Actor] = []  # actors with state to commit
         self._flush = Flush(self._modes, self._cached)
         self._landing: asyncio.Task[None] | None = None  # the turn being committed
@@ -175,7 +177,7 @@ class Dispatcher:
         key = (source.id, account)
         actor = self._live.pop(key, None)
         if actor is None:
-            actor = Actor(source, account)
+            actor = self._spare.pop().become(source, account) if self._spare else Actor(source, account)
         self._live[key] = actor  # to the end: most recently given mail
         if not actor.mail:
             self._ready.append(actor)
@@ -273,5 +275,7 @@ class Dispatcher:
             if actor.last > idle_before and crowded <= 0:
                 break
             del self._live[key]
+            if len(self._spare) < SPARE:
+                self._spare.append(actor)
             crowded -= 1
         self.metrics.active_actors.set(len(self._live))
