@@ -20,9 +20,9 @@ from gateway.backlog import Backlog
 from gateway.config import Settings
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
-from gateway.ingest.messages import Decoded
 from gateway.mapping import call_kind, upstream
 from gateway.observability.metrics import Metrics
+from gateway.segment import Decoded
 from gateway.store import Counts, Store
 
 log = structlog.get_logger("gateway.pipeline")

@@ -17,11 +17,11 @@ import msgspec
 
 from gateway.actors.integrations import enabled
 from gateway.config import Source
-from gateway.ingest.messages import Message
 from gateway.keys import group_key, identify_key
 from gateway.mapping import Skip, to_call
 from gateway.rules.ledger import LedgerKey, Row, Tally, count
 from gateway.rules.traits import Pending
+from gateway.segment import Message
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ import msgspec
 
 from gateway.actors.actor import Envelope
 from gateway.config import Source
-from gateway.ingest.messages import (
+from gateway.keys import dedupe_key, dedupe_prefix, generated_message_id, rejected_id
+from gateway.segment import (
     Decoded,
     Group,
     InvalidBody,
@@ -30,7 +31,6 @@ from gateway.ingest.messages import (
     merged,
     user_id,
 )
-from gateway.keys import dedupe_key, dedupe_prefix, generated_message_id, rejected_id
 from gateway.store import DeadLetter, InboxRow
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from aiohttp import web
 from gateway.config import Settings, Source
 from gateway.ingest.auth import Keys, header_key, same_key
 from gateway.ingest.body import BodyError, read_body
-from gateway.ingest.messages import (
+from gateway.segment import (
     Checked,
     Decoded,
     InvalidBody,

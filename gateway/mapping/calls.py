@@ -12,7 +12,8 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.config import Api, UnnamedPages
-from gateway.ingest.messages import (
+from gateway.mapping.traits import iso, normalise_traits
+from gateway.segment import (
     Alias,
     Group,
     Identify,
@@ -24,7 +25,6 @@ from gateway.ingest.messages import (
     id_str,
     user_id,
 )
-from gateway.mapping.traits import iso, normalise_traits
 
 Kind = Literal["identify", "group", "track"]
 

@@ -16,8 +16,8 @@ from gateway.actors.dispatcher import Dispatcher
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source
-from gateway.ingest.messages import decode_batch
 from gateway.observability.metrics import Metrics
+from gateway.segment import decode_batch
 from gateway.store import InboxRow, SqliteStore, Turn
 
 SOURCE = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main")

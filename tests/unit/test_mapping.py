@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from gateway.config import DEFAULT_BASE_URL, Source
-from gateway.ingest.messages import Alias, Group, Identify, Message, Page, Screen, Track
 from gateway.mapping import (
     MS_THRESHOLD,
     STAGING_BASE_URL,
@@ -22,6 +21,7 @@ from gateway.mapping import (
     to_call,
     upstream,
 )
+from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track
 
 TS = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 WHEN = "2026-11-28T10:00:00.123Z"

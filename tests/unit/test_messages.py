@@ -1,4 +1,4 @@
-"""Segment message types and request-body decoding (gateway.ingest.messages)."""
+"""Segment message types and request-body decoding (gateway.segment)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.ingest.messages import (
+from gateway.segment import (
     MAX_BATCH,
     MAX_MESSAGE_BYTES,
     Alias,

@@ -1,4 +1,5 @@
-"""Segment messages: their types, and decoding request bodies into them.
+"""The Segment message model: the messages' types (Structs, ids, timestamps), and decoding
+request bodies into them. Used by ingest, the router and mapping alike.
 
 Decoding is on the request path (DESIGN 8). A well-formed batch costs one
 `msgspec` call in C; only a batch that fails validation, or a body large
