@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway mock_accoil
+	$(VENV)/bin/ruff check gateway mock_accoil tests scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests scripts
 
 test: lint
 	bash scripts/ensure_wrk.sh

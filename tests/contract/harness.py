@@ -77,7 +77,7 @@ class Running:
         async with self.http.request(method, self.url + path, headers=headers, **kw) as resp:
             return resp.status, await resp.json(content_type=None)
 
-    async def idle(self, timeout: float = 10.0) -> None:
+    async def idle(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 (a polling bound)
         """Wait until everything accepted was applied and forwarded (or dead-lettered)."""
         gw = self.gateway
 
@@ -105,7 +105,7 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02  # noqa: ASYNC109
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -37,7 +37,7 @@ async def test_every_call_type_maps_to_its_v2_call(mock_accoil: MockAccoilServer
         assert (status, body) == (200, {"success": True})
         await gw.idle()
         metrics = await (await gw.http.get(gw.url + "/metrics")).text()
-    calls = {c["path"]: [] for c in mock_accoil.calls()}
+    calls: dict[str, list[Any]] = {c["path"]: [] for c in mock_accoil.calls()}
     for c in mock_accoil.calls():
         assert c["status"] == 202 and c["api_key"] == API_KEY
         calls[c["path"]].append(c["body"])

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,7 +64,7 @@ def gateway_process(
             proc.wait()
 
 
-def post_batch(url: str, batch: list[dict[str, object]]) -> int:
+def post_batch(url: str, batch: Sequence[Mapping[str, object]]) -> int:
     req = urllib.request.Request(
         url + "/v1/batch", data=json.dumps({"batch": batch}).encode(),
         headers={"Content-Type": "application/json", "Authorization": _basic()},
@@ -178,7 +178,7 @@ def test_segments_python_client_reads_a_401_and_does_not_retry(
 def test_client_routes_consent_and_grouped_dead_letters_in_the_worker(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
-    def post(path: str, body: dict[str, object], headers: dict[str, str]) -> tuple[int, object]:
+    def post(path: str, body: Mapping[str, object], headers: dict[str, str]) -> tuple[int, object]:
         req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:

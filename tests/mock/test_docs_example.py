@@ -16,7 +16,8 @@ def pytest_example() -> str:
     section = DOC.read_text().split("## In pytest", 1)[1]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the In pytest section should hold one Python example"
-    return blocks[0]
+    example: str = blocks[0]
+    return example
 
 
 def test_the_pytest_example_runs_as_written(tmp_path: Path) -> None:

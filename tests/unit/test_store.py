@@ -383,5 +383,9 @@ async def test_dedupe_keys_survive_the_move_to_the_large_table(store: SqliteStor
     store._dedupe.MERGE = 50  # move every 50 keys
     keys = [dedupe_key(b"s", f"m{i}") for i in range(120)]
     for i in range(0, 120, 30):
-        assert await store.transact(lambda tx, i=i: tx.state.remember(keys[i : i + 30])) == set()
-    assert await store.transact(lambda tx: tx.state.remember(keys)) == set(keys)
+        assert await remember(store, keys[i : i + 30]) == set()
+    assert await remember(store, keys) == set(keys)
+
+
+async def remember(store: SqliteStore, keys: list[bytes]) -> set[bytes]:
+    return await store.transact(lambda tx: tx.state.remember(keys))
