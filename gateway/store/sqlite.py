@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -723,16 +723,10 @@ class SqliteTurn:
         )
 
     def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
-        found: dict[tuple[str, str], Known] = {}
-        for source, group in _by_source(keys).items():
-            for i in range(0, len(group), CHUNK):
-                chunk = group[i : i + CHUNK]
-                for key, day, traits in self.conn.execute(
-                    f"SELECT key, day, traits FROM known WHERE source = ? AND key IN ({_marks(len(chunk))})",
-                    (source, *chunk),
-                ):
-                    found[(source, key)] = Known(source, key, day, _decode_traits(traits))
-        return found
+        return {
+            (source, key): Known(source, key, day, _decode_traits(traits))
+            for source, key, day, traits in _by_key(self.conn, "known", "day, traits", keys)
+        }
 
     def put_known(self, rows: list[Known]) -> None:
         self.conn.executemany(
@@ -752,16 +746,9 @@ class _OutboxTurn:
         self.now = now
 
     def unsent(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
-        found: dict[tuple[str, str], bytes] = {}
-        for source, group in _by_source(keys).items():
-            for i in range(0, len(group), CHUNK):
-                chunk = group[i : i + CHUNK]
-                for key, body in self.conn.execute(
-                    f"SELECT key, body FROM outbox WHERE source = ? AND key IN ({_marks(len(chunk))})",
-                    (source, *chunk),
-                ):
-                    found[(source, key)] = body
-        return found
+        return {
+            (source, key): body for source, key, body in _by_key(self.conn, "outbox", "body", keys)
+        }
 
     def add(self, calls: list[Queued]) -> None:
         now = self.now
@@ -808,11 +795,21 @@ class _DeadTurn:
         )
 
 
-def _by_source(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+def _by_key(
+    conn: sqlite3.Connection, table: str, columns: str, keys: Iterable[tuple[str, str]]
+) -> Iterator[tuple[Any, ...]]:
+    """(source, key, *columns) of the rows of `table` with these (source, key) pairs."""
     grouped: dict[str, list[str]] = {}
     for source, key in keys:
         grouped.setdefault(source, []).append(key)
-    return grouped
+    for source, group in grouped.items():
+        for i in range(0, len(group), CHUNK):
+            chunk = group[i : i + CHUNK]
+            yield from conn.execute(
+                f"SELECT source, key, {columns} FROM {table}"
+                f" WHERE source = ? AND key IN ({_marks(len(chunk))})",
+                (source, *chunk),
+            )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

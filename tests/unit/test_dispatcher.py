@@ -4,8 +4,7 @@ passivation, and a turn the store refuses."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -30,14 +29,6 @@ def track(mid: str, user: str, account: str | None = None) -> dict[str, Any]:
     if account is not None:
         msg["context"] = {"groupId": account}
     return msg
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "g.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def accounts_of(store: SqliteStore, batch: list[dict[str, Any]]) -> list[str]:

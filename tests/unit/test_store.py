@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from gateway.actors.turn import Flush, Outcome, PendingCall, commit
 from gateway.config import TrackMode
@@ -18,14 +17,6 @@ from gateway.keys import dedupe_key, dedupe_prefix, identify_key
 from gateway.rules.ledger import Hit, LedgerKey, count
 from gateway.rules.traits import Pending
 from gateway.store import DeadLetter, Known, SqliteStore, Turn
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "g.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def hit(
