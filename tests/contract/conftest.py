@@ -1,10 +1,30 @@
-"""Every contract test that uses mock_accoil also checks the gateway's upstream bodies."""
+"""Every contract test that uses mock_accoil also checks the gateway's upstream bodies, and
+every test that builds its gateway with `harness.settings_for` runs with the pipeline in a
+worker process (the default) and in the test's process."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+
+from tests.contract import harness
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if getattr(metafunc.module, "settings_for", None) is harness.settings_for:
+        modes = ["process", "inline"]
+        if metafunc.definition.get_closest_marker("inline"):
+            modes = ["inline"]
+        metafunc.parametrize("pipeline_mode", modes, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def pipeline_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    mode = getattr(request, "param", "inline")
+    harness.Mode.pipeline = mode
+    yield mode
+    harness.Mode.pipeline = "inline"
 
 
 @pytest.fixture(autouse=True)

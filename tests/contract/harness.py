@@ -1,4 +1,9 @@
-"""Runs the real gateway in-process on a free loopback port, for contract tests."""
+"""Runs the real gateway in-process on a free loopback port, for contract tests.
+
+Its pipeline runs as the default does, in a worker process (`pipeline = "process"`), or in
+the test's own process (`"inline"`): `tests/contract/conftest.py` runs each test that builds
+its settings here in both modes.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ API_KEY = "ak_contract_test_0001"
 ADMIN = "admin_contract_token"
 
 
+class Mode:
+    """The pipeline mode `settings_for` gives: set per test by the contract conftest."""
+
+    pipeline = "inline"
+
+
 def settings_for(
     mock_url: str, data_dir: Path, *, sources: list[Source] | None = None, **overrides: Any
 ) -> Settings:
@@ -41,9 +52,7 @@ def settings_for(
         "retry_max": 0.2,
         "circuit_cooldown": 0.2,
         "shutdown_timeout": 5.0,
-        # in-process tests look at the actors and forwarders; the subprocess tests run the
-        # default, a worker process
-        "pipeline": "inline",
+        "pipeline": Mode.pipeline,
     }
     fields.update(overrides)
     return Settings(**fields)
@@ -83,7 +92,7 @@ class Running:
 
         async def settled() -> bool:
             counts = await gw.store.counts()
-            busy = any(f.busy for f in gw.forwarders.values())
+            busy = (await gw.pipeline.stats())["busy"]
             return counts.inbox == 0 and counts.outbox == 0 and not busy
 
         await eventually(settled, timeout)

@@ -137,6 +137,7 @@ async def test_the_same_reason_repeated_is_one_dead_letter_with_a_count(
     assert letters[1]["last_at"] >= letters[1]["created_at"]
 
 
+@pytest.mark.inline  # shortens the housekeeping interval in this process
 async def test_dead_letters_are_pruned_after_the_retention(
     mock_accoil: MockAccoilServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

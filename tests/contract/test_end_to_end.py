@@ -374,6 +374,7 @@ async def test_operational_routes_answer(mock_accoil: MockAccoilServer, tmp_path
         assert resp.status == 200
 
 
+@pytest.mark.inline  # looks at the live actors, which a worker process keeps to itself
 async def test_more_accounts_than_live_actors(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
     # 60 accounts through at most 4 live actors: idle ones passivate to make room, nothing lost
     settings = settings_for(mock_accoil.url, tmp_path, max_actors=4, flush_interval=0.2)
