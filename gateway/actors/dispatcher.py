@@ -175,11 +175,16 @@ class Dispatcher:
 
     def _deliver(self, env: Envelope, source: Source, account: str) -> None:
         key = (source.id, account)
-        actor = self._live.pop(key, None)
-        if actor is None:
-            actor = self._spare.pop().become(source, account) if self._spare else Actor(source, account)
-        self._live[key] = actor  # to the end: most recently given mail
-        if not actor.mail:
+        actor = self._live.get(key)
+        if actor is None or not actor.mail:
+            # first mail of this record: to the end of the registry, most recently used
+            if actor is None:
+                actor = self._spare.pop().become(source, account) if self._spare else Actor(
+                    source, account
+                )
+            else:
+                del self._live[key]
+            self._live[key] = actor
             self._ready.append(actor)
             actor.last = self._clock
         actor.mail.append(env)

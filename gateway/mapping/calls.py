@@ -27,6 +27,7 @@ from gateway.segment import (
 )
 
 Kind = Literal["identify", "group", "track"]
+_V2_PATHS: dict[Kind, str] = {k: f"/v2/{k}" for k in ("identify", "group", "track")}
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -89,8 +90,9 @@ def to_call(
         if not msg.event:
             return Skip("event is required to forward a track call")
         if api == "v2":
-            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes
-            body = _present(userId=user, event=msg.event, timestamp=when)
+            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes (none
+            # is None here: a literal, not `_present`, on the path every track call takes)
+            body = {"userId": user, "event": msg.event, "timestamp": when}
         else:
             body = _segment("track", msg, user, when, event=msg.event)
         return _call("track", api, body, user, context_group, msg.event, None)
@@ -105,7 +107,7 @@ def to_call(
         return Skip(f"{kind} call without a name", counted="unnamed")
     event = f"{kind.capitalize()} Viewed {name}"
     if api == "v2":
-        body = _present(userId=user, event=event, timestamp=when)
+        body = {"userId": user, "event": event, "timestamp": when}
     else:
         body = _segment(kind, msg, user, when, name=name)
     return _call("track", api, body, user, context_group, event, None)
@@ -122,7 +124,7 @@ def _call(
 ) -> Call:
     return Call(
         kind=kind,
-        path=f"/v2/{kind}" if api == "v2" else "/segment",
+        path=_V2_PATHS[kind] if api == "v2" else "/segment",
         body=body,
         user_id=user,
         group_id=group,
