@@ -11,7 +11,7 @@ it is dropping it.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
 
 
-class Envelope(NamedTuple):
+class Envelope(msgspec.Struct, gc=False):
     """A message on its way to its account's actor, with what the router worked out."""
 
     key: bytes  # its dedupe key (`gateway.keys.dedupe_key`)
@@ -42,7 +42,7 @@ class Envelope(NamedTuple):
 
 class Actor:
     __slots__ = (
-        "source", "account", "mail", "hit_keys", "hit_refs", "tallies", "marks", "pending",
+        "source", "account", "mail", "hit_keys", "hit_refs", "tallies", "refs", "marks", "pending",
         "accounts", "dead", "held", "last", "ledger",
     )
 
@@ -58,6 +58,7 @@ class Actor:
         self.hit_keys: list[bytes] = []
         self.hit_refs: list[LedgerKey] = []
         self.tallies: dict[LedgerKey, Tally] = {}
+        self.refs: dict[tuple[str, str, str], LedgerKey] = {}  # (day, user, event) -> key
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
@@ -70,6 +71,7 @@ class Actor:
             self.hit_keys.clear()
             self.hit_refs.clear()
             self.tallies.clear()
+            self.refs.clear()
             self.marks.clear()
             self.pending.clear()
             self.accounts.clear()
@@ -124,7 +126,13 @@ class Actor:
         ts: str = call.body["timestamp"]
         if call.kind == "track":
             assert call.user_id is not None and call.event is not None
-            key = LedgerKey(source.id, ts[:10], call.user_id, self.account, call.event)
+            # one LedgerKey per key, not per message: found by a plain tuple
+            short = (ts[:10], call.user_id, call.event)
+            key = self.refs.get(short)
+            if key is None:
+                key = self.refs[short] = LedgerKey(
+                    source.id, short[0], short[1], self.account, short[2]
+                )
             self.hit_keys.append(env.key)
             self.hit_refs.append(key)
             count(self.tallies, key, ts, call.path, call.body)
