@@ -1,0 +1,65 @@
+"""A call whose outcome the store refuses to record is never sent again (issue 12)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from gateway.store import OutboxItem
+from mock_accoil.server import MockAccoilServer
+from tests.contract.harness import running, settings_for
+
+TS = "2026-11-20T10:00:00.000Z"
+
+
+def _track(i: int) -> dict[str, Any]:
+    # a few event names shared by many messages: ledger rows that stand for several calls
+    return {"type": "track", "messageId": f"oc-{i}", "userId": f"u{i % 3}",
+            "event": f"Event {i % 4}", "timestamp": TS}
+
+
+async def test_refused_outcome_writes_are_kept_not_resent(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    settings = settings_for(mock_accoil.url, tmp_path, retry_base=0.01)
+    async with running(settings) as gw:
+        store = gw.gateway.store
+        real = store.delivered
+        refused = 0
+        refusing = asyncio.Event()
+        refusing.set()
+
+        async def delivered(item: OutboxItem) -> None:
+            nonlocal refused
+            if refusing.is_set():
+                refused += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            await real(item)
+
+        store.delivered = delivered  # type: ignore[method-assign]
+        status, _ = await gw.post("/v1/batch", {"batch": [_track(i) for i in range(40)]})
+        assert status == 200
+        fwd = gw.gateway.forwarders["main"]
+        while refused < 10:
+            await asyncio.sleep(0.01)
+        # while the store refuses, the forwarder holds the outcomes and sends nothing new
+        assert fwd.recorder.blocked
+        sent = len(mock_accoil.calls())
+        await asyncio.sleep(0.5)
+        assert len(mock_accoil.calls()) == sent
+        metrics = await (await gw.http.get(gw.url + "/metrics")).text()
+        assert f'accoil_gateway_outcomes_waiting{{source="main"}} {float(fwd.recorder.waiting)}' in metrics
+        assert fwd.recorder.waiting >= 1
+        refusing.clear()
+        await gw.idle()
+        assert not fwd.recorder.blocked
+        metrics = await (await gw.http.get(gw.url + "/metrics")).text()
+    assert 'accoil_gateway_outcomes_waiting{source="main"} 0.0' in metrics
+    calls = mock_accoil.calls()
+    assert len(calls) == 40, f"{len(calls)} calls for 40 events: a refused outcome was resent"
+    for u in range(3):
+        for e in range(4):
+            expected = sum(1 for i in range(40) if i % 3 == u and i % 4 == e)
+            assert mock_accoil.count(f"u{u}", f"Event {e}") == expected
