@@ -77,6 +77,8 @@ class Admin:
             return _json({"ready": False, "reason": "starting or draining"}, 503)
         if gw.backlog.full:
             return _json({"ready": False, "reason": "backlog full"}, 503)
+        if gw.disk.full:
+            return _json({"ready": False, "reason": "data folder full"}, 503)
         return _json({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:

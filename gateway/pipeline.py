@@ -18,6 +18,7 @@ from gateway.actors.registry import Actors
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings
+from gateway.disk import Disk
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.messages import Decoded
@@ -32,14 +33,19 @@ REAP = 1.0  # seconds between deletions of wholly applied inbox segments
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics, backlog: Backlog) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, metrics: Metrics, backlog: Backlog, disk: Disk
+    ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
         self.backlog = backlog
         self.sources = {s.id: s for s in settings.sources}
         self.forwarders: dict[str, Forwarder] = {}
-        self.actors = Actors(store, settings, metrics, backlog, self._calls_queued)
+        self.disk = disk
+        self.actors = Actors(
+            store, settings, metrics, backlog, self._calls_queued, lambda: disk.full
+        )
         self.router = Router(store, self.actors, self.sources, metrics, backlog)
         self._tasks: list[asyncio.Task[None]] = []
         self._router_task: asyncio.Task[None] | None = None

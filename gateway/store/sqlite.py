@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from gateway.disk import out_of_space
 from gateway.store.base import (
     Counts,
     DeadLetter,
@@ -181,11 +182,6 @@ class _Writer(threading.Thread):
         conn.close()
 
 
-def _log_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store write failed", error=repr(fut.exception()))
-
-
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():
@@ -208,6 +204,9 @@ class SqliteStore:
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
+        # told of every write that failed, with what it was ("inbox" or "gateway.db"): the
+        # owner decides what a failure means (see `gateway.disk`)
+        self.on_refused: Callable[[BaseException, str], None] | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -245,13 +244,27 @@ class SqliteStore:
 
     async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._writer is not None, "store is not open"
-        result: T = await self._writer.submit(op)
+        try:
+            result: T = await self._writer.submit(op)
+        except Exception as exc:
+            self._refused(exc, "gateway.db")
+            raise
         return result
 
     def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> None:
-        """Queue a write without waiting for it; a failure is logged."""
+        """Queue a write without waiting for it; a failure is reported (`on_refused`)."""
         assert self._writer is not None, "store is not open"
-        self._writer.submit(op).add_done_callback(_log_failure)
+        self._writer.submit(op).add_done_callback(self._report)
+
+    def _report(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            self._refused(exc, "gateway.db")
+            if not out_of_space(exc):  # a full disk is reported once, not per write
+                log.error("store write failed", error=repr(exc))
+
+    def _refused(self, exc: BaseException, what: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(exc, what)
 
     async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._reader is not None, "store is not open"
@@ -263,7 +276,11 @@ class SqliteStore:
     # ingest
 
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
-        return await self.inbox.append(source, received_at, body, count)
+        try:
+            return await self.inbox.append(source, received_at, body, count)
+        except Exception as exc:
+            self._refused(exc, "inbox")
+            raise
 
     # router
 
