@@ -50,6 +50,7 @@ class Gateway:
         self._disk_task: asyncio.Task[None] | None = None
         self.pipeline: Pipeline | RemotePipeline
         if remote:
+            data.mkdir(parents=True, exist_ok=True)  # the shared counters live in it
             self.backlog = Backlog(settings.max_backlog, data / "backlog")
             self.pipeline = RemotePipeline(settings, self._lock)
         else:
