@@ -17,6 +17,7 @@ yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import time
@@ -61,6 +62,7 @@ class InboxLog:
         self._pieces: list[bytes] = []
         self._waiting: list[tuple[asyncio.Future[int], int]] = []
         self._scheduled = False
+        self._torn = False  # a failed write may have left part of a record at the end
         # where the last read stopped: (segment's first id, offset, last id read)
         self._cursor: tuple[int, int, int] | None = None
 
@@ -107,9 +109,17 @@ class InboxLog:
         fd = self._fd
         try:
             assert fd is not None, "inbox closed with writes pending"
+            if self._torn:
+                self._cut(fd)
             self._size += _write_all(fd, pieces)
         except Exception as exc:
-            # nothing of this group is acknowledged; a torn tail is cut off at the next start
+            # nothing of this group is acknowledged. What of it reached the file (a full disk
+            # takes part of a write) is cut off before anything else is appended: readers stop
+            # at a torn record, and a start cuts the log there, with every record after it
+            self._torn = fd is not None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    self._cut(fd)
             for fut, _ in waiting:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -121,6 +131,11 @@ class InboxLog:
             _settle(waiting, None)
         if self._size >= self.segment_bytes:
             self._rotate()
+
+    def _cut(self, fd: int) -> None:
+        """Shorten the segment to its last whole record (needs no free space)."""
+        os.ftruncate(fd, self._size)
+        self._torn = False
 
     def _rotate(self) -> None:
         assert self._fd is not None
