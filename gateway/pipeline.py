@@ -18,7 +18,7 @@ from gateway.actors.registry import Actors
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings
-from gateway.disk import Disk
+from gateway.disk import Disk, out_of_space
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.messages import Decoded
@@ -133,13 +133,18 @@ class Pipeline:
             await asyncio.sleep(HOUSEKEEPING)
             try:
                 await self.store.prune(time.time() - self.settings.dedupe_window)
-            except Exception:
-                log.exception("housekeeping failed")
+            except Exception as exc:
+                if not out_of_space(exc):  # a full disk is reported once, by `Disk`
+                    log.exception("housekeeping failed")
 
     async def _reaping(self) -> None:
         while True:
             await asyncio.sleep(REAP)
             try:
+                if self.disk.full:
+                    # the log would grow into the little space left: have it reused instead
+                    await self.store.checkpoint()
                 await self.store.reap(self.router.cursor)
-            except Exception:
-                log.exception("reaping the inbox failed")
+            except Exception as exc:
+                if not out_of_space(exc):
+                    log.exception("reaping the inbox failed")

@@ -22,7 +22,7 @@ import structlog
 log = structlog.get_logger("gateway.forward")
 
 RETRY_BASE = 0.2  # seconds before the first retry of a refused write
-RETRY_MAX = 5.0  # the retries' interval grows to this
+RETRY_MAX = 2.0  # the retries' interval grows to this
 
 
 class OutcomeRecorder:

@@ -24,6 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
+from gateway.disk import out_of_space
 from gateway.store.base import InboxRow
 
 HEADER = struct.Struct("<IQdIIH")  # crc32, id, received_at, count, body length, source length
@@ -117,9 +118,18 @@ class InboxLog:
             # takes part of a write) is cut off before anything else is appended: readers stop
             # at a torn record, and a start cuts the log there, with every record after it
             self._torn = fd is not None
+            if waiting:
+                # nothing was appended after this group, and none of its ids was given out:
+                # the next record takes the first of them, so ids stay contiguous across
+                # segments (a reader moves to the next segment only at the next id)
+                self._next_id = waiting[0][1]
             if fd is not None:
                 with contextlib.suppress(OSError):
                     self._cut(fd)
+                    if out_of_space(exc) and self._size:
+                        # the disk is full: later appends go to a new segment, so that this
+                        # one can be deleted (`reap`) as soon as it is applied
+                        self._rotate()
             for fut, _ in waiting:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -141,10 +151,10 @@ class InboxLog:
         assert self._fd is not None
         if self.fsync == "full":
             os.fdatasync(self._fd)
-        os.close(self._fd)
         path = self.dir / segment_name(self._next_id)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # if it fails, stay
+        os.close(self._fd)
+        self._fd, self._size = fd, 0
 
     # reading (any process)
 

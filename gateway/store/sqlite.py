@@ -549,6 +549,12 @@ class SqliteStore:
         return await self._write(op)
 
 
+    async def checkpoint(self) -> None:
+        # PASSIVE: never waits for the writer; once every frame is in the database, the next
+        # write transaction starts the log again from its beginning
+        await self._run_read(lambda conn: _one(conn.execute("PRAGMA wal_checkpoint(PASSIVE)")))
+
+
 def _letters(cur: sqlite3.Cursor) -> list[StoredLetter]:
     return [
         StoredLetter(

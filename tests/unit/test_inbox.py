@@ -75,6 +75,9 @@ async def test_a_write_the_disk_cut_short_is_cut_off_before_the_next(
         await writer.append("s", 2.0, b"refused", 1)
     monkeypatch.setattr(inbox, "_write_all", real)
     after = await writer.append("s", 3.0, b"after", 1)
+    assert after == first + 1, "the refused record's id is given to the next one"
+    # the full disk moved appends to a new segment, so the old one can be reaped once applied
+    assert writer.segments() == [first, after]
     # a reader does not stop at the torn record, and a restart keeps what came after it
     reader = InboxLog(tmp_path / "inbox")
     assert [(r.id, r.body) for r in reader.read_after(0, 10)] == [(first, b"before"), (after, b"after")]
