@@ -198,23 +198,29 @@ class InboxLog:
         """Every record's id and message count (headers only)."""
         found: dict[int, int] = {}
         for first in self.segments():
-            try:
-                fd = os.open(self.dir / segment_name(first), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                offset, size = 0, os.fstat(fd).st_size
-                while offset + HEADER.size <= size:
-                    _, row_id, _, count, body_len, src_len = HEADER.unpack(
-                        os.pread(fd, HEADER.size, offset)
-                    )
-                    end = offset + HEADER.size + src_len + body_len
-                    if end > size:
-                        break
-                    found[row_id] = count
-                    offset = end
-            finally:
-                os.close(fd)
+            found.update(self.records(first))
+        return found
+
+    def records(self, first_id: int) -> dict[int, int]:
+        """The id and message count of each record of one segment (headers only)."""
+        found: dict[int, int] = {}
+        try:
+            fd = os.open(self.dir / segment_name(first_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return found
+        try:
+            offset, size = 0, os.fstat(fd).st_size
+            while offset + HEADER.size <= size:
+                _, row_id, _, count, body_len, src_len = HEADER.unpack(
+                    os.pread(fd, HEADER.size, offset)
+                )
+                end = offset + HEADER.size + src_len + body_len
+                if end > size:
+                    break
+                found[row_id] = count
+                offset = end
+        finally:
+            os.close(fd)
         return found
 
     def drop(self, first_id: int) -> None:

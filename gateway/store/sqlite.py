@@ -48,7 +48,8 @@ Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA = """
 -- how many messages of an inbox record no actor has committed yet, from the moment the
--- router takes the record; `reap` deletes a segment of the inbox once all of it is at 0
+-- router takes the record (the take adds the count, flushes take away, in either order);
+-- `reap` deletes a segment of the inbox once every record of it is here at 0
 CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
@@ -251,10 +252,12 @@ class SqliteStore:
             raise
         return result
 
-    def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> None:
+    def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
         """Queue a write without waiting for it; a failure is reported (`on_refused`)."""
         assert self._writer is not None, "store is not open"
-        self._writer.submit(op).add_done_callback(self._report)
+        fut = self._writer.submit(op)
+        fut.add_done_callback(self._report)
+        return fut
 
     def _report(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and (exc := fut.exception()) is not None:
@@ -286,17 +289,13 @@ class SqliteStore:
 
     async def restart_inbox(self) -> None:
         def op(conn: sqlite3.Connection) -> list[int]:
-            conn.execute("DELETE FROM progress WHERE pending > 0")
+            conn.execute("DELETE FROM progress WHERE pending != 0")
             return [r[0] for r in conn.execute("SELECT id FROM progress").fetchall()]
 
         self._applied = set(await self._write(op))
 
-    def take(self, row_id: int, count: int) -> None:
-        self._submit(
-            lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO progress (id, pending) VALUES (?, ?)", (row_id, count)
-            )
-        )
+    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
+        return self._submit(lambda conn: _progress(conn, row_id, count))
 
     async def reap(self, taken: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -306,9 +305,16 @@ class SqliteStore:
             for first, after in zip(segments, segments[1:], strict=False):
                 last = after - 1
                 if last > taken or _one(conn.execute(
-                    "SELECT 1 FROM progress WHERE id BETWEEN ? AND ? AND pending > 0 LIMIT 1",
+                    "SELECT 1 FROM progress WHERE id BETWEEN ? AND ? AND pending != 0 LIMIT 1",
                     (first, last),
                 )):
+                    break
+                # every record of it recorded as done: a record whose take was refused (and
+                # not flushed yet) has no progress at all, and is not done
+                done = _one(conn.execute(
+                    "SELECT COUNT(*) FROM progress WHERE id BETWEEN ? AND ?", (first, last)
+                ))[0]
+                if done < len(self.inbox.records(first)):
                     break
                 self.inbox.drop(first)
                 conn.execute("DELETE FROM progress WHERE id <= ?", (last,))
@@ -673,8 +679,18 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
         )
     _insert_dead(conn, f.dead, now)
     for row_id, n in f.inbox.items():
-        conn.execute("UPDATE progress SET pending = pending - ? WHERE id = ?", (n, row_id))
+        _progress(conn, row_id, -n)
     return FlushResult(counted, duplicates, calls)
+
+
+def _progress(conn: sqlite3.Connection, row_id: int, change: int) -> None:
+    """Add `change` to the pending count of an inbox record (a take adds, a flush takes
+    away: they may land in either order)."""
+    conn.execute(
+        "INSERT INTO progress (id, pending) VALUES (?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET pending = pending + excluded.pending",
+        (row_id, change),
+    )
 
 
 def _ledger_key(day: str, user: str, account: str, event: str) -> str:
