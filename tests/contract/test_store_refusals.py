@@ -1,15 +1,17 @@
-"""A call whose outcome the store refuses to record is never sent again (issue 12)."""
+"""When the store refuses writes (issue 12): outcomes held, never re-sent; a full data folder
+refuses ingest and says why, and resumes by itself (in-process gateway)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from gateway.store import OutboxItem
 from mock_accoil.server import MockAccoilServer
-from tests.contract.harness import running, settings_for
+from tests.contract.harness import WRITE_KEY, basic, running, settings_for
 
 TS = "2026-11-20T10:00:00.000Z"
 
@@ -63,3 +65,39 @@ async def test_refused_outcome_writes_are_kept_not_resent(
         for e in range(4):
             expected = sum(1 for i in range(40) if i % 3 == u and i % 4 == e)
             assert mock_accoil.count(f"u{u}", f"Event {e}") == expected
+
+
+async def test_inline_full_data_folder_refuses_ingest_and_says_why(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    settings = settings_for(mock_accoil.url, tmp_path, disk_reserve=1 << 20)
+    async with running(settings) as gw:
+        assert (tmp_path / "reserve").stat().st_size == 1 << 20
+        # the store is refused a write for want of space (as SQLite or the inbox report it)
+        gw.gateway.disk.refused(sqlite3.OperationalError("database is locked"), "gateway.db")
+        assert not gw.gateway.disk.full  # not a space error
+        gw.gateway.disk.refused(OSError(errno.ENOSPC, "No space left on device"), "inbox")
+        assert not (tmp_path / "reserve").exists()
+        async with gw.http.get(gw.url + "/readyz") as resp:
+            assert (resp.status, await resp.json()) == (
+                503, {"ready": False, "reason": "data folder full"})
+        async with gw.http.post(
+            gw.url + "/v1/batch", json={"batch": [_track(1)]}, headers={"Authorization": basic(WRITE_KEY)}
+        ) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == str(settings.retry_after)
+            assert (await resp.json())["error"] == "data folder full: retry later"
+        metrics = await (await gw.http.get(gw.url + "/metrics")).text()
+        assert "accoil_gateway_disk_full 1.0" in metrics
+        # this disk has room: the reserve is made again and ingest resumes by itself
+        for _ in range(100):
+            async with gw.http.get(gw.url + "/readyz") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert (tmp_path / "reserve").stat().st_size == 1 << 20
+        status, _ = await gw.post("/v1/batch", {"batch": [_track(2)]})
+        assert status == 200
+        await gw.idle()
+        metrics = await (await gw.http.get(gw.url + "/metrics")).text()
+    assert "accoil_gateway_disk_full 0.0" in metrics
+    assert mock_accoil.count("u2", "Event 2") == 1
