@@ -89,7 +89,11 @@ class Disk:
     def start(self) -> None:
         """Owner: make the reserve if it is missing (a folder full at start is full)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.owner or self._present():
+        if not self.owner:
+            return
+        for stale in self.dir.glob(f"{NAME}.*.tmp"):  # a reserve a crash left half made
+            stale.unlink(missing_ok=True)
+        if self._present():
             return
         if not self._make():
             log.warning(

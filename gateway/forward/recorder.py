@@ -41,6 +41,7 @@ class OutcomeRecorder:
         self._clear = asyncio.Event()
         self._clear.set()
         self._refused = 0  # failed writes in the current streak
+        self._dropped = 0  # outcomes of the streak given up unrecorded (the forwarder stopped)
 
     @property
     def blocked(self) -> bool:
@@ -65,6 +66,7 @@ class OutcomeRecorder:
         except Exception as exc:
             self._hold(exc)
         wait = RETRY_BASE
+        recorded = False
         try:
             while True:
                 await asyncio.sleep(wait * (0.5 + self._rng.random() / 2))
@@ -74,9 +76,10 @@ class OutcomeRecorder:
                 except Exception:
                     self._refused += 1
                     continue
+                recorded = True
                 return
         finally:
-            self._release()
+            self._release(recorded)
 
     def _hold(self, exc: Exception) -> None:
         if self._waiting == 0 and self._refused == 0:
@@ -89,14 +92,21 @@ class OutcomeRecorder:
         self._clear.clear()
         self._changed()
 
-    def _release(self) -> None:
+    def _release(self, recorded: bool) -> None:
         self._waiting -= 1
+        self._dropped += not recorded
         if self._waiting == 0:
-            log.info(
-                "call outcomes recorded again; forwarding resumes",
-                source_id=self.source_id, refused_writes=self._refused,
-            )
-            self._refused = 0
+            if self._dropped:
+                log.warning(
+                    "call outcomes not recorded before the forwarder stopped; those calls go"
+                    " again at the next start", source_id=self.source_id, calls=self._dropped,
+                )
+            else:
+                log.info(
+                    "call outcomes recorded again; forwarding resumes",
+                    source_id=self.source_id, refused_writes=self._refused,
+                )
+            self._refused = self._dropped = 0
             self._clear.set()
         self._changed()
 
