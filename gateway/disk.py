@@ -122,6 +122,7 @@ class Disk:
     async def run(self) -> None:
         """Owner: follow the reserve, and make it again once there is room."""
         assert self.owner, "only the owner makes the reserve again"
+        failed: str | None = None  # the last reason the reserve could not be made, said once
         while True:
             await asyncio.sleep(POLL)
             if not self._full:
@@ -129,14 +130,22 @@ class Disk:
                     self._set(True)  # the other process released it (and said so)
                 continue
             try:
-                room = free_bytes(self.dir) >= 2 * self.reserve + SLACK
-            except OSError:
+                made = (
+                    free_bytes(self.dir) >= 2 * self.reserve + SLACK
+                    and await asyncio.to_thread(self._make)
+                )
+            except OSError as exc:  # not for want of space (permissions, the folder gone)
+                if failed != exc.strerror:
+                    log.warning("cannot make the space reserve", data_dir=str(self.dir),
+                                error=exc.strerror)
+                    failed = exc.strerror
                 continue
-            if room and await asyncio.to_thread(self._make):
+            if made:
                 log.info(
                     "data folder has space again: reserve restored, ingest resumes",
                     data_dir=str(self.dir), free_bytes=free_bytes(self.dir),
                 )
+                failed = None
                 self._set(False)
 
     def _set(self, full: bool) -> None:

@@ -15,6 +15,7 @@ line per refused write; no traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from gateway.disk import NAME, Disk
 from mock_accoil.server import MockAccoilServer
 from tests.reliability.reliability_support import (
     WRITE_KEY,
@@ -266,3 +268,31 @@ def test_restart_on_a_full_disk(mock_accoil: MockAccoilServer, tmp_path: Path) -
 def test_full_disk_long(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
     plan = Plan(disk_mb=24, ballast_mb=8, reserve_mb=2, pad=400, full_phase=10.0, pace=0.02)
     record("disk_full_long", _run(plan, mock_accoil, tmp_path))
+
+
+async def test_a_full_filesystem_keeps_the_folder_full_until_space_returns(tmp_path: Path) -> None:
+    # `gateway.disk` alone, on a real full filesystem: no room for the reserve at start
+    with small_disk(tmp_path / "mnt", 8) as mnt:
+        data = mnt / "data"
+        ballast = mnt / "ballast"
+        ballast.write_bytes(bytes(4 * MB))
+        fill(mnt / "filler")
+        disk = Disk(data, 1 * MB, owner=True)
+        disk.start()  # no room for the reserve: full from the start
+        assert disk.full and not (data / NAME).exists()
+        assert not list(data.glob("*.tmp")), "a reserve that did not fit is not left behind"
+        task = asyncio.create_task(disk.run())
+        try:
+            await asyncio.sleep(0.3)
+            assert disk.full  # still no room
+            ballast.unlink()  # 4 MB free: room for the reserve twice over and the slack
+            for _ in range(100):
+                if not disk.full:
+                    break
+                await asyncio.sleep(0.05)
+            assert not disk.full
+            assert (data / NAME).stat().st_size == 1 * MB
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
