@@ -99,6 +99,7 @@ class Admin:
             {
                 "accepting": gw.accepting,
                 "backlog": {"total": gw.backlog.total, "limit": gw.backlog.limit},
+                "data_folder_full": gw.disk.full,
                 "inbox_messages": counts.inbox,
                 "outbox_calls": counts.outbox,
                 "dead_letters": counts.dead_letters,

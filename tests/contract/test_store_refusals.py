@@ -88,6 +88,8 @@ async def test_inline_full_data_folder_refuses_ingest_and_says_why(
             assert (await resp.json())["error"] == "data folder full: retry later"
         metrics = await (await gw.http.get(gw.url + "/metrics")).text()
         assert "accoil_gateway_disk_full 1.0" in metrics
+        status, stats = await gw.admin("GET", "/admin/stats")
+        assert (status, stats["data_folder_full"]) == (200, True)
         # this disk has room: the reserve is made again and ingest resumes by itself
         for _ in range(100):
             async with gw.http.get(gw.url + "/readyz") as resp:

@@ -119,6 +119,21 @@ def _counted(mock: MockAccoilServer) -> Counter[tuple[str, str]]:
     return got
 
 
+def _fill_up(client: Client, plan: Plan, started: float) -> None:
+    """Send until ingest has refused everything for `outage_grace` seconds."""
+    last_ok = time.monotonic()
+    while time.monotonic() - last_ok < plan.outage_grace:
+        # like an SDK's queue: a refused batch is sent again before anything newer
+        batch = client.refused.pop(0) if client.refused else client.batch()
+        if client.post(batch) == 200:
+            last_ok = time.monotonic()
+            time.sleep(plan.pace)
+        else:
+            client.refused.insert(0, batch)
+            time.sleep(0.05)
+        assert time.monotonic() - started < 240, "the disk never filled"
+
+
 def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {"disk_mb": plan.disk_mb, "ballast_mb": plan.ballast_mb,
                                "reserve_mb": plan.reserve_mb}
@@ -138,17 +153,7 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
             client = Client(gw.url, plan)
             started = time.monotonic()
             # 1. Accoil down: send until the disk is full (503s for a while, readiness false)
-            last_ok = time.monotonic()
-            while time.monotonic() - last_ok < plan.outage_grace:
-                # like an SDK's queue: a refused batch is sent again before anything newer
-                batch = client.refused.pop(0) if client.refused else client.batch()
-                if client.post(batch) == 200:
-                    last_ok = time.monotonic()
-                    time.sleep(plan.pace)
-                else:
-                    client.refused.insert(0, batch)
-                    time.sleep(0.05)
-                assert time.monotonic() - started < 240, "the disk never filled"
+            _fill_up(client, plan, started)
             figures["fill_s"] = round(time.monotonic() - started - plan.outage_grace, 1)
             figures["acked_while_filling"] = client.acked_events
             ready, why = _ready(gw.url)
@@ -157,7 +162,9 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
             assert client.reasons["data folder full: retry later"] > 0, client.reasons
 
             # 2. Accoil back, the disk still full: what is queued drains with the reserve
-            figures["outbox_when_full"] = gw.stats()["outbox_calls"]
+            stats = gw.stats()
+            assert stats["data_folder_full"] is True
+            figures["outbox_when_full"] = stats["outbox_calls"]
             filler = mnt / "filler"
             if plan.squeeze:
                 figures["squeezed_bytes"] = fill(filler)
@@ -167,14 +174,21 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
             deadline = None
             # the circuit, open since the outage, probes Accoil at growing intervals: wait for
             # the drain to start, then let it run a while, the disk full all along
+            figures["refilled"] = 0
             while deadline is None or time.monotonic() < deadline:
                 if deadline is None and sum(_counted(mock).values()) > before:
                     deadline = time.monotonic() + plan.full_phase
                 assert time.monotonic() - back < 60, "nothing drained on the full disk"
+                ready, why = _ready(gw.url)
+                if ready == 200 and figures["refilled"] < 3:
+                    # the gateway made room by itself: the inbox segment that filled up was
+                    # applied (just before the actors held) and reaped. Fill it up again
+                    figures["refilled"] += 1
+                    _fill_up(client, plan, time.monotonic())
+                    continue
+                assert ready == 503 and why["reason"] == "data folder full", why
                 # the SDK retries a refused batch; a full folder still refuses it
                 assert client.post(client.refused[0]) == 503
-                ready, why = _ready(gw.url)
-                assert ready == 503 and why["reason"] == "data folder full", why
                 time.sleep(0.2)
             counted_full = _counted(mock)
             figures["counted_while_full"] = sum(counted_full.values()) - before
@@ -237,7 +251,7 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
     assert 500 not in client.statuses and client.no_retry_after == 0, client.statuses
     # one warning per change, however many writes were refused (the drain after the space
     # returned may fill the disk again for a moment before the inbox is reaped)
-    assert 1 <= figures["full_warnings"] <= 5, figures
+    assert 1 <= figures["full_warnings"] <= 8, figures
     assert figures["restored"] == figures["full_warnings"], figures
     assert events["forwarding failed"] == 0 and events["flush failed"] == 0, events.most_common(5)
     assert events["commit failed"] == 0 and events["store write failed"] == 0
