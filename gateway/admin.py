@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.backlog import Backlog
 from gateway.config import Settings
+from gateway.disk import Disk
 from gateway.observability.logging import Redactor
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
 from gateway.store import Store
@@ -48,6 +49,9 @@ class Operated(Protocol):
 
     @property
     def pipeline(self) -> PipelineStats: ...
+
+    @property
+    def disk(self) -> Disk: ...
 
     @property
     def accepting(self) -> bool: ...
@@ -108,6 +112,8 @@ class Admin:
             return _json({"ready": False, "reason": "starting or draining"}, 503)
         if gw.backlog.full:
             return _json({"ready": False, "reason": "backlog full"}, 503)
+        if gw.disk.full:
+            return _json({"ready": False, "reason": "data folder full"}, 503)
         return _json({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -128,6 +134,7 @@ class Admin:
             {
                 "accepting": gw.accepting,
                 "backlog": {"total": gw.backlog.total, "limit": gw.backlog.limit},
+                "data_folder_full": gw.disk.full,
                 "inbox_messages": counts.inbox,
                 "outbox_calls": counts.outbox,
                 "dead_letters": counts.dead_letters,

@@ -26,6 +26,7 @@ from gateway.actors.actor import Actor, Envelope
 from gateway.actors.router import Router
 from gateway.actors.turn import Flush, Outcome, commit
 from gateway.config import Settings, Source
+from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store import InboxRow, Store
 
@@ -41,6 +42,7 @@ READ_AHEAD = 16  # inbox records read at once
 YIELD = 0.05
 POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 RETRY = 1.0  # seconds before a turn whose commit failed is tried again
+RETAKE = 1.0  # seconds between attempts to record takes the store refused
 SPARE = 1000  # passivated actors kept for reuse: activation allocates nothing
 LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all together
 
@@ -54,6 +56,7 @@ class Dispatcher:
         metrics: Metrics,
         backlog: Backlog,
         on_calls: Callable[[str], None],
+        disk_full: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.router = router
@@ -61,6 +64,7 @@ class Dispatcher:
         self.metrics = metrics
         self.backlog = backlog
         self._on_calls = on_calls
+        self._disk_full = disk_full  # the data folder is full: turns wait
         self._modes = {s.id: s.track_mode for s in settings.sources}
         # live actors, least recently given mail first
         self._live: dict[tuple[str, str], Actor] = {}
@@ -76,6 +80,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._turn = asyncio.Lock()  # a commit, or a pruning: never both at once
         self._stopping = False
+        self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
+        self._retake_at = 0.0
         self.cursor = 0  # the last inbox record routed
 
     def __len__(self) -> int:
@@ -109,6 +115,8 @@ class Dispatcher:
         turn = max(1, s.max_in_flight // 2)
         while True:
             self._wake.clear()
+            if self._untaken and time.monotonic() >= self._retake_at:
+                self._retake()
             rows = []
             if self.held < s.max_in_flight:
                 rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
@@ -152,7 +160,7 @@ class Dispatcher:
         self._clock = time.monotonic()
         if self._started is None:
             self._started = self._clock
-        self.store.take(row.id, row.count)
+        self._take(row.id, row.count)
         try:
             dead = await self.router.route(row, self._deliver)
         except Exception:
@@ -172,6 +180,21 @@ class Dispatcher:
                 self._holding.append(actor)
             actor.work(metrics)
         self._ready.clear()
+
+    def _take(self, row_id: int, count: int) -> None:
+        def done(fut: asyncio.Future[None]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                # until it is recorded, the record's segment is never deleted; made again
+                # later (a take and the turns that apply the record add up in any order)
+                self._untaken[row_id] = count
+                self._retake_at = time.monotonic() + RETAKE
+
+        self.store.take(row_id, count).add_done_callback(done)
+
+    def _retake(self) -> None:
+        untaken, self._untaken = self._untaken, {}
+        for row_id, count in untaken.items():
+            self._take(row_id, count)
 
     def _deliver(self, env: Envelope, source: Source, account: str) -> None:
         key = (source.id, account)
@@ -213,14 +236,25 @@ class Dispatcher:
     async def _land(self, f: Flush) -> None:
         """Commit `f`; when the store refuses it, try again after a pause (the inbox still
         holds every message of it, and nothing later commits before it)."""
+        refused = 0  # tries in a row the store refused
         while True:
+            if self._disk_full():
+                # the space the reserve freed is for outcomes and deletions: hold the turn
+                # (the inbox has it too) until the folder has room again
+                await asyncio.sleep(RETRY)
+                continue
             try:
                 async with self._turn:
                     outcome = await self.store.transact(lambda tx: commit(f, tx))
                 break
-            except Exception:
-                log.exception("turn commit failed; trying again", messages=f.messages)
+            except Exception as exc:
+                # one line per run of refusals; a full disk is reported once, by `Disk`
+                if refused == 0 and not out_of_space(exc):
+                    log.exception("turn commit failed; trying again", messages=f.messages)
+                refused += 1
                 await asyncio.sleep(RETRY)
+        if refused:
+            log.info("turn committed after refusals", messages=f.messages, refused=refused)
         self._landing_messages = 0
         live = self._live
         for row in outcome.rows:

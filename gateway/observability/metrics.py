@@ -85,6 +85,14 @@ class Metrics:
         self.circuit_open = Gauge(
             _P + "circuit_open", "1 while a source's circuit is open (forwarding paused).",
             ["source"], registry=p)
+        self.outcomes_waiting = Gauge(
+            _P + "outcomes_waiting",
+            "Call outcomes the store refused to record, held in memory and retried; while any "
+            "is held the source sends nothing new.", ["source"], registry=p)
+        self.disk_full = Gauge(
+            _P + "disk_full",
+            "1 while the data folder is full (its space reserve released): ingest answers 503.",
+            registry=r)
         self.ready = Gauge(
             _P + "ready", "1 while the gateway accepts traffic, 0 while starting or draining.",
             registry=r)
@@ -96,6 +104,7 @@ class Metrics:
         for counter in (self.received, self.accepted, self.deduplicated, self.retries):
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
+        self.outcomes_waiting.labels(source=source).set(0)
 
     def child(self, metric: Counter, *labels: str) -> Counter:
         """`metric.labels(*labels)`, remembered: the request path counts each request

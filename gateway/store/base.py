@@ -10,6 +10,7 @@ runs the same script shape: one Lua script per partition's turn.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -181,9 +182,11 @@ class Inbox(Protocol):
         """Mark every inbox row as wholly unapplied again; called once before replaying it."""
         ...
 
-    def take(self, row_id: int, count: int) -> None:
+    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
         """The router takes an inbox row: `count` of its messages are now pending. Queued,
-        not awaited: it lands before any turn that applies messages of the row."""
+        not awaited; the future says whether it was recorded. A take and the flushes that
+        complete the row's messages add up in any order (a refused take may be made again
+        later), and a row is deleted (`reap`) only once its count is recorded as done."""
         ...
 
     async def reap(self, taken: int) -> int:
@@ -245,3 +248,8 @@ class Store(Inbox, ActorState, Outbox, DeadLetters, Protocol):
         ...
 
     async def counts(self) -> Counts: ...
+
+    async def checkpoint(self) -> None:
+        """Move what the write-ahead log holds into the database, so that later writes reuse
+        the log's space instead of growing it (a backend without one does nothing)."""
+        ...
