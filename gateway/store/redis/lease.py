@@ -1,0 +1,212 @@
+"""Partition ownership: live gateways, an even division of the partitions, and leases
+with fencing epochs.
+
+- Members: each gateway heartbeats into one sorted set (`{gw}:members`), scored by when its
+  entry expires on Redis's clock; a member that stops heartbeating drops out after `ttl`.
+  One key, so listing the members is one command on a Cluster too (no SCAN per node).
+- Assignment: every member computes the same division from the sorted member list (Kafka's
+  range assignor): P // n partitions each, the first P % n members one more. No
+  coordinator: a join or a leave changes the list, and with it everyone's share.
+- Leases: `{p<n>}:lease` holds the owner's id with a TTL of `ttl`; `{p<n>}:epoch` is a
+  counter that never expires. Taking a free lease raises the epoch, so each ownership has
+  an epoch no earlier one had. The owner renews; one that sees a partition is no longer
+  its share releases it, and the new owner takes it when it is free (at the latest when
+  its TTL runs out, should the old owner be gone).
+- Fencing: every script that changes a partition starts with `FENCE_LUA` and refuses to run
+  unless the lease is still held by the caller under the caller's epoch. A gateway paused
+  past its lease (SIGSTOP, a long GC, a VM migration) that wakes up holding work for epoch
+  e finds the lease gone or the epoch at e + 1, and its write is refused: Kafka's
+  generation check, as in its consumer groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+
+import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from gateway.store.redis.connect import Client
+from gateway.store.redis.metrics import RedisMetrics
+from gateway.store.redis.partition import MEMBERS_KEY, epoch_key, lease_key
+
+log = structlog.get_logger("gateway.store.redis.lease")
+
+DEFAULT_TTL = 10.0
+
+# KEYS[1] the lease, KEYS[2] the epoch; ARGV[1] the owner, ARGV[2] its epoch. Returns from
+# the script with 0 when the caller is not the current owner under the current epoch.
+FENCE_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] or redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+"""
+
+# KEYS: lease, epoch; ARGV: owner, ttl ms. {1, epoch} taken (or already ours, renewed);
+# {0, owner} held by another.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('GET', KEYS[2]))}
+end
+if cur then return {0, cur} end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, epoch}
+"""
+_RENEW = FENCE_LUA + "redis.call('PEXPIRE', KEYS[1], ARGV[3])\nreturn 1\n"
+_RELEASE = FENCE_LUA + "redis.call('DEL', KEYS[1])\nreturn 1\n"
+_FENCE = FENCE_LUA + "return 1\n"
+
+# KEYS: members; ARGV: member, ttl ms. The live members, on Redis's clock (one clock for all).
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+"""
+
+
+def assign(members: Sequence[str], partitions: int) -> dict[str, range]:
+    """Each member's partitions: contiguous ranges, sizes differing by at most one."""
+    ordered = sorted(set(members))
+    if not ordered:
+        return {}
+    base, extra = divmod(partitions, len(ordered))
+    out: dict[str, range] = {}
+    start = 0
+    for i, member in enumerate(ordered):
+        size = base + (1 if i < extra else 0)
+        out[member] = range(start, start + size)
+        start += size
+    return out
+
+
+def member_id() -> str:
+    """Unique per process start: a restarted gateway is a new member, never the old one."""
+    host = socket.gethostname().replace(" ", "_")[:40]
+    return f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Scripts:
+    """The lease scripts, registered once per client (EVALSHA, loaded again on NOSCRIPT)."""
+
+    def __init__(self, client: Client) -> None:
+        self.acquire: AsyncScript = client.register_script(_ACQUIRE)
+        self.renew: AsyncScript = client.register_script(_RENEW)
+        self.release: AsyncScript = client.register_script(_RELEASE)
+        self.fence: AsyncScript = client.register_script(_FENCE)
+        self.heartbeat: AsyncScript = client.register_script(_HEARTBEAT)
+
+
+class Leases:
+    """This gateway's share of the partitions, kept by `tick()` (or `run()`, which ticks
+    every `ttl / 3`). `owned` maps each partition held to its epoch."""
+
+    def __init__(
+        self,
+        client: Client,
+        partitions: int,
+        *,
+        member: str | None = None,
+        ttl: float = DEFAULT_TTL,
+        metrics: RedisMetrics | None = None,
+    ) -> None:
+        self.client = client
+        self.partitions = partitions
+        self.member = member or member_id()
+        self.ttl = ttl
+        self.ttl_ms = int(ttl * 1000)
+        self.metrics = metrics
+        self.scripts = Scripts(client)
+        self.owned: dict[int, int] = {}
+        self.members: list[str] = []
+        # when the leases renewed last are no longer ours, by this process's monotonic clock
+        # (it runs on through SIGSTOP): past it, `holds` says no without asking Redis
+        self._valid_until = 0.0
+        self._stopping = False
+
+    def holds(self, partition: int) -> int | None:
+        """The epoch this gateway holds `partition` under, if its lease is still fresh."""
+        if time.monotonic() >= self._valid_until:
+            return None
+        return self.owned.get(partition)
+
+    async def tick(self) -> dict[int, int]:
+        """One round: heartbeat, divide, release what is no longer ours, renew what is,
+        take what is ours and free. Raises `RedisError` when Redis does not answer."""
+        started = time.monotonic()
+        raw = await self.scripts.heartbeat(keys=[MEMBERS_KEY], args=[self.member, self.ttl_ms])
+        self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+        share = set(assign(self.members, self.partitions).get(self.member, range(0)))
+        for p in sorted(set(self.owned) - share):
+            await self._release(p, "released")
+        for p in sorted(set(self.owned) & share):
+            ok = await self.scripts.renew(
+                keys=[lease_key(p), epoch_key(p)], args=[self.member, self.owned[p], self.ttl_ms])
+            if not ok:
+                self._lost(p)
+        for p in sorted(share - set(self.owned)):
+            taken, value = await self.scripts.acquire(
+                keys=[lease_key(p), epoch_key(p)], args=[self.member, self.ttl_ms])
+            if taken:
+                self.owned[p] = int(value)
+                self._changed("acquired")
+                log.info("partition acquired", partition=p, epoch=int(value))
+        # a lease renewed in this round lives `ttl` from before the round began
+        self._valid_until = started + self.ttl
+        if self.metrics is not None:
+            self.metrics.owned.set(len(self.owned))
+        return dict(self.owned)
+
+    async def fence(self, partition: int, epoch: int) -> bool:
+        """Whether `epoch` is still this gateway's, current epoch for `partition`."""
+        return bool(await self.scripts.fence(
+            keys=[lease_key(partition), epoch_key(partition)], args=[self.member, epoch]))
+
+    async def run(self) -> None:
+        """Tick until `stop()`; a Redis error is logged and the next tick tries again."""
+        while not self._stopping:
+            try:
+                await self.tick()
+            except RedisError as exc:
+                log.warning("lease round failed; retrying", error=str(exc))
+            await asyncio.sleep(self.ttl / 3)
+
+    async def stop(self) -> None:
+        """Leave: release every lease and the member entry, so the others take over at
+        their next tick rather than after the TTL."""
+        self._stopping = True
+        for p in sorted(self.owned):
+            try:
+                await self._release(p, "released")
+            except RedisError:
+                self.owned.pop(p, None)  # it expires by itself
+        with contextlib.suppress(RedisError):  # the entry expires by itself
+            await self.client.zrem(MEMBERS_KEY, self.member)
+        if self.metrics is not None:
+            self.metrics.owned.set(0)
+
+    async def _release(self, p: int, why: str) -> None:
+        epoch = self.owned.pop(p)
+        await self.scripts.release(keys=[lease_key(p), epoch_key(p)], args=[self.member, epoch])
+        self._changed(why)
+        log.info("partition released", partition=p, epoch=epoch)
+
+    def _lost(self, p: int) -> None:
+        epoch = self.owned.pop(p)
+        self._changed("lost")
+        log.warning("partition lease lost (expired or taken over)", partition=p, epoch=epoch)
+
+    def _changed(self, change: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lease_changes.labels(change).inc()

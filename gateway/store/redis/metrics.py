@@ -1,0 +1,26 @@
+"""The Redis backend's Prometheus series, in the registry of the process that runs the
+leases (the pipeline's). `partition` labels are bounded by the partition count."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+_P = "accoil_gateway_"
+CHANGES = ("acquired", "released", "lost")
+
+
+class RedisMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.owned = Gauge(
+            _P + "partitions_owned", "Partitions whose lease this gateway holds.",
+            registry=registry)
+        self.lease_changes = Counter(
+            _P + "lease_changes",
+            "Partition leases acquired, released (rebalance or leave) or lost (expired or "
+            "taken over).", ["change"], registry=registry)
+        self.lag = Gauge(
+            _P + "partition_lag",
+            "Inbox entries of a partition not yet applied (stream length past the cursor), "
+            "for the partitions this gateway owns.", ["partition"], registry=registry)
+        for change in CHANGES:
+            self.lease_changes.labels(change)
