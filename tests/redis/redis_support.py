@@ -67,6 +67,8 @@ class RedisServer:
             f"appendfsync {appendfsync}",
             'save ""',
             "maxmemory-policy noeviction",
+            # a replica's first sync starts at once, not after the default 5 s
+            "repl-diskless-sync-delay 0",
             "logfile redis.log",
             "daemonize no",
         ]

@@ -7,6 +7,8 @@ from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from gateway.loader import shown_url
@@ -15,7 +17,8 @@ from gateway.store.redis.partition import PARTITIONS_KEY
 Client: TypeAlias = aioredis.Redis | RedisCluster
 
 CONNECT_TIMEOUT = 5.0
-COMMAND_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 3.0  # XADD takes well under a millisecond; WAIT has its own, shorter bound
+RETRIES = 3
 
 
 class RedisUnavailable(Exception):
@@ -32,6 +35,10 @@ async def connect(url: str) -> Client:
     plain one. Raises `RedisUnavailable`."""
     options: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
+        # a pooled connection found dead (Redis restarted, a failover) is reopened and the
+        # command sent again, a few times within about half a second; a write sent twice
+        # this way is a duplicate entry that dedupe by messageId drops at apply
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), RETRIES),
     }
     single = aioredis.Redis.from_url(url, **options)
     try:

@@ -107,6 +107,10 @@ class RedisInbox:
         except RedisError as exc:
             raise InboxUnavailable(f"Redis did not take the request: {exc}") from None
 
+    async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
+        """Ingest's call (as `Store.accept`): `append`, answering how many parts it wrote."""
+        return len(await self.append(source, received_at, body))
+
     async def _append_single(self, parts: dict[int, Fields]) -> dict[int, str]:
         assert not isinstance(self.client, RedisCluster)
         # one connection for all: WAIT counts the replicas that hold this connection's writes
@@ -152,8 +156,11 @@ class RedisInbox:
         )
         failed: dict[int, str] = {}
         for (_, ps), outcome in zip(by_node.values(), outcomes, strict=True):
+            if isinstance(outcome, InboxUnavailable):
+                # written but not replicated in time: sending again would not help
+                raise outcome
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, RedisError | OSError | InboxUnavailable):
+                if not isinstance(outcome, RedisError | OSError):
                     raise outcome
                 failed.update((p, str(outcome)) for p in ps)
                 continue

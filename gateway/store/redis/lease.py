@@ -148,20 +148,24 @@ class Leases:
         raw = await self.scripts.heartbeat(keys=[MEMBERS_KEY], args=[self.member, self.ttl_ms])
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
         share = set(assign(self.members, self.partitions).get(self.member, range(0)))
-        for p in sorted(set(self.owned) - share):
-            await self._release(p, "released")
+        released = sorted(set(self.owned) - share)
+        for p in released:
+            await self._release(p)
+        lost = []
         for p in sorted(set(self.owned) & share):
             ok = await self.scripts.renew(
                 keys=[lease_key(p), epoch_key(p)], args=[self.member, self.owned[p], self.ttl_ms])
             if not ok:
-                self._lost(p)
+                del self.owned[p]
+                lost.append(p)
+        acquired = []
         for p in sorted(share - set(self.owned)):
             taken, value = await self.scripts.acquire(
                 keys=[lease_key(p), epoch_key(p)], args=[self.member, self.ttl_ms])
             if taken:
                 self.owned[p] = int(value)
-                self._changed("acquired")
-                log.info("partition acquired", partition=p, epoch=int(value))
+                acquired.append(p)
+        self._changed(acquired=acquired, released=released, lost=lost)
         # a lease renewed in this round lives `ttl` from before the round began
         self._valid_until = started + self.ttl
         if self.metrics is not None:
@@ -186,27 +190,40 @@ class Leases:
         """Leave: release every lease and the member entry, so the others take over at
         their next tick rather than after the TTL."""
         self._stopping = True
-        for p in sorted(self.owned):
+        released = sorted(self.owned)
+        for p in released:
             try:
-                await self._release(p, "released")
+                await self._release(p)
             except RedisError:
                 self.owned.pop(p, None)  # it expires by itself
+        self._changed(released=released)
         with contextlib.suppress(RedisError):  # the entry expires by itself
             await self.client.zrem(MEMBERS_KEY, self.member)
         if self.metrics is not None:
             self.metrics.owned.set(0)
 
-    async def _release(self, p: int, why: str) -> None:
+    async def _release(self, p: int) -> None:
         epoch = self.owned.pop(p)
         await self.scripts.release(keys=[lease_key(p), epoch_key(p)], args=[self.member, epoch])
-        self._changed(why)
-        log.info("partition released", partition=p, epoch=epoch)
 
-    def _lost(self, p: int) -> None:
-        epoch = self.owned.pop(p)
-        self._changed("lost")
-        log.warning("partition lease lost (expired or taken over)", partition=p, epoch=epoch)
+    def _changed(self, **changes: list[int]) -> None:
+        """Count and log a round's changes: one line per kind, not one per partition."""
+        for change, ps in changes.items():
+            if not ps:
+                continue
+            if self.metrics is not None:
+                self.metrics.lease_changes.labels(change).inc(len(ps))
+            log_at = log.warning if change == "lost" else log.info
+            log_at(f"partitions {change}", partitions=_ranges(ps), member=self.member,
+                   members=len(self.members), owned=len(self.owned))
 
-    def _changed(self, change: str) -> None:
-        if self.metrics is not None:
-            self.metrics.lease_changes.labels(change).inc()
+
+def _ranges(ps: list[int]) -> str:
+    """[0, 1, 2, 5] as "0-2,5": a line stays short with thousands of partitions."""
+    out: list[str] = []
+    for p in ps:
+        if out and int(out[-1].rsplit("-", 1)[-1]) == p - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ",".join(out)
