@@ -150,7 +150,7 @@ async def test_wait_with_a_real_replica(
         deadline = time.monotonic() + 10
         while c.info("replication").get("master_link_status") != "up":
             assert time.monotonic() < deadline, "the replica never connected"
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
     client = await connect(primary.url)
     try:
         inbox = RedisInbox(client, P, wait_replicas=1, wait_timeout_ms=5000)
