@@ -257,3 +257,26 @@ async def test_cluster_divides_and_fences(redis_cluster: RedisClusterNodes) -> N
         assert owner.owned[p] == epoch + 1 and await owner.fence(p, epoch + 1)
     finally:
         await client.aclose()
+
+
+async def test_lag_is_reported_for_the_owned_partitions_only(client: Client) -> None:
+    m = metrics()
+    a = Leases(client, 4, member="a", ttl=TTL, metrics=m)
+    inbox = RedisInbox(client, 4)
+    await a.tick()
+    for i in range(3):
+        await inbox.append("web", time.time(), json.dumps({"batch": [
+            {"type": "track", "event": "E", "userId": f"u{u}", "messageId": f"m{i}-{u}"}
+            for u in range(8)]}).encode())
+    m.set_lag(await inbox.lag(sorted(a.owned)))
+
+    def lags() -> dict[str, float]:
+        family = m.lag.collect()[0]
+        return {sample.labels["partition"]: sample.value for sample in family.samples}
+
+    assert sum(lags().values()) == sum((await inbox.lag(list(range(4)))).values()) > 0
+    assert set(lags()) == {"0", "1", "2", "3"}
+    b = Leases(client, 4, member="b", ttl=TTL)
+    await settle([a, b])
+    m.set_lag(await inbox.lag(sorted(a.owned)))
+    assert set(lags()) == {str(p) for p in a.owned} == {"0", "1"}

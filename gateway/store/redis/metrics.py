@@ -24,3 +24,13 @@ class RedisMetrics:
             "for the partitions this gateway owns.", ["partition"], registry=registry)
         for change in CHANGES:
             self.lease_changes.labels(change)
+        self._lagging: set[int] = set()
+
+    def set_lag(self, lags: dict[int, int]) -> None:
+        """The lag of the partitions owned now; the series of partitions no longer owned
+        are removed, so that no gateway reports a lag it does not apply."""
+        for p in self._lagging - set(lags):
+            self.lag.remove(str(p))
+        for p, n in lags.items():
+            self.lag.labels(str(p)).set(n)
+        self._lagging = set(lags)
