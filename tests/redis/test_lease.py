@@ -170,6 +170,9 @@ async def test_run_keeps_the_leases_and_survives_redis_restarts(
         task.cancel()
     with redis_server.client() as c:
         assert c.zcard("{gw}:members") == 0
+        # no round in flight took a lease back after the leave
+        assert [c.get(lease_key(p)) for p in range(8)] == [None] * 8
+    assert a.owned == {}
 
 
 # A gateway in a process of its own: takes every partition, then every 50 ms tries to commit

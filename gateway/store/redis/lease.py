@@ -134,6 +134,9 @@ class Leases:
         # (it runs on through SIGSTOP): past it, `holds` says no without asking Redis
         self._valid_until = 0.0
         self._stopping = False
+        # a round and a leave never interleave: a round in flight could take a lease back
+        # after `stop()` released it
+        self._round = asyncio.Lock()
 
     def holds(self, partition: int) -> int | None:
         """The epoch this gateway holds `partition` under, if its lease is still fresh."""
@@ -144,6 +147,12 @@ class Leases:
     async def tick(self) -> dict[int, int]:
         """One round: heartbeat, divide, release what is no longer ours, renew what is,
         take what is ours and free. Raises `RedisError` when Redis does not answer."""
+        async with self._round:
+            if self._stopping:
+                return dict(self.owned)
+            return await self._tick()
+
+    async def _tick(self) -> dict[int, int]:
         started = time.monotonic()
         raw = await self.scripts.heartbeat(keys=[MEMBERS_KEY], args=[self.member, self.ttl_ms])
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
@@ -190,6 +199,10 @@ class Leases:
         """Leave: release every lease and the member entry, so the others take over at
         their next tick rather than after the TTL."""
         self._stopping = True
+        async with self._round:
+            await self._leave()
+
+    async def _leave(self) -> None:
         released = sorted(self.owned)
         for p in released:
             try:
