@@ -15,12 +15,18 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from benchkit.stack import free_port
 
 SERVER = "redis-server"
 CLI = "redis-cli"
 START_TIMEOUT = 10.0
+
+
+class PortTaken(RuntimeError):
+    """Another process bound the port between its pick and the server's start."""
 
 
 class RedisServer:
@@ -37,15 +43,24 @@ class RedisServer:
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.appendfsync = appendfsync
         self.cluster = cluster
         self.conf = self.dir / "redis.conf"
+        # ports picked here may be taken by someone else before the server binds them: then
+        # the first start picks others (a restart keeps its port, as a crashed server would)
+        self._pick_ports = port is None
+        self._started = False
+        self.port = port or free_port()
+        self._write_conf()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write_conf(self) -> None:
         lines = [
             "bind 127.0.0.1",
             f"port {self.port}",
             f"dir {self.dir}",
             "appendonly yes",
-            f"appendfsync {appendfsync}",
+            f"appendfsync {self.appendfsync}",
             'save ""',
             "maxmemory-policy noeviction",
             # a replica's first sync starts at once, not after the default 5 s
@@ -53,7 +68,7 @@ class RedisServer:
             "logfile redis.log",
             "daemonize no",
         ]
-        if cluster:
+        if self.cluster:
             lines += [
                 "cluster-enabled yes",
                 "cluster-config-file nodes.conf",
@@ -62,7 +77,6 @@ class RedisServer:
                 f"cluster-port {free_port()}",
             ]
         self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -76,6 +90,20 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> None:
+        for _ in range(3):
+            try:
+                self._start()
+                self._started = True
+                return
+            except PortTaken:
+                self.kill()  # ours, if it has not exited yet
+                if self._started or not self._pick_ports:
+                    raise
+                self.port = free_port()
+                self._write_conf()
+        self._start()
+
+    def _start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.proc = subprocess.Popen(
             [SERVER, str(self.conf)],
@@ -86,12 +114,20 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self.log_tail()}")
+                tail = self.log_tail()
+                if "Address already in use" in tail:
+                    raise PortTaken(tail)
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {tail}")
             try:
-                with self.client() as c:
+                # one try each, no retries: a round must not outlast the process's exit
+                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                                 retry=Retry(NoBackoff(), 0)) as c:
                     # LOADING while it replays the AOF: not up yet
-                    if c.ping():
-                        return
+                    pid = c.info("server")["process_id"]
+                if pid == self.proc.pid:
+                    return
+                # an answer from another server that took the port first
+                raise PortTaken(f"port {self.port} answered by pid {pid}")
             except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                 pass
             if time.monotonic() > deadline:

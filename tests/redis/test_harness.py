@@ -3,9 +3,11 @@ three primaries that share the slots."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+from pathlib import Path
 
-from tests.redis.redis_support import RedisClusterNodes, RedisServer
+from tests.redis.redis_support import RedisClusterNodes, RedisServer, require_redis
 
 
 def test_server_keeps_an_always_fsynced_write_across_kill_9(
@@ -35,3 +37,31 @@ def test_cluster_has_three_primaries_covering_every_slot(
             owners |= {(s[0], s[1], s[2][1]) for s in slots}
     assert {port for _, _, port in owners} == {n.port for n in redis_cluster.nodes}
     assert sum(hi - lo + 1 for lo, hi, _ in owners) == 16384
+
+
+def test_a_port_taken_before_the_first_start_is_replaced(tmp_path: Path) -> None:
+    require_redis()
+    server = RedisServer(tmp_path / "r")
+    picked = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picked))
+        squatter.listen()
+        # a Redis of someone else's on the next pick must not be mistaken for ours
+        other = RedisServer(tmp_path / "o")
+        try:
+            server.start()
+            assert server.port != picked
+            other.port = server.port
+            other._write_conf()
+            other.start()
+            assert other.port != server.port
+            with other.client() as c:
+                assert other.proc is not None
+                assert c.info("server")["process_id"] == other.proc.pid
+            # a restart keeps its port, as a crashed server's clients expect
+            port = server.port
+            server.restart()
+            assert server.port == port
+        finally:
+            server.stop()
+            other.stop()

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -193,8 +194,8 @@ async def ingest(client: Client) -> AsyncIterator[TestClient[web.Request, web.Ap
     settings = Settings(sources=[Source(write_key=WRITE_KEY, accoil_api_key="ak_redis_inbox_1",
                                         name="web")], retry_after=7)
     # the Redis inbox plays the store's `accept` role; applying is not built yet
-    handler = Ingest(settings, RedisInbox(client, P), Backlog(10_000), Metrics(["web"]),
-                     lambda: True)  # type: ignore[arg-type]
+    inbox: Any = RedisInbox(client, P)
+    handler = Ingest(settings, inbox, Backlog(10_000), Metrics(["web"]), lambda: True)
     app = web.Application()
     app.add_routes(handler.routes())
     async with TestClient(TestServer(app, host="127.0.0.1")) as http:

@@ -92,8 +92,8 @@ async def test_join_and_leave_rebalance_evenly(client: Client) -> None:
     check_division([a, c], [32, 32])
     assert a.metrics is not None
     assert a.metrics.owned._value.get() == 32
-    changes = {s.labels["change"]: s.value for s in a.metrics.lease_changes.collect()[0].samples
-               if s.name.endswith("_total")}
+    family = next(iter(a.metrics.lease_changes.collect()))
+    changes = {s.labels["change"]: s.value for s in family.samples if s.name.endswith("_total")}
     # a: all 64; 32-63 to b; 22-31 to c; 22-31 back when b leaves
     assert changes == {"acquired": 64 + 10, "released": 32 + 10, "lost": 0}
 
@@ -230,7 +230,7 @@ async def test_a_sigstopped_owner_is_refused_when_it_resumes(
         owner.send_signal(signal.SIGCONT)
         # lines the paused process wrote before the stop are still in the pipe; every commit
         # it tries after it resumes is refused
-        after = []
+        after: list[bool] = []
         while len(after) < 5:
             line = await next_json(owner.stdout)
             if line["t"] > stopped_at + TTL:
@@ -274,7 +274,7 @@ async def test_lag_is_reported_for_the_owned_partitions_only(client: Client) -> 
     m.set_lag(await inbox.lag(sorted(a.owned)))
 
     def lags() -> dict[str, float]:
-        family = m.lag.collect()[0]
+        family = next(iter(m.lag.collect()))
         return {sample.labels["partition"]: sample.value for sample in family.samples}
 
     assert sum(lags().values()) == sum((await inbox.lag(list(range(4)))).values()) > 0

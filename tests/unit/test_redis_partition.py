@@ -86,7 +86,7 @@ def test_split_keeps_each_users_order_and_the_envelope() -> None:
         assert decoded.count == n
         assert decoded.context == {"library": {"name": "x"}}
         assert decoded.sent_at is not None and decoded.sent_at.year == 2026
-        ids = [m.messageId for m in decoded.messages]
+        ids = [str(m.messageId) for m in decoded.messages]
         assert all(partition_of("web", str(m.userId), 64) == p for m in decoded.messages)
         # in the client's order within the part
         assert ids == sorted(ids, key=lambda x: int(x[1:]))
