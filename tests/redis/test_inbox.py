@@ -234,6 +234,9 @@ async def test_cluster_append_groups_per_node_and_reads_back(
         from redis.asyncio.cluster import RedisCluster
 
         assert isinstance(client, RedisCluster)
+        assert await claim_partitions(client, P) == P
+        with pytest.raises(PartitionCountMismatch):
+            await claim_partitions(client, P * 2)
         inbox = RedisInbox(client, P)
         ids = await inbox.append("web", time.time(), body(300, 64))
         # the partitions written live on all three primaries
