@@ -19,6 +19,7 @@ lint: $(STAMP)
 test: lint
 	bash scripts/ensure_wrk.sh
 	bash scripts/ensure_redis.sh
+	bash scripts/ensure_browser.sh
 	$(VENV)/bin/pytest -q
 
 reliability: $(STAMP)

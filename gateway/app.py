@@ -23,7 +23,7 @@ from gateway.backlog import Backlog
 from gateway.config import Settings
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.body import MAX_BODY
-from gateway.ingest.routes import Ingest
+from gateway.ingest.routes import UNROUTED, Ingest, routing_error
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store import SqliteStore, Store
@@ -100,6 +100,9 @@ class Gateway:
             resp = await handler(request)
         except web.HTTPException as exc:
             self.metrics.child(self.metrics.requests, name, str(exc.status)).inc()
+            if exc.status in UNROUTED:
+                # a client on a wrong path or method reads a JSON error like every other one
+                return routing_error(exc.status, exc.reason, exc.headers.get("Allow"))
             raise
         self.metrics.child(self.metrics.requests, name, str(resp.status)).inc()
         return resp

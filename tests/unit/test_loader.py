@@ -82,8 +82,10 @@ def test_env_converts_every_source_field() -> None:
         "ACCOIL_API": "segment", "ACCOIL_BASE_URL": "http://127.0.0.1:8089/",
         "ACCOIL_RATE_PER_SECOND": "200", "ACCOIL_MAX_CONCURRENCY": " 3 ",
         "ACCOIL_TRACK_MODE": "daily-unique", "ACCOIL_TIMEOUT": "2.5", "ACCOIL_NAME": "app",
+        "ACCOIL_UNNAMED_PAGES": "title",
     }
     (src,) = load(env=env).sources
+    assert src.unnamed_pages == "title"
     assert src.api == "segment"
     assert src.base_url == "http://127.0.0.1:8089"  # trailing slash dropped
     assert src.rate_per_second == 200.0 and isinstance(src.rate_per_second, float)
@@ -97,8 +99,10 @@ def test_env_converts_server_fields() -> None:
         "GATEWAY_DATA_DIR": "/tmp/x", "GATEWAY_FLUSH_INTERVAL": "0.25",
         "GATEWAY_MAX_BACKLOG": "1000", "GATEWAY_LOG_FORMAT": "json",
         "GATEWAY_ADMIN_TOKEN": TOKEN, "GATEWAY_FSYNC": "full", "GATEWAY_LOG_LEVEL": "WARN",
+        "GATEWAY_DEAD_LETTER_RETENTION": "86400",
     }
     s = load(env=env)
+    assert s.dead_letter_retention == 86400.0
     assert (s.port, s.data_dir, s.flush_interval, s.max_backlog) == (8100, "/tmp/x", 0.25, 1000)
     assert (s.log_format, s.admin_token, s.fsync, s.log_level) == ("json", TOKEN, "full", "warning")
 
@@ -159,6 +163,8 @@ def test_env_source_vars_with_several_file_sources_are_an_error(tmp_path: Path) 
         ("ACCOIL_TIMEOUT", "nan", 'ACCOIL_TIMEOUT: expected a finite number, got "nan"'),
         ("ACCOIL_API", "v3", 'ACCOIL_API: expected one of "segment", "v2", got "v3"'),
         ("ACCOIL_TRACK_MODE", "daily", 'ACCOIL_TRACK_MODE: expected one of "daily-unique", "exact", got "daily"'),
+        ("ACCOIL_UNNAMED_PAGES", "name", 'ACCOIL_UNNAMED_PAGES: expected one of "path", "skip", "title", got "name"'),
+        ("GATEWAY_DEAD_LETTER_RETENTION", "0", "GATEWAY_DEAD_LETTER_RETENTION: Expected float > 0.0, got 0.0"),
         ("ACCOIL_BASE_URL", "in.accoil.com", 'ACCOIL_BASE_URL: expected an http:// or https:// URL, got "in.accoil.com"'),
     ],
 )
@@ -201,6 +207,7 @@ def test_secret_env_values_never_echoed() -> None:
         (TWO + 'max_concurrency = "8"\n', "sources[1].max_concurrency: Expected int, got str"),
         (TWO + "timeout = inf\n", "sources[1].timeout: expected a finite number, got inf"),
         (TWO + 'track_mode = "daily"\n', 'sources[1].track_mode: expected one of "daily-unique", "exact", got "daily"'),
+        (TWO + 'unnamed_pages = "url"\n', 'sources[1].unnamed_pages: expected one of "path", "skip", "title", got "url"'),
         (TWO + 'base_url = "ftp://x"\n', 'sources[1].base_url: expected an http:// or https:// URL, got "ftp://x"'),
         (ONE.replace("port = 9000", "port = 99999"), "port: Expected int <= 65535, got 99999"),
         (ONE.replace("port = 9000", "port = true"), "port: Expected int, got bool"),
