@@ -278,3 +278,49 @@ async def test_cluster_node_down_is_a_clear_error(
             node.resume()
     finally:
         await client.aclose()
+
+
+def _node_id(node: RedisServer) -> str:
+    with node.client() as c:
+        return str(c.execute_command("CLUSTER MYID").decode())
+
+
+async def test_cluster_resharding_ask_then_moved(redis_cluster: RedisClusterNodes) -> None:
+    """A partition's slot migrates while ingest writes: during the migration the new stream
+    is on the target (ASK, answered with ASKING); after it, the stale slot map is corrected
+    (MOVED, the map reloaded). No request is refused and every message is read back."""
+    client = await connect(redis_cluster.url)
+    try:
+        from redis.asyncio.cluster import RedisCluster
+
+        assert isinstance(client, RedisCluster)
+        inbox = RedisInbox(client, P)
+        p = partition_of("web", "user_0", P)
+        slot = client.keyslot(inbox_key(p))
+        owner = client.get_node_from_key(inbox_key(p))
+        assert owner is not None
+        source = next(n for n in redis_cluster.nodes if n.port == int(owner.port))
+        target = next(n for n in redis_cluster.nodes if n is not source)
+        with source.client() as s, target.client() as t:
+            t.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", _node_id(source))
+            s.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", _node_id(target))
+        # the stream does not exist on the source yet: the source answers ASK
+        first = await inbox.append("web", time.time(), body(3, 1, start=0))
+        assert set(first) == {p}
+        with target.client() as t:
+            assert t.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1
+        # the migration ends: every node learns the slot's new owner; the client's map is stale
+        # in redis-cli --cluster reshard's order: the target, the source, then the others
+        others = [n for n in redis_cluster.nodes if n is not source and n is not target]
+        for node in (target, source, *others):
+            with node.client() as c:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", _node_id(target))
+        second = await inbox.append("web", time.time(), body(3, 1, start=3))
+        assert set(second) == {p}
+        owner = client.get_node_from_key(inbox_key(p))
+        assert owner is not None and int(owner.port) == target.port  # the map was reloaded
+        got = [m for e in await inbox.read(p, START, 10) for m in
+               (str(x.messageId) for x in decode_batch(e.body).messages)]
+        assert got == [f"m{i}" for i in range(6)]
+    finally:
+        await client.aclose()

@@ -27,7 +27,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, MovedError, RedisError
 
 from gateway.store.redis.connect import Client
 from gateway.store.redis.lease import FENCE_LUA
@@ -128,33 +128,50 @@ class RedisInbox:
         self, cluster: RedisCluster, parts: dict[int, Fields]
     ) -> dict[int, str]:
         written: dict[int, str] = {}
-        failed = await self._send_by_node(cluster, parts, written)
+        failed, asked = await self._send_by_node(cluster, parts, written, {})
+        if asked:
+            # a slot being migrated, and these streams already on the target: ASKING there
+            more, again = await self._send_by_node(
+                cluster, {p: parts[p] for p in asked}, written, asked)
+            failed |= more | {p: f"ASK {host}:{port} twice" for p, (host, port) in again.items()}
         if failed:
             # a slot moved (resharding, failover): learn the new map and retry those parts once
             await cluster.nodes_manager.initialize()
-            failed = await self._send_by_node(
-                cluster, {p: parts[p] for p in failed}, written)
+            failed, asked = await self._send_by_node(
+                cluster, {p: parts[p] for p in failed}, written, {})
+            failed |= {p: f"slot migrating to {host}:{port}" for p, (host, port) in asked.items()}
         if failed:
             raise InboxUnavailable(
                 "Redis Cluster did not take the request: " + "; ".join(sorted(set(failed.values()))))
         return written
 
     async def _send_by_node(
-        self, cluster: RedisCluster, parts: dict[int, Fields], written: dict[int, str]
-    ) -> dict[int, str]:
-        """Send each node its parts (and WAIT) in one pipeline, all nodes at once; fill
-        `written`, and return the parts that failed with why."""
+        self,
+        cluster: RedisCluster,
+        parts: dict[int, Fields],
+        written: dict[int, str],
+        asking: dict[int, tuple[str, int]],
+    ) -> tuple[dict[int, str], dict[int, tuple[str, int]]]:
+        """Send each node its parts (and WAIT) in one pipeline, all nodes at once; the parts
+        in `asking` go to the node named, each after ASKING. Fill `written`; return the parts
+        that failed with why, and those a migrating slot redirected (ASK) with where to."""
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for p in parts:
-            node = cluster.get_node_from_key(inbox_key(p))
+            if p in asking:
+                host, port = asking[p]
+                node = cluster.get_node(host=host, port=port)
+            else:
+                node = cluster.get_node_from_key(inbox_key(p))
             if node is None:
                 raise InboxUnavailable(f"no Redis Cluster node serves partition {p}'s slot")
             by_node.setdefault(node.name, (node, []))[1].append(p)
         outcomes = await asyncio.gather(
-            *(self._send_node(node, ps, parts) for node, ps in by_node.values()),
+            *(self._send_node(node, ps, parts, asking=bool(asking))
+              for node, ps in by_node.values()),
             return_exceptions=True,
         )
         failed: dict[int, str] = {}
+        asked: dict[int, tuple[str, int]] = {}
         for (_, ps), outcome in zip(by_node.values(), outcomes, strict=True):
             if isinstance(outcome, InboxUnavailable):
                 # written but not replicated in time: sending again would not help
@@ -165,32 +182,37 @@ class RedisInbox:
                 failed.update((p, str(outcome)) for p in ps)
                 continue
             for p, result in zip(ps, outcome, strict=True):
-                if isinstance(result, Exception):
+                if isinstance(result, AskError) and not isinstance(result, MovedError):
+                    # (MovedError is an AskError too: a moved slot reloads the map instead)
+                    asked[p] = (result.host, result.port)
+                elif isinstance(result, Exception):
                     failed[p] = str(result)
                 else:
                     written[p] = _text(result)
-        return failed
+        return failed, asked
 
     async def _send_node(
-        self, node: ClusterNode, ps: list[int], parts: dict[int, Fields]
+        self, node: ClusterNode, ps: list[int], parts: dict[int, Fields], *, asking: bool
     ) -> list[Any]:
-        commands = [
-            PipelineCommand(i, "XADD", inbox_key(p), "*", *_flat(parts[p]))
-            for i, p in enumerate(ps)
-        ]
+        commands: list[PipelineCommand] = []
+        for p in ps:
+            if asking:
+                # good for the next command only
+                commands.append(PipelineCommand(len(commands), "ASKING"))
+            commands.append(
+                PipelineCommand(len(commands), "XADD", inbox_key(p), "*", *_flat(parts[p])))
         if self.wait_replicas:
             commands.append(
-                PipelineCommand(len(ps), "WAIT", self.wait_replicas, self.wait_timeout_ms))
+                PipelineCommand(len(commands), "WAIT", self.wait_replicas, self.wait_timeout_ms))
         # ClusterNode.execute_pipeline sends them on one connection, as the cluster pipeline
         # does, so WAIT covers these writes
         await node.execute_pipeline(commands)
-        results = [c.result for c in commands]
         if self.wait_replicas:
-            acked = results.pop()
+            acked = commands.pop().result
             if isinstance(acked, Exception):
                 raise acked
             self._check_wait(acked)
-        return results
+        return [c.result for c in commands if c.args[0] == "XADD"]
 
     def _check_wait(self, acked: Any) -> None:
         if int(acked) < self.wait_replicas:
