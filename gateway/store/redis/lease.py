@@ -28,10 +28,12 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, NoScriptError, RedisError
 
 from gateway.store.redis.connect import Client
 from gateway.store.redis.metrics import RedisMetrics
@@ -158,19 +160,18 @@ class Leases:
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
         share = set(assign(self.members, self.partitions).get(self.member, range(0)))
         released = sorted(set(self.owned) - share)
-        for p in released:
-            await self._release(p)
-        lost = []
-        for p in sorted(set(self.owned) & share):
-            ok = await self.scripts.renew(
-                keys=[lease_key(p), epoch_key(p)], args=[self.member, self.owned[p], self.ttl_ms])
-            if not ok:
-                del self.owned[p]
-                lost.append(p)
+        await self._release_all(released)
+        kept = sorted(set(self.owned) & share)
+        renewed = await self._each(self.scripts.renew, [
+            ([lease_key(p), epoch_key(p)], [self.member, self.owned[p], self.ttl_ms]) for p in kept])
+        lost = [p for p, ok in zip(kept, renewed, strict=True) if not ok]
+        for p in lost:
+            del self.owned[p]
+        wanted = sorted(share - set(self.owned))
+        answers = await self._each(self.scripts.acquire, [
+            ([lease_key(p), epoch_key(p)], [self.member, self.ttl_ms]) for p in wanted])
         acquired = []
-        for p in sorted(share - set(self.owned)):
-            taken, value = await self.scripts.acquire(
-                keys=[lease_key(p), epoch_key(p)], args=[self.member, self.ttl_ms])
+        for p, (taken, value) in zip(wanted, answers, strict=True):
             if taken:
                 self.owned[p] = int(value)
                 acquired.append(p)
@@ -204,20 +205,54 @@ class Leases:
 
     async def _leave(self) -> None:
         released = sorted(self.owned)
-        for p in released:
-            try:
-                await self._release(p)
-            except RedisError:
-                self.owned.pop(p, None)  # it expires by itself
+        try:
+            await self._release_all(released)
+        except RedisError:
+            self.owned.clear()  # the leases expire by themselves
         self._changed(released=released)
         with contextlib.suppress(RedisError):  # the entry expires by itself
             await self.client.zrem(MEMBERS_KEY, self.member)
         if self.metrics is not None:
             self.metrics.owned.set(0)
 
-    async def _release(self, p: int) -> None:
-        epoch = self.owned.pop(p)
-        await self.scripts.release(keys=[lease_key(p), epoch_key(p)], args=[self.member, epoch])
+    async def _release_all(self, ps: list[int]) -> None:
+        epochs = [self.owned.pop(p) for p in ps]
+        await self._each(self.scripts.release, [
+            ([lease_key(p), epoch_key(p)], [self.member, e]) for p, e in zip(ps, epochs, strict=True)])
+
+    async def _each(
+        self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """`script` once per (keys, args), all in one pipeline: a round trip per node rather
+        than per partition (a round over 1,024 partitions took about 100 ms one by one)."""
+        if not calls:
+            return []
+        results: list[Any] = []
+        for attempt in (1, 2):
+            if isinstance(self.client, RedisCluster):
+                results = await _evalsha_per_node(self.client, script.sha, calls)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 2:
+                break
+            if any(isinstance(r, NoScriptError) for r in results):
+                # a restarted (or new) server forgot the script: load it (on every primary
+                # of a Cluster) and send the round again; the scripts are idempotent
+                await self.client.script_load(script.script)
+            elif isinstance(self.client, RedisCluster) and any(
+                    isinstance(r, AskError) for r in results):
+                # a slot moved or is moving (MOVED is an AskError): learn the map, try again
+                await self.client.nodes_manager.initialize()
+            else:
+                break
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
 
     def _changed(self, **changes: list[int]) -> None:
         """Count and log a round's changes: one line per kind, not one per partition."""
@@ -240,3 +275,21 @@ def _ranges(ps: list[int]) -> str:
         else:
             out.append(str(p))
     return ",".join(out)
+
+
+async def _evalsha_per_node(
+    cluster: RedisCluster, sha: str, calls: list[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """EVALSHA per call on the node serving its keys: one pipeline per node (redis-py's
+    cluster pipeline refuses scripts), nodes concurrently; errors come back as values."""
+    by_node: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
+    commands: list[PipelineCommand] = []
+    for i, (keys, args) in enumerate(calls):
+        node = cluster.get_node_from_key(keys[0])
+        if node is None:
+            raise RedisError(f"no Redis Cluster node serves {keys[0]}")
+        command = PipelineCommand(i, "EVALSHA", sha, len(keys), *keys, *args)
+        commands.append(command)
+        by_node.setdefault(node.name, (node, []))[1].append(command)
+    await asyncio.gather(*(node.execute_pipeline(cs) for node, cs in by_node.values()))
+    return [c.result for c in commands]
