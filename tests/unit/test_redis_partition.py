@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from gateway.ingest.messages import decode_batch
+from gateway.segment import decode_batch
 from gateway.store.redis.partition import (
     NO_USER_PARTITION,
     epoch_key,

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.ingest.messages import id_str
+from gateway.segment import id_str
 
 NO_USER_PARTITION = 0
 
