@@ -15,17 +15,27 @@ if TYPE_CHECKING:
     from mock_accoil.server import MockAccoilServer
 
 
+@pytest.fixture(scope="session")
+def mock_accoil_server() -> Iterator[MockAccoilServer]:
+    """The mock Accoil of the whole session, on a free 127.0.0.1 port (started once)."""
+    from mock_accoil.server import MockAccoilServer
+
+    with MockAccoilServer() as server:
+        yield server
+
+
 @pytest.fixture
-def mock_accoil() -> Iterator[MockAccoilServer]:
-    """A fresh mock Accoil on a free 127.0.0.1 port, served from a background thread.
+def mock_accoil(mock_accoil_server: MockAccoilServer) -> Iterator[MockAccoilServer]:
+    """A mock Accoil with nothing in it: the session's server, its state, journal and faults
+    cleared before the test (as pytest-httpserver's fixture does), so a test never sees
+    another's calls and the server starts once.
 
     Yields a `MockAccoilServer`: `.url` is the base URL to send Accoil calls to,
     `.state` the in-process `MockAccoil` to assert on, and `.calls()`, `.counts()`,
     `.users()`, `.accounts()`, `.add_fault()`, `.clear_faults()`, `.reset()`,
     `.wait_calls()` / `await .wait_calls_async()` go through the inspection API.
-    Works in sync and async tests alike.
+    Works in sync and async tests alike. A test that needs a server of its own (another
+    state, stopped and started) makes a `MockAccoilServer` itself.
     """
-    from mock_accoil.server import MockAccoilServer
-
-    with MockAccoilServer() as server:
-        yield server
+    mock_accoil_server.state.reset(renumber=True)
+    yield mock_accoil_server

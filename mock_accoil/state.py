@@ -338,11 +338,14 @@ class MockAccoil:
         with self._lock:
             self._faults.clear()
 
-    def reset(self) -> None:
-        """Forget state, journal and faults, and reseed the fault RNG."""
+    def reset(self, *, renumber: bool = False) -> None:
+        """Forget state, journal and faults, and reseed the fault RNG. The journal's `seq`
+        keeps counting, so a client's `since` never skips calls made after a reset, unless
+        `renumber` (a new test: as good as a new mock)."""
         with self._lock:
             self._faults.clear(reseed=True)
-            # seq keeps counting so a client's `since` never skips calls made after a reset
+            if renumber:
+                self._seq = 0
             self._journal.clear()
             self._users.clear()
             self._accounts.clear()
