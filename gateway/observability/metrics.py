@@ -6,13 +6,15 @@ its own families, and `/metrics` is ingest's exposition followed by the pipeline
 family in both.
 
 Label values are bounded: `source` is `Source.id` (secret-free), `reason`, `type`, `call`,
-`stage` come from the fixed sets below (anything else is counted as "other"), `status` is
+`stage` come from the fixed sets below (a limit cut's `reason` from
+`gateway.forward.limiter.Reason`) (anything else is counted as "other"), `status` is
 an HTTP status or "error", and `route` is a route template, never a raw path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +23,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from gateway.forward.limiter import Limiter
 
 REJECT_REASONS = frozenset({"invalid", "too_large", "unauthorized", "overloaded", "other"})
 MESSAGE_TYPES = frozenset({"identify", "group", "track", "page", "screen", "alias", "other"})
@@ -95,6 +100,21 @@ class Metrics:
         self.circuit_open = Gauge(
             _P + "circuit_open", "1 while a source's circuit is open (forwarding paused).",
             ["source"], registry=p)
+        self.limit = Gauge(
+            _P + "forward_limit",
+            "A source's adaptive concurrency limit: calls to Accoil it lets be in flight.",
+            ["source"], registry=p)
+        self.in_flight = Gauge(
+            _P + "forward_in_flight", "Calls to Accoil in flight now.", ["source"], registry=p)
+        self.paused = Gauge(
+            _P + "forward_paused_seconds",
+            "Seconds left of the pause Accoil asked for with Retry-After (0 when none).",
+            ["source"], registry=p)
+        self.limit_cuts = Counter(
+            _P + "forward_limit_cuts",
+            "Times a source's limit was cut, by reason: rate_limited (429), unavailable (503), "
+            "timeout, latency (round trip well above its baseline).",
+            ["source", "reason"], registry=p)
         self.ready = Gauge(
             _P + "ready", "1 while the gateway accepts traffic, 0 while starting or draining.",
             registry=r)
@@ -106,6 +126,12 @@ class Metrics:
         for counter in (self.received, self.accepted, self.deduplicated, self.retries):
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
+
+    def watch_limiter(self, source: str, limiter: Limiter) -> None:
+        """Read a forwarder's limiter at each scrape rather than on every call."""
+        self.limit.labels(source).set_function(lambda: limiter.limit.limit)
+        self.in_flight.labels(source).set_function(lambda: limiter.limit.in_flight)
+        self.paused.labels(source).set_function(limiter.paused_for)
 
     def child(self, metric: Counter, *labels: str) -> Counter:
         """`metric.labels(*labels)`, remembered: the request path counts each request
