@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from structlog.typing import FilteringBoundLogger
 
+from mock_accoil.capacity import Capacity
 from mock_accoil.faults import INGEST_PATHS, Fault
 from mock_accoil.state import MockAccoil
 from mock_accoil.wire import bad_request, error_field, journal_body
@@ -75,8 +76,13 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         body=raw,
         method=request.method,
     )
-    if reply.latency:
-        await asyncio.sleep(reply.latency)
+    try:
+        if reply.latency:
+            await asyncio.sleep(reply.latency)
+    finally:
+        # answered (or the client went away): the capacity slot is free
+        if reply.held:
+            state.release()
     extra: dict[str, Any] = {}
     if reply.call.fault is not None:
         extra["fault"] = reply.call.fault
@@ -196,6 +202,25 @@ async def delete_faults(request: web.Request) -> web.Response:
     return _json({"success": True})
 
 
+async def get_capacity(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].capacity())
+
+
+async def put_capacity(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        capacity = msgspec.json.decode(raw, type=Capacity)
+    except msgspec.ValidationError as exc:
+        return _json(bad_request(str(exc), error_field(exc)), status=400)
+    except msgspec.DecodeError:
+        return _json(bad_request("body is not valid JSON"), status=400)
+    return _json(request.app[STATE].set_capacity(capacity))
+
+
+async def delete_capacity(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].set_capacity(None))
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[_OPENAPI], content_type="application/json")
 
@@ -217,5 +242,8 @@ def create_app(state: MockAccoil | None = None, *, log_calls: bool = True) -> we
     app.router.add_post("/_mock/faults", post_fault)
     app.router.add_get("/_mock/faults", get_faults)
     app.router.add_delete("/_mock/faults", delete_faults)
+    app.router.add_get("/_mock/capacity", get_capacity)
+    app.router.add_put("/_mock/capacity", put_capacity)
+    app.router.add_delete("/_mock/capacity", delete_capacity)
     app.router.add_get("/_mock/openapi.json", get_openapi)
     return app
