@@ -138,6 +138,8 @@ class Forwarder:
             released = True
             if cut is not None:
                 self.metrics.limit_cuts.labels(src, cut).inc()
+                log.info("limit cut", source_id=src, reason=cut,
+                         limit=round(self.limiter.limit.limit, 2))
             self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
             if isinstance(outcome, Delivered):
                 self.circuit.success()

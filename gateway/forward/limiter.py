@@ -47,21 +47,26 @@ INITIAL = 8  # the limit a source starts with
 CEILING = 256  # the most calls in flight without a max_concurrency cap
 BACKOFF = 0.85  # on overload, the limit becomes this much of what was delivered
 BLIND_BACKOFF = 0.5  # ... or this much of itself, with no delivery rate to go by
+# The delivery rate before an overload includes the upstream's burst allowance that the
+# excess spent, so it overstates the capacity a little: the new ceiling is this much of it.
+MARGIN = 0.97
+CARRY = 0.98
 # Regrowth after a cut, in seconds since it: back to the ceiling (the limit the overload
 # came at) along a concave cubic in RECOVER seconds, then beyond it along a convex one that
 # adds PROBE x the ceiling after one second, 8 x PROBE after two, and so on: a ceiling
 # three times higher is reached about 6.3 s after the plateau.
-RECOVER = 5.0
-PROBE = 0.008
+RECOVER = 7.0
+PROBE = 0.012
 RTT_TOLERANCE = 2.0
 RTT_SLACK = 0.02
-SHORT_RTT = 0.1  # EWMA weight of a sample in the short round trip
+SHORT_RTT = 0.05  # EWMA weight of a sample in the short round trip (about the last 20)
 LONG_RTT = 0.005  # ... and in the long one (about the last 200 calls)
 # Calls start at most PACING times faster than the limit per round trip (and may start
-# PACING_EARLY seconds early: a timer per call would cost more than it spreads).
-PACING = 1.25
+# PACING_EARLY seconds early: a timer per call would cost more than it spreads). At 1, the
+# starts a round trip are the limit's, fractions included.
+PACING = 1.0
 PACING_EARLY = 0.001
-RATE_SPAN = 4.0  # seconds of answered calls behind a delivery-rate estimate
+RATE_SPAN = 2.0  # seconds of answered calls behind a delivery-rate estimate
 # A rate cap lets this many seconds' worth of calls start at once.
 BURST = 0.1
 
@@ -92,6 +97,8 @@ class Limit:
         self.short_rtt: float | None = None
         self.long_rtt: float | None = None
         self.slow_start = True
+        # (time, limit) after each growth in the start: what the limit was when a call went out
+        self._grown: list[tuple[float, float]] = [(-math.inf, self.limit)]
         self._w_max = 0.0  # the limit when the last overload came
         self._k = 0.0  # seconds after a cut at which regrowth reaches _w_max
         self._floor = 0.0  # the limit just after the cut
@@ -112,8 +119,9 @@ class Limit:
 
     @property
     def slots(self) -> int:
-        """Calls that may be in flight now: the limit, rounded down, at least one."""
-        return max(1, int(self.limit))
+        """Calls that may be in flight now: the limit rounded up (pacing keeps the mean
+        at the limit itself: 4.5 is 4 and 5 in turn, not 4), at least one."""
+        return max(1, math.ceil(self.limit - 1e-9))
 
     def wait_time(self, now: float) -> float:
         """Seconds before a call may start: 0 now, `math.inf` until a call ends."""
@@ -195,18 +203,27 @@ class Limit:
             # sent before the last cut, at the old limit: the same overload, told again
             return False
         delivered = self.delivered(now)
-        if delivered is None or self.slow_start:
-            # an overload with no steady spell behind it (just after a start or a pause),
-            # or the end of the start, whose rate was still climbing: the limit is far
-            # off and the delivery rate no guide, so halve it and grow from there
+        if self.slow_start:
+            # the end of the start, whose limit doubles every round trip: a refusal comes
+            # back at once, but the calls it overtook went out at the limit of a round trip
+            # ago, and that is what the upstream was shown to take. Halve that.
+            then = min(sent_at, now - (self.long_rtt or 0.0))
+            i = bisect.bisect_right(self._grown, (then, math.inf)) - 1
+            at_send = self._grown[i][1] if i >= 0 else self.limit
+            self.limit = max(1.0, at_send * BLIND_BACKOFF)
+            self._w_max = self.limit
+            self._grown.clear()
+        elif delivered is None:
+            # an overload with no steady spell behind it (just after a pause): the limit
+            # is far off and the delivery rate no guide, so halve it and grow from there
             self.limit = max(1.0, self.limit * BLIND_BACKOFF)
             self._w_max = self.limit
         else:
             # the limit at the overload overstates what passed when the upstream's burst
-            # allowance hid the excess for a while: the delivery rate does not (but it
-            # lags a limit that was climbing fast, so it lowers the ceiling by BACKOFF
-            # at most)
-            self._w_max = min(self.limit, max(delivered, self.limit * BACKOFF))
+            # allowance hid the excess for a while: the delivery rate does not. It may
+            # understate it, when the limit climbed back from a cut for most of the span,
+            # so the last ceiling carries over, a little lower each time
+            self._w_max = min(self.limit, max(delivered * MARGIN, self._w_max * CARRY))
             self.limit = max(1.0, self._w_max * BACKOFF)
         self._k = RECOVER if self.limit < self._w_max else 0.0
         self._floor = self.limit
@@ -219,7 +236,9 @@ class Limit:
         calls a second x baseline round trip); None without enough unpaused history."""
         if self._active_since is None or self.long_rtt is None:
             return None
-        span = min(RATE_SPAN, now - max(self._active_since, self.paused_until))
+        # no answer comes back in the first round trip after a start or a pause
+        since = max(self._active_since, self.paused_until) + self.long_rtt
+        span = min(RATE_SPAN, now - since)
         if span < 4 * self.long_rtt:
             return None
         oks = len(self._oks) - bisect.bisect_left(self._oks, now - span)
@@ -228,6 +247,7 @@ class Limit:
     def _grow(self, now: float) -> None:
         if self.slow_start:
             self.limit = min(self.limit + 1, self.ceiling)
+            self._grown.append((now, self.limit))
             return
         t = now - self._cut_at
         if t < self._k:
