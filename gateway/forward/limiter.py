@@ -1,25 +1,28 @@
 """A source's adaptive concurrency limit: how many calls to Accoil may be in flight.
 
-`Limit` is the arithmetic, driven by explicit times so tests can use a fake clock;
-`Limiter` waits on it in asyncio. The forwarder takes a slot before each call and
-reports how the call ended.
+`Limit` is the arithmetic, driven by explicit times so that tests can use a fake clock;
+`Limiter` waits on it in asyncio. The forwarder takes a slot before each call and reports
+how the call ended. docs/forwarding.md explains the choices; in short:
 
-Why this shape (see docs/forwarding.md). A rate-limited Accoil says "too fast" with a
-quick 429, not with a slower answer, so a purely latency-driven limit (Netflix's
-Gradient2, Envoy's gradient controller) would never see it. The limit is therefore
-loss-driven, like Netflix's AIMD limit and TCP:
+A rate-limited Accoil says "too fast" with a quick 429, not with a slower answer, so a
+purely latency-driven limit (Netflix's Gradient2, Envoy's gradient controller) would never
+see it. The limit is loss-driven, as Netflix's AIMD limit and TCP are, with TCP CUBIC's
+growth (RFC 9438) because every overload costs a Retry-After pause:
 
-- start: +1 per successful call (the limit doubles each round trip) until the first
-  overload;
-- on 429, 503, a timeout, or a round trip far above its baseline: cut to `BACKOFF` x,
-  once per episode (calls sent before the cut report the same overload again);
-- then regrow along CUBIC's curve (RFC 9438), in time since the cut: quickly back to
-  near the limit where the overload happened, flat around it (where most of the time
-  is spent, and where the next overload would cost a Retry-After pause), then
-  faster and faster beyond it, so a capacity that grew is found within seconds.
+- start: +1 per answered call (the limit doubles each round trip) up to the first
+  overload, then half the limit of a round trip before it;
+- on 429, 503, a timeout, or a round trip far above its baseline: once per episode (calls
+  sent before a cut report the same overload again), the ceiling becomes what the
+  delivery rate showed the upstream takes (answered calls a second x round trip, Little's
+  law) and the limit `BACKOFF` x that;
+- regrowth in time since the cut: back to the ceiling in `RECOVER` seconds, slowing down
+  as it nears it, flat around it, then faster and faster beyond it, so that a capacity
+  that grew is found within seconds and a steady one is probed rarely;
+- calls start paced over the round trip, so that the slots a pause frees do not all go at
+  once into the upstream's burst allowance.
 
 The latency guard follows Gradient2: a short (recent) and a long (baseline) average of
-the round trip; a short one above `RTT_TOLERANCE` x the long one, by at least
+the round trip; the short one above `RTT_TOLERANCE` x the long one, by at least
 `RTT_SLACK` seconds, means calls queue upstream. A Retry-After pauses the whole source.
 `rate_per_second` and `max_concurrency` are optional hard caps on top.
 """
@@ -45,28 +48,29 @@ Reason = Literal["rate_limited", "unavailable", "timeout", "latency"]
 
 INITIAL = 8  # the limit a source starts with
 CEILING = 256  # the most calls in flight without a max_concurrency cap
-BACKOFF = 0.85  # on overload, the limit becomes this much of what was delivered
-BLIND_BACKOFF = 0.5  # ... or this much of itself, with no delivery rate to go by
+BACKOFF = 0.85  # on overload, the limit becomes this much of the new ceiling
+HALVE = 0.5  # ... or this much of the limit, with no delivery rate to go by
 # The delivery rate before an overload includes the upstream's burst allowance that the
-# excess spent, so it overstates the capacity a little: the new ceiling is this much of it.
+# excess spent, so it overstates the capacity a little: the ceiling is this much of it.
 MARGIN = 0.97
+# It understates the capacity when the limit was still climbing back from the last cut
+# for most of the span: the last ceiling then carries over, this much lower each time.
 CARRY = 0.98
-# Regrowth after a cut, in seconds since it: back to the ceiling (the limit the overload
-# came at) along a concave cubic in RECOVER seconds, then beyond it along a convex one that
-# adds PROBE x the ceiling after one second, 8 x PROBE after two, and so on: a ceiling
-# three times higher is reached about 6.3 s after the plateau.
+RATE_SPAN = 2.0  # seconds of answered calls behind a delivery-rate estimate
+# Regrowth after a cut, in seconds since it: back to the ceiling along a concave cubic in
+# RECOVER seconds, then beyond it along a convex one that adds PROBE x the ceiling after
+# one second, 8 x PROBE after two, and so on: 3.2 x the ceiling about 5.7 s after.
 RECOVER = 7.0
 PROBE = 0.012
 RTT_TOLERANCE = 2.0
 RTT_SLACK = 0.02
 SHORT_RTT = 0.05  # EWMA weight of a sample in the short round trip (about the last 20)
-LONG_RTT = 0.005  # ... and in the long one (about the last 200 calls)
+LONG_RTT = 0.005  # ... and in the long one (about the last 200)
 # Calls start at most PACING times faster than the limit per round trip (and may start
 # PACING_EARLY seconds early: a timer per call would cost more than it spreads). At 1, the
-# starts a round trip are the limit's, fractions included.
+# starts of a round trip are the limit's, fractions included.
 PACING = 1.0
 PACING_EARLY = 0.001
-RATE_SPAN = 2.0  # seconds of answered calls behind a delivery-rate estimate
 # A rate cap lets this many seconds' worth of calls start at once.
 BURST = 0.1
 
@@ -99,7 +103,9 @@ class Limit:
         self.slow_start = True
         # (time, limit) after each growth in the start: what the limit was when a call went out
         self._grown: list[tuple[float, float]] = [(-math.inf, self.limit)]
-        self._w_max = 0.0  # the limit when the last overload came
+        # where a start after an outage ends: the limit before the outage
+        self._restart_to: float | None = None
+        self._w_max = 0.0  # the ceiling: what the upstream was last shown to take
         self._k = 0.0  # seconds after a cut at which regrowth reaches _w_max
         self._floor = 0.0  # the limit just after the cut
         self._cut_at = -math.inf
@@ -161,8 +167,7 @@ class Limit:
             return self._cut(now, sent_at)
         self._observe(rtt)
         self._oks.append(now)
-        while self._oks[0] < now - RATE_SPAN:
-            self._oks.popleft()
+        self._forget(now)
         if self.queueing:
             return self._cut(now, sent_at)
         # a limit only half used says nothing about whether more would pass
@@ -203,37 +208,47 @@ class Limit:
             # sent before the last cut, at the old limit: the same overload, told again
             return False
         delivered = self.delivered(now)
-        if self.slow_start:
+        restart = False
+        if not self._oks:
+            # nothing answered for a while: an outage rather than a pace. Halve the limit
+            # at each overload; when calls pass again, start over (doubling) up to the
+            # limit from before the outage
+            self._restart_to = self._restart_to or self.limit
+            self.limit = self._w_max = max(1.0, self.limit * HALVE)
+            restart = True
+        elif self.slow_start:
             # the end of the start, whose limit doubles every round trip: a refusal comes
             # back at once, but the calls it overtook went out at the limit of a round trip
             # ago, and that is what the upstream was shown to take. Halve that.
             then = min(sent_at, now - (self.long_rtt or 0.0))
             i = bisect.bisect_right(self._grown, (then, math.inf)) - 1
-            at_send = self._grown[i][1] if i >= 0 else self.limit
-            self.limit = max(1.0, at_send * BLIND_BACKOFF)
+            self.limit = max(1.0, (self._grown[i][1] if i >= 0 else self.limit) * HALVE)
             self._w_max = self.limit
-            self._grown.clear()
+            self._restart_to = None
         elif delivered is None:
             # an overload with no steady spell behind it (just after a pause): the limit
             # is far off and the delivery rate no guide, so halve it and grow from there
-            self.limit = max(1.0, self.limit * BLIND_BACKOFF)
-            self._w_max = self.limit
+            self.limit = self._w_max = max(1.0, self.limit * HALVE)
         else:
             # the limit at the overload overstates what passed when the upstream's burst
-            # allowance hid the excess for a while: the delivery rate does not. It may
-            # understate it, when the limit climbed back from a cut for most of the span,
-            # so the last ceiling carries over, a little lower each time
+            # allowance hid the excess for a while: the delivery rate does not
             self._w_max = min(self.limit, max(delivered * MARGIN, self._w_max * CARRY))
             self.limit = max(1.0, self._w_max * BACKOFF)
         self._k = RECOVER if self.limit < self._w_max else 0.0
         self._floor = self.limit
         self._cut_at = now
-        self.slow_start = False
+        self.slow_start = restart
+        self._grown = [(-math.inf, self.limit)]
         return True
+
+    def _forget(self, now: float) -> None:
+        while self._oks and self._oks[0] < now - RATE_SPAN:
+            self._oks.popleft()
 
     def delivered(self, now: float) -> float | None:
         """Calls in flight that the recent delivery rate supports (Little's law: answered
         calls a second x baseline round trip); None without enough unpaused history."""
+        self._forget(now)
         if self._active_since is None or self.long_rtt is None:
             return None
         # no answer comes back in the first round trip after a start or a pause
@@ -248,8 +263,13 @@ class Limit:
         if self.slow_start:
             self.limit = min(self.limit + 1, self.ceiling)
             self._grown.append((now, self.limit))
+            if self._restart_to is not None and self.limit >= self._restart_to:
+                # back where the outage found it: probe on from there
+                self.slow_start = False
+                self._w_max = self._floor = self.limit
+                self._k, self._cut_at, self._restart_to = 0.0, now, None
             return
-        t = now - self._cut_at
+        t = max(0.0, now - self._cut_at)
         if t < self._k:
             left = (self._k - t) / self._k
             target = self._w_max - (self._w_max - self._floor) * left * left * left
