@@ -21,8 +21,9 @@ def mock_accoil() -> Iterator[MockAccoilServer]:
 
     Yields a `MockAccoilServer`: `.url` is the base URL to send Accoil calls to,
     `.state` the in-process `MockAccoil` to assert on, and `.calls()`, `.counts()`,
-    `.users()`, `.accounts()`, `.add_fault()`, `.clear_faults()`, `.reset()`,
-    `.wait_calls()` / `await .wait_calls_async()` go through the inspection API.
+    `.users()`, `.accounts()`, `.add_fault()`, `.clear_faults()`, `.set_capacity()`,
+    `.capacity()`, `.clear_capacity()`, `.reset()`, `.wait_calls()` /
+    `await .wait_calls_async()` go through the inspection API.
     Works in sync and async tests alike.
     """
     from mock_accoil.server import MockAccoilServer
