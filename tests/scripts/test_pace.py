@@ -26,7 +26,8 @@ def test_convergence_waits_for_the_rate_and_for_few_429s() -> None:
     limited = ticks(3.0, 5.0, 20.0)
     # [4.8, 5.8) holds 4 refusals among 104 calls: under 5%
     assert pace.converged_after(ok, limited, 0.0, 10.0, 100.0) == 5.8
-    assert pace.converged_after(ok, [], 0.0, 10.0, 100.0) == 4.0
+    # [2.6, 3.6) holds 20 + 60 = 80 accepted calls: 0.8 x the capacity
+    assert pace.converged_after(ok, [], 0.0, 10.0, 100.0) == 3.6
     assert pace.converged_after(ticks(0.0, 10.0, 50.0), [], 0.0, 10.0, 100.0) is None
 
 
