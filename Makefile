@@ -18,6 +18,7 @@ lint: $(STAMP)
 
 test: lint
 	bash scripts/ensure_wrk.sh
+	bash scripts/ensure_browser.sh
 	$(VENV)/bin/pytest -q
 
 reliability: $(STAMP)
@@ -28,6 +29,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_ingest.py
 	$(PY) scripts/bench_forward.py
 	$(PY) scripts/bench_memory.py
+	$(PY) scripts/bench_sustained.py
 
 run: $(STAMP)
 	$(PY) scripts/run_demo.py

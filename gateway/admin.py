@@ -142,7 +142,8 @@ class Admin:
                 {
                     "id": d.id, "source": d.source, "account": d.account, "stage": d.stage,
                     "reason": d.reason, "status": d.status, "path": d.path, "repeat": d.repeat,
-                    "created_at": d.created_at, "replayed_at": d.replayed_at, "payload": payload,
+                    "created_at": d.created_at, "last_at": d.last_at,
+                    "replayed_at": d.replayed_at, "payload": payload,
                 }
             )
         nxt = letters[-1].id if len(letters) == limit else None

@@ -23,7 +23,7 @@ from gateway.backlog import Backlog
 from gateway.config import Settings
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.body import MAX_BODY
-from gateway.ingest.routes import Ingest
+from gateway.ingest.routes import UNROUTED, Ingest, routing_error
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store import SqliteStore, Store
@@ -35,11 +35,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOCK_WAIT = 30.0  # seconds a start waits for an earlier gateway to leave the data directory
 
 
+class StartupError(Exception):
+    """The gateway cannot start for a reason the operator can fix (a busy port, a data
+    directory it cannot create or that another gateway holds): one line says which."""
+
+
 class Gateway:
     def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.sources = {s.id: s for s in settings.sources}
         data = Path(settings.data_dir)
+        _make_dir(data)  # the backlog file below lives in it, on a first run too
         remote = settings.pipeline == "process" and store is None
         self.store: Store = store or SqliteStore(data / "gateway.db", fsync=settings.fsync)
         self.metrics = Metrics(self.sources)
@@ -94,12 +100,14 @@ class Gateway:
             resp = await handler(request)
         except web.HTTPException as exc:
             self.metrics.child(self.metrics.requests, name, str(exc.status)).inc()
+            if exc.status in UNROUTED:
+                # a client on a wrong path or method reads a JSON error like every other one
+                return routing_error(exc.status, exc.reason, exc.headers.get("Allow"))
             raise
         self.metrics.child(self.metrics.requests, name, str(resp.status)).inc()
         return resp
 
     async def start(self) -> None:
-        self._data.mkdir(parents=True, exist_ok=True)
         self._lock_fd = await _lock_dir(self._data / "lock")
         await self.store.open()
         counts = await self.pipeline.start()
@@ -153,20 +161,54 @@ class Gateway:
         return self.metrics.render_ingest() + await self.pipeline.metrics_text()
 
 
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create the data directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"cannot write to the data directory {path}")
+
+
 async def _lock_dir(path: Path) -> int:
     """An exclusive lock on the data directory, held while this gateway (and its worker)
-    lives; waits for an earlier one to go (a worker outlives its front by a moment)."""
+    lives; waits for an earlier one to go (a worker outlives its front by a moment). The
+    holder writes its pid into the lock file, so that a waiting start can say whom it
+    waits for."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + LOCK_WAIT
+    told = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            break
         except BlockingIOError:
+            holder = _holder(fd)
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise RuntimeError(f"another gateway holds {path.parent}") from None
+                raise StartupError(
+                    f"the data directory {path.parent} is in use by another gateway "
+                    f"({holder}) after waiting {LOCK_WAIT:.0f} s; stop it, or give this one "
+                    "another --data-dir"
+                ) from None
+            if not told:
+                log.warning(
+                    "waiting for the data directory: another gateway holds it",
+                    data_dir=str(path.parent), holder=holder, within_s=LOCK_WAIT,
+                )
+                told = True
             await asyncio.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if told:
+        log.info("data directory free: starting", data_dir=str(path.parent))
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its file says: the pid of the gateway that took it."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "pid unknown"
 
 
 def create_app(settings: Settings) -> web.Application:

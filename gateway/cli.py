@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.loader import LOG_LEVELS, ConfigError, load_settings
+from gateway.mapping.upstream import STAGING_BASE_URL, upstream
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +84,9 @@ def describe(settings: Settings, config_path: str | None) -> str:
     n = len(settings.sources)
     lines = [f"config ok ({config_path or 'environment only'}): {n} source{'s' * (n != 1)}"]
     header = ("id", "api", "base_url", "track_mode", "rate_cap/s", "concurrency_cap")
+    # where calls really go: a stg_ key on the segment dialect goes to Accoil's staging host
     rows = [header] + [
-        (s.id, s.api, s.base_url, s.track_mode,
+        (s.id, s.api, upstream(s).base_url, s.track_mode,
          "none" if s.rate_per_second is None else f"{s.rate_per_second:g}",
          "none" if s.max_concurrency is None else str(s.max_concurrency))
         for s in settings.sources
@@ -92,6 +94,11 @@ def describe(settings: Settings, config_path: str | None) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]
+    lines += [
+        f"  {s.id}: stg_ key on the segment dialect: calls go to {STAGING_BASE_URL}/segment "
+        "with the prefix stripped"
+        for s in settings.sources if upstream(s).base_url != s.base_url
+    ]
     lines.append(
         f"server: {settings.host}:{settings.port}, data_dir {settings.data_dir}, "
         f"admin routes {'on' if settings.admin_token else 'off'}"
@@ -114,12 +121,17 @@ def _serve(settings: Settings, config_path: str | None) -> int:
     )
     # imported late: the server pulls in aiohttp and the store, which the other commands
     # do not need
+    from gateway.app import StartupError
     from gateway.server import serve
 
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:
         return 130
+    except StartupError as exc:
+        # the operator's to fix, and the message says what: one line, no traceback
+        log.error(f"cannot start: {exc}")
+        return 1
     except Exception:
         # logged rather than left to the interpreter, so the traceback goes through redaction
         log.exception("gateway stopped on an error")

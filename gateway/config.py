@@ -18,6 +18,8 @@ Api = Literal["v2", "segment"]
 TrackMode = Literal["exact", "daily-unique"]
 Fsync = Literal["off", "normal", "full"]
 PipelineMode = Literal["process", "inline"]
+# a page or screen call without a name: skipped (and counted), or named from its properties
+UnnamedPages = Literal["skip", "title", "path"]
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -36,6 +38,9 @@ class Source(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] | None = None
     track_mode: TrackMode = "exact"
     timeout: Positive = 10.0
+    # analytics.js's default `page()` has no name: "skip" counts it and sends nothing;
+    # "title" / "path" name it "Page Viewed <properties.title | properties.path>"
+    unnamed_pages: UnnamedPages = "skip"
 
     def __post_init__(self) -> None:
         # computed once: the id names the source on every message's path
@@ -71,6 +76,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_backlog: PositiveInt = 5_000_000
     retry_after: PositiveInt = 5
     dedupe_window: Positive = 7 * 86400.0
+    # seconds a dead letter is kept after its last occurrence (30 days)
+    dead_letter_retention: Positive = 30 * 86400.0
     fsync: Fsync = "normal"
     # "process": router, actors and forwarders run in a worker process of their own, so that
     # ingest keeps a core; "inline": everything in one process (tests, one-core machines)

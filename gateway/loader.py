@@ -34,6 +34,7 @@ import msgspec.inspect as mi
 from gateway.config import Settings, Source
 
 # Fields whose values are secrets: never echoed in an error message.
+MIN_SECRET = 8  # characters in a write key, API key or admin token
 SECRET_FIELDS = frozenset({"write_key", "accoil_api_key", "admin_token"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -323,14 +324,14 @@ def _check(settings: Settings, origins: dict[str, str]) -> None:
             raise ConfigError(
                 f"{where('admin_token')}: empty; remove it to turn the admin routes off"
             )
-        _check_spaces(settings.admin_token, where("admin_token"))
+        _check_secret(settings.admin_token, where("admin_token"))
 
     by_key: dict[str, int] = {}
     by_id: dict[str, int] = {}
     for i, src in enumerate(settings.sources):
         _check_finite(src, f"sources[{i}].", where)
-        _check_spaces(src.write_key, where(f"sources[{i}].write_key"))
-        _check_spaces(src.accoil_api_key, where(f"sources[{i}].accoil_api_key"))
+        _check_secret(src.write_key, where(f"sources[{i}].write_key"))
+        _check_secret(src.accoil_api_key, where(f"sources[{i}].accoil_api_key"))
         if src.write_key in by_key:
             raise ConfigError(
                 f"{where(f'sources[{i}].write_key')}: same write key as "
@@ -361,9 +362,19 @@ def _check_finite(obj: msgspec.Struct, prefix: str, where: Callable[[str], str])
             raise ConfigError(f"{where(prefix + name)}: expected a finite number, got {value}")
 
 
-def _check_spaces(secret: str, where: str) -> None:
+def _check_secret(secret: str, where: str) -> None:
     if secret != secret.strip():
         raise ConfigError(f"{where}: has leading or trailing whitespace")
+    # Every secret is masked wherever it appears in logs and replies: a short one would mask
+    # ordinary text (a one-letter key, that letter everywhere) and is guessable besides. A
+    # staging key travels without its `stg_` prefix, so the rest must be long enough too.
+    bare = secret[4:] if secret[:4].lower() == "stg_" else secret
+    if len(bare) < MIN_SECRET:
+        what = "without its stg_ prefix, " if bare is not secret else ""
+        raise ConfigError(
+            f"{where}: too short ({what}{len(bare)} characters); "
+            f"secrets need at least {MIN_SECRET}"
+        )
 
 
 def _collect_secrets(raw: dict[str, Any], secrets: set[str]) -> None:
@@ -382,5 +393,10 @@ def _collect_secrets(raw: dict[str, Any], secrets: set[str]) -> None:
 def _scrub(message: str, secrets: set[str]) -> str:
     # Belt and braces: no path above echoes a secret, but a future msgspec message might.
     for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "***")
+        if len(secret) >= MIN_SECRET:
+            message = message.replace(secret, "***")
+        else:
+            # too short to be refused anywhere but as a whole value: masked everywhere, a
+            # one-letter key would blot that letter out of the message that refuses it
+            message = message.replace(json.dumps(secret), '"***"')
     return message

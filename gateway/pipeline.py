@@ -27,7 +27,7 @@ from gateway.store import Counts, Store
 
 log = structlog.get_logger("gateway.pipeline")
 
-HOUSEKEEPING = 30.0  # seconds between prunings of old message ids and ledger rows
+HOUSEKEEPING = 30.0  # seconds between prunings of old message ids, ledger rows, dead letters
 REAP = 1.0  # seconds between deletions of wholly applied inbox segments
 
 
@@ -127,7 +127,9 @@ class Pipeline:
         while True:
             await asyncio.sleep(HOUSEKEEPING)
             try:
-                await self.store.prune(time.time() - self.settings.dedupe_window)
+                now = time.time()
+                await self.store.prune(now - self.settings.dedupe_window)
+                await self.store.prune_dead_letters(now - self.settings.dead_letter_retention)
             except Exception:
                 log.exception("housekeeping failed")
 

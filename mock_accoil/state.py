@@ -49,6 +49,8 @@ class Call(msgspec.Struct, kw_only=True):
     status: int | None
     reply: Any = None
     fault: int | None = None
+    # body fields Accoil does not document for this endpoint (see `wire.unknown_fields`)
+    unknown_fields: list[str] = []
 
 
 class User(msgspec.Struct, kw_only=True, rename={"user_id": "userId"}):
@@ -168,6 +170,7 @@ class MockAccoil:
                 reply=reply,
                 fault=decision.fault_id,
                 received=received,
+                unknown_fields=outcome.unknown_fields,
             )
             return Reply(
                 status=status,
@@ -265,6 +268,7 @@ class MockAccoil:
         reply: Any,
         fault: int | None,
         received: float,
+        unknown_fields: list[str] | None = None,
     ) -> Call:
         self._seq += 1
         call = Call(
@@ -277,6 +281,7 @@ class MockAccoil:
             status=status,
             reply=reply,
             fault=fault,
+            unknown_fields=unknown_fields or [],
         )
         self._journal.append(call)
         return call

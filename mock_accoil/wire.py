@@ -61,6 +61,8 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     api_key: str | None = None
     body: Any = None
     op: Op | None = None
+    # top-level body fields Accoil does not document for the endpoint, sorted
+    unknown_fields: list[str] = []
 
 
 # -- v2: Authorization: Basic <API_KEY>, camelCase, ISO 8601 timestamps ---------
@@ -81,9 +83,9 @@ class V2Group(msgspec.Struct, kw_only=True):
 
 
 class V2Track(msgspec.Struct, kw_only=True):
+    # Accoil documents userId, event and timestamp: no groupId, no properties
     userId: NonEmpty
     event: NonEmpty
-    groupId: NonEmpty | UnsetType = UNSET
     timestamp: Timestamp | UnsetType = UNSET
 
 
@@ -153,6 +155,39 @@ class V1Event(msgspec.Struct, kw_only=True):
     timestamp: Millis
     user_id: NonEmpty
     event: NonEmpty
+
+
+# -- the fields each endpoint documents ------------------------------------------
+
+_V2_FIELDS = {
+    "/v2/identify": frozenset(V2Identify.__struct_fields__),
+    "/v2/group": frozenset(V2Group.__struct_fields__),
+    "/v2/track": frozenset(V2Track.__struct_fields__),
+}
+_SEGMENT_FIELDS = {
+    t.__struct_config__.tag: frozenset(("type", *t.__struct_fields__))
+    for t in (SegIdentify, SegGroup, SegTrack, SegPage, SegScreen)
+}
+_V1_FIELDS = {
+    "/v1/users": frozenset(V1User.__struct_fields__),
+    "/v1/groups": frozenset(V1Group.__struct_fields__),
+    "/v1/events": frozenset(V1Event.__struct_fields__),
+}
+
+
+def unknown_fields(path: str, body: dict[str, Any]) -> list[str]:
+    """The top-level fields of `body` that Accoil does not document for `path`, sorted.
+
+    Accoil ignores them today, or may refuse them tomorrow: a sender should not rely on
+    either. For `/segment` the documented set depends on `type`; an unknown type lists
+    nothing here (it is refused as invalid)."""
+    if path == "/segment":
+        known = _SEGMENT_FIELDS.get(body.get("type"))  # type: ignore[arg-type]
+    else:
+        known = _V2_FIELDS.get(path) or _V1_FIELDS.get(path)
+    if known is None:
+        return []
+    return sorted(k for k in body if k not in known)
 
 
 # -- auth ----------------------------------------------------------------------
@@ -261,9 +296,7 @@ def _v2_op(path: str, body: dict[str, Any]) -> Op:
             timestamp=_unset(g.timestamp),
         )
     t = msgspec.convert(body, V2Track)
-    return TrackOp(
-        user_id=t.userId, event=t.event, group_id=_unset(t.groupId), timestamp=_unset(t.timestamp)
-    )
+    return TrackOp(user_id=t.userId, event=t.event, timestamp=_unset(t.timestamp))
 
 
 def _segment_op(body: dict[str, Any]) -> Op:
@@ -331,6 +364,7 @@ def parse(path: str, authorization: str | None, raw: bytes) -> Outcome:
                 status=401, reply={"error": "api_key must be a non-empty string"}, body=body
             )
         api_key = key
+    unknown = unknown_fields(path, parsed)
     try:
         if path == "/segment":
             op = _segment_op(parsed)
@@ -340,5 +374,10 @@ def parse(path: str, authorization: str | None, raw: bytes) -> Outcome:
             op = _v2_op(path, parsed)
     except msgspec.ValidationError as exc:
         reply = bad_request(str(exc), error_field(exc))
-        return Outcome(status=400, reply=reply, api_key=api_key, body=body)
-    return Outcome(status=202, reply={"success": True}, api_key=api_key, body=body, op=op)
+        return Outcome(
+            status=400, reply=reply, api_key=api_key, body=body, unknown_fields=unknown
+        )
+    return Outcome(
+        status=202, reply={"success": True}, api_key=api_key, body=body, op=op,
+        unknown_fields=unknown,
+    )

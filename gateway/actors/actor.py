@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from gateway.actors.integrations import enabled
 from gateway.config import Settings, Source
 from gateway.ingest.messages import Message
 from gateway.mapping import Skip, iso, to_call
+from gateway.observability.metrics import SKIPS, bounded
 from gateway.store import CallPut, DeadLetter, Flush, Known, Store, TrackHit
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ class Envelope(msgspec.Struct):
     message: Message
     timestamp: datetime
     context: dict[str, Any] | None
+    integrations: dict[str, Any] | None = None  # the batch's merged under the message's
 
 
 class Pending:
@@ -179,16 +182,27 @@ class Actor:
             self._since = time.monotonic()
         self._inbox[env.inbox_id] = self._inbox.get(env.inbox_id, 0) + 1
         msg = env.message
-        call = to_call(msg, api=self.source.api, timestamp=env.timestamp, context=env.context)
+        if not enabled(env.integrations):
+            # turned off for Accoil by the sender (consent): counted, never a dead letter
+            self._seen.append(env.message_id)
+            self.metrics.skipped.labels(self.source.id, "integrations").inc()
+            return
+        call = to_call(
+            msg, api=self.source.api, timestamp=env.timestamp, context=env.context,
+            unnamed_pages=self.source.unnamed_pages,
+        )
         if isinstance(call, Skip):
             if call.unsupported:
                 self._seen.append(env.message_id)
                 self.metrics.unsupported.labels(self.source.id, type(msg).__name__.lower()).inc()
+            elif call.counted is not None:
+                self._seen.append(env.message_id)
+                self.metrics.skipped.labels(self.source.id, bounded(call.counted, SKIPS)).inc()
             else:
                 self._dead.append(
                     DeadLetter(
                         source=self.source.id, stage="mapping", reason=call.reason,
-                        payload=msgspec.json.encode(msg), account=self.account,
+                        payload=msgspec.json.encode(msg), account=self.account, grouped=True,
                     )
                 )
             return

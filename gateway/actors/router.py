@@ -121,13 +121,15 @@ class Router:
                 decoded = decode_batch(row.body)
             except InvalidBody as exc:
                 reason = f"stored body unreadable: {exc.reason}"
-                await self._dead(row, source, [(row.body, reason)], row.count)
+                await self._dead(row, source, [(row.body, reason, False)], row.count)
                 return
         # the row's messages that cannot be taken: rejected by ingest, or replayed dead
         # letters that are still invalid
-        invalid = [(r.raw, r.reason) for r in decoded.rejected]
+        # the same reason repeated is one letter with a count: these messages are at fault
+        invalid = [(r.raw, r.reason, True) for r in decoded.rejected]
         if source is None:
-            gone = [(msgspec.json.encode(m), "source is no longer configured")
+            # each kept: they are fine, and a replay after the source is back forwards them
+            gone = [(msgspec.json.encode(m), "source is no longer configured", False)
                     for m in decoded.messages]
             await self._dead(row, None, gone + invalid)
             return
@@ -146,6 +148,7 @@ class Router:
                 message=msg,
                 timestamp=effective_timestamp(msg, decoded.sent_at, received),
                 context=context,
+                integrations=merged(decoded.integrations, msg.integrations),
             )
             await self.actors.deliver(env, source, self._account(source, msg, context))
 
@@ -185,15 +188,16 @@ class Router:
         self,
         row: InboxRow,
         source: Source | None,
-        items: list[tuple[bytes, str]],
+        items: list[tuple[bytes, str, bool]],
         done: int | None = None,
     ) -> None:
+        """Keep `items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
         done = len(items) if done is None else done
         src = source.id if source is not None else row.source
         letters = [
             DeadLetter(source=src, stage="ingest", reason=reason, payload=payload,
-                       key=f"dl\x1f{row.id}\x1f{row.received_at!r}\x1f{i}")
-            for i, (payload, reason) in enumerate(items)
+                       key=f"dl\x1f{row.id}\x1f{row.received_at!r}\x1f{i}", grouped=grouped)
+            for i, (payload, reason, grouped) in enumerate(items)
         ]
         await self.store.flush(
             Flush(source=src, account="", track_mode="exact", dead=letters,

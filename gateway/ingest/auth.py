@@ -1,4 +1,9 @@
-"""Write-key authentication, as Segment does it: HTTP Basic user name, or `writeKey` in the body."""
+"""Write-key authentication, as Segment does it: HTTP Basic user name, or `writeKey` in the body.
+
+A `Bearer` header (SDKs in OAuth mode send one, with the write key in the body) is an OAuth
+token, not a write key: it is ignored and the body's `writeKey` decides. When a Basic header
+and the body's `writeKey` are both present they must name the same key.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,20 @@ class Keys:
             if hmac.compare_digest(given, secret):
                 found = source
         return found
+
+
+def header_key(header: str | None) -> str | None:
+    """The write key an Authorization header names: the Basic user name; None for no header
+    or a Bearer token; "" (no such key) for any other scheme or a malformed Basic value."""
+    if header is None:
+        return None
+    if header.strip().partition(" ")[0].lower() == "bearer":
+        return None
+    return basic_user(header)
+
+
+def same_key(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def basic_user(header: str | None) -> str | None:

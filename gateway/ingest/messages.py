@@ -230,6 +230,7 @@ _STR = msgspec.json.Decoder(str)
 _ENCODER = msgspec.json.Encoder()
 
 _B = TypeVar("_B", Batch, _CheckBatch)
+_KEY_FIELD = b'"writeKey"'
 _USER_ID = operator.attrgetter("userId")
 
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -279,15 +280,17 @@ def _read_batch(
         return _decode_each(body, None), body
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _not_json(exc) from None
-    if len(body) > MAX_MESSAGE_BYTES or parsed.writeKey is not None:
+    # analytics.js's batching mode puts the write key in every message too
+    keyed = parsed.writeKey is not None or _KEY_FIELD in body
+    if len(body) > MAX_MESSAGE_BYTES or keyed:
         envelope = _ENVELOPE.decode(body)
         if len(body) > MAX_MESSAGE_BYTES and any(
             len(raw) > MAX_MESSAGE_BYTES for raw in envelope.batch
         ):
             return _decode_each(body, envelope), body
-        if parsed.writeKey is not None:
+        if keyed:
             # The write key is a secret: keep it out of what gets stored.
-            body = _persisted(envelope.batch, envelope)
+            body = _persisted(_keyless(envelope.batch), envelope)
     return parsed, body
 
 
@@ -343,6 +346,9 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         )
     messages: list[Message] = []
     rejected: list[Rejected] = []
+    keyed = envelope.writeKey is not None or _KEY_FIELD in body
+    if keyed:
+        envelope.batch = _keyless(envelope.batch)
     for index, raw in enumerate(envelope.batch):
         outcome = _decode_message(raw)
         if isinstance(outcome, str):
@@ -357,7 +363,7 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         integrations=envelope.integrations,
         sent_at=envelope.sentAt,
         write_key=envelope.writeKey,
-        body=body if envelope.writeKey is None else _persisted(envelope.batch, envelope),
+        body=_persisted(envelope.batch, envelope) if keyed else body,
     )
 
 
@@ -374,6 +380,23 @@ def _decode_message(raw: bytes | msgspec.Raw) -> Message | str:
         return _relative(str(exc))
     except RecursionError:
         return "message is nested too deeply"
+
+
+def _keyless(raws: list[msgspec.Raw]) -> list[msgspec.Raw]:
+    """The messages without a `writeKey` field of their own."""
+    out = []
+    for raw in raws:
+        if _KEY_FIELD in bytes(raw):
+            try:
+                fields = _FIELDS.decode(raw)
+            except (msgspec.DecodeError, RecursionError):
+                # not an object: rejected as it is, and it holds no writeKey field
+                out.append(raw)
+                continue
+            if fields.pop("writeKey", None) is not None:
+                raw = msgspec.Raw(_ENCODER.encode(fields))
+        out.append(raw)
+    return out
 
 
 def _persisted(kept: list[msgspec.Raw], envelope: _Envelope | None) -> bytes:

@@ -1,4 +1,9 @@
-"""Segment's HTTP Tracking API: `/v1/batch`, `/v1/import` and the single-message routes.
+"""Segment's HTTP Tracking API: the batch routes and the single-message routes (DESIGN 2).
+
+Every client Segment ships posts to one of them: server SDKs to `/v1/batch` or `/v1/import`
+(analytics-java with a trailing slash), analytics.js to `/v1/t|i|p|g|a|s` one call at a
+time or to `/b` in batching mode, the mobile SDKs to `/b`. Every route also answers with a
+trailing slash and to OPTIONS (a browser's preflight).
 
 The request path does no per-event Python in the common case: one msgspec decode in C,
 one group-committed insert of the body, and the reply. Mapping, dedupe and the ledger
@@ -18,7 +23,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Settings, Source
-from gateway.ingest.auth import Keys, basic_user
+from gateway.ingest.auth import Keys, header_key, same_key
 from gateway.ingest.body import BodyError, read_body
 from gateway.ingest.messages import (
     Checked,
@@ -37,11 +42,29 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.ingest")
 
 SINGLE = ("track", "identify", "group", "page", "screen", "alias")
+# analytics.js's short names for the single-message routes
+SHORT = {"t": "track", "i": "identify", "g": "group", "p": "page", "s": "screen", "a": "alias"}
+BATCH = ("/v1/batch", "/v1/import", "/v1/b", "/b")
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    # analytics.js sends Authorization (and, retrying, X-Retry-Count): both preflight
+    "Access-Control-Allow-Headers": (
+        "Authorization, Content-Type, Content-Encoding, X-Retry-Count"
+    ),
     "Access-Control-Max-Age": "86400",
+}
+# Segment's `code` for each error status, beside our own fields: SDKs read `code` and
+# `message`, and analytics-python fails (and retries) when they are missing
+CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_encoding",
+    503: "service_unavailable",
 }
 _OK = msgspec.json.encode({"success": True})
 _JSON = {"Content-Type": "application/json; charset=utf-8"}
@@ -73,12 +96,15 @@ class Ingest:
         self._accepting = accepting
 
     def routes(self) -> list[web.RouteDef]:
-        defs = [
-            web.post("/v1/batch", self.batch),
-            web.post("/v1/import", self.batch),
-        ]
-        defs += [web.post(f"/v1/{kind}", self._single(kind)) for kind in SINGLE]
-        defs += [web.options(f"/v1/{name}", preflight) for name in ("batch", "import", *SINGLE)]
+        handlers: dict[str, Callable[[web.Request], Any]] = dict.fromkeys(BATCH, self.batch)
+        for kind in SINGLE:
+            handlers[f"/v1/{kind}"] = self._single(kind)
+        for short, kind in SHORT.items():
+            handlers[f"/v1/{short}"] = self._single(kind)
+        defs: list[web.RouteDef] = []
+        for path, handler in handlers.items():
+            for each in (path, path + "/"):
+                defs += [web.post(each, handler), web.options(each, preflight)]
         return defs
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -105,10 +131,11 @@ class Ingest:
         received_at = time.time()
         if not self._accepting():
             return self._busy("shutting down")
-        header_key = basic_user(request.headers.get("Authorization"))
+        # a Bearer header (an SDK in OAuth mode) names no write key: the body's writeKey does
+        from_header = header_key(request.headers.get("Authorization"))
         source: Source | None = None
-        if header_key is not None:
-            source = self.keys.find(header_key)
+        if from_header is not None:
+            source = self.keys.find(from_header)
             if source is None:
                 return self._unauthorized()
         if self.backlog.full:
@@ -128,6 +155,12 @@ class Ingest:
             source = self.keys.find(decoded.write_key)
             if source is None:
                 return self._unauthorized()
+        elif decoded.write_key and not same_key(decoded.write_key, source.write_key):
+            # two keys that disagree: either could name the wrong Accoil account
+            self.metrics.rejected.labels(source.id, "unauthorized").inc()
+            return _error(
+                401, "the Authorization header and the body's writeKey name different write keys"
+            )
         return await self._accept(source, decoded, received_at, single=kind is not None)
 
     async def _accept(
@@ -172,6 +205,15 @@ class Ingest:
         return _error(503, f"{why}: retry later", extra={"Retry-After": retry})
 
 
+UNROUTED = (404, 405)  # aiohttp's own replies for a path or method no route serves
+
+
+def routing_error(status: int, reason: str, allow: str | None) -> web.Response:
+    """aiohttp's 404 or 405 in the shape of every other error reply."""
+    extra = {"Allow": allow} if allow is not None else None
+    return _error(status, reason.lower(), extra=extra)
+
+
 async def preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=CORS)
 
@@ -187,7 +229,12 @@ def _error(
     extra: dict[str, str] | None = None,
     rejected: list[dict[str, Any]] | None = None,
 ) -> web.Response:
-    payload: dict[str, Any] = {"success": False, "error": message}
+    payload: dict[str, Any] = {
+        "success": False,
+        "code": CODES.get(status, "error"),
+        "message": message,
+        "error": message,
+    }
     if rejected is not None:
         payload["rejected"] = rejected
     return web.Response(

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.config import Api
+from gateway.config import Api, UnnamedPages
 from gateway.ingest.messages import (
     Alias,
     Group,
@@ -40,14 +40,21 @@ class Call(msgspec.Struct, kw_only=True):
 
 
 class Skip(msgspec.Struct):
-    """A message that is not forwarded, and why."""
+    """A message that is not forwarded, and why: a dead letter unless it is counted."""
 
     reason: str
     unsupported: bool = False  # alias: counted as unsupported, not an error
+    # counted under this reason instead of kept as a dead letter ("unnamed")
+    counted: str | None = None
 
 
 def to_call(
-    msg: Message, *, api: Api, timestamp: datetime, context: dict[str, Any] | None
+    msg: Message,
+    *,
+    api: Api,
+    timestamp: datetime,
+    context: dict[str, Any] | None,
+    unnamed_pages: UnnamedPages = "skip",
 ) -> Call | Skip:
     if isinstance(msg, Alias):
         return Skip("alias has no Accoil equivalent", unsupported=True)
@@ -82,7 +89,8 @@ def to_call(
         if not msg.event:
             return Skip("event is required to forward a track call")
         if api == "v2":
-            body = _present(userId=user, event=msg.event, timestamp=when, groupId=context_group)
+            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes
+            body = _present(userId=user, event=msg.event, timestamp=when)
         else:
             body = _segment("track", msg, user, when, event=msg.event)
         return _call("track", api, body, user, context_group, msg.event, None)
@@ -91,12 +99,13 @@ def to_call(
     kind = "page" if isinstance(msg, Page) else "screen"
     if user is None:
         return _no_user(kind)
-    name = _view_name(msg)
+    name = _view_name(msg, unnamed_pages)
     if name is None:
-        return Skip(f"name is required to forward a {kind} call (`name` or `properties.name`)")
+        # analytics.js's default page() has no name: routine, so counted, not a dead letter
+        return Skip(f"{kind} call without a name", counted="unnamed")
     event = f"{kind.capitalize()} Viewed {name}"
     if api == "v2":
-        body = _present(userId=user, event=event, timestamp=when, groupId=context_group)
+        body = _present(userId=user, event=event, timestamp=when)
     else:
         body = _segment(kind, msg, user, when, name=name)
     return _call("track", api, body, user, context_group, event, None)
@@ -145,8 +154,11 @@ def _traits_in(context: dict[str, Any] | None) -> dict[str, Any]:
     return traits if isinstance(traits, dict) else {}
 
 
-def _view_name(msg: Page | Screen) -> str | None:
-    name: object = msg.name
-    if not (isinstance(name, str) and name.strip()) and msg.properties:
-        name = msg.properties.get("name")
-    return name if isinstance(name, str) and name.strip() else None
+def _view_name(msg: Page | Screen, unnamed: UnnamedPages) -> str | None:
+    """`name`, else `properties.name`, else (when so configured) `properties.title` or
+    `properties.path`."""
+    props = msg.properties or {}
+    for name in (msg.name, props.get("name"), None if unnamed == "skip" else props.get(unnamed)):
+        if isinstance(name, str) and name.strip():
+            return name
+    return None

@@ -14,6 +14,7 @@ MS_THRESHOLD = 1e11
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_CREATED = ("createdAt", "created_at")
 
 
 def iso(dt: datetime) -> str:
@@ -23,13 +24,16 @@ def iso(dt: datetime) -> str:
 
 
 def normalise_traits(kind: Literal["identify", "group"], traits: dict[str, Any]) -> dict[str, Any]:
-    """Traits as Accoil wants them: `createdAt` as ISO 8601 UTC, group `mrr` as a number.
+    """Traits as Accoil wants them: `createdAt` / `created_at` as ISO 8601 UTC, group `mrr`
+    as a number.
 
     Returns a new dict; every other trait, and any value that cannot be read, is unchanged.
     """
     out = dict(traits)
-    if "createdAt" in out:
-        out["createdAt"] = created_at(out["createdAt"])
+    # Segment's spelling and Accoil's own docs' spelling; each keeps its name
+    for name in _CREATED:
+        if name in out:
+            out[name] = created_at(out[name])
     if kind == "group" and isinstance(out.get("mrr"), str):
         number = _number(out["mrr"])
         if number is not None:

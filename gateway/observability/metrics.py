@@ -31,6 +31,8 @@ REJECT_REASONS = frozenset({"invalid", "too_large", "unauthorized", "overloaded"
 MESSAGE_TYPES = frozenset({"identify", "group", "track", "page", "screen", "alias", "other"})
 CALLS = frozenset({"identify", "group", "track", "segment"})
 STAGES = frozenset({"ingest", "mapping", "forward"})
+# why a valid message was not forwarded and not kept either (counted instead)
+SKIPS = frozenset({"integrations", "unnamed"})
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,6 +77,11 @@ class Metrics:
         self.unsupported = Counter(
             _P + "messages_unsupported", "Messages with no Accoil equivalent (alias), by type.",
             ["source", "type"], registry=p)
+        self.skipped = Counter(
+            _P + "messages_skipped",
+            "Messages not forwarded by design, by reason: integrations (turned off for Accoil"
+            " by the sender) or unnamed (a page or screen without a name).",
+            ["source", "reason"], registry=p)
         self.forwarded = Counter(
             _P + "calls_forwarded", "Calls sent to Accoil, by call and HTTP status (or error).",
             ["source", "call", "status"], registry=p)

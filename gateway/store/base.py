@@ -24,8 +24,13 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     payload: bytes  # the message (ingest, mapping) or the call body (forward), as JSON
     status: int | None = None
     path: str | None = None
-    repeat: int = 1  # forward stage: how many occurrences of the call this stands for
+    # forward stage: how many occurrences of the call this stands for; grouped letters: how
+    # many messages with this reason
+    repeat: int = 1
     account: str | None = None
+    # one letter per (source, stage, reason) while not replayed: for messages whose own
+    # content is at fault (invalid, anonymous-only), which a browser can send without end
+    grouped: bool = False
     # kept once per key: an inbox row routed again after a crash must not keep its invalid
     # messages twice
     key: str | None = None
@@ -43,6 +48,7 @@ class StoredLetter(msgspec.Struct, kw_only=True):
     account: str | None
     created_at: float
     replayed_at: float | None
+    last_at: float  # the latest occurrence (grouped letters); else created_at
 
 
 class InboxRow(msgspec.Struct, array_like=True):
@@ -185,3 +191,5 @@ class Store(Protocol):
     async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]: ...
 
     async def prune(self, before: float) -> int: ...
+
+    async def prune_dead_letters(self, before: float) -> int: ...

@@ -111,8 +111,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     repeat INTEGER NOT NULL,
     account TEXT,
     created_at REAL NOT NULL,
-    replayed_at REAL
+    replayed_at REAL,
+    last_at REAL,
+    grouped INTEGER NOT NULL DEFAULT 0
 );
+"""
+
+# Added after the first release: a data directory made before gets them at open.
+_MIGRATIONS = {
+    ("dead_letters", "last_at"): "ALTER TABLE dead_letters ADD COLUMN last_at REAL",
+    ("dead_letters", "grouped"):
+        "ALTER TABLE dead_letters ADD COLUMN grouped INTEGER NOT NULL DEFAULT 0",
+}
+# Finds the letter a repeated reason joins (see `_insert_dead`), and the letters to prune.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS dead_reason ON dead_letters (source, stage, reason)
+    WHERE replayed_at IS NULL AND grouped = 1;
+CREATE INDEX IF NOT EXISTS dead_last ON dead_letters (last_at);
 """
 
 SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL"}
@@ -223,6 +238,7 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(SCHEMA)
+        _migrate(conn)
         if self._ingest:
             self.inbox.open_for_append()
         self._writer = _Writer(conn, asyncio.get_running_loop())
@@ -428,7 +444,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> list[StoredLetter]:
             sql = (
                 "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
-                " created_at, replayed_at FROM dead_letters WHERE id > ?"
+                " created_at, replayed_at, COALESCE(last_at, created_at) FROM dead_letters WHERE id > ?"
             )
             args: list[Any] = [after]
             if source is not None:
@@ -447,7 +463,8 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> list[StoredLetter]:
             sql = (
                 "SELECT id, source, stage, reason, payload, status, path, repeat, account,"
-                " created_at, replayed_at FROM dead_letters WHERE replayed_at IS NULL"
+                " created_at, replayed_at, COALESCE(last_at, created_at) FROM dead_letters"
+                " WHERE replayed_at IS NULL"
             )
             args: list[Any] = []
             if source is not None:
@@ -519,6 +536,14 @@ class SqliteStore:
 
         return await self._run_read(op)
 
+    async def prune_dead_letters(self, before: float) -> int:
+        """Delete dead letters whose last occurrence is older than `before`, replayed or not."""
+        return await self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM dead_letters WHERE COALESCE(last_at, created_at) < ?", (before,)
+            ).rowcount
+        )
+
     async def prune(self, before: float) -> int:
         """Forget message ids and ledger rows older than the dedupe window."""
 
@@ -537,6 +562,7 @@ def _letters(cur: sqlite3.Cursor) -> list[StoredLetter]:
         StoredLetter(
             id=r[0], source=r[1], stage=r[2], reason=r[3], payload=r[4], status=r[5],
             path=r[6], repeat=r[7], account=r[8], created_at=r[9], replayed_at=r[10],
+            last_at=r[11],
         )
         for r in cur
     ]
@@ -563,19 +589,36 @@ def _kind_of(path: str | None, payload: bytes) -> str:
     return "track"
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    for (table, column), sql in _MIGRATIONS.items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(sql)
+    conn.executescript(_INDEXES)
+
+
 def _insert_dead(conn: sqlite3.Connection, dead: list[DeadLetter], now: float) -> None:
-    fresh = [d for d in dead if d.key is None or conn.execute(
-        "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
-        (d.source, d.key, now),
-    ).rowcount]
-    if fresh:
-        conn.executemany(
+    """Keep dead letters. A `grouped` letter whose (source, stage, reason) matches a grouped
+    one not replayed yet joins it: that letter's `repeat` grows and its `last_at` moves, and
+    the new payload is not kept (the first one stands for all)."""
+    for d in dead:
+        if d.key is not None and not conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) VALUES (?, ?, ?)",
+            (d.source, d.key, now),
+        ).rowcount:
+            continue  # kept before (an inbox record routed again after a crash)
+        if d.grouped and conn.execute(
+            "UPDATE dead_letters SET repeat = repeat + ?, last_at = ? WHERE id = ("
+            " SELECT id FROM dead_letters WHERE source = ? AND stage = ? AND reason = ?"
+            " AND replayed_at IS NULL AND grouped = 1 ORDER BY id LIMIT 1)",
+            (d.repeat, now, d.source, d.stage, d.reason),
+        ).rowcount:
+            continue
+        conn.execute(
             "INSERT INTO dead_letters (source, stage, reason, payload, status, path, repeat,"
-            " account, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account, now)
-                for d in fresh
-            ],
+            " account, created_at, last_at, grouped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (d.source, d.stage, d.reason, d.payload, d.status, d.path, d.repeat, d.account,
+             now, now, int(d.grouped)),
         )
 
 

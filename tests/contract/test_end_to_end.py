@@ -51,7 +51,7 @@ async def test_every_call_type_maps_to_its_v2_call(mock_accoil: MockAccoilServer
     }]
     assert sorted(calls["/v2/track"], key=lambda b: b["event"]) == [
         {"userId": "u1", "event": "Page Viewed Dashboard", "timestamp": TS},
-        {"userId": "u1", "event": "Report Built", "timestamp": TS, "groupId": "acme"},
+        {"userId": "u1", "event": "Report Built", "timestamp": TS},
         {"userId": "u1", "event": "Screen Viewed Settings", "timestamp": TS},
     ]
     assert mock_accoil.count("u1", "Report Built") == 1
@@ -173,6 +173,7 @@ async def test_unforwardable_messages_become_dead_letters_and_replay(
     batch = [
         track("ok"),
         {"type": "track", "messageId": "anon", "anonymousId": "a1", "event": "X", "timestamp": TS},
+        # no name: skipped and counted, not a dead letter (unnamed_pages = "skip")
         {"type": "page", "messageId": "noname", "userId": "u1", "timestamp": TS},
         {"type": "track", "messageId": "bad", "userId": "u1"},  # no event: rejected at ingest
     ]
@@ -185,10 +186,10 @@ async def test_unforwardable_messages_become_dead_letters_and_replay(
         _, listing = await gw.admin("GET", "/admin/dead-letters")
         letters = listing["dead_letters"]
         assert sorted((d["stage"], d["payload"]["messageId"]) for d in letters) == [
-            ("ingest", "bad"), ("mapping", "anon"), ("mapping", "noname")
+            ("ingest", "bad"), ("mapping", "anon")
         ]
         reasons = {d["payload"]["messageId"]: d["reason"] for d in letters}
-        assert "userId" in reasons["anon"] and "name" in reasons["noname"]
+        assert "userId" in reasons["anon"]
         # a forward-stage dead letter: Accoil refuses a call for good
         mock_accoil.add_fault(422, count=1, path="/v2/track")
         await gw.post("/v1/batch", {"batch": [track("refused", user="u2")]})
@@ -336,7 +337,8 @@ async def test_batch_context_merges_and_clock_skew_is_corrected(
 ) -> None:
     batch = {
         "batch": [{"type": "track", "messageId": "s1", "userId": "u1", "event": "Skewed",
-                   "originalTimestamp": "2020-01-01T00:00:00.000Z"}],
+                   "originalTimestamp": "2020-01-01T00:00:00.000Z"},
+                  {"type": "identify", "messageId": "s2", "userId": "u1", "timestamp": TS}],
         "sentAt": "2020-01-01T00:00:10.000Z",
         "context": {"groupId": "acme"},
     }
@@ -344,8 +346,10 @@ async def test_batch_context_merges_and_clock_skew_is_corrected(
         await gw.post("/v1/batch", batch)
         await gw.idle()
     (call,) = mock_accoil.calls(path="/v2/track")
+    (identify,) = mock_accoil.calls(path="/v2/identify")
+    # the batch's context.groupId reaches the message (v2 track documents no groupId)
+    assert identify["body"]["groupId"] == "acme"
     # sent 10 s after it happened, by the client's clock: ten seconds before it arrived
-    assert call["body"]["groupId"] == "acme"
     assert call["body"]["timestamp"] < call["time"]
     from datetime import datetime
     ts = datetime.fromisoformat(call["body"]["timestamp"].replace("Z", "+00:00"))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,6 +145,86 @@ def test_segments_python_client_reaches_accoil(mock_accoil: MockAccoilServer, tm
     assert account["traits"] == {"name": "Acme Inc", "plan": "growth", "mrr": 4200}
     assert "user-1" in account["members"]
     assert len(mock_accoil.calls()) == 7
+
+
+def test_segments_python_client_reads_a_401_and_does_not_retry(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    from segment.analytics.client import Client
+    from segment.analytics.request import APIError
+
+    with gateway_process(mock_accoil.url, tmp_path) as (proc, url):
+        errors: list[Exception] = []
+        # bounded, so that a regression (retrying a 401 ten times) fails in seconds
+        client = Client("wk_not_configured", host=url, max_retries=10,
+                        max_total_backoff_duration=5,
+                        on_error=lambda e, _batch: errors.append(e))
+        client.track("user-1", "Refused")
+        client.flush()
+        client.join()
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    (error,) = errors
+    assert isinstance(error, APIError)
+    assert (error.status, error.code) == (401, "unauthorized")
+    assert "write key" in error.message
+    refused = [line for line in metrics.splitlines()
+               if line.startswith("accoil_gateway_http_requests_total") and 'status="401"' in line]
+    assert refused == ['accoil_gateway_http_requests_total{route="/v1/batch",status="401"} 1.0']
+    assert mock_accoil.calls() == []
+
+
+def test_client_routes_consent_and_grouped_dead_letters_in_the_worker(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    def post(path: str, body: dict[str, object], headers: dict[str, str]) -> tuple[int, object]:
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    basic = {"Authorization": _basic()}
+    plain = {"Content-Type": "text/plain"}
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1",
+                         env_extra={"GATEWAY_ADMIN_TOKEN": ADMIN}) as (_, url):
+        # analytics-java: /v1/import/ ; mobile: /v1/b ; analytics.js: /v1/t with the key inside
+        java = [{"type": "track", "messageId": "j1", "userId": "u1", "event": "Java"}]
+        assert post("/v1/import/", {"batch": java}, basic) == (200, {"success": True})
+        mobile = [{"type": "track", "messageId": "m1", "userId": "u1", "event": "Mobile"}]
+        assert post("/v1/b", {"batch": mobile, "sentAt": "2026-11-20T10:00:00Z"}, basic)[0] == 200
+        single = {"type": "track", "messageId": "t1", "userId": "u1", "event": "Browser",
+                  "writeKey": WRITE_KEY}
+        assert post("/v1/t/", single, plain)[0] == 200
+        # OAuth mode: a Bearer token beside the body's writeKey
+        oauth = {"batch": [{"type": "track", "messageId": "o1", "userId": "u1", "event": "OAuth"}],
+                 "writeKey": WRITE_KEY}
+        assert post("/v1/batch", oauth, {"Authorization": "Bearer some.jwt"})[0] == 200
+        status, reply = post("/v1/batch", {"batch": []}, {"Authorization": "Bearer some.jwt"})
+        assert status == 401 and isinstance(reply, dict) and reply["code"] == "unauthorized"
+        consent = [
+            {"type": "track", "messageId": "c1", "userId": "u1", "event": "Consented",
+             "integrations": {"Accoil Analytics": True}},
+            {"type": "track", "messageId": "c2", "userId": "u1", "event": "Declined"},
+        ] + [{"type": "track", "messageId": f"a{i}", "anonymousId": f"anon{i}", "event": "Anon"}
+             for i in range(20)]
+        assert post("/b", {"batch": consent, "integrations": {"All": False}}, basic)[0] == 200
+        wait_until(lambda: all(mock_accoil.count("u1", e) == 1
+                               for e in ("Java", "Mobile", "Browser", "OAuth", "Consented")))
+
+        def dead() -> list[dict[str, object]]:
+            return list(json.loads(admin_get(url, "/admin/dead-letters"))["dead_letters"])
+
+        # All: false turned the anonymous-only tracks off too: counted, not dead letters
+        assert dead() == []
+        # without it they cannot be forwarded (no userId): one letter with a count
+        anon = [{"type": "track", "messageId": f"b{i}", "anonymousId": f"anon{i}", "event": "Anon"}
+                for i in range(20)]
+        assert post("/v1/b/", {"batch": anon}, basic)[0] == 200
+        wait_until(lambda: len(dead()) == 1 and dead()[0]["repeat"] == 20)
+    assert mock_accoil.count("u1", "Declined") == 0
+    assert [c for c in mock_accoil.calls() if c["unknown_fields"]] == []
 
 
 ADMIN = "admin_process_test_token"

@@ -168,7 +168,6 @@ def v2_cases() -> list[tuple[str, dict[str, Any], str]]:
         ("/v2/track", {"userId": "u"}, "event"),
         ("/v2/track", {"userId": "u", "event": ""}, "event"),
         ("/v2/track", {"userId": "u", "event": 3}, "event"),
-        ("/v2/track", {"userId": "u", "event": "E", "groupId": 3}, "groupId"),
     ]
     ok = {
         "/v2/identify": {"userId": "u"},

@@ -118,3 +118,35 @@ async def test_openapi_is_served(ingest: Ingest) -> None:
     async with ingest.session.get(ingest.url + "/_mock/openapi.json") as resp:
         assert resp.status == 200
         assert await resp.json() == json.loads(openapi_document())
+
+
+async def test_journal_lists_the_undocumented_fields_of_each_dialect(
+    mock_accoil: MockAccoilServer, ingest: Ingest
+) -> None:
+    ts = "2026-11-28T10:00:00Z"
+    await ingest.v2("/v2/track", {"userId": "u1", "event": "A", "timestamp": ts})
+    await ingest.v2(
+        "/v2/track", {"userId": "u1", "event": "A", "groupId": "g1", "properties": {"x": 1}}
+    )
+    await ingest.v2("/v2/identify", {"userId": "u1", "groupId": "g1", "context": {}})
+    await ingest.v2("/v2/group", {"groupId": "g1", "userId": "u1", "event": "E"})
+    await ingest.segment({"type": "page", "userId": "u1", "name": "Home", "event": "x"})
+    await ingest.segment({"type": "identify", "userId": "u1", "traits": {}, "anonymousId": "a"})
+    await ingest.post(
+        "/v1/events",
+        {"api_key": KEY, "user_id": "u1", "event": "E", "timestamp": 1764324000000, "ip": "1"},
+    )
+    await ingest.v2("/v2/track", {"event": "E", "groupId": "g1"})  # 400, still listed
+    listed = [(c["path"], c["status"], c["unknown_fields"]) for c in mock_accoil.calls()]
+    assert listed == [
+        ("/v2/track", 202, []),
+        ("/v2/track", 202, ["groupId", "properties"]),
+        ("/v2/identify", 202, ["context"]),
+        ("/v2/group", 202, ["event"]),
+        ("/segment", 202, ["event"]),
+        ("/segment", 202, []),
+        ("/v1/events", 202, ["ip"]),
+        ("/v2/track", 400, ["groupId"]),
+    ]
+    # the in-process state reports the same
+    assert [c.unknown_fields for c in mock_accoil.state.calls(path="/v1/events")] == [["ip"]]

@@ -119,10 +119,12 @@ def test_write_keys_isolate_sources(two: TwoSources) -> None:
         ({"Authorization": basic(KEY_A)}, {"batch": [_track("a-basic")]}, "/v1/batch", "a"),
         ({}, {"batch": [_track("a-body")], "writeKey": KEY_A}, "/v1/batch", "a"),
         ({}, {**_track("a-single"), "writeKey": KEY_A}, "/v1/track", "a"),
-        # the header decides; a body key never moves a request to another source
-        ({"Authorization": basic(KEY_A)}, {"batch": [_track("a-over-b")], "writeKey": KEY_B},
+        # a header and a body key that agree (analytics-python, analytics.js batching)
+        ({"Authorization": basic(KEY_A)}, {"batch": [_track("a-both")], "writeKey": KEY_A},
          "/v1/import", "a"),
-        ({"Authorization": basic(KEY_B)}, {**_track("b-over-a"), "writeKey": KEY_A}, "/v1/track", "b"),
+        # a Bearer header (OAuth mode) is no write key: the body's decides
+        ({"Authorization": "Bearer some.oauth.token"}, {**_track("b-oauth"), "writeKey": KEY_B},
+         "/v1/track", "b"),
         ({"Authorization": basic(KEY_B)}, {"batch": [_track("b-basic")]}, "/v1/batch", "b"),
         ({"Authorization": "Basic " + base64.b64encode(f"{KEY_B}:pw".encode()).decode()},
          {"batch": [_track("b-password")]}, "/v1/batch", "b"),
@@ -132,6 +134,9 @@ def test_write_keys_isolate_sources(two: TwoSources) -> None:
         assert status == 200, (path, reply)
     # near misses and wrong keys: 401 and nothing stored, whatever the body says
     refused = [
+        # two keys that disagree: refused, never moved to either source
+        ({"Authorization": basic(KEY_A)}, {"batch": [_track("x-a-over-b")], "writeKey": KEY_B}),
+        ({"Authorization": basic(KEY_B)}, {"batch": [_track("x-b-over-a")], "writeKey": KEY_A}),
         ({"Authorization": basic("wk_wrong")}, {"batch": [_track("x-wrong")], "writeKey": KEY_A}),
         ({"Authorization": basic(KEY_A + "x")}, {"batch": [_track("x-suffix")]}),
         ({"Authorization": basic(KEY_A[:-1])}, {"batch": [_track("x-prefix")]}),
@@ -146,8 +151,8 @@ def test_write_keys_isolate_sources(two: TwoSources) -> None:
         status, reply = two.post("/v1/batch", body, headers)
         assert status in (400, 401), (headers, reply)
     _drain(two)
-    tags_a = {"a-basic", "a-body", "a-single", "a-over-b"}
-    tags_b = {"b-over-a", "b-basic", "b-password"}
+    tags_a = {"a-basic", "a-body", "a-single", "a-both"}
+    tags_b = {"b-oauth", "b-basic", "b-password"}
     calls_a, calls_b = two.a.calls(), two.b.calls()
     assert {c["api_key"] for c in calls_a} == {API_A}
     assert {c["api_key"] for c in calls_b} == {API_B}

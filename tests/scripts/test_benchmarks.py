@@ -114,3 +114,23 @@ def test_bench_forward_capacity_scenario_reports_every_phase(tmp_path: Path) -> 
     assert s["gateway_forwarding"]["max_concurrency"] is None  # default pacing: no cap
     assert isinstance(s["meets_targets"], bool)
     assert json.loads((tmp_path / "capacity.json").read_text()) == s
+
+
+def test_bench_sustained_waits_for_every_acknowledged_event_in_the_ledger(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_sustained.py"), "--duration", "1", "--connections", "2",
+        "--batch-size", "10", "--bodies", "5", "--accounts", "20", "--users", "200",
+        "--workdir", str(tmp_path), timeout=300,
+    )
+    gw = s["gateway"]
+    assert gw["errors"] == {}
+    assert gw["acknowledged_events"] > 0
+    # the ledger holds what wrk counted, and the requests on the wire when it stopped
+    assert gw["ledger_events"] >= gw["acknowledged_events"]
+    assert gw["first_ack_to_last_applied_s"] >= gw["burst_seconds"]
+    assert gw["sustained_events_per_s"] == pytest.approx(
+        gw["ledger_events"] / gw["first_ack_to_last_applied_s"], rel=0.02)
+    assert gw["worker_cpu_us_per_event"] is not None and gw["worker_cpu_us_per_event"] > 0
+    assert gw["peak_rss_mb"] >= gw["rss_start_mb"] > 0
+    assert s["sustained_vs_noop"] == pytest.approx(
+        gw["sustained_events_per_s"] / s["noop_events_per_s"], rel=2e-3, abs=1e-3)

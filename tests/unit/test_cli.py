@@ -229,3 +229,37 @@ def test_module_entry_point(config: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "config ok" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        # the default base URL: a stg_ key (any case) goes to staging, prefix stripped
+        ({"ACCOIL_API": "segment", "ACCOIL_API_KEY": "Stg_key_for_staging_1"},
+         "https://instaging.accoil.com"),
+        # a base URL of one's own wins, and v2 keys are sent as they are
+        ({"ACCOIL_API": "segment", "ACCOIL_API_KEY": "stg_key_for_staging_1",
+          "ACCOIL_BASE_URL": "http://127.0.0.1:8089"}, "http://127.0.0.1:8089"),
+        ({"ACCOIL_API": "v2", "ACCOIL_API_KEY": "stg_key_for_staging_1"}, "https://in.accoil.com"),
+    ],
+)
+def test_check_config_shows_where_a_staging_key_goes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    env: dict[str, str], shown: str,
+) -> None:
+    monkeypatch.setenv("GATEWAY_WRITE_KEY", WK1)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[2].split()[2] == shown
+    staging = [line for line in lines if "stg_ key" in line]
+    if shown.startswith("https://instaging"):
+        assert staging == [
+            f"  {lines[2].split()[0]}: stg_ key on the segment dialect: calls go to "
+            "https://instaging.accoil.com/segment with the prefix stripped"
+        ]
+    else:
+        assert staging == []
+    assert "key_for_staging" not in out

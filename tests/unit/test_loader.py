@@ -84,8 +84,10 @@ def test_env_converts_every_source_field() -> None:
         "ACCOIL_API": "segment", "ACCOIL_BASE_URL": "http://127.0.0.1:8089/",
         "ACCOIL_RATE_PER_SECOND": "200", "ACCOIL_MAX_CONCURRENCY": " 3 ",
         "ACCOIL_TRACK_MODE": "daily-unique", "ACCOIL_TIMEOUT": "2.5", "ACCOIL_NAME": "app",
+        "ACCOIL_UNNAMED_PAGES": "title",
     }
     (src,) = load(env=env).sources
+    assert src.unnamed_pages == "title"
     assert src.api == "segment"
     assert src.base_url == "http://127.0.0.1:8089"  # trailing slash dropped
     assert src.rate_per_second == 200.0 and isinstance(src.rate_per_second, float)
@@ -99,8 +101,10 @@ def test_env_converts_server_fields() -> None:
         "GATEWAY_DATA_DIR": "/tmp/x", "GATEWAY_FLUSH_INTERVAL": "0.25",
         "GATEWAY_MAX_BACKLOG": "1000", "GATEWAY_LOG_FORMAT": "json",
         "GATEWAY_ADMIN_TOKEN": TOKEN, "GATEWAY_FSYNC": "full", "GATEWAY_LOG_LEVEL": "WARN",
+        "GATEWAY_DEAD_LETTER_RETENTION": "86400",
     }
     s = load(env=env)
+    assert s.dead_letter_retention == 86400.0
     assert (s.port, s.data_dir, s.flush_interval, s.max_backlog) == (8100, "/tmp/x", 0.25, 1000)
     assert (s.log_format, s.admin_token, s.fsync, s.log_level) == ("json", TOKEN, "full", "warning")
 
@@ -162,6 +166,8 @@ def test_env_source_vars_with_several_file_sources_are_an_error(tmp_path: Path) 
         ("ACCOIL_TIMEOUT", "nan", 'ACCOIL_TIMEOUT: expected a finite number, got "nan"'),
         ("ACCOIL_API", "v3", 'ACCOIL_API: expected one of "segment", "v2", got "v3"'),
         ("ACCOIL_TRACK_MODE", "daily", 'ACCOIL_TRACK_MODE: expected one of "daily-unique", "exact", got "daily"'),
+        ("ACCOIL_UNNAMED_PAGES", "name", 'ACCOIL_UNNAMED_PAGES: expected one of "path", "skip", "title", got "name"'),
+        ("GATEWAY_DEAD_LETTER_RETENTION", "0", "GATEWAY_DEAD_LETTER_RETENTION: Expected float > 0.0, got 0.0"),
         ("ACCOIL_BASE_URL", "in.accoil.com", 'ACCOIL_BASE_URL: expected an http:// or https:// URL, got "in.accoil.com"'),
     ],
 )
@@ -202,14 +208,15 @@ def test_secret_env_values_never_echoed() -> None:
          "sources[0].rate_per_second: Expected float > 0.0, got -3"),
         (TWO + "max_concurrency = 0\n", "sources[1].max_concurrency: Expected int >= 1, got 0"),
         (TWO + 'max_concurrency = "8"\n', "sources[1].max_concurrency: Expected int, got str"),
-            (TWO + "max_concurrency = 5000\n",
-             "sources[1].max_concurrency: Expected int <= 4096, got 5000"),
-            (TWO + "rate_per_second = 0\n", "sources[1].rate_per_second: Expected float > 0.0, got 0"),
-            (TWO + "rate_per_second = nan\n", "sources[1].rate_per_second: Expected float > 0.0, got NaN"),
-            (TWO + "rate_per_second = inf\n",
-             "sources[1].rate_per_second: expected a finite number, got inf"),
+        (TWO + "max_concurrency = 5000\n",
+         "sources[1].max_concurrency: Expected int <= 4096, got 5000"),
+        (TWO + "rate_per_second = 0\n", "sources[1].rate_per_second: Expected float > 0.0, got 0"),
+        (TWO + "rate_per_second = nan\n", "sources[1].rate_per_second: Expected float > 0.0, got NaN"),
+        (TWO + "rate_per_second = inf\n",
+         "sources[1].rate_per_second: expected a finite number, got inf"),
         (TWO + "timeout = inf\n", "sources[1].timeout: expected a finite number, got inf"),
         (TWO + 'track_mode = "daily"\n', 'sources[1].track_mode: expected one of "daily-unique", "exact", got "daily"'),
+        (TWO + 'unnamed_pages = "url"\n', 'sources[1].unnamed_pages: expected one of "path", "skip", "title", got "url"'),
         (TWO + 'base_url = "ftp://x"\n', 'sources[1].base_url: expected an http:// or https:// URL, got "ftp://x"'),
         (ONE.replace("port = 9000", "port = 99999"), "port: Expected int <= 65535, got 99999"),
         (ONE.replace("port = 9000", "port = true"), "port: Expected int, got bool"),
@@ -297,7 +304,48 @@ def test_range_error_on_env_value_that_overrides_file(tmp_path: Path) -> None:
 
 
 def test_operations_doc_lists_every_field_and_variable() -> None:
-    doc = (Path(__file__).parents[2] / "README.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     for var, name in {**SERVER_ENV, **SOURCE_ENV}.items():
         assert f"| `{name}` |" in doc, name
         assert f"`{var}`" in doc, var
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        (ONE.replace(WK1, "w"), {},
+         "sources[0].write_key: too short (1 characters); secrets need at least 8"),
+        (ONE.replace(AK1, "ak_1234"), {},
+         "sources[0].accoil_api_key: too short (7 characters); secrets need at least 8"),
+        (ONE.replace(AK1, "STG_abcd123"), {},
+         "sources[0].accoil_api_key: too short (without its stg_ prefix, 7 characters); "
+         "secrets need at least 8"),
+        (ONE.replace(TOKEN, "tok"), {},
+         "admin_token: too short (3 characters); secrets need at least 8"),
+        (None, {"GATEWAY_WRITE_KEY": "x", "ACCOIL_API_KEY": AK1},
+         "GATEWAY_WRITE_KEY: too short (1 characters); secrets need at least 8"),
+        (None, {"GATEWAY_WRITE_KEY": WK1, "ACCOIL_API_KEY": AK1, "GATEWAY_ADMIN_TOKEN": "short"},
+         "GATEWAY_ADMIN_TOKEN: too short (5 characters); secrets need at least 8"),
+    ],
+)
+def test_short_secrets_are_refused_by_name(
+    tmp_path: Path, text: str | None, env: dict[str, str], expected: str
+) -> None:
+    # a one-letter key would be masked as "***" wherever that letter appears in a log line
+    path = write(tmp_path, text) if text is not None else None
+    assert error(path, env) == expected
+
+
+def test_a_short_secret_echoed_as_a_value_is_still_masked(tmp_path: Path) -> None:
+    text = ONE.replace(AK1, "k1").replace('name = "web"', 'api = "k1"')
+    assert error(write(tmp_path, text)) == (
+        'sources[0].api: expected one of "segment", "v2", got "***"'
+    )
+
+
+def test_eight_character_secrets_are_enough() -> None:
+    env = {"GATEWAY_WRITE_KEY": "wk_12345", "ACCOIL_API_KEY": "stg_abcd1234",
+           "GATEWAY_ADMIN_TOKEN": "12345678"}
+    settings = load(None, env)
+    assert settings.sources[0].write_key == "wk_12345"
+    assert settings.admin_token == "12345678"

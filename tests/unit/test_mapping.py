@@ -75,8 +75,8 @@ V2 = [
     ),
     pytest.param(
         Track(userId="u1", event="Report Exported"), {"groupId": "acct-1", "ip": "1.1.1.1"},
-        "/v2/track", {"userId": "u1", "event": "Report Exported", "timestamp": WHEN,
-                      "groupId": "acct-1"},
+        # the account is the actor's (call.group_id); Accoil's /v2/track has no groupId field
+        "/v2/track", {"userId": "u1", "event": "Report Exported", "timestamp": WHEN},
         "track", "u1", "acct-1", "Report Exported", id="track-context-group",
     ),
     pytest.param(
@@ -86,8 +86,7 @@ V2 = [
     ),
     pytest.param(
         Page(userId="u1", properties={"name": "Pricing"}), {"groupId": 7},
-        "/v2/track", {"userId": "u1", "event": "Page Viewed Pricing", "timestamp": WHEN,
-                      "groupId": "7"},
+        "/v2/track", {"userId": "u1", "event": "Page Viewed Pricing", "timestamp": WHEN},
         "track", "u1", "7", "Page Viewed Pricing", id="page-properties-name",
     ),
     pytest.param(
@@ -196,11 +195,6 @@ SKIPS = [
                  id="page-no-user"),
     pytest.param(Screen(anonymousId="a", name="Home"),
                  "userId is required to forward a screen call", id="screen-no-user"),
-    pytest.param(Page(userId="u"), "name is required to forward a page call", id="page-no-name"),
-    pytest.param(Page(userId="u", name="  ", properties={"name": 3}),
-                 "name is required to forward a page call", id="page-blank-name"),
-    pytest.param(Screen(userId="u", properties={}), "name is required to forward a screen call",
-                 id="screen-no-name"),
     # constructed directly, past the decoder's checks
     pytest.param(Group(userId="u", groupId=""), "groupId is required to forward a group call",
                  id="group-empty-group"),
@@ -216,6 +210,46 @@ def test_skip(api: str, msg: Message, reason: str) -> None:
     assert isinstance(result, Skip)
     assert result.reason.startswith(reason)
     assert not result.unsupported
+
+
+UNNAMED = [
+    pytest.param(Page(userId="u"), id="page-no-name"),
+    pytest.param(Page(userId="u", name="  ", properties={"name": 3}), id="page-blank-name"),
+    pytest.param(Screen(userId="u", properties={}), id="screen-no-name"),
+    pytest.param(Page(userId="u", properties={"title": "Home", "path": "/"}), id="page-title"),
+]
+
+
+@pytest.mark.parametrize("api", ["v2", "segment"])
+@pytest.mark.parametrize("msg", UNNAMED)
+def test_unnamed_pages_are_counted_not_dead_letters_by_default(api: str, msg: Message) -> None:
+    result = call(msg, api)
+    assert isinstance(result, Skip)
+    assert result.counted == "unnamed" and not result.unsupported
+    assert result.reason.endswith("call without a name")
+
+
+@pytest.mark.parametrize(
+    ("unnamed", "props", "event"),
+    [
+        ("title", {"title": "Pricing - Acme", "path": "/pricing"}, "Page Viewed Pricing - Acme"),
+        ("path", {"title": "Pricing - Acme", "path": "/pricing"}, "Page Viewed /pricing"),
+        # a name, when there is one, always wins
+        ("path", {"name": "Pricing", "path": "/pricing"}, "Page Viewed Pricing"),
+    ],
+)
+def test_unnamed_pages_named_from_properties(unnamed: Any, props: dict[str, Any], event: str) -> None:
+    result = to_call(Page(userId="u", properties=props), api="v2", timestamp=TS, context=None,
+                     unnamed_pages=unnamed)
+    assert isinstance(result, Call) and result.event == event
+    assert result.body == {"userId": "u", "event": event, "timestamp": "2026-11-28T10:00:00.123Z"}
+
+
+@pytest.mark.parametrize("unnamed", ["title", "path"])
+def test_unnamed_pages_without_the_property_are_still_counted(unnamed: Any) -> None:
+    result = to_call(Screen(userId="u", properties={"title": "", "path": 3}), api="segment",
+                     timestamp=TS, context=None, unnamed_pages=unnamed)
+    assert isinstance(result, Skip) and result.counted == "unnamed"
 
 
 @pytest.mark.parametrize("api", ["v2", "segment"])
@@ -260,11 +294,12 @@ CREATED_AT = [
 
 @pytest.mark.parametrize("kind", ["identify", "group"])
 @pytest.mark.parametrize(("value", "expected"), CREATED_AT)
-def test_created_at(kind: Any, value: Any, expected: Any) -> None:
-    traits = {"createdAt": value, "email": "a@b.c"}
+@pytest.mark.parametrize("name", ["createdAt", "created_at"])
+def test_created_at(kind: Any, value: Any, expected: Any, name: str) -> None:
+    traits = {name: value, "email": "a@b.c"}
     out = normalise_traits(kind, traits)
-    assert out == {"createdAt": expected, "email": "a@b.c"}
-    assert traits["createdAt"] is value  # input untouched
+    assert out == {name: expected, "email": "a@b.c"}
+    assert traits[name] is value  # input untouched
 
 
 MRR = [
@@ -297,18 +332,20 @@ def test_mrr_on_a_user_is_untouched() -> None:
 
 
 def test_other_traits_pass_through() -> None:
-    traits = {"name": "Acme", "status": "active", "plan": "pro", "created_at": 1705312800,
+    traits = {"name": "Acme", "status": "active", "plan": "pro", "CreatedAt": 1705312800,
               "nested": {"createdAt": 1705312800}, "seats": "10"}
     assert normalise_traits("group", traits) == traits
 
 
 @pytest.mark.parametrize("api", ["v2", "segment"])
 def test_traits_normalised_in_calls(api: str) -> None:
-    user = call(Identify(userId="u", traits={"createdAt": "1705312800"}), api)
+    user = call(Identify(userId="u", traits={"createdAt": "1705312800",
+                                             "created_at": 1705312800123}), api)
     group = call(Group(userId="u", groupId="g", traits={"createdAt": 1705312800123, "mrr": "5"}),
                  api)
     assert isinstance(user, Call) and isinstance(group, Call)
-    assert user.body["traits"] == {"createdAt": "2024-01-15T10:00:00.000Z"}
+    assert user.body["traits"] == {"createdAt": "2024-01-15T10:00:00.000Z",
+                                   "created_at": "2024-01-15T10:00:00.123Z"}
     assert group.body["traits"] == {"createdAt": "2024-01-15T10:00:00.123Z", "mrr": 5}
     assert group.traits == group.body["traits"]
 

@@ -636,3 +636,36 @@ def test_check_batch_rejects_what_decode_batch_rejects(message: Any, reason: str
 @given(body=bodies)
 def test_check_batch_agrees_with_decode_batch(body: bytes) -> None:
     same_verdict(body)
+
+
+def test_write_keys_inside_messages_are_not_stored() -> None:
+    # analytics.js's batching mode: the key at the top and in every message
+    body = msgspec.json.encode({
+        "writeKey": "wk_secret_1",
+        "batch": [
+            {"type": "track", "userId": "u1", "event": "E", "writeKey": "wk_secret_1"},
+            {"type": "track", "userId": "u1", "writeKey": "wk_secret_1"},  # no event: rejected
+            {"type": "page", "userId": "u1", "name": "Home"},
+        ],
+    })
+    decoded = decode_batch(body)
+    checked = check_batch(body)
+    assert decoded.write_key == checked.write_key == "wk_secret_1"
+    assert [r.index for r in decoded.rejected] == [1]
+    for stored in (decoded.body, checked.body, *(r.raw for r in decoded.rejected)):
+        assert b"wk_secret_1" not in stored and b"writeKey" not in stored
+    again = decode_batch(decoded.body)
+    assert [type(m).__name__ for m in again.messages] == ["Track", "Page"]
+    assert [r.index for r in again.rejected] == [1]
+
+
+def test_write_keys_inside_valid_messages_are_not_stored() -> None:
+    body = msgspec.json.encode({
+        "batch": [{"type": "track", "userId": "u1", "event": "E", "writeKey": "wk_secret_2"}],
+        "sentAt": "2026-11-20T10:00:00Z",
+    })
+    decoded, checked = decode_batch(body), check_batch(body)
+    assert decoded.write_key is None and decoded.valid == checked.valid == 1
+    for stored in (decoded.body, checked.body):
+        assert b"wk_secret_2" not in stored
+        assert decode_batch(stored).sent_at == decoded.sent_at

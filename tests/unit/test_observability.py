@@ -20,7 +20,13 @@ from gateway.observability.logging import (
     configure_logging,
     is_secret_key,
 )
-from gateway.observability.metrics import REJECT_REASONS, Metrics, bounded, status_label
+from gateway.observability.metrics import (
+    REJECT_REASONS,
+    SKIPS,
+    Metrics,
+    bounded,
+    status_label,
+)
 
 WK, AK, STG, TOKEN = "wk_obs_secret_111", "ak_obs_secret_222", "STG_obs_secret_333", "adm_obs_444"
 
@@ -198,6 +204,7 @@ METRIC_NAMES = {
     "accoil_gateway_messages_deduplicated": "counter",
     "accoil_gateway_messages_coalesced": "counter",
     "accoil_gateway_messages_unsupported": "counter",
+    "accoil_gateway_messages_skipped": "counter",
     "accoil_gateway_calls_forwarded": "counter",
     "accoil_gateway_retries": "counter",
     "accoil_gateway_dead_letters": "counter",
@@ -217,6 +224,7 @@ def test_metrics_render_every_name() -> None:
     m.rejected.labels(source="web", reason=bounded("nonsense", REJECT_REASONS)).inc()
     m.coalesced.labels(source="web", kind="track").inc(2)
     m.unsupported.labels(source="web", type="alias").inc()
+    m.skipped.labels(source="web", reason=bounded("unnamed", SKIPS)).inc()
     m.forwarded.labels(source="web", call="track", status=status_label(202)).inc()
     m.forwarded.labels(source="web", call="identify", status=status_label(None)).inc()
     m.dead_letters.labels(source="web", stage="forward").inc()
@@ -236,6 +244,7 @@ def test_metrics_render_every_name() -> None:
     assert 'accoil_gateway_calls_forwarded_total{call="identify",source="web",status="error"} 1.0' in text
     assert 'accoil_gateway_upstream_latency_seconds_bucket{call="track",le="0.05",source="web"} 1.0' in text
     assert "accoil_gateway_backlog 42.0" in text
+    assert 'accoil_gateway_messages_skipped_total{reason="unnamed",source="web"} 1.0' in text
 
 
 def test_known_sources_start_at_zero() -> None:
@@ -254,7 +263,7 @@ def test_each_metrics_owns_its_registry() -> None:
 
 
 def test_operations_doc_lists_every_metric() -> None:
-    doc = (Path(__file__).parents[2] / "README.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     for family in Metrics().registry.collect():
         exposed = family.name + ("_total" if family.type == "counter" else "")
         assert f"| `{exposed}` | {family.type} |" in doc, exposed

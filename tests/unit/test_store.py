@@ -43,6 +43,82 @@ async def test_dead_letters_with_a_key_are_kept_once(store: SqliteStore) -> None
     assert [d.payload for d in letters] == [b'{"x":1}', b'{"x":2}']
 
 
+async def test_the_same_reason_repeated_is_one_grouped_letter(store: SqliteStore) -> None:
+    def anon(i: int, reason: str = "userId is required to forward a track call",
+             source: str = "web") -> DeadLetter:
+        return DeadLetter(source=source, stage="mapping", reason=reason, grouped=True,
+                          payload=b'{"anonymousId":"a%d"}' % i, account=f"a{i}")
+
+    def flush(*letters: DeadLetter, now: float) -> Flush:
+        return Flush(source="web", account="", track_mode="exact", dead=list(letters), now=now)
+
+    await store.flush(flush(*(anon(i) for i in range(50)), now=100.0))
+    await store.flush(flush(anon(50), anon(51, reason="groupId is required"), now=200.0))
+    await store.flush(flush(anon(52, source="app"), now=200.0))
+    # not grouped (a removed source's messages, forward-stage calls): each kept
+    single = DeadLetter(source="web", stage="mapping", payload=b"{}",
+                        reason="userId is required to forward a track call")
+    await store.flush(flush(single, single, now=200.0))
+    letters = await store.dead_letters(None, 0, 10, False)
+    rows = [(d.source, d.reason[:7], d.repeat, d.payload, d.created_at, d.last_at) for d in letters]
+    assert rows == [
+        ("web", "userId ", 51, b'{"anonymousId":"a0"}', 100.0, 200.0),
+        ("web", "groupId", 1, b'{"anonymousId":"a51"}', 200.0, 200.0),
+        ("app", "userId ", 1, b'{"anonymousId":"a52"}', 200.0, 200.0),
+        ("web", "userId ", 1, b"{}", 200.0, 200.0),
+        ("web", "userId ", 1, b"{}", 200.0, 200.0),
+    ]
+    assert (await store.counts()).dead_letters == 5
+    # once replayed, the same reason starts a new letter
+    await store.requeue([letters[0].id], 300.0)
+    await store.flush(flush(anon(60), now=300.0))
+    fresh = await store.dead_letters("web", letters[-1].id, 10, False)
+    assert [(d.repeat, d.payload) for d in fresh] == [(1, b'{"anonymousId":"a60"}')]
+
+
+async def test_dead_letters_are_pruned_after_their_last_occurrence(store: SqliteStore) -> None:
+    def letter(reason: str) -> DeadLetter:
+        return DeadLetter(source="s", stage="ingest", reason=reason, payload=b"{}", grouped=True)
+
+    await store.flush(Flush(source="s", account="", track_mode="exact",
+                            dead=[letter("old"), letter("recurring")], now=100.0))
+    await store.flush(Flush(source="s", account="", track_mode="exact",
+                            dead=[letter("recurring")], now=1000.0))
+    assert await store.prune_dead_letters(500.0) == 1
+    (kept,) = await store.dead_letters(None, 0, 10, True)
+    assert (kept.reason, kept.repeat, kept.created_at, kept.last_at) == ("recurring", 2, 100.0, 1000.0)
+    assert await store.prune_dead_letters(1000.5) == 1
+    assert await store.dead_letters(None, 0, 10, True) == []
+
+
+async def test_a_data_directory_from_before_grouping_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,"
+        " stage TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL, status INTEGER,"
+        " path TEXT, repeat INTEGER NOT NULL, account TEXT, created_at REAL NOT NULL,"
+        " replayed_at REAL)"
+    )
+    conn.execute("INSERT INTO dead_letters (source, stage, reason, payload, repeat, created_at)"
+                 " VALUES ('s', 'mapping', 'r', '{}', 1, 50.0)")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        (old,) = await store.dead_letters(None, 0, 10, False)
+        assert (old.created_at, old.last_at) == (50.0, 50.0)
+        await store.flush(Flush(source="s", account="", track_mode="exact", now=60.0, dead=[
+            DeadLetter(source="s", stage="mapping", reason="r", payload=b"{}", grouped=True)]))
+        # a letter from before grouping is never joined; new ones group among themselves
+        old, new = await store.dead_letters(None, 0, 10, False)
+        assert (old.repeat, old.last_at, new.repeat, new.last_at) == (1, 50.0, 1, 60.0)
+        assert await store.prune_dead_letters(55.0) == 1
+    finally:
+        await store.close()
+
+
 async def test_concurrent_accepts_share_commits_and_all_land(store: SqliteStore) -> None:
     ids = await asyncio.gather(*(store.accept("s", 1.0, b"{}", 1) for _ in range(200)))
     assert len(set(ids)) == 200

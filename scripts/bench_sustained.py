@@ -1,0 +1,224 @@
+"""Sustained benchmark: how fast a burst is *applied*, not only acknowledged.
+
+    python scripts/bench_sustained.py                          # 5 s burst, 500 accounts
+    python scripts/bench_sustained.py --accounts 100000 --users 200000
+    python scripts/bench_sustained.py --duration 30            # about 3M events at 100k/s
+
+1. The no-op ceiling: an aiohttp handler that reads the body and answers 200, under the
+   same load (wrk, or aiohttp without it) for `--duration` seconds.
+2. The gateway, defaults (two processes), on an empty data folder, with Accoil unreachable
+   (a port where nothing listens), so that forwarding costs nothing and the burst's
+   whole apply is measured: unique track events for `--duration` seconds, full speed.
+3. The time until the inbox is empty and the ledger holds every acknowledged event.
+
+Reported: acknowledged events/s (the burst), sustained events/s (the events applied over
+the time from the burst's start to the last one applied), both against the no-op ceiling
+of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM); the
+pipeline worker's CPU time per event (user + system, from /proc).
+
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from benchkit.stack import (
+    Keys,
+    Sampler,
+    Service,
+    basic,
+    descendants,
+    exit_on_sigterm,
+    free_port,
+    get_json,
+    memory,
+    start_gateway,
+    start_target,
+    stopping,
+    wait_for,
+    workdir,
+)
+from benchkit.stats import table
+from benchkit.traffic import Traffic
+from benchkit.wrk import Bodies, Run, closed_loop, have_wrk, run_wrk
+
+MB = 1024.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds of full-speed burst")
+    p.add_argument("--accounts", type=int, default=500)
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: one core)")
+    p.add_argument("--generator", choices=("auto", "wrk", "aiohttp"), default="auto")
+    p.add_argument("--bodies", type=int, default=100, help="distinct batch templates")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds allowed for the apply")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--json", type=Path, metavar="PATH")
+    p.add_argument("--workdir", type=Path, help="keep bodies, script, logs and data here")
+    args = p.parse_args(argv)
+    if args.users < args.accounts:
+        p.error("--users must be at least --accounts")
+    if args.generator == "wrk" and not have_wrk():
+        p.error("--generator wrk: wrk is not installed (scripts/ensure_wrk.sh installs it)")
+    args.env = dict(item.partition("=")[::2] for item in args.gateway_env)
+    return args
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process (not its children), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # fields after the command: state is [0], utime [11], stime [12]
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Burst:
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        self.args = args
+        self.folder = folder
+        self.keys = Keys()
+        self.auth = basic(self.keys.write_key)
+        self.generator = "wrk" if args.generator == "wrk" or (
+            args.generator == "auto" and have_wrk()) else "aiohttp"
+        traffic = Traffic(accounts=args.accounts, users=args.users, mix={"track": 1.0},
+                          seed=args.seed, id_prefix="bs" + secrets.token_hex(3))
+        self.bodies = Bodies(traffic, folder / "bodies", count=args.bodies, size=args.batch_size)
+        self.script = folder / "batch.lua"
+        self.script.write_text(self.bodies.lua(self.auth))
+
+    def load(self, url: str) -> Run:
+        a = self.args
+        nonce = secrets.token_hex(3)
+        if self.generator == "wrk":
+            return run_wrk(url, self.script, seconds=a.duration, connections=a.connections,
+                           threads=a.threads, nonce=nonce, events_per_request=self.bodies.size)
+        return asyncio.run(closed_loop(url, self.bodies, self.auth, seconds=a.duration,
+                                       connections=a.connections, nonce=nonce))
+
+    def ceiling(self) -> Run:
+        noop = start_target(self.folder, "noop")
+        with stopping(noop):
+            return self.load(noop.url)
+
+    def gateway(self) -> dict[str, Any]:
+        a = self.args
+        env = {
+            # the whole burst must be taken: a 503 would measure the bound, not the apply
+            "GATEWAY_MAX_BACKLOG": "50000000",
+            "GATEWAY_SHUTDOWN_TIMEOUT": "1",
+            **a.env,
+        }
+        nowhere = f"http://127.0.0.1:{free_port()}"
+        gw = start_gateway(self.folder, self.keys, nowhere, env=env)
+        sampler = Sampler(gw.child.pid)
+        try:
+            return self._measure(gw, sampler)
+        finally:
+            sampler.stop()
+            with stopping(gw):
+                pass
+
+    def _measure(self, gw: Service, sampler: Sampler) -> dict[str, Any]:
+        workers = descendants(gw.child.pid)
+        worker = workers[0] if workers else None
+        cpu0 = cpu_seconds(worker) if worker is not None else None
+        start = memory(gw.child.pid)
+
+        def ledger_events() -> int:
+            stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
+            events: int = stats["ledger"]["events"]
+            return events if stats["inbox_messages"] == 0 else -1
+
+        t0 = time.monotonic()
+        run = self.load(gw.url)
+        # wrk counts the replies that came within its duration; the requests still on the wire
+        # when it stopped were acknowledged too, so the ledger may hold a few batches more
+        acked = run.ok * run.events_per_request
+        burst_end = time.monotonic()
+        wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
+                 what="every acknowledged event in the ledger")
+        applied_at = time.monotonic()
+        cpu1 = cpu_seconds(worker) if worker is not None else None
+        applied = ledger_events()
+        worker_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+        return {
+            "acknowledged_events": acked,
+            "ledger_events": applied,
+            "errors": run.errors,
+            "burst_seconds": round(run.seconds, 2),
+            "ack_events_per_s": round(run.events_per_s, 1),
+            "apply_after_burst_s": round(applied_at - burst_end, 2),
+            "first_ack_to_last_applied_s": round(applied_at - t0, 2),
+            "sustained_events_per_s": round(applied / (applied_at - t0), 1),
+            "worker_cpu_s": None if worker_cpu is None else round(worker_cpu, 2),
+            "worker_cpu_us_per_event": (
+                None if worker_cpu is None or not applied else round(worker_cpu / applied * 1e6, 2)),
+            "rss_start_mb": None if start is None else round(start.rss_kb / MB, 1),
+            "peak_rss_mb": round(sampler.peak / MB, 1),
+            "vm_hwm_mb": round(sampler.hwm / MB, 1),
+        }
+
+
+def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    burst = Burst(args, folder)
+    ceiling = burst.ceiling()
+    gw = burst.gateway()
+    noop = ceiling.events_per_s
+    return {
+        "generator": burst.generator,
+        "duration_s": args.duration,
+        "accounts": args.accounts,
+        "users": args.users,
+        "batch_events": args.batch_size,
+        "noop_events_per_s": round(noop, 1),
+        "gateway": gw,
+        "ack_vs_noop": round(gw["ack_events_per_s"] / noop, 3) if noop else None,
+        "sustained_vs_noop": round(gw["sustained_events_per_s"] / noop, 3) if noop else None,
+        "ack_vs_sustained": (round(gw["ack_events_per_s"] / gw["sustained_events_per_s"], 2)
+                             if gw["sustained_events_per_s"] else None),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    with workdir(args.workdir, "bench-sustained-") as folder:
+        rep = run(args, folder)
+    gw = rep["gateway"]
+    print(table([
+        ("events acknowledged / accounts", f"{gw['acknowledged_events']:,} / {rep['accounts']:,}"),
+        ("no-op ceiling (events/s)", rep["noop_events_per_s"]),
+        ("acknowledged (events/s)", gw["ack_events_per_s"]),
+        ("sustained, first ack to last applied (events/s)", gw["sustained_events_per_s"]),
+        ("apply after the burst (s)", gw["apply_after_burst_s"]),
+        ("worker CPU (us/event)", gw["worker_cpu_us_per_event"]),
+        ("peak RSS, both processes (MB)", gw["peak_rss_mb"]),
+    ]))
+    if args.json is not None:
+        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(rep), indent=2) + b"\n")
+    print(msgspec.json.encode(rep).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
