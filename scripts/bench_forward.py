@@ -225,6 +225,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "gateway_vs_bare": round(gw_rate / bare_rate, 3) if bare_rate else None,
         "target": ">= 0.5",
         "dead_letters": final["dead_letters"],
+        "gateway_forwarding": final["sources"][0]["forwarding"],
         "complete": len(gw_calls) == expected and final["outbox_calls"] == 0,
     }
 

@@ -23,7 +23,7 @@ growth (RFC 9438) because every overload costs a Retry-After pause:
 
 The latency guard follows Gradient2: a short (recent) and a long (baseline) average of
 the round trip; the short one above `RTT_TOLERANCE` x the long one, by at least
-`RTT_SLACK` seconds, means calls queue upstream. A Retry-After pauses the whole source.
+`RTT_SLACK` seconds, for `QUEUE_HOLD` seconds, means calls queue upstream. A Retry-After pauses the whole source.
 `rate_per_second` and `max_concurrency` are optional hard caps on top.
 """
 
@@ -64,6 +64,7 @@ RECOVER = 7.0
 PROBE = 0.012
 RTT_TOLERANCE = 2.0
 RTT_SLACK = 0.02
+QUEUE_HOLD = 1.0  # seconds the round trip must stay that high before it cuts
 SHORT_RTT = 0.05  # EWMA weight of a sample in the short round trip (about the last 20)
 LONG_RTT = 0.005  # ... and in the long one (about the last 200)
 # Calls start at most PACING times faster than the limit per round trip (and may start
@@ -112,6 +113,7 @@ class Limit:
         # completions of answered calls over the last `RATE_SPAN`, and since when calls
         # have gone out without a pause: the delivery rate that sizes a cut
         self._pace_at = -math.inf
+        self._queueing_since: float | None = None
         self._oks: deque[float] = deque()
         self._active_since: float | None = None
         # rate cap as GCRA: the theoretical start time of the next call
@@ -168,7 +170,17 @@ class Limit:
         self._observe(rtt)
         self._oks.append(now)
         self._forget(now)
-        if self.queueing:
+        if not self.queueing:
+            self._queueing_since = None
+        elif self._queueing_since is None:
+            self._queueing_since = now
+        elif now - self._queueing_since >= QUEUE_HOLD:
+            # a stall of this process's own event loop also stretches the round trips of
+            # the calls in flight, but only for a moment: a queue upstream lasts. After the
+            # cut the baseline starts from the slow round trip: if it stays, it is Accoil's
+            # new normal; if it was a queue, it drains and the baseline follows it down
+            self._queueing_since = None
+            self.long_rtt = self.short_rtt
             return self._cut(now, sent_at)
         # a limit only half used says nothing about whether more would pass
         if busy * 2 >= self.slots:
@@ -197,7 +209,10 @@ class Limit:
             self.short_rtt = self.long_rtt = rtt
             return
         self.short_rtt += (rtt - self.short_rtt) * SHORT_RTT
-        self.long_rtt += (rtt - self.long_rtt) * LONG_RTT
+        if self._queueing_since is None:
+            # frozen while the round trip looks like a queue: a baseline that learned the
+            # queue would stop seeing it
+            self.long_rtt += (rtt - self.long_rtt) * LONG_RTT
         # the baseline lags a recovery from a long spell of slow answers: catch it up
         # (Gradient2 does the same), or the guard would stay blind for minutes
         if self.long_rtt > 2 * self.short_rtt:
@@ -261,6 +276,8 @@ class Limit:
 
     def _grow(self, now: float) -> None:
         if self.slow_start:
+            if self.limit >= self.ceiling:
+                return  # held at a cap: nothing to remember
             self.limit = min(self.limit + 1, self.ceiling)
             self._grown.append((now, self.limit))
             if self._restart_to is not None and self.limit >= self._restart_to:

@@ -226,13 +226,25 @@ def test_a_round_trip_well_above_its_baseline_cuts() -> None:
     limit.start(now)
     assert not limit.done(now + 0.3, now, "ok", 0.3)
     assert not limit.queueing
-    # answers that take four times as long, call after call, are a queue upstream
-    cut = False
-    for i in range(200):
-        at = now + i * 0.01
+    # a stall of half a second stretches every call in flight, then passes
+    for i in range(50):
+        at = now + 1.0 + i * 0.01
         limit.start(at)
-        cut = limit.done(at + 0.2, at, "ok", 0.2) or cut
-    assert cut and limit.limit < before
+        assert not limit.done(at + 0.2, at, "ok", 0.2)
+    now += 2.0
+    for i in range(100):
+        limit.start(now + i * 0.01)
+        limit.done(now + i * 0.01 + RTT, now + i * 0.01, "ok", RTT)
+    assert not limit.queueing and limit.limit >= before
+    # answers that take four times as long, call after call, for seconds: a queue upstream
+    cut_at = None
+    for i in range(300):
+        at = now + 2.0 + i * 0.01
+        limit.start(at)
+        if limit.done(at + 0.2, at, "ok", 0.2) and cut_at is None:
+            cut_at = at + 0.2
+    assert cut_at is not None and limit.limit < before
+    assert cut_at - (now + 2.2) >= 1.0  # held for a second before it cut
 
 
 def test_latency_guard_ignores_small_absolute_rises() -> None:
