@@ -67,9 +67,9 @@ RTT_SLACK = 0.02
 QUEUE_HOLD = 1.0  # seconds the round trip must stay that high before it cuts
 SHORT_RTT = 0.05  # EWMA weight of a sample in the short round trip (about the last 20)
 LONG_RTT = 0.005  # ... and in the long one (about the last 200)
-# Calls start at most PACING times faster than the limit per round trip (and may start
-# PACING_EARLY seconds early: a timer per call would cost more than it spreads). At 1, the
-# starts of a round trip are the limit's, fractions included.
+# Calls start at most PACING times faster than the limit per round trip, fractions
+# included, but may start PACING_EARLY seconds early; with starts less than that apart,
+# they are not paced at all: a timer per call would cost more than it spreads.
 PACING = 1.0
 PACING_EARLY = 0.001
 # A rate cap lets this many seconds' worth of calls start at once.
@@ -151,7 +151,8 @@ class Limit:
             # pacing: the limit's calls spread over a round trip, so that the slots a pause
             # or a cut left free do not all go at once into the upstream's burst allowance
             gap = self.long_rtt / (self.limit * PACING)
-            self._pace_at = max(self._pace_at, now) + gap
+            if gap >= PACING_EARLY:
+                self._pace_at = max(self._pace_at, now) + gap
         if self.rate_per_second is not None:
             self._tat = max(self._tat, now) + self._gap
 
