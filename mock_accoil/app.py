@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -29,6 +29,7 @@ _OPENAPI = web.AppKey("mock_accoil.openapi", bytes)
 _BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def key_fingerprint(api_key: str | None) -> str | None:
@@ -129,6 +130,13 @@ def _param(request: web.Request, name: str) -> str | None:
     return request.query.get(name)
 
 
+def _bad(error: str, field: str | None) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=msgspec.json.encode(bad_request(error, field)).decode(),
+        content_type="application/json",
+    )
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     value = request.query.get(name)
     if value is None:
@@ -136,10 +144,7 @@ def _int_param(request: web.Request, name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise web.HTTPBadRequest(
-            text=msgspec.json.encode(bad_request(f"{name} must be an integer", name)).decode(),
-            content_type="application/json",
-        ) from None
+        raise _bad(f"{name} must be an integer", name) from None
 
 
 async def get_calls(request: web.Request) -> web.Response:
@@ -182,14 +187,18 @@ async def post_reset(request: web.Request) -> web.Response:
     return _json({"success": True})
 
 
-async def post_fault(request: web.Request) -> web.Response:
-    raw = await request.read()
+async def _body(request: web.Request, typ: type[T]) -> T:
+    """The JSON body as `typ`; a 400 naming the field (raised) when it is not one."""
     try:
-        fault = msgspec.json.decode(raw, type=Fault)
+        return msgspec.json.decode(await request.read(), type=typ)
     except msgspec.ValidationError as exc:
-        return _json(bad_request(str(exc), error_field(exc)), status=400)
+        raise _bad(str(exc), error_field(exc)) from None
     except msgspec.DecodeError:
-        return _json(bad_request("body is not valid JSON"), status=400)
+        raise _bad("body is not valid JSON", None) from None
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    fault = await _body(request, Fault)
     return _json(request.app[STATE].add_fault(fault), status=201)
 
 
@@ -207,13 +216,7 @@ async def get_capacity(request: web.Request) -> web.Response:
 
 
 async def put_capacity(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        capacity = msgspec.json.decode(raw, type=Capacity)
-    except msgspec.ValidationError as exc:
-        return _json(bad_request(str(exc), error_field(exc)), status=400)
-    except msgspec.DecodeError:
-        return _json(bad_request("body is not valid JSON"), status=400)
+    capacity = await _body(request, Capacity)
     return _json(request.app[STATE].set_capacity(capacity))
 
 

@@ -162,23 +162,34 @@ async def bare_loop(mock: str, api_key: str, calls: list[dict[str, Any]], concur
     return {"seconds": took, "status": status}
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    keys = Keys()
-    mock = start_mock(workdir, max_calls=args.calls * 3 + 10_000, fault_status=503)
-    env = {
-        "ACCOIL_MAX_CONCURRENCY": str(args.concurrency),
+def gateway_env(args: argparse.Namespace, **extra: str) -> dict[str, str]:
+    """The gateway's settings: short retry and circuit timers, so that a drain starts at
+    once when the mock is back instead of up to a minute later; then `extra`, then
+    `--gateway-env`."""
+    return {
         "GATEWAY_RETRY_BASE": "0.05",
         "GATEWAY_RETRY_MAX": "0.5",
         "GATEWAY_CIRCUIT_COOLDOWN": "0.5",
         "GATEWAY_MAX_BACKLOG": str(max(5_000_000, args.calls * 2)),
+        **extra,
         **dict(item.partition("=")[::2] for item in args.gateway_env),
     }
-    gw = start_gateway(workdir, keys, mock.url, env=env)
+
+
+def admin_stats(url: str, keys: Keys) -> dict[str, Any]:
+    result: dict[str, Any] = get_json(url + "/admin/stats", token=keys.admin_token)
+    return result
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    keys = Keys()
+    mock = start_mock(workdir, max_calls=args.calls * 3 + 10_000, fault_status=503)
+    gw = start_gateway(workdir, keys, mock.url,
+                       env=gateway_env(args, ACCOIL_MAX_CONCURRENCY=str(args.concurrency)))
     with stopping(mock, gw):
 
         def stats() -> dict[str, Any]:
-            result: dict[str, Any] = get_json(gw.url + "/admin/stats", token=keys.admin_token)
-            return result
+            return admin_stats(gw.url, keys)
 
         traffic = Traffic(accounts=args.accounts, users=args.users, mix=args.mix_weights,
                           seed=args.seed, id_prefix=f"bf{int(time.time())}")
@@ -250,22 +261,12 @@ def run_capacity(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # while the events are queued the mock drops every connection: a failure that says
     # nothing about Accoil's pace, so the limit starts the drain as it would start any day
     send_json(mock.url + "/_mock/faults", "POST", {"drop": True})
-    # default pacing: no rate or concurrency cap, nothing the gateway is told about Accoil;
-    # only the retry and circuit timers are short, so the drain starts at once when the
-    # connections are back instead of up to a minute later
-    env = {
-        "GATEWAY_RETRY_BASE": "0.05",
-        "GATEWAY_RETRY_MAX": "0.5",
-        "GATEWAY_CIRCUIT_COOLDOWN": "0.5",
-        "GATEWAY_MAX_BACKLOG": str(max(5_000_000, args.calls * 2)),
-        **dict(item.partition("=")[::2] for item in args.gateway_env),
-    }
-    gw = start_gateway(workdir, keys, mock.url, env=env)
+    # default pacing: no rate or concurrency cap, nothing the gateway is told about Accoil
+    gw = start_gateway(workdir, keys, mock.url, env=gateway_env(args))
     with stopping(mock, gw):
 
         def stats() -> dict[str, Any]:
-            result: dict[str, Any] = get_json(gw.url + "/admin/stats", token=keys.admin_token)
-            return result
+            return admin_stats(gw.url, keys)
 
         def forwarding() -> dict[str, Any]:
             found: dict[str, Any] = stats()["sources"][0]["forwarding"] or {}
