@@ -110,10 +110,12 @@ class Limit:
         self._k = 0.0  # seconds after a cut at which regrowth reaches _w_max
         self._floor = 0.0  # the limit just after the cut
         self._cut_at = -math.inf
-        # completions of answered calls over the last `RATE_SPAN`, and since when calls
-        # have gone out without a pause: the delivery rate that sizes a cut
+        # when the next call may start (pacing), and since when the round trip has looked
+        # like a queue
         self._pace_at = -math.inf
         self._queueing_since: float | None = None
+        # completions of answered calls over the last `RATE_SPAN`, and since when calls
+        # have gone out without a pause: the delivery rate that sizes a cut
         self._oks: deque[float] = deque()
         self._active_since: float | None = None
         # rate cap as GCRA: the theoretical start time of the next call
@@ -127,8 +129,8 @@ class Limit:
 
     @property
     def slots(self) -> int:
-        """Calls that may be in flight now: the limit rounded up (pacing keeps the mean
-        at the limit itself: 4.5 is 4 and 5 in turn, not 4), at least one."""
+        """Calls that may be in flight now: the limit rounded up (where calls are paced,
+        the mean stays at the limit itself: 4.5 is 4 and 5 in turn, not 4), at least one."""
         return max(1, math.ceil(self.limit - 1e-9))
 
     def wait_time(self, now: float) -> float:
