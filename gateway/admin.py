@@ -77,6 +77,8 @@ class Admin:
             return _json({"ready": False, "reason": "starting or draining"}, 503)
         if gw.backlog.full:
             return _json({"ready": False, "reason": "backlog full"}, 503)
+        if gw.disk.full:
+            return _json({"ready": False, "reason": "data folder full"}, 503)
         return _json({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -99,6 +101,7 @@ class Admin:
             {
                 "accepting": gw.accepting,
                 "backlog": {"total": gw.backlog.total, "limit": gw.backlog.limit},
+                "data_folder_full": gw.disk.full,
                 "inbox_messages": counts.inbox,
                 "outbox_calls": counts.outbox,
                 "dead_letters": counts.dead_letters,

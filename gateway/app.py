@@ -21,6 +21,7 @@ from gateway.actors.registry import Actors
 from gateway.admin import Admin
 from gateway.backlog import Backlog
 from gateway.config import Settings
+from gateway.disk import Disk
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.body import MAX_BODY
 from gateway.ingest.routes import UNROUTED, Ingest, routing_error
@@ -49,18 +50,20 @@ class Gateway:
         remote = settings.pipeline == "process" and store is None
         self.store: Store = store or SqliteStore(data / "gateway.db", fsync=settings.fsync)
         self.metrics = Metrics(self.sources)
+        self.disk = Disk(data, settings.disk_reserve, owner=True, on_change=self.metrics.disk_full.set)
         self._data = data
         self._lock_fd: int | None = None
+        self._disk_task: asyncio.Task[None] | None = None
         self.pipeline: Pipeline | RemotePipeline
         if remote:
             self.backlog = Backlog(settings.max_backlog, data / "backlog")
             self.pipeline = RemotePipeline(settings, self._lock)
         else:
             self.backlog = Backlog(settings.max_backlog)
-            self.pipeline = Pipeline(settings, self.store, self.metrics, self.backlog)
+            self.pipeline = Pipeline(settings, self.store, self.metrics, self.backlog, self.disk)
         self.ingest = Ingest(
             settings, self.store, self.backlog, self.metrics, lambda: self.accepting,
-            self.pipeline.committed,
+            lambda: self.disk.full, self.pipeline.committed,
         )
         self.accepting = False
 
@@ -109,6 +112,10 @@ class Gateway:
 
     async def start(self) -> None:
         self._lock_fd = await _lock_dir(self._data / "lock")
+        self.disk.start()
+        if isinstance(self.store, SqliteStore):
+            self.store.on_refused = self.disk.refused
+        self._disk_task = asyncio.create_task(self.disk.run(), name="disk")
         await self.store.open()
         counts = await self.pipeline.start()
         self.accepting = True
@@ -126,6 +133,9 @@ class Gateway:
         """Drain: route the inbox, flush actors, forward what the timeout allows, keep the rest."""
         self.accepting = False
         await self.pipeline.stop(self.settings.shutdown_timeout)
+        if self._disk_task is not None:
+            self._disk_task.cancel()
+            self._disk_task = None
         counts = await self.store.counts()
         await self.store.close()
         self.backlog.close()

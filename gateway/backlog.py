@@ -32,7 +32,9 @@ class Backlog:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < 8 * SLOTS:
-                os.ftruncate(fd, 8 * SLOTS)
+                # real blocks, not a hole: writing a hole through the map on a full disk
+                # would kill the process (SIGBUS) instead of failing here, at start
+                os.posix_fallocate(fd, 0, 8 * SLOTS)
             self._map = mmap.mmap(fd, 8 * SLOTS)
         finally:
             os.close(fd)

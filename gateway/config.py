@@ -85,6 +85,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the worker's CPU priority below ingest's (os.nice): under contention, acks come first
     pipeline_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     shutdown_timeout: Positive = 10.0
+    # bytes kept free in the data folder by a preallocated file (`reserve`), released when the
+    # disk is full so that outcomes and deletions can still be written (see `gateway.disk`)
+    disk_reserve: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
     # a client has this long to send a request's headers and body, and an idle keep-alive
     # connection is closed after it: a slow or stalled client cannot hold a handler for ever
     read_timeout: Positive = 30.0

@@ -18,6 +18,7 @@ from gateway.actors.registry import Actors
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings
+from gateway.disk import Disk, out_of_space
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.messages import Decoded
@@ -32,14 +33,19 @@ REAP = 1.0  # seconds between deletions of wholly applied inbox segments
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics, backlog: Backlog) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, metrics: Metrics, backlog: Backlog, disk: Disk
+    ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
         self.backlog = backlog
         self.sources = {s.id: s for s in settings.sources}
         self.forwarders: dict[str, Forwarder] = {}
-        self.actors = Actors(store, settings, metrics, backlog, self._calls_queued)
+        self.disk = disk
+        self.actors = Actors(
+            store, settings, metrics, backlog, self._calls_queued, lambda: disk.full
+        )
         self.router = Router(store, self.actors, self.sources, metrics, backlog)
         self._tasks: list[asyncio.Task[None]] = []
         self._router_task: asyncio.Task[None] | None = None
@@ -130,13 +136,18 @@ class Pipeline:
                 now = time.time()
                 await self.store.prune(now - self.settings.dedupe_window)
                 await self.store.prune_dead_letters(now - self.settings.dead_letter_retention)
-            except Exception:
-                log.exception("housekeeping failed")
+            except Exception as exc:
+                if not out_of_space(exc):  # a full disk is reported once, by `Disk`
+                    log.exception("housekeeping failed")
 
     async def _reaping(self) -> None:
         while True:
             await asyncio.sleep(REAP)
             try:
+                if self.disk.full:
+                    # the log would grow into the little space left: have it reused instead
+                    await self.store.checkpoint()
                 await self.store.reap(self.router.cursor)
-            except Exception:
-                log.exception("reaping the inbox failed")
+            except Exception as exc:
+                if not out_of_space(exc):
+                    log.exception("reaping the inbox failed")

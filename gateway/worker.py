@@ -1,6 +1,7 @@
 """The pipeline in a process of its own, so that ingest keeps a core to itself.
 
-Ingest's process (the front) starts `python -m gateway.worker FD` and talks to it over a
+Ingest's process (the front) starts the worker (`worker_command`: this very package, never
+one the working directory may hold) with a socket's descriptor, and talks to it over a
 socket pair, one JSON object a line: the settings first, then requests (`stats`,
 `metrics`, `requeue`, `stop`), each answered with the same `id`. Both processes open the
 same store (see `gateway.store.sqlite`: ingest appends to the inbox, the worker writes the
@@ -94,7 +95,7 @@ class RemotePipeline:
         ours, theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.worker", str(theirs.fileno()),
+                *worker_command(), str(theirs.fileno()),
                 pass_fds=(theirs.fileno(), self._lock_fd()),
                 stdin=subprocess.DEVNULL,
             )
@@ -185,6 +186,7 @@ class RemotePipeline:
 
 async def _serve(sock: socket.socket) -> None:
     # imported here: the front imports this module for `RemotePipeline` only
+    from gateway.disk import Disk
     from gateway.observability.logging import Redactor, configure_logging
     from gateway.observability.metrics import Metrics
     from gateway.pipeline import Pipeline
@@ -201,7 +203,10 @@ async def _serve(sock: socket.socket) -> None:
     store = SqliteStore(data / "gateway.db", fsync=settings.fsync, ingest=False)
     metrics = Metrics(s.id for s in settings.sources)
     backlog = Backlog(settings.max_backlog, data / "backlog")
-    pipeline = Pipeline(settings, store, metrics, backlog)
+    # the front makes the reserve; this process releases it when a write of its own is refused
+    disk = Disk(data, settings.disk_reserve, owner=False)
+    store.on_refused = disk.refused
+    pipeline = Pipeline(settings, store, metrics, backlog, disk)
     await store.open()
     writer.write(msgspec.json.encode(Ready(await pipeline.start())) + b"\n")
 
@@ -239,6 +244,16 @@ async def _serve(sock: socket.socket) -> None:
     # consistent at every commit and the next start replays the inbox
     log.warning("front process gone: worker exiting")
     os._exit(1)
+
+
+def worker_command() -> list[str]:
+    """The worker's command line: the `gateway` package this process runs, whatever the
+    working directory holds. `-m` would put the working directory first on the path, where a
+    folder named `gateway` (another checkout, another version) would run instead; `-P`
+    leaves it out, and the folder this package was imported from goes first."""
+    root = str(Path(__file__).resolve().parent.parent)
+    boot = f"import sys; sys.path.insert(0, {root!r}); from gateway.worker import main; main()"
+    return [sys.executable, "-P", "-c", boot]
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import structlog
 
 from gateway.actors.integrations import enabled
 from gateway.config import Settings, Source
+from gateway.disk import out_of_space
 from gateway.ingest.messages import Message
 from gateway.mapping import Skip, iso, to_call
 from gateway.observability.metrics import SKIPS, bounded
@@ -76,6 +77,7 @@ class Actor:
         metrics: Metrics,
         on_flushed: Callable[[Actor, int, int], None],
         on_exit: Callable[[Actor], None],
+        disk_full: Callable[[], bool],
     ) -> None:
         self.source = source
         self.account = account
@@ -84,6 +86,8 @@ class Actor:
         self.metrics = metrics
         self._on_flushed = on_flushed
         self._on_exit = on_exit
+        self._disk_full = disk_full
+        self._refused = 0  # flushes in a row the store refused
         self._items: deque[Envelope] = deque()
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
@@ -229,6 +233,11 @@ class Actor:
         pending.merge(call.path, call.body, call.traits or {}, ts)
 
     async def _flush(self) -> None:
+        if self._disk_full():
+            # the space freed by the reserve is for outcomes and deletions: hold everything
+            # (the inbox has it too) until the folder has room again
+            await self._later()
+            return
         calls, known = await self._calls()
         flush = Flush(
             source=self.source.id, account=self.account, track_mode=self.source.track_mode,
@@ -237,12 +246,20 @@ class Actor:
         )
         try:
             result = await self.store.flush(flush)
-        except Exception:
-            # keep everything pending and try again after an interval: the inbox still holds it
-            log.exception("flush failed", source_id=self.source.id, account=self.account)
-            self._since = time.monotonic()
-            await asyncio.sleep(min(self.settings.flush_interval, 1.0))
+        except Exception as exc:
+            # keep everything pending and try again later: the inbox still holds it. One line
+            # per run of failures; a full disk is reported once, by the store's owner
+            if self._refused == 0 and not out_of_space(exc):
+                log.exception("flush failed", source_id=self.source.id, account=self.account)
+            self._refused += 1
+            await self._later()
             return
+        if self._refused:
+            log.info(
+                "flush succeeded after refusals", source_id=self.source.id,
+                account=self.account, refused=self._refused,
+            )
+            self._refused = 0
         for k in known:
             self._known[k.key] = (k.day, k.traits)
         src = self.source.id
@@ -257,6 +274,12 @@ class Actor:
             )
         self._on_flushed(self, self._held, result.calls)
         self._reset()
+
+    async def _later(self) -> None:
+        """Flush again after an interval (the run loop waits `flush_interval` from `_since`;
+        this pause also covers a full actor, which would otherwise try again at once)."""
+        self._since = time.monotonic()
+        await asyncio.sleep(min(self.settings.flush_interval, 1.0))
 
     async def _calls(self) -> tuple[list[CallPut], list[Known]]:
         """The identify/group calls to queue: only those that change what went out today."""

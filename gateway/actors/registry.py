@@ -23,12 +23,14 @@ class Actors:
         metrics: Metrics,
         backlog: Backlog,
         on_calls: Callable[[str], None],
+        disk_full: Callable[[], bool],
     ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
         self.backlog = backlog
         self._on_calls = on_calls
+        self._disk_full = disk_full
         self._live: dict[tuple[str, str], Actor] = {}
         self._asked: set[Actor] = set()  # asked to passivate, not gone yet
         self._room = asyncio.Event()
@@ -68,7 +70,7 @@ class Actors:
     def _start(self, source: Source, account: str, key: tuple[str, str]) -> Actor:
         actor = Actor(
             source, account, store=self.store, settings=self.settings, metrics=self.metrics,
-            on_flushed=self._flushed, on_exit=self._exited,
+            on_flushed=self._flushed, on_exit=self._exited, disk_full=self._disk_full,
         )
         self._live[key] = actor
         self._all_gone.clear()

@@ -48,6 +48,7 @@ YIELD = 0.05
 HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
 POLL = 0.02  # seconds between looks at an empty inbox (ingest may be another process)
 USERS = 200_000  # user -> account entries remembered
+RETAKE = 1.0  # seconds between attempts to record takes the store refused
 
 
 class Router:
@@ -68,6 +69,8 @@ class Router:
         self._wake = asyncio.Event()
         self._users: dict[tuple[str, str], str | None] = {}
         self._stopping = False
+        self._untaken: dict[int, int] = {}  # inbox row -> count, takes the store refused
+        self._retake_at = 0.0
         self.cursor = 0
 
     def submitted(self, row_id: int, decoded: Decoded) -> None:
@@ -89,6 +92,8 @@ class Router:
         The store's inbox must have been restarted (`Store.restart_inbox`) before."""
         while True:
             self._wake.clear()
+            if self._untaken and time.monotonic() >= self._retake_at:
+                self._retake()
             rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
             if not rows:
                 if self._stopping:
@@ -114,7 +119,7 @@ class Router:
 
     async def _route(self, row: InboxRow) -> None:
         source = self.sources.get(row.source)
-        self.store.take(row.id, row.count)
+        self._take(row.id, row.count)
         decoded = self._handoff.pop(row.id, None)
         if decoded is None:
             try:
@@ -151,6 +156,21 @@ class Router:
                 integrations=merged(decoded.integrations, msg.integrations),
             )
             await self.actors.deliver(env, source, self._account(source, msg, context))
+
+    def _take(self, row_id: int, count: int) -> None:
+        def done(fut: asyncio.Future[None]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                # until it is recorded, the row's segment is never deleted; made again later
+                # (a take and the row's flushes add up in any order)
+                self._untaken[row_id] = count
+                self._retake_at = time.monotonic() + RETAKE
+
+        self.store.take(row_id, count).add_done_callback(done)
+
+    def _retake(self) -> None:
+        untaken, self._untaken = self._untaken, {}
+        for row_id, count in untaken.items():
+            self._take(row_id, count)
 
     def _account(self, source: Source, msg: Message, context: dict[str, Any] | None) -> str:
         user = user_id(msg)

@@ -4,7 +4,9 @@ Each outbox row is a call; a ledger row in exact mode stands for `repeat` occurr
 same track call, sent one by one. Pacing is the source's adaptive concurrency limit
 (`gateway.forward.limiter`). A row leaves the outbox only once Accoil took it (or
 refused it for good, which makes it a dead letter), so a crash can re-send only what was in
-flight.
+flight. A call is never sent again because its outcome could not be written: the outcome is
+held (`OutcomeRecorder`) and the row stays in flight until the store has it, and nothing new
+is sent meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gateway.forward.circuit import Circuit
 from gateway.forward.client import AccoilClient
 from gateway.forward.limiter import CEILING, Limit, Limiter
 from gateway.forward.outcome import Delivered, Reject, Retry
+from gateway.forward.recorder import OutcomeRecorder
 from gateway.store import OutboxItem, Store
 
 if TYPE_CHECKING:
@@ -59,6 +62,10 @@ class Forwarder:
         )
         metrics.watch_limiter(source.id, self.limiter)
         self.circuit = Circuit(settings.circuit_threshold, settings.circuit_cooldown)
+        # an outcome the store refused is kept and written again; the row stays in flight
+        self.recorder = OutcomeRecorder(
+            source.id, on_change=metrics.outcomes_waiting.labels(source.id).set, rng=self.rng
+        )
         self._in_flight: dict[int, int] = {}  # outbox row id -> copies on the wire
         # completions are numbered so that a read of the outbox that began before a send
         # finished (and so may still show the delivered row) is not acted on for that row
@@ -81,6 +88,10 @@ class Forwarder:
         while not self._stopping:
             pause = max(self.limiter.paused_for(), self.circuit.wait_time())
             self.metrics.circuit_open.labels(src).set(self.circuit.state != "closed")
+            if self.recorder.blocked:
+                # the store refuses writes: send nothing until the outcomes it holds land
+                await self.recorder.wait_clear()
+                continue
             if pause > 0:
                 # a wake-up left set by a finished call would end every sleep at once, and
                 # Event.wait() on a set event never yields: the loop would spin, starving ingest
@@ -97,7 +108,7 @@ class Forwarder:
                 want = item.repeat if item.kind == "track" else 1
                 for _ in range(want - self._in_flight.get(item.id, 0)):
                     sent_at = await self.limiter.acquire()
-                    if self._stopping or not self.circuit.allow():
+                    if self._stopping or self.recorder.blocked or not self.circuit.allow():
                         self.limiter.cancel()
                         break
                     self._in_flight[item.id] = self._in_flight.get(item.id, 0) + 1
@@ -143,9 +154,9 @@ class Forwarder:
             self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
             if isinstance(outcome, Delivered):
                 self.circuit.success()
-                await self.store.delivered(item)
-                self.backlog.sent(1)
                 self.metrics.forwarded.labels(src, call, str(outcome.status)).inc()
+                await self.recorder.record(lambda: self.store.delivered(item))
+                self.backlog.sent(1)
             elif isinstance(outcome, Retry):
                 self.circuit.failure()
                 self.metrics.retries.labels(src).inc()
@@ -157,21 +168,22 @@ class Forwarder:
                     item.attempts, self.settings.retry_base, self.settings.retry_max,
                     outcome.retry_after, self.rng,
                 )
-                await self.store.retry(item, time.time() + wait, outcome.reason)
                 log.info(
                     "upstream retry", source_id=src, call=call, reason=outcome.reason,
                     status=outcome.status, attempt=item.attempts + 1, wait=round(wait, 3),
                 )
+                next_at, why = time.time() + wait, outcome.reason
+                await self.recorder.record(lambda: self.store.retry(item, next_at, why))
             elif isinstance(outcome, Reject):
                 self.circuit.success()
                 self.metrics.forwarded.labels(src, call, str(outcome.status)).inc()
                 self.metrics.dead_letters.labels(src, "forward").inc()
-                reason = f"Accoil answered {outcome.status}: {outcome.body}"
-                await self.store.reject(item, outcome.status, reason)
-                self.backlog.sent(item.repeat if item.kind == "track" else 1)
                 log.warning(
                     "upstream rejected call", source_id=src, call=call, status=outcome.status
                 )
+                status, reason = outcome.status, f"Accoil answered {outcome.status}: {outcome.body}"
+                await self.recorder.record(lambda: self.store.reject(item, status, reason))
+                self.backlog.sent(item.repeat if item.kind == "track" else 1)
         except Exception:
             log.exception("forwarding failed", source_id=src, call=call)
         finally:

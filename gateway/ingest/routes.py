@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Settings, Source
+from gateway.disk import out_of_space
 from gateway.ingest.auth import Keys, header_key, same_key
 from gateway.ingest.body import BodyError, read_body
 from gateway.ingest.messages import (
@@ -79,6 +80,7 @@ class Ingest:
         backlog: Backlog,
         metrics: Metrics,
         accepting: Callable[[], bool],
+        disk_full: Callable[[], bool],
         committed: Callable[[int, Decoded], None] | None = None,
     ) -> None:
         """`committed(row_id, decoded)` hears of each inbox row ingest commits (the router,
@@ -94,6 +96,7 @@ class Ingest:
         self.backlog = backlog
         self.metrics = metrics
         self._accepting = accepting
+        self._disk_full = disk_full
 
     def routes(self) -> list[web.RouteDef]:
         handlers: dict[str, Callable[[web.Request], Any]] = dict.fromkeys(BATCH, self.batch)
@@ -140,6 +143,9 @@ class Ingest:
                 return self._unauthorized()
         if self.backlog.full:
             return self._busy("backlog full", source)
+        if self._disk_full():
+            # the reserve's space is for finishing work taken, not for taking more
+            return self._busy("data folder full", source)
         try:
             body = await read_body(request, within=self.settings.read_timeout)
             decoded = self._read_batch(body) if kind is None else decode_single(body, kind)
@@ -172,8 +178,9 @@ class Ingest:
         if count:
             try:
                 row_id = await self.store.accept(src, received_at, decoded.body, count)
-            except Exception:
-                log.exception("commit failed", source_id=src)
+            except Exception as exc:
+                if not out_of_space(exc):  # a full disk is reported once, not per request
+                    log.exception("commit failed", source_id=src)
                 return self._busy("store unavailable", source)
             self.backlog.accepted(count)
             if self._committed is not None and isinstance(decoded, Decoded):

@@ -122,6 +122,14 @@ class Metrics:
             "Times a source's limit was cut, by reason: rate_limited (429), unavailable (503), "
             "timeout, latency (round trip well above its baseline).",
             ["source", "reason"], registry=p)
+        self.outcomes_waiting = Gauge(
+            _P + "outcomes_waiting",
+            "Call outcomes the store refused to record, held in memory and retried; while any "
+            "is held the source sends nothing new.", ["source"], registry=p)
+        self.disk_full = Gauge(
+            _P + "disk_full",
+            "1 while the data folder is full (its space reserve released): ingest answers 503.",
+            registry=r)
         self.ready = Gauge(
             _P + "ready", "1 while the gateway accepts traffic, 0 while starting or draining.",
             registry=r)
@@ -133,6 +141,7 @@ class Metrics:
         for counter in (self.received, self.accepted, self.deduplicated, self.retries):
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
+        self.outcomes_waiting.labels(source=source).set(0)
 
     def watch_limiter(self, source: str, limiter: Limiter) -> None:
         """Read a forwarder's limiter at each scrape rather than on every call."""

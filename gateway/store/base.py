@@ -7,6 +7,7 @@ distributed engine (Redis, planned) needs one transaction or script per method.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -146,9 +147,11 @@ class Store(Protocol):
         """Mark every inbox row as wholly unapplied again; called once before replaying it."""
         ...
 
-    def take(self, row_id: int, count: int) -> None:
+    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
         """The router takes an inbox row: `count` of its messages are now pending. Queued,
-        not awaited: it lands before any flush that completes messages of the row."""
+        not awaited; the future says whether it was recorded. A take and the flushes that
+        complete the row's messages add up in any order (a refused take may be made again
+        later), and a row is deleted (`reap`) only once its count is recorded as done."""
         ...
 
     async def reap(self, taken: int) -> int:
@@ -193,3 +196,8 @@ class Store(Protocol):
     async def prune(self, before: float) -> int: ...
 
     async def prune_dead_letters(self, before: float) -> int: ...
+
+    async def checkpoint(self) -> None:
+        """Move what the write-ahead log holds into the database, so that later writes reuse
+        the log's space instead of growing it (a backend without one does nothing)."""
+        ...

@@ -17,12 +17,14 @@ yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import time
 import zlib
 from pathlib import Path
 
+from gateway.disk import out_of_space
 from gateway.store.base import InboxRow
 
 HEADER = struct.Struct("<IQdIIH")  # crc32, id, received_at, count, body length, source length
@@ -61,6 +63,7 @@ class InboxLog:
         self._pieces: list[bytes] = []
         self._waiting: list[tuple[asyncio.Future[int], int]] = []
         self._scheduled = False
+        self._torn = False  # a failed write may have left part of a record at the end
         # where the last read stopped: (segment's first id, offset, last id read)
         self._cursor: tuple[int, int, int] | None = None
 
@@ -107,9 +110,26 @@ class InboxLog:
         fd = self._fd
         try:
             assert fd is not None, "inbox closed with writes pending"
+            if self._torn:
+                self._cut(fd)
             self._size += _write_all(fd, pieces)
         except Exception as exc:
-            # nothing of this group is acknowledged; a torn tail is cut off at the next start
+            # nothing of this group is acknowledged. What of it reached the file (a full disk
+            # takes part of a write) is cut off before anything else is appended: readers stop
+            # at a torn record, and a start cuts the log there, with every record after it
+            self._torn = fd is not None
+            if waiting:
+                # nothing was appended after this group, and none of its ids was given out:
+                # the next record takes the first of them, so ids stay contiguous across
+                # segments (a reader moves to the next segment only at the next id)
+                self._next_id = waiting[0][1]
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    self._cut(fd)
+                    if out_of_space(exc) and self._size:
+                        # the disk is full: later appends go to a new segment, so that this
+                        # one can be deleted (`reap`) as soon as it is applied
+                        self._rotate()
             for fut, _ in waiting:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -122,14 +142,19 @@ class InboxLog:
         if self._size >= self.segment_bytes:
             self._rotate()
 
+    def _cut(self, fd: int) -> None:
+        """Shorten the segment to its last whole record (needs no free space)."""
+        os.ftruncate(fd, self._size)
+        self._torn = False
+
     def _rotate(self) -> None:
         assert self._fd is not None
         if self.fsync == "full":
             os.fdatasync(self._fd)
-        os.close(self._fd)
         path = self.dir / segment_name(self._next_id)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # if it fails, stay
+        os.close(self._fd)
+        self._fd, self._size = fd, 0
 
     # reading (any process)
 
@@ -173,23 +198,29 @@ class InboxLog:
         """Every record's id and message count (headers only)."""
         found: dict[int, int] = {}
         for first in self.segments():
-            try:
-                fd = os.open(self.dir / segment_name(first), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                offset, size = 0, os.fstat(fd).st_size
-                while offset + HEADER.size <= size:
-                    _, row_id, _, count, body_len, src_len = HEADER.unpack(
-                        os.pread(fd, HEADER.size, offset)
-                    )
-                    end = offset + HEADER.size + src_len + body_len
-                    if end > size:
-                        break
-                    found[row_id] = count
-                    offset = end
-            finally:
-                os.close(fd)
+            found.update(self.records(first))
+        return found
+
+    def records(self, first_id: int) -> dict[int, int]:
+        """The id and message count of each record of one segment (headers only)."""
+        found: dict[int, int] = {}
+        try:
+            fd = os.open(self.dir / segment_name(first_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return found
+        try:
+            offset, size = 0, os.fstat(fd).st_size
+            while offset + HEADER.size <= size:
+                _, row_id, _, count, body_len, src_len = HEADER.unpack(
+                    os.pread(fd, HEADER.size, offset)
+                )
+                end = offset + HEADER.size + src_len + body_len
+                if end > size:
+                    break
+                found[row_id] = count
+                offset = end
+        finally:
+            os.close(fd)
         return found
 
     def drop(self, first_id: int) -> None:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from gateway.disk import out_of_space
 from gateway.store.base import (
     Counts,
     DeadLetter,
@@ -47,7 +48,8 @@ Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA = """
 -- how many messages of an inbox record no actor has committed yet, from the moment the
--- router takes the record; `reap` deletes a segment of the inbox once all of it is at 0
+-- router takes the record (the take adds the count, flushes take away, in either order);
+-- `reap` deletes a segment of the inbox once every record of it is here at 0
 CREATE TABLE IF NOT EXISTS progress (
     id INTEGER PRIMARY KEY,
     pending INTEGER NOT NULL
@@ -196,11 +198,6 @@ class _Writer(threading.Thread):
         conn.close()
 
 
-def _log_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store write failed", error=repr(fut.exception()))
-
-
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():
@@ -223,6 +220,9 @@ class SqliteStore:
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
+        # told of every write that failed, with what it was ("inbox" or "gateway.db"): the
+        # owner decides what a failure means (see `gateway.disk`)
+        self.on_refused: Callable[[BaseException, str], None] | None = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -261,13 +261,29 @@ class SqliteStore:
 
     async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._writer is not None, "store is not open"
-        result: T = await self._writer.submit(op)
+        try:
+            result: T = await self._writer.submit(op)
+        except Exception as exc:
+            self._refused(exc, "gateway.db")
+            raise
         return result
 
-    def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> None:
-        """Queue a write without waiting for it; a failure is logged."""
+    def _submit(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+        """Queue a write without waiting for it; a failure is reported (`on_refused`)."""
         assert self._writer is not None, "store is not open"
-        self._writer.submit(op).add_done_callback(_log_failure)
+        fut = self._writer.submit(op)
+        fut.add_done_callback(self._report)
+        return fut
+
+    def _report(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            self._refused(exc, "gateway.db")
+            if not out_of_space(exc):  # a full disk is reported once, not per write
+                log.error("store write failed", error=repr(exc))
+
+    def _refused(self, exc: BaseException, what: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(exc, what)
 
     async def _run_read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         assert self._reader is not None, "store is not open"
@@ -279,23 +295,23 @@ class SqliteStore:
     # ingest
 
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
-        return await self.inbox.append(source, received_at, body, count)
+        try:
+            return await self.inbox.append(source, received_at, body, count)
+        except Exception as exc:
+            self._refused(exc, "inbox")
+            raise
 
     # router
 
     async def restart_inbox(self) -> None:
         def op(conn: sqlite3.Connection) -> list[int]:
-            conn.execute("DELETE FROM progress WHERE pending > 0")
+            conn.execute("DELETE FROM progress WHERE pending != 0")
             return [r[0] for r in conn.execute("SELECT id FROM progress").fetchall()]
 
         self._applied = set(await self._write(op))
 
-    def take(self, row_id: int, count: int) -> None:
-        self._submit(
-            lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO progress (id, pending) VALUES (?, ?)", (row_id, count)
-            )
-        )
+    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
+        return self._submit(lambda conn: _progress(conn, row_id, count))
 
     async def reap(self, taken: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -305,9 +321,16 @@ class SqliteStore:
             for first, after in zip(segments, segments[1:], strict=False):
                 last = after - 1
                 if last > taken or _one(conn.execute(
-                    "SELECT 1 FROM progress WHERE id BETWEEN ? AND ? AND pending > 0 LIMIT 1",
+                    "SELECT 1 FROM progress WHERE id BETWEEN ? AND ? AND pending != 0 LIMIT 1",
                     (first, last),
                 )):
+                    break
+                # every record of it recorded as done: a record whose take was refused (and
+                # not flushed yet) has no progress at all, and is not done
+                done = _one(conn.execute(
+                    "SELECT COUNT(*) FROM progress WHERE id BETWEEN ? AND ?", (first, last)
+                ))[0]
+                if done < len(self.inbox.records(first)):
                     break
                 self.inbox.drop(first)
                 conn.execute("DELETE FROM progress WHERE id <= ?", (last,))
@@ -557,6 +580,12 @@ class SqliteStore:
         return await self._write(op)
 
 
+    async def checkpoint(self) -> None:
+        # PASSIVE: never waits for the writer; once every frame is in the database, the next
+        # write transaction starts the log again from its beginning
+        await self._run_read(lambda conn: _one(conn.execute("PRAGMA wal_checkpoint(PASSIVE)")))
+
+
 def _letters(cur: sqlite3.Cursor) -> list[StoredLetter]:
     return [
         StoredLetter(
@@ -693,8 +722,18 @@ def _apply_flush(conn: sqlite3.Connection, f: Flush) -> FlushResult:
         )
     _insert_dead(conn, f.dead, now)
     for row_id, n in f.inbox.items():
-        conn.execute("UPDATE progress SET pending = pending - ? WHERE id = ?", (n, row_id))
+        _progress(conn, row_id, -n)
     return FlushResult(counted, duplicates, calls)
+
+
+def _progress(conn: sqlite3.Connection, row_id: int, change: int) -> None:
+    """Add `change` to the pending count of an inbox record (a take adds, a flush takes
+    away: they may land in either order)."""
+    conn.execute(
+        "INSERT INTO progress (id, pending) VALUES (?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET pending = pending + excluded.pending",
+        (row_id, change),
+    )
 
 
 def _ledger_key(day: str, user: str, account: str, event: str) -> str:

@@ -29,8 +29,14 @@ def free_port() -> int:
 
 @contextmanager
 def gateway_process(
-    mock_url: str, data_dir: Path, *extra: str, env_extra: dict[str, str] | None = None
+    mock_url: str,
+    data_dir: Path,
+    *extra: str,
+    env_extra: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`command` replaces `python -m gateway`; `cwd` is the folder it starts in."""
     port = free_port()
     env = {
         **(env_extra or {}),
@@ -41,9 +47,9 @@ def gateway_process(
         "GATEWAY_LOG_FORMAT": "json",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [*(command or [sys.executable, "-m", "gateway"]), "serve", "--host", "127.0.0.1",
+         "--port", str(port), "--data-dir", str(data_dir), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -312,3 +318,39 @@ def test_a_dead_worker_is_replaced(mock_accoil: MockAccoilServer, tmp_path: Path
             {"type": "track", "userId": "u9", "event": "After Restart", "messageId": "r1"},
         ]) == 200
         wait_until(lambda: mock_accoil.count("u9", "After Restart") == 1)
+
+
+DECOY = """
+import pathlib, sys
+pathlib.Path({marker!r}).write_text("decoy imported by " + " ".join(sys.argv))
+"""
+
+
+def test_the_worker_runs_the_installed_package_not_the_working_directorys(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # another `gateway` package in the working directory: `python -m gateway.worker` would
+    # import it (-m puts the working directory first); the worker must run the front's code
+    decoy = tmp_path / "checkout"
+    marker = tmp_path / "decoy-ran"
+    (decoy / "gateway").mkdir(parents=True)
+    for name in ("__init__.py", "__main__.py", "worker.py"):
+        (decoy / "gateway" / name).write_text(
+            DECOY.format(marker=str(marker)) + ("sys.exit(3)\n" if name != "__init__.py" else "")
+        )
+    script = Path(sys.executable).parent / "accoil-gateway"  # the installed entry point
+    assert script.exists(), script
+    with gateway_process(
+        mock_accoil.url, tmp_path / "data", "--flush-interval", "0.05",
+        command=[str(script)], cwd=decoy,
+    ) as (proc, url):
+        assert worker_pids(proc.pid), "no pipeline worker runs"
+        batch = [{"type": "track", "messageId": f"decoy-{i}", "userId": "u1", "event": "Decoy"}
+                 for i in range(10)]
+        assert post_batch(url, batch) == 200
+        wait_until(lambda: sum(r["count"] for r in mock_accoil.counts(event="Decoy")) == 10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()
+    assert not marker.exists(), marker.read_text()
+    assert "pipeline worker exited" not in out.decode()

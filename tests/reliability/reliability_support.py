@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,56 @@ class GatewayProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not drained within {within}s: {stats}")
             time.sleep(0.05)
+
+
+# Set to 1 to skip the tests that need a tmpfs mount (a non-root local run); by default a
+# refused mount fails them, so a CI run cannot pass without having tried a full disk.
+NO_MOUNT_ENV = "RELIABILITY_NO_MOUNT"
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` MB mounted at `path` (made if missing), unmounted after."""
+    import pytest
+
+    if os.environ.get(NO_MOUNT_ENV) == "1":
+        pytest.skip(f"{NO_MOUNT_ENV}=1: tests that need a small tmpfs are skipped")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"could not mount a {size_mb} MB tmpfs at {path} (the disk-full tests run as root):"
+            f" {done.stderr.strip() or done.returncode}. Set {NO_MOUNT_ENV}=1 to skip them.",
+            pytrace=False,
+        )
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def fill(path: Path, *, chunk: int = 64 * 1024) -> int:
+    """Write zeros to `path` until the filesystem is full; the bytes written."""
+    written = 0
+    zeros = bytes(chunk)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            try:
+                n = os.write(fd, zeros)
+            except OSError:
+                if chunk <= 512:
+                    break
+                chunk //= 8  # top up the last free pages with smaller writes
+                zeros = bytes(chunk)
+                continue
+            written += n
+    finally:
+        os.close(fd)
+    return written

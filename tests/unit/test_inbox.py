@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import random
 from pathlib import Path
 
+import pytest
+
+from gateway.store import inbox
 from gateway.store.inbox import InboxLog
 
 
@@ -51,3 +56,34 @@ async def test_a_record_being_written_is_not_read_yet(tmp_path: Path) -> None:
     reader = InboxLog(tmp_path / "inbox")
     assert [r.body for r in reader.read_after(0, 10)] == [b"whole"]
     writer.close()
+
+
+async def test_a_write_the_disk_cut_short_is_cut_off_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = InboxLog(tmp_path / "inbox")
+    writer.open_for_append()
+    first = await writer.append("s", 1.0, b"before", 1)
+    real = inbox._write_all
+
+    def half_then_full(fd: int, pieces: list[bytes]) -> int:
+        os.write(fd, b"".join(pieces)[:25])  # the disk took part of the record
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(inbox, "_write_all", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        await writer.append("s", 2.0, b"refused", 1)
+    monkeypatch.setattr(inbox, "_write_all", real)
+    after = await writer.append("s", 3.0, b"after", 1)
+    assert after == first + 1, "the refused record's id is given to the next one"
+    # the full disk moved appends to a new segment, so the old one can be reaped once applied
+    assert writer.segments() == [first, after]
+    # a reader does not stop at the torn record, and a restart keeps what came after it
+    reader = InboxLog(tmp_path / "inbox")
+    assert [(r.id, r.body) for r in reader.read_after(0, 10)] == [(first, b"before"), (after, b"after")]
+    writer.close()
+    again = InboxLog(tmp_path / "inbox")
+    again.open_for_append()
+    assert await again.append("s", 4.0, b"next", 1) == after + 1
+    assert [r.body for r in InboxLog(tmp_path / "inbox").read_after(0, 10)] == [b"before", b"after", b"next"]
+    again.close()

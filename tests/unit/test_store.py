@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from gateway.store import sqlite as sqlite_store
 from gateway.store import CallPut, DeadLetter, Flush, Known, SqliteStore, TrackHit
 
 
@@ -255,6 +256,34 @@ async def test_flush_completes_inbox_records_restart_and_reap(store: SqliteStore
     assert await store.inbox_after(0, 10) == []
     assert [p.name for p in store.inbox.dir.iterdir()] == [f"{newest + 1:020d}.log"]
     assert (await store.counts()).inbox == 0
+
+
+async def test_a_refused_take_keeps_its_segment_until_it_is_recorded(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.inbox.segment_bytes = 1  # a segment a record
+    row = await store.accept("s", 1.0, b"{}", 2)
+    await store.accept("s", 1.0, b"{}", 1)  # the newest segment is never reaped
+    real = sqlite_store._progress
+
+    def refuse_takes(conn: sqlite3.Connection, row_id: int, change: int) -> None:
+        if change > 0:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(conn, row_id, change)
+
+    monkeypatch.setattr(sqlite_store, "_progress", refuse_takes)
+    with pytest.raises(sqlite3.OperationalError):
+        await store.take(row, 2)
+    monkeypatch.setattr(sqlite_store, "_progress", real)
+    # the row's messages are in an actor, not flushed: its segment must stay
+    assert await store.reap(taken=row) == 0
+    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 1}))
+    assert await store.reap(taken=row) == 0  # one of two flushed, and the take not recorded
+    await store.flush(Flush(source="s", account="a", track_mode="exact", inbox={row: 1}))
+    assert await store.reap(taken=row) == 0  # all flushed, but the take is still missing
+    await store.take(row, 2)  # made again, after the flushes: they add up in any order
+    assert await store.reap(taken=row) == 1
+    assert [r.id for r in await store.inbox_after(0, 10)] == [row + 1]
 
 
 async def test_inbox_ids_continue_after_reopen_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
