@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+import urllib.request
 from pathlib import Path
 from statistics import median
+
+import pytest
 
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import running, settings_for
@@ -91,4 +95,14 @@ def test_process_limit_settles_near_the_capacity(
             time.sleep(0.1)
         assert pace["answered_429"] == sum(
             1 for c in mock_accoil.calls(path="/v2/track") if c["status"] == 429)
+        # the worker's series reach the front's /metrics: the limit, calls in flight, cuts
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        limit = re.search(r'^accoil_gateway_forward_limit\{source="(src_\w+)"\} (\S+)$', text, re.M)
+        assert limit is not None and float(limit[2]) == pytest.approx(pace["limit"], abs=0.01)
+        assert f'accoil_gateway_forward_in_flight{{source="{limit[1]}"}} 0.0' in text
+        cuts = sum(pace["cuts"].values())
+        assert cuts >= 1  # the capacity was found by running into it
+        assert sum(float(v) for v in re.findall(
+            r'^accoil_gateway_forward_limit_cuts_total\{[^}]*\} (\S+)$', text, re.M)) == cuts
     check(mock_accoil, "pr", samples)
