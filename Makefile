@@ -18,11 +18,13 @@ lint: $(STAMP)
 
 test: lint
 	bash scripts/ensure_wrk.sh
+	bash scripts/ensure_redis.sh
 	bash scripts/ensure_browser.sh
 	$(VENV)/bin/pytest -q
 
 reliability: $(STAMP)
-	$(VENV)/bin/pytest -q -m slow tests/reliability
+	bash scripts/ensure_redis.sh
+	$(VENV)/bin/pytest -q -m slow tests/reliability tests/redis
 
 bench: $(STAMP)
 	bash scripts/ensure_wrk.sh

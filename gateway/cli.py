@@ -14,7 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from gateway.config import Settings
-from gateway.loader import LOG_LEVELS, ConfigError, load_settings
+from gateway.loader import LOG_LEVELS, ConfigError, load_settings, shown_url
 from gateway.mapping.upstream import STAGING_BASE_URL, upstream
 
 
@@ -103,6 +103,12 @@ def describe(settings: Settings, config_path: str | None) -> str:
         f"server: {settings.host}:{settings.port}, data_dir {settings.data_dir}, "
         f"admin routes {'on' if settings.admin_token else 'off'}"
     )
+    if settings.store == "redis" and settings.redis_url:
+        lines.append(
+            f"store: redis at {shown_url(settings.redis_url)}, {settings.partitions} partitions, "
+            f"WAIT for {settings.redis_wait_replicas} replicas (serve refuses it for now: "
+            "applying from Redis is not built yet)"
+        )
     return "\n".join(lines)
 
 

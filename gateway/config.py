@@ -18,6 +18,7 @@ Api = Literal["v2", "segment"]
 TrackMode = Literal["exact", "daily-unique"]
 Fsync = Literal["off", "normal", "full"]
 PipelineMode = Literal["process", "inline"]
+StoreKind = Literal["sqlite", "redis"]
 # a page or screen call without a name: skipped (and counted), or named from its properties
 UnnamedPages = Literal["skip", "title", "path"]
 
@@ -99,3 +100,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # consecutive upstream failures that open a source's circuit, and how long it stays open
     circuit_threshold: PositiveInt = 5
     circuit_cooldown: Positive = 5.0
+    # "sqlite": the embedded store under data_dir (one gateway); "redis": many gateways on one
+    # Redis or Redis Cluster (SCALING.md)
+    store: StoreKind = "sqlite"
+    # redis://[:password@]host:port[/db], rediss:// for TLS, unix:///path; a Cluster is
+    # recognised by itself. Required with store = "redis"; it may hold a password (a secret)
+    redis_url: str | None = None
+    # how many partitions the users are hashed into; fixed when a deployment first starts
+    # (kept in Redis), and a gateway started later with another count refuses to start
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 64
+    # replicas that must hold a request's messages before it is acknowledged (Redis WAIT)
+    redis_wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0

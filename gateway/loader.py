@@ -35,7 +35,7 @@ from gateway.config import Settings, Source
 
 # Fields whose values are secrets: never echoed in an error message.
 MIN_SECRET = 8  # characters in a write key, API key or admin token
-SECRET_FIELDS = frozenset({"write_key", "accoil_api_key", "admin_token"})
+SECRET_FIELDS = frozenset({"write_key", "accoil_api_key", "admin_token", "redis_url"})
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -352,6 +352,53 @@ def _check(settings: Settings, origins: dict[str, str]) -> None:
             )
         # forwarders append "/v2/track" etc.; a trailing slash would double it
         src.base_url = src.base_url.rstrip("/")
+    _check_redis(settings, where)
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_redis(settings: Settings, where: Callable[[str], str]) -> None:
+    """The Redis fields: required together, and never echoed (the URL may hold a password)."""
+    url = settings.redis_url
+    if settings.store != "redis":
+        # set and silently unused would leave a user believing the gateways share a Redis
+        if url is not None:
+            raise ConfigError(
+                f"{where('redis_url')}: set, but store is {json.dumps(settings.store)}; "
+                'set store = "redis" (GATEWAY_STORE=redis) to use it, or remove it'
+            )
+        if settings.redis_wait_replicas:
+            raise ConfigError(
+                f"{where('redis_wait_replicas')}: only applies with store = \"redis\""
+            )
+        return
+    if not url:
+        raise ConfigError(
+            f"{where('redis_url')}: required with store = \"redis\"; set redis_url or "
+            "GATEWAY_REDIS_URL (redis://host:6379/0, rediss:// for TLS, unix:///path/redis.sock)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"{where('redis_url')}: expected a redis://, rediss:// or unix:// URL, "
+            f"got the scheme {json.dumps(parts.scheme)}"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where('redis_url')}: a unix:// URL needs a socket path")
+        return
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise ConfigError(f"{where('redis_url')}: the port is not a number from 0 to 65535") from None
+    if not parts.hostname:
+        raise ConfigError(f"{where('redis_url')}: no host (redis://host:6379/0)")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(
+            f"{where('redis_url')}: the path must be a database number (/0), got {json.dumps(db)}"
+        )
 
 
 def _check_finite(obj: msgspec.Struct, prefix: str, where: Callable[[str], str]) -> None:
@@ -381,6 +428,9 @@ def _collect_secrets(raw: dict[str, Any], secrets: set[str]) -> None:
     token = raw.get("admin_token")
     if isinstance(token, str) and token:
         secrets.add(token)
+    url = raw.get("redis_url")
+    if isinstance(url, str):
+        secrets.update(p for p in redis_secrets(url) if p)
     sources = raw.get("sources")
     for src in sources if isinstance(sources, list) else ():
         if isinstance(src, dict):
@@ -388,6 +438,28 @@ def _collect_secrets(raw: dict[str, Any], secrets: set[str]) -> None:
                 value = src.get(name)
                 if isinstance(value, str) and value:
                     secrets.add(value)
+
+
+def redis_secrets(url: str) -> tuple[str, ...]:
+    """The user and password a Redis URL carries (ACL user names are kept out of logs too)."""
+    try:
+        parts = urlsplit(url)
+        return tuple(p for p in (parts.password, parts.username) if p)
+    except ValueError:
+        return ()
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL as logs and messages may show it: without its user and password."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparseable URL)"
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _scrub(message: str, secrets: set[str]) -> str:

@@ -26,6 +26,8 @@ from urllib.parse import quote
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from gateway.loader import MIN_SECRET, redis_secrets
+
 if TYPE_CHECKING:
     from gateway.config import Settings
 
@@ -66,6 +68,10 @@ class Redactor:
         secrets = [settings.admin_token] if settings.admin_token else []
         for src in settings.sources:
             secrets += [src.write_key, src.accoil_api_key]
+        if settings.redis_url:
+            # a short one would blot ordinary text out of every line; no log line carries the
+            # URL's user part anyway (gateway.store.redis.connect.shown)
+            secrets += [s for s in redis_secrets(settings.redis_url) if len(s) >= MIN_SECRET]
         return cls(secrets)
 
     def add(self, *secrets: str) -> None:

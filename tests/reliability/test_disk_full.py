@@ -249,10 +249,12 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
     )
     assert set(counted) == set(client.acked)
     assert 500 not in client.statuses and client.no_retry_after == 0, client.statuses
-    # one warning per change, however many writes were refused (the drain after the space
-    # returned may fill the disk again for a moment before the inbox is reaped)
-    assert 1 <= figures["full_warnings"] <= 8, figures
-    assert figures["restored"] == figures["full_warnings"], figures
+    # one warning per change, however many writes were refused: each "full" is answered by
+    # one "space again". The folder may fill and free itself several times at the margin
+    # (the drain after the space returned, a slow machine reaping late: 11 times seen on a
+    # loaded CI run), while a line per refused write would be thousands
+    assert figures["restored"] == figures["full_warnings"] >= 1, figures
+    assert figures["full_warnings"] <= 25, figures
     assert events["forwarding failed"] == 0 and events["flush failed"] == 0, events.most_common(5)
     assert events["commit failed"] == 0 and events["store write failed"] == 0
     assert "Traceback" not in log

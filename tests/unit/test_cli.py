@@ -263,3 +263,49 @@ def test_check_config_shows_where_a_staging_key_goes(
     else:
         assert staging == []
     assert "key_for_staging" not in out
+
+
+def test_serve_refuses_the_redis_store_in_one_line_and_hides_the_password(
+    tmp_path: Path,
+) -> None:
+    # the real command in a process of its own: nothing started, nothing written, exit 1
+    password = "redis_cli_password_9"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "ACCOIL_"))}
+    env.update({
+        "GATEWAY_WRITE_KEY": WK1, "ACCOIL_API_KEY": AK1, "GATEWAY_STORE": "redis",
+        "GATEWAY_REDIS_URL": f"redis://:{password}@127.0.0.1:1/0",
+        "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_PORT": "0",
+        "GATEWAY_LOG_FORMAT": "json",
+    })
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    errors = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+              if '"error"' in line]
+    assert [e["event"] for e in errors] == [
+        'cannot start: store = "redis" is not available yet: the Redis inbox, partitions and '
+        "leases are built, but applying and forwarding from Redis is not (see SCALING.md); "
+        'use store = "sqlite" (the default)'
+    ]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert password not in done.stdout + done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_check_config_shows_the_redis_store_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("GATEWAY_WRITE_KEY", WK1)
+    monkeypatch.setenv("ACCOIL_API_KEY", AK1)
+    monkeypatch.setenv("GATEWAY_STORE", "redis")
+    monkeypatch.setenv("GATEWAY_REDIS_URL", "redis://app:redis_cli_password_9@10.1.2.3:6379/0")
+    monkeypatch.setenv("GATEWAY_PARTITIONS", "32")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (
+        "store: redis at redis://10.1.2.3:6379/0, 32 partitions, WAIT for 0 replicas "
+        "(serve refuses it for now: applying from Redis is not built yet)"
+    )
+    assert "redis_cli_password_9" not in out

@@ -349,3 +349,88 @@ def test_eight_character_secrets_are_enough() -> None:
     settings = load(None, env)
     assert settings.sources[0].write_key == "wk_12345"
     assert settings.admin_token == "12345678"
+
+
+REDIS_ENV = {"GATEWAY_WRITE_KEY": WK1, "ACCOIL_API_KEY": AK1}
+
+
+def test_redis_settings_from_env() -> None:
+    s = load(env={**REDIS_ENV, "GATEWAY_STORE": "redis",
+                  "GATEWAY_REDIS_URL": "redis://10.0.0.5:6380/2",
+                  "GATEWAY_PARTITIONS": "128", "GATEWAY_REDIS_WAIT_REPLICAS": "1"})
+    assert (s.store, s.redis_url, s.partitions, s.redis_wait_replicas) == (
+        "redis", "redis://10.0.0.5:6380/2", 128, 1)
+
+
+def test_redis_defaults() -> None:
+    s = load(env=REDIS_ENV)
+    assert (s.store, s.redis_url, s.partitions, s.redis_wait_replicas) == ("sqlite", None, 64, 0)
+
+
+PASSWORD = "redis_pass_word_77"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"GATEWAY_STORE": "redis"},
+         'redis_url: required with store = "redis"; set redis_url or GATEWAY_REDIS_URL '
+         "(redis://host:6379/0, rediss:// for TLS, unix:///path/redis.sock)"),
+        ({"GATEWAY_STORE": "mongo"},
+         'GATEWAY_STORE: expected one of "redis", "sqlite", got "mongo"'),
+        ({"GATEWAY_REDIS_URL": "redis://h:6379"},
+         'GATEWAY_REDIS_URL: set, but store is "sqlite"; set store = "redis" '
+         "(GATEWAY_STORE=redis) to use it, or remove it"),
+        ({"GATEWAY_REDIS_WAIT_REPLICAS": "1"},
+         'GATEWAY_REDIS_WAIT_REPLICAS: only applies with store = "redis"'),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": f"http://:{PASSWORD}@h:6379"},
+         'GATEWAY_REDIS_URL: expected a redis://, rediss:// or unix:// URL, got the scheme "http"'),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": f"redis://:{PASSWORD}@h:99999"},
+         "GATEWAY_REDIS_URL: the port is not a number from 0 to 65535"),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": f"redis://:{PASSWORD}@h:6379/cache"},
+         'GATEWAY_REDIS_URL: the path must be a database number (/0), got "cache"'),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": f"redis://:{PASSWORD}@:6379"},
+         "GATEWAY_REDIS_URL: no host (redis://host:6379/0)"),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": "unix://"},
+         "GATEWAY_REDIS_URL: a unix:// URL needs a socket path"),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": "redis://h", "GATEWAY_PARTITIONS": "0"},
+         "GATEWAY_PARTITIONS: Expected int >= 1, got 0"),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": "redis://h",
+          "GATEWAY_PARTITIONS": "20000"},
+         "GATEWAY_PARTITIONS: Expected int <= 16384, got 20000"),
+        ({"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": "redis://h",
+          "GATEWAY_REDIS_WAIT_REPLICAS": "-1"},
+         "GATEWAY_REDIS_WAIT_REPLICAS: Expected int >= 0, got -1"),
+    ],
+)
+def test_redis_errors_name_the_field_and_hide_the_password(
+    env: dict[str, str], expected: str
+) -> None:
+    message = error(env={**REDIS_ENV, **env})
+    assert message == expected
+    assert PASSWORD not in message
+
+
+def test_redis_errors_in_the_file_name_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, f'store = "redis"\nredis_url = "redis://:{PASSWORD}@h:1/x"\n' + ONE)
+    message = error(path)
+    assert message == 'redis_url: the path must be a database number (/0), got "x"'
+    assert error(write(tmp_path, 'partitions = "many"\n' + ONE)) == (
+        'partitions: Expected int, got str')
+
+
+def test_redis_url_shown_without_credentials() -> None:
+    from gateway.loader import redis_secrets, shown_url
+
+    url = f"rediss://app:{PASSWORD}@redis.internal:6380/1"
+    assert shown_url(url) == "rediss://redis.internal:6380/1"
+    assert redis_secrets(url) == (PASSWORD, "app")
+    assert shown_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+def test_redis_password_is_masked_in_logs() -> None:
+    from gateway.observability.logging import Redactor
+
+    s = load(env={**REDIS_ENV, "GATEWAY_STORE": "redis",
+                  "GATEWAY_REDIS_URL": f"redis://:{PASSWORD}@h:6379/0"})
+    assert PASSWORD not in Redactor.from_settings(s).mask(f"error connecting with {PASSWORD}")

@@ -1,0 +1,267 @@
+"""The inbox in Redis: one stream per partition, `{p<n>}:inbox`.
+
+Ingest's side (`append`): a request's stored body is split by partition and each part is
+appended to its partition's stream with XADD, all in one pipeline (on a Cluster, one
+pipeline per node, sent concurrently), followed by `WAIT` when `wait_replicas` is set. It
+returns only when every part is written (and replicated); otherwise it raises
+`InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
+
+Nothing is half acknowledged: a request is acknowledged only when all its parts are in.
+When some parts were written and others not, the client is told to retry and sends the
+whole batch again; the parts written twice carry the same messageIds, and the apply step
+drops a messageId it has already seen (dedupe by (source, messageId), as for any SDK
+retry). The early parts are therefore harmless.
+
+The owner's side, without consumer groups: the owner of a partition reads the stream after
+its committed cursor (`{p<n>}:progress`) with XRANGE, applies, then commits the cursor in
+a fenced script that also trims what it applied (XTRIM MINID), so the stream's length is
+the partition's lag. Consumer groups would keep a pending list per consumer, which a
+fenced owner does not need: a new owner starts at the cursor, whatever the old one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import msgspec
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, MovedError, RedisError
+
+from gateway.store.redis.connect import Client
+from gateway.store.redis.lease import FENCE_LUA
+from gateway.store.redis.partition import (
+    epoch_key,
+    inbox_key,
+    lease_key,
+    progress_key,
+    split,
+)
+
+Fields = dict[Any, Any]  # an entry's fields, as XADD takes them
+
+START = "0-0"  # the cursor of a partition nothing was applied from
+WAIT_TIMEOUT_MS = 1000
+
+
+class InboxUnavailable(Exception):
+    """Redis did not take a request's messages: answer 503 with Retry-After."""
+
+
+class Entry(msgspec.Struct, frozen=True):
+    id: str
+    source: str
+    received_at: float
+    count: int
+    body: bytes  # the part's batch body, decoded as `Decoded.body` is
+
+
+# KEYS: lease, epoch, progress, inbox; ARGV: owner, epoch, entry id applied last. Moves the
+# cursor forward (never back) and trims the applied entries.
+_COMMIT = FENCE_LUA + """
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local ms, seq = parse(ARGV[3])
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  local cms, cseq = parse(cur)
+  if ms < cms or (ms == cms and seq <= cseq) then return 1 end
+end
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('XTRIM', KEYS[4], 'MINID', ms .. '-' .. (seq + 1))
+return 1
+"""
+
+
+class RedisInbox:
+    def __init__(
+        self,
+        client: Client,
+        partitions: int,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+    ) -> None:
+        self.client = client
+        self.partitions = partitions
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._commit: AsyncScript = client.register_script(_COMMIT)
+
+    # -- ingest's side ---------------------------------------------------------------------
+
+    async def append(self, source: str, received_at: float, body: bytes) -> dict[int, str]:
+        """Write a request's messages, split by partition; the entry id of each part.
+        Raises `InboxUnavailable` unless every part is written (and WAITed)."""
+        parts = {
+            p: {"s": source, "t": repr(received_at), "n": count, "b": part}
+            for p, (part, count) in split(source, body, self.partitions).items()
+        }
+        try:
+            if isinstance(self.client, RedisCluster):
+                return await self._append_cluster(self.client, parts)
+            return await self._append_single(parts)
+        except RedisError as exc:
+            raise InboxUnavailable(f"Redis did not take the request: {exc}") from None
+
+    async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
+        """Ingest's call (as `Store.accept`): `append`, answering how many parts it wrote."""
+        return len(await self.append(source, received_at, body))
+
+    async def _append_single(self, parts: dict[int, Fields]) -> dict[int, str]:
+        assert not isinstance(self.client, RedisCluster)
+        # one connection for all: WAIT counts the replicas that hold this connection's writes
+        pipe = self.client.pipeline(transaction=False)
+        for p, fields in parts.items():
+            pipe.xadd(inbox_key(p), fields)
+        if self.wait_replicas:
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+        results = await pipe.execute()
+        if self.wait_replicas:
+            self._check_wait(results.pop())
+        return {p: _text(r) for p, r in zip(parts, results, strict=True)}
+
+    async def _append_cluster(
+        self, cluster: RedisCluster, parts: dict[int, Fields]
+    ) -> dict[int, str]:
+        written: dict[int, str] = {}
+        failed, asked = await self._send_by_node(cluster, parts, written, {})
+        if asked:
+            # a slot being migrated, and these streams already on the target: ASKING there
+            more, again = await self._send_by_node(
+                cluster, {p: parts[p] for p in asked}, written, asked)
+            failed |= more | {p: f"ASK {host}:{port} twice" for p, (host, port) in again.items()}
+        if failed:
+            # a slot moved (resharding, failover): learn the new map and retry those parts once
+            await cluster.nodes_manager.initialize()
+            failed, asked = await self._send_by_node(
+                cluster, {p: parts[p] for p in failed}, written, {})
+            failed |= {p: f"slot migrating to {host}:{port}" for p, (host, port) in asked.items()}
+        if failed:
+            raise InboxUnavailable(
+                "Redis Cluster did not take the request: " + "; ".join(sorted(set(failed.values()))))
+        return written
+
+    async def _send_by_node(
+        self,
+        cluster: RedisCluster,
+        parts: dict[int, Fields],
+        written: dict[int, str],
+        asking: dict[int, tuple[str, int]],
+    ) -> tuple[dict[int, str], dict[int, tuple[str, int]]]:
+        """Send each node its parts (and WAIT) in one pipeline, all nodes at once; the parts
+        in `asking` go to the node named, each after ASKING. Fill `written`; return the parts
+        that failed with why, and those a migrating slot redirected (ASK) with where to."""
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for p in parts:
+            if p in asking:
+                host, port = asking[p]
+                node = cluster.get_node(host=host, port=port)
+            else:
+                node = cluster.get_node_from_key(inbox_key(p))
+            if node is None:
+                raise InboxUnavailable(f"no Redis Cluster node serves partition {p}'s slot")
+            by_node.setdefault(node.name, (node, []))[1].append(p)
+        outcomes = await asyncio.gather(
+            *(self._send_node(node, ps, parts, asking=bool(asking))
+              for node, ps in by_node.values()),
+            return_exceptions=True,
+        )
+        failed: dict[int, str] = {}
+        asked: dict[int, tuple[str, int]] = {}
+        for (_, ps), outcome in zip(by_node.values(), outcomes, strict=True):
+            if isinstance(outcome, InboxUnavailable):
+                # written but not replicated in time: sending again would not help
+                raise outcome
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, RedisError | OSError):
+                    raise outcome
+                failed.update((p, str(outcome)) for p in ps)
+                continue
+            for p, result in zip(ps, outcome, strict=True):
+                if isinstance(result, AskError) and not isinstance(result, MovedError):
+                    # (MovedError is an AskError too: a moved slot reloads the map instead)
+                    asked[p] = (result.host, result.port)
+                elif isinstance(result, Exception):
+                    failed[p] = str(result)
+                else:
+                    written[p] = _text(result)
+        return failed, asked
+
+    async def _send_node(
+        self, node: ClusterNode, ps: list[int], parts: dict[int, Fields], *, asking: bool
+    ) -> list[Any]:
+        commands: list[PipelineCommand] = []
+        for p in ps:
+            if asking:
+                # good for the next command only
+                commands.append(PipelineCommand(len(commands), "ASKING"))
+            commands.append(
+                PipelineCommand(len(commands), "XADD", inbox_key(p), "*", *_flat(parts[p])))
+        if self.wait_replicas:
+            commands.append(
+                PipelineCommand(len(commands), "WAIT", self.wait_replicas, self.wait_timeout_ms))
+        # ClusterNode.execute_pipeline sends them on one connection, as the cluster pipeline
+        # does, so WAIT covers these writes
+        await node.execute_pipeline(commands)
+        if self.wait_replicas:
+            acked = commands.pop().result
+            if isinstance(acked, Exception):
+                raise acked
+            self._check_wait(acked)
+        return [c.result for c in commands if c.args[0] == "XADD"]
+
+    def _check_wait(self, acked: Any) -> None:
+        if int(acked) < self.wait_replicas:
+            raise InboxUnavailable(
+                f"only {int(acked)} of {self.wait_replicas} replicas acknowledged the write "
+                f"within {self.wait_timeout_ms} ms"
+            )
+
+    # -- the owner's side --------------------------------------------------------------------
+
+    async def progress(self, partition: int) -> str:
+        """The id of the last entry applied from `partition` (`START` if none)."""
+        value = await self.client.get(progress_key(partition))
+        return _text(value) if value is not None else START
+
+    async def read(self, partition: int, after: str, count: int) -> list[Entry]:
+        """Up to `count` entries of `partition` after the entry id `after`, oldest first."""
+        rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await self.client.xrange(
+            inbox_key(partition), min="-" if after == START else f"({after}", count=count))
+        return [
+            Entry(
+                id=entry_id.decode(),
+                source=fields[b"s"].decode(),
+                received_at=float(fields[b"t"]),
+                count=int(fields[b"n"]),
+                body=fields[b"b"],
+            )
+            for entry_id, fields in rows
+        ]
+
+    async def commit(self, partition: int, entry_id: str, owner: str, epoch: int) -> bool:
+        """Move `partition`'s cursor to `entry_id` and drop the entries up to it, if `owner`
+        still holds the partition under `epoch` (else False, nothing changed)."""
+        keys = [lease_key(partition), epoch_key(partition), progress_key(partition),
+                inbox_key(partition)]
+        return bool(await self._commit(keys=keys, args=[owner, epoch, entry_id]))
+
+    async def lag(self, partitions: list[int]) -> dict[int, int]:
+        """Entries not yet applied, per partition: the streams' lengths (the applied are
+        trimmed at commit)."""
+        pipe = self.client.pipeline()
+        for p in partitions:
+            pipe.xlen(inbox_key(p))
+        return dict(zip(partitions, map(int, await pipe.execute()), strict=True))
+
+
+def _flat(fields: Fields) -> list[Any]:
+    return [x for kv in fields.items() for x in kv]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
