@@ -195,7 +195,7 @@ async def ingest(client: Client) -> AsyncIterator[TestClient[web.Request, web.Ap
                                         name="web")], retry_after=7)
     # the Redis inbox plays the store's `accept` role; applying is not built yet
     inbox: Any = RedisInbox(client, P)
-    handler = Ingest(settings, inbox, Backlog(10_000), Metrics(["web"]), lambda: True)
+    handler = Ingest(settings, inbox, Backlog(10_000), Metrics(["web"]), lambda: True, lambda: False)
     app = web.Application()
     app.add_routes(handler.routes())
     async with TestClient(TestServer(app, host="127.0.0.1")) as http:
