@@ -130,6 +130,8 @@ class Admin:
         counts = await gw.store.counts()
         pipeline = await gw.pipeline.stats()
         circuits = pipeline["circuits"]
+        # a worker from before an upgrade may not report it
+        forwarding = pipeline.get("forwarding", {})
         return _json(
             {
                 "accepting": gw.accepting,
@@ -147,6 +149,7 @@ class Admin:
                         "base_url": s.base_url,
                         "track_mode": s.track_mode,
                         "circuit": circuits.get(s.id),
+                        "forwarding": forwarding.get(s.id),
                     }
                     for s in gw.settings.sources
                 ],

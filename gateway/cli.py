@@ -83,11 +83,12 @@ def describe(settings: Settings, config_path: str | None) -> str:
     """What check-config prints: secret-free, one line per source."""
     n = len(settings.sources)
     lines = [f"config ok ({config_path or 'environment only'}): {n} source{'s' * (n != 1)}"]
-    header = ("id", "api", "base_url", "track_mode", "rate/s", "concurrency")
+    header = ("id", "api", "base_url", "track_mode", "rate_cap/s", "concurrency_cap")
     # where calls really go: a stg_ key on the segment dialect goes to Accoil's staging host
     rows = [header] + [
-        (s.id, s.api, upstream(s).base_url, s.track_mode, f"{s.rate_per_second:g}",
-         str(s.max_concurrency))
+        (s.id, s.api, upstream(s).base_url, s.track_mode,
+         "none" if s.rate_per_second is None else f"{s.rate_per_second:g}",
+         "none" if s.max_concurrency is None else str(s.max_concurrency))
         for s in settings.sources
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

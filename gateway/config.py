@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 
 DEFAULT_BASE_URL = "https://in.accoil.com"
+# the largest max_concurrency accepted: one keep-alive connection each
+MAX_CONCURRENCY = 4096
 
 Api = Literal["v2", "segment"]
 TrackMode = Literal["exact", "daily-unique"]
@@ -32,8 +34,9 @@ class Source(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str = ""
     api: Api = "v2"
     base_url: str = DEFAULT_BASE_URL
-    rate_per_second: Positive = 50.0
-    max_concurrency: PositiveInt = 8
+    # optional hard caps on top of the adaptive limit, which finds Accoil's pace by itself
+    rate_per_second: Positive | None = None
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] | None = None
     track_mode: TrackMode = "exact"
     timeout: Positive = 10.0
     # analytics.js's default `page()` has no name: "skip" counts it and sends nothing;

@@ -249,7 +249,9 @@ def _explain(error: str, raw: dict[str, Any], origins: dict[str, str]) -> str:
     """Rewrite a msgspec error as `<where>: <what>, got <value>`."""
     m = _MSGSPEC_ERROR.match(error)
     assert m is not None  # the pattern matches any string
-    msg, path = m["msg"].replace("`", ""), (m["path"] or "").lstrip(".")
+    # an optional field is left out to unset it (TOML has no null), so "int | null" would
+    # only puzzle: name the type the value should have
+    msg, path = m["msg"].replace("`", "").replace(" | null", ""), (m["path"] or "").lstrip(".")
     missing = re.match(r"Object missing required field (\w+)", msg)
     unknown = re.match(r"Object contains unknown field (\w+)", msg)
     if missing:

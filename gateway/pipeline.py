@@ -112,6 +112,7 @@ class Pipeline:
         return {
             "active_actors": len(self.actors),
             "circuits": {sid: fwd.circuit.state for sid, fwd in self.forwarders.items()},
+            "forwarding": {sid: fwd.limiter.stats() for sid, fwd in self.forwarders.items()},
             "busy": any(f.busy for f in self.forwarders.values()),
         }
 

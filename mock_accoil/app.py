@@ -10,13 +10,14 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
 from aiohttp import web
 from structlog.typing import FilteringBoundLogger
 
+from mock_accoil.capacity import Capacity
 from mock_accoil.faults import INGEST_PATHS, Fault
 from mock_accoil.state import MockAccoil
 from mock_accoil.wire import bad_request, error_field, journal_body
@@ -28,6 +29,7 @@ _OPENAPI = web.AppKey("mock_accoil.openapi", bytes)
 _BODY_HEADERS = frozenset({"content-type", "content-length"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def key_fingerprint(api_key: str | None) -> str | None:
@@ -75,8 +77,13 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         body=raw,
         method=request.method,
     )
-    if reply.latency:
-        await asyncio.sleep(reply.latency)
+    try:
+        if reply.latency:
+            await asyncio.sleep(reply.latency)
+    finally:
+        # answered (or the client went away): the capacity slot is free
+        if reply.held:
+            state.release()
     extra: dict[str, Any] = {}
     if reply.call.fault is not None:
         extra["fault"] = reply.call.fault
@@ -123,6 +130,13 @@ def _param(request: web.Request, name: str) -> str | None:
     return request.query.get(name)
 
 
+def _bad(error: str, field: str | None) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=msgspec.json.encode(bad_request(error, field)).decode(),
+        content_type="application/json",
+    )
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     value = request.query.get(name)
     if value is None:
@@ -130,10 +144,7 @@ def _int_param(request: web.Request, name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise web.HTTPBadRequest(
-            text=msgspec.json.encode(bad_request(f"{name} must be an integer", name)).decode(),
-            content_type="application/json",
-        ) from None
+        raise _bad(f"{name} must be an integer", name) from None
 
 
 async def get_calls(request: web.Request) -> web.Response:
@@ -176,14 +187,18 @@ async def post_reset(request: web.Request) -> web.Response:
     return _json({"success": True})
 
 
-async def post_fault(request: web.Request) -> web.Response:
-    raw = await request.read()
+async def _body(request: web.Request, typ: type[T]) -> T:
+    """The JSON body as `typ`; a 400 naming the field (raised) when it is not one."""
     try:
-        fault = msgspec.json.decode(raw, type=Fault)
+        return msgspec.json.decode(await request.read(), type=typ)
     except msgspec.ValidationError as exc:
-        return _json(bad_request(str(exc), error_field(exc)), status=400)
+        raise _bad(str(exc), error_field(exc)) from None
     except msgspec.DecodeError:
-        return _json(bad_request("body is not valid JSON"), status=400)
+        raise _bad("body is not valid JSON", None) from None
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    fault = await _body(request, Fault)
     return _json(request.app[STATE].add_fault(fault), status=201)
 
 
@@ -194,6 +209,19 @@ async def get_faults(request: web.Request) -> web.Response:
 async def delete_faults(request: web.Request) -> web.Response:
     request.app[STATE].clear_faults()
     return _json({"success": True})
+
+
+async def get_capacity(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].capacity())
+
+
+async def put_capacity(request: web.Request) -> web.Response:
+    capacity = await _body(request, Capacity)
+    return _json(request.app[STATE].set_capacity(capacity))
+
+
+async def delete_capacity(request: web.Request) -> web.Response:
+    return _json(request.app[STATE].set_capacity(None))
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -217,5 +245,8 @@ def create_app(state: MockAccoil | None = None, *, log_calls: bool = True) -> we
     app.router.add_post("/_mock/faults", post_fault)
     app.router.add_get("/_mock/faults", get_faults)
     app.router.add_delete("/_mock/faults", delete_faults)
+    app.router.add_get("/_mock/capacity", get_capacity)
+    app.router.add_put("/_mock/capacity", put_capacity)
+    app.router.add_delete("/_mock/capacity", delete_capacity)
     app.router.add_get("/_mock/openapi.json", get_openapi)
     return app

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from mock_accoil.app import create_app
+from mock_accoil.capacity import Capacity
 from mock_accoil.faults import INGEST_PATHS, Fault
 from mock_accoil.state import DEFAULT_MAX_CALLS, MockAccoil
 
@@ -25,10 +26,16 @@ examples:
   mock-accoil --fault-status 429 --fault-count 3 --retry-after 2
   mock-accoil --latency 0.05 --drop-rate 0.01 --fault-path /v2/track
   mock-accoil --fault '{"status": 500, "count": 2, "path": "/v2/identify"}'
+  mock-accoil --capacity-rate 400 --capacity-concurrency 64 --capacity-latency 0.05
 
 Faults apply to ingest calls only, before auth and validation; faulted calls
 change no state. 429 always carries Retry-After (default 1 s). Faults can be
 added, listed and cleared at run time too: POST/GET/DELETE /_mock/faults.
+
+A capacity is what a rate-limited Accoil allows: past N calls a second (a token
+bucket, bursts of a tenth of a second's worth unless --capacity-burst) or C calls
+in flight, calls get 429 with Retry-After. It can be changed at run time with
+PUT /_mock/capacity (GET shows it and its counts, DELETE lifts it).
 """
 
 
@@ -84,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="a fault as POST /_mock/faults takes it (repeatable)",
     )
+    c = p.add_argument_group("capacity")
+    c.add_argument("--capacity-rate", type=float, metavar="N", help="calls a second allowed")
+    c.add_argument("--capacity-burst", type=int, metavar="B",
+                   help="calls allowed at once within the rate (default N / 10)")
+    c.add_argument("--capacity-concurrency", type=int, metavar="C",
+                   help="calls allowed in flight at once")
+    c.add_argument("--capacity-latency", type=float, metavar="SEC",
+                   help="seconds each admitted call takes")
+    c.add_argument("--capacity-retry-after", type=int, metavar="SEC",
+                   help="Retry-After of the 429s past the capacity (default 1)")
     log = p.add_argument_group("logging")
     log.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     log.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -122,6 +139,36 @@ def faults_from_args(args: argparse.Namespace) -> list[Fault]:
         except msgspec.ValidationError as exc:
             raise ValueError(f"invalid fault {spec}: {exc}") from None
     return faults
+
+
+def capacity_from_args(args: argparse.Namespace) -> Capacity | None:
+    """The capacity the flags ask for, or None; raises ValueError naming the flag at fault."""
+    spec = {
+        "rate": args.capacity_rate,
+        "burst": args.capacity_burst,
+        "concurrency": args.capacity_concurrency,
+        "latency": args.capacity_latency,
+        "retry_after": args.capacity_retry_after,
+    }
+    given = {k: v for k, v in spec.items() if v is not None}
+    if not given:
+        return None
+    if args.capacity_rate is None and args.capacity_concurrency is None:
+        raise ValueError("--capacity-* flags need --capacity-rate or --capacity-concurrency")
+    if args.capacity_burst is not None and args.capacity_rate is None:
+        raise ValueError("--capacity-burst needs --capacity-rate")
+    try:
+        return msgspec.convert(given, Capacity)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid capacity: {_flag_named(str(exc))}") from None
+
+
+def _flag_named(error: str) -> str:
+    # "Expected `float` > 0.0 - at `$.rate`" -> "--capacity-rate: Expected float > 0.0"
+    text, _, where = error.partition(" - at `$.")
+    field = where.rstrip("`")
+    text = text.replace("`", "")
+    return f"--capacity-{field.replace('_', '-')}: {text}" if field else text
 
 
 def configure_logging(fmt: str, level: str) -> None:
@@ -171,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         faults = faults_from_args(args)
+        capacity = capacity_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(args.log_format, args.log_level)
     state = MockAccoil(seed=args.seed, max_calls=args.max_calls)
     for fault in faults:
         state.add_fault(fault)
+    if capacity is not None:
+        state.set_capacity(capacity)
     try:
         asyncio.run(serve(state, args.host, args.port))
     except OSError as exc:

@@ -26,14 +26,15 @@ def mock_accoil_server() -> Iterator[MockAccoilServer]:
 
 @pytest.fixture
 def mock_accoil(mock_accoil_server: MockAccoilServer) -> Iterator[MockAccoilServer]:
-    """A mock Accoil with nothing in it: the session's server, its state, journal and faults
+    """A mock Accoil with nothing in it: the session's server, its state, journal, faults and capacity
     cleared before the test (as pytest-httpserver's fixture does), so a test never sees
     another's calls and the server starts once.
 
     Yields a `MockAccoilServer`: `.url` is the base URL to send Accoil calls to,
     `.state` the in-process `MockAccoil` to assert on, and `.calls()`, `.counts()`,
-    `.users()`, `.accounts()`, `.add_fault()`, `.clear_faults()`, `.reset()`,
-    `.wait_calls()` / `await .wait_calls_async()` go through the inspection API.
+    `.users()`, `.accounts()`, `.add_fault()`, `.clear_faults()`, `.set_capacity()`,
+    `.capacity()`, `.clear_capacity()`, `.reset()`, `.wait_calls()` /
+    `await .wait_calls_async()` go through the inspection API.
     Works in sync and async tests alike. A test that needs a server of its own (another
     state, stopped and started) makes a `MockAccoilServer` itself.
     """

@@ -128,6 +128,37 @@ class MockAccoilClient:
     def clear_faults(self) -> None:
         self._request("DELETE", "/_mock/faults")
 
+    def set_capacity(
+        self,
+        rate: float | None = None,
+        *,
+        concurrency: int | None = None,
+        burst: int | None = None,
+        latency: float | None = None,
+        retry_after: int | None = None,
+    ) -> dict[str, Any]:
+        """Replace the capacity (see `mock_accoil.capacity.Capacity`): past `rate` calls a
+        second or `concurrency` in flight, calls get 429. Returns the capacity report."""
+        spec = {
+            "rate": rate,
+            "concurrency": concurrency,
+            "burst": burst,
+            "latency": latency,
+            "retry_after": retry_after,
+        }
+        result: dict[str, Any] = self._request(
+            "PUT", "/_mock/capacity", {k: v for k, v in spec.items() if v is not None}
+        )
+        return result
+
+    def capacity(self) -> dict[str, Any]:
+        """{capacity (null when none), in_flight, admitted, refused_rate, refused_concurrency}."""
+        result: dict[str, Any] = self._request("GET", "/_mock/capacity")
+        return result
+
+    def clear_capacity(self) -> None:
+        self._request("DELETE", "/_mock/capacity")
+
     def reset(self) -> None:
         self._request("POST", "/_mock/reset")
 

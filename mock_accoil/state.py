@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from mock_accoil.capacity import Capacity, Gate, Refusal, Report
 from mock_accoil.faults import INGEST_PATHS, ActiveFault, Decision, Fault, FaultSet
 from mock_accoil.wire import GroupOp, IdentifyOp, Op, TrackOp, parse
 
@@ -74,7 +75,10 @@ class Count(msgspec.Struct, kw_only=True, rename={"user_id": "userId"}):
 
 
 class Reply(msgspec.Struct, kw_only=True, frozen=True):
-    """What the HTTP layer answers: wait `latency`, then drop or send status/body/headers."""
+    """What the HTTP layer answers: wait `latency`, then drop or send status/body/headers.
+
+    `held`: the call holds a capacity slot, which the HTTP layer gives back (`release`)
+    once it has answered."""
 
     status: int | None
     body: dict[str, Any] | None
@@ -82,6 +86,7 @@ class Reply(msgspec.Struct, kw_only=True, frozen=True):
     latency: float
     drop: bool
     call: Call
+    held: bool = False
 
 
 class _Account:
@@ -113,10 +118,13 @@ class MockAccoil:
         seed: int | None = 0,
         max_calls: int = DEFAULT_MAX_CALLS,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lock = threading.RLock()
         self._clock = clock
+        self._monotonic = monotonic
         self._faults = FaultSet(seed)
+        self._gate = Gate()
         self._journal: deque[Call] = deque(maxlen=max_calls)
         self._seq = 0
         self._users: dict[tuple[str, str], dict[str, Any]] = {}
@@ -141,9 +149,15 @@ class MockAccoil:
             decision = self._faults.decide(path)
             outcome = parse(path, authorization, body)
             headers: dict[str, str] = {}
+            latency, held = decision.latency, False
             if decision.decides_reply:
                 status, reply = self._fault_reply(decision, headers)
+            elif (refused := self._gate.admit(self._monotonic())) is not None:
+                status, reply = self._capacity_reply(refused, headers)
             else:
+                held = True
+                if self._gate.capacity is not None:
+                    latency += self._gate.capacity.latency
                 status, reply = outcome.status, outcome.reply
                 if outcome.op is not None and outcome.api_key is not None:
                     self._apply(outcome.api_key, outcome.op, received)
@@ -162,9 +176,10 @@ class MockAccoil:
                 status=status,
                 body=reply,
                 headers=headers,
-                latency=decision.latency,
+                latency=latency,
                 drop=decision.drop,
                 call=call,
+                held=held,
             )
 
     @staticmethod
@@ -176,6 +191,23 @@ class MockAccoil:
         if decision.retry_after is not None:
             headers["Retry-After"] = str(decision.retry_after)
         return decision.status, {"error": f"mock fault {decision.fault_id}: {decision.status}"}
+
+    def _capacity_reply(
+        self, refused: Refusal, headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        cap = self._gate.capacity
+        assert cap is not None  # only a capacity refuses
+        headers["Retry-After"] = str(cap.retry_after)
+        if refused == "rate":
+            text = f"mock capacity: more than {cap.rate:g} calls a second"
+        else:
+            text = f"mock capacity: more than {cap.concurrency} calls in flight"
+        return 429, {"error": text}
+
+    def release(self) -> None:
+        """An admitted call (`Reply.held`) has been answered: its slot is free."""
+        with self._lock:
+            self._gate.release()
 
     def note(
         self,
@@ -338,12 +370,23 @@ class MockAccoil:
         with self._lock:
             self._faults.clear()
 
+    def set_capacity(self, capacity: Capacity | None) -> Report:
+        """Replace the capacity (None: no limit); it applies to the next call."""
+        with self._lock:
+            self._gate.set(capacity, self._monotonic())
+            return self._gate.report()
+
+    def capacity(self) -> Report:
+        with self._lock:
+            return self._gate.report()
+
     def reset(self, *, renumber: bool = False) -> None:
-        """Forget state, journal and faults, and reseed the fault RNG. The journal's `seq`
-        keeps counting, so a client's `since` never skips calls made after a reset, unless
-        `renumber` (a new test: as good as a new mock)."""
+        """Forget state, journal, faults and capacity, and reseed the fault RNG. The journal's
+        `seq` keeps counting, so a client's `since` never skips calls made after a reset,
+        unless `renumber` (a new test: as good as a new mock)."""
         with self._lock:
             self._faults.clear(reseed=True)
+            self._gate.reset(self._monotonic())
             if renumber:
                 self._seq = 0
             self._journal.clear()

@@ -21,6 +21,7 @@ import msgspec
 
 from gateway.config import Source
 
+from .limiter import CEILING
 from .outcome import Delivered, Outcome, Reject, Retry, reject_body
 
 USER_AGENT = "accoil-gateway/0.1"
@@ -46,7 +47,8 @@ class AccoilClient:
 
     The aiohttp session is created on the first `post`, inside the running
     loop, and its connector holds up to `max_concurrency` keep-alive
-    connections (the throttle's concurrency, so no request waits for a socket).
+    connections: the most calls the source's limiter lets fly at once, so no
+    call waits for a socket and each reuses one a finished call left idle.
     """
 
     def __init__(
@@ -70,7 +72,8 @@ class AccoilClient:
 
     @classmethod
     def for_source(cls, source: Source, upstream: UpstreamLike) -> AccoilClient:
-        return cls(upstream, timeout=source.timeout, max_concurrency=source.max_concurrency)
+        pool = source.max_concurrency or CEILING
+        return cls(upstream, timeout=source.timeout, max_concurrency=pool)
 
     def __repr__(self) -> str:
         # The default repr would be harmless, but a client is easy to log by accident.

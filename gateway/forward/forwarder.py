@@ -1,7 +1,8 @@
-"""The forwarder of one source: drains its outbox into Accoil, throttled and retried.
+"""The forwarder of one source: drains its outbox into Accoil, paced and retried.
 
 Each outbox row is a call; a ledger row in exact mode stands for `repeat` occurrences of the
-same track call, sent one by one. A row leaves the outbox only once Accoil took it (or
+same track call, sent one by one. Pacing is the source's adaptive concurrency limit
+(`gateway.forward.limiter`). A row leaves the outbox only once Accoil took it (or
 refused it for good, which makes it a dead letter), so a crash can re-send only what was in
 flight. A call is never sent again because its outcome could not be written: the outcome is
 held (`OutcomeRecorder`) and the row stays in flight until the store has it, and nothing new
@@ -20,12 +21,12 @@ import msgspec
 import structlog
 
 from gateway.config import Settings, Source
-from gateway.forward.backoff import MAX_RETRY_AFTER, delay
+from gateway.forward.backoff import delay
 from gateway.forward.circuit import Circuit
 from gateway.forward.client import AccoilClient
+from gateway.forward.limiter import CEILING, Limit, Limiter
 from gateway.forward.outcome import Delivered, Reject, Retry
 from gateway.forward.recorder import OutcomeRecorder
-from gateway.forward.throttle import Throttle
 from gateway.store import OutboxItem, Store
 
 if TYPE_CHECKING:
@@ -56,13 +57,19 @@ class Forwarder:
         self.metrics = metrics
         self.backlog = backlog
         self.rng = rng or random.Random()
-        self.throttle = Throttle(source.rate_per_second, source.max_concurrency)
+        self.limiter = Limiter(
+            Limit(max_concurrency=source.max_concurrency, rate_per_second=source.rate_per_second)
+        )
+        metrics.watch_limiter(source.id, self.limiter)
         self.circuit = Circuit(settings.circuit_threshold, settings.circuit_cooldown)
         # an outcome the store refused is kept and written again; the row stays in flight
         self.recorder = OutcomeRecorder(
             source.id, on_change=metrics.outcomes_waiting.labels(source.id).set, rng=self.rng
         )
-        self._slots = asyncio.Semaphore(source.max_concurrency)
+        # Calls sent and not yet recorded, on the wire or answered: what a crash can send
+        # twice. The limiter's slot frees when Accoil answers (the next call need not wait
+        # for the store), so this bounds the answered-but-unwritten ones too, to the cap.
+        self._unrecorded = asyncio.Semaphore(source.max_concurrency or CEILING)
         self._in_flight: dict[int, int] = {}  # outbox row id -> copies on the wire
         # completions are numbered so that a read of the outbox that began before a send
         # finished (and so may still show the delivered row) is not acted on for that row
@@ -70,7 +77,6 @@ class Forwarder:
         self._finished: dict[int, int] = {}  # outbox row id -> tick of its last completion
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self._paused_until = 0.0
         self._stopping = False
 
     def wake(self) -> None:
@@ -82,9 +88,9 @@ class Forwarder:
 
     async def run(self) -> None:
         src = self.source.id
-        batch = max(256, 16 * self.source.max_concurrency)
+        batch = max(256, 16 * (self.source.max_concurrency or CEILING))
         while not self._stopping:
-            pause = max(self._paused_until - time.monotonic(), self.circuit.wait_time())
+            pause = max(self.limiter.paused_for(), self.circuit.wait_time())
             self.metrics.circuit_open.labels(src).set(self.circuit.state != "closed")
             if self.recorder.blocked:
                 # the store refuses writes: send nothing until the outcomes it holds land
@@ -105,15 +111,14 @@ class Forwarder:
                     continue  # possibly stale: the next read shows it as it is now
                 want = item.repeat if item.kind == "track" else 1
                 for _ in range(want - self._in_flight.get(item.id, 0)):
-                    await self._slots.acquire()
-                    if (
-                        self._stopping or self.recorder.blocked or not self.circuit.allow()
-                        or self._paused()
-                    ):
-                        self._slots.release()
+                    await self._unrecorded.acquire()
+                    sent_at = await self.limiter.acquire()
+                    if self._stopping or self.recorder.blocked or not self.circuit.allow():
+                        self.limiter.cancel()
+                        self._unrecorded.release()
                         break
                     self._in_flight[item.id] = self._in_flight.get(item.id, 0) + 1
-                    task = asyncio.create_task(self._send(item))
+                    task = asyncio.create_task(self._send(item, sent_at))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     started += 1
@@ -128,29 +133,30 @@ class Forwarder:
             wait = IDLE_POLL if nxt is None else min(max(nxt - time.time(), 0.01), IDLE_POLL)
             await self._sleep(wait)
 
-    def _paused(self) -> bool:
-        return time.monotonic() < self._paused_until
-
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
 
-    async def _send(self, item: OutboxItem) -> None:
+    async def _send(self, item: OutboxItem, sent_at: float) -> None:
         src = self.source.id
         call = _call_label(item)
         released = False
         try:
-            async with self.throttle:
-                # a call that queued for the rate before a Retry-After paused the source
-                # must not go out during the pause (which a 429 on the wire may extend)
-                while (paused := self._paused_until - time.monotonic()) > 0:  # noqa: ASYNC110
-                    await asyncio.sleep(paused)
-                outcome = await self.client.post(item.path, _decode(item.body))
+            # a call that took its slot just before a Retry-After paused the source must not
+            # go out during the pause (which a 429 on the wire may extend)
+            while (paused := self.limiter.paused_for()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(paused)
+                sent_at = self.limiter.clock()
+            outcome = await self.client.post(item.path, _decode(item.body))
             # the connection is free: the next call may go while this outcome is recorded
             # (the row stays marked in flight until then, so it is not sent twice)
-            self._slots.release()
+            cut = self.limiter.done(sent_at, outcome)
             released = True
+            if cut is not None:
+                self.metrics.limit_cuts.labels(src, cut).inc()
+                log.info("limit cut", source_id=src, reason=cut,
+                         limit=round(self.limiter.limit.limit, 2))
             self.metrics.upstream_latency.labels(src, call).observe(outcome.latency)
             if isinstance(outcome, Delivered):
                 self.circuit.success()
@@ -163,9 +169,7 @@ class Forwarder:
                 self.metrics.forwarded.labels(src, call, str(outcome.status or "error")).inc()
                 if outcome.retry_after:
                     # Accoil asked the whole source to slow down, not just this call
-                    self._paused_until = max(
-                        self._paused_until, time.monotonic() + min(outcome.retry_after, MAX_RETRY_AFTER)
-                    )
+                    self.limiter.pause(outcome.retry_after)
                 wait = delay(
                     item.attempts, self.settings.retry_base, self.settings.retry_max,
                     outcome.retry_after, self.rng,
@@ -197,7 +201,8 @@ class Forwarder:
             else:
                 self._in_flight.pop(item.id, None)
             if not released:
-                self._slots.release()
+                self.limiter.cancel()
+            self._unrecorded.release()
             self._wake.set()
 
     async def drain(self, within: float) -> bool:

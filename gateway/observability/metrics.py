@@ -6,13 +6,15 @@ its own families, and `/metrics` is ingest's exposition followed by the pipeline
 family in both.
 
 Label values are bounded: `source` is `Source.id` (secret-free); `reason`, `type`, `call`,
-`kind` and `stage` are names the code sets from fixed sets; `status` is an HTTP status or
-"error"; `route` is a route template, never a raw path.
+`kind` and `stage` are names the code sets from fixed sets (a limit cut's `reason` from
+`gateway.forward.limiter.Reason`); `status` is an HTTP status or "error"; `route` is a route
+template, never a raw path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +23,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from gateway.forward.limiter import Limiter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -85,6 +90,21 @@ class Metrics:
         self.circuit_open = Gauge(
             _P + "circuit_open", "1 while a source's circuit is open (forwarding paused).",
             ["source"], registry=p)
+        self.limit = Gauge(
+            _P + "forward_limit",
+            "A source's adaptive concurrency limit: calls to Accoil it lets be in flight.",
+            ["source"], registry=p)
+        self.in_flight = Gauge(
+            _P + "forward_in_flight", "Calls to Accoil in flight now.", ["source"], registry=p)
+        self.paused = Gauge(
+            _P + "forward_paused_seconds",
+            "Seconds left of the pause Accoil asked for with Retry-After (0 when none).",
+            ["source"], registry=p)
+        self.limit_cuts = Counter(
+            _P + "forward_limit_cuts",
+            "Times a source's limit was cut, by reason: rate_limited (429), unavailable (503), "
+            "timeout, latency (round trip well above its baseline).",
+            ["source", "reason"], registry=p)
         self.outcomes_waiting = Gauge(
             _P + "outcomes_waiting",
             "Call outcomes the store refused to record, held in memory and retried; while any "
@@ -105,6 +125,12 @@ class Metrics:
             counter.labels(source=source)
         self.circuit_open.labels(source=source).set(0)
         self.outcomes_waiting.labels(source=source).set(0)
+
+    def watch_limiter(self, source: str, limiter: Limiter) -> None:
+        """Read a forwarder's limiter at each scrape rather than on every call."""
+        self.limit.labels(source).set_function(lambda: limiter.limit.limit)
+        self.in_flight.labels(source).set_function(lambda: limiter.limit.in_flight)
+        self.paused.labels(source).set_function(limiter.paused_for)
 
     def child(self, metric: Counter, *labels: str) -> Counter:
         """`metric.labels(*labels)`, remembered: the request path counts each request

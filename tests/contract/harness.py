@@ -40,7 +40,7 @@ def settings_for(
 ) -> Settings:
     if sources is None:
         sources = [Source(write_key=WRITE_KEY, accoil_api_key=API_KEY, base_url=mock_url,
-                          rate_per_second=1000.0, name="main")]
+                          name="main")]
     fields: dict[str, Any] = {
         "sources": sources,
         "port": 0,

@@ -44,7 +44,6 @@ def gateway_process(
         "GATEWAY_WRITE_KEY": WRITE_KEY,
         "ACCOIL_API_KEY": API_KEY,
         "ACCOIL_BASE_URL": mock_url,
-        "ACCOIL_RATE_PER_SECOND": "1000",
         "GATEWAY_LOG_FORMAT": "json",
     }
     proc = subprocess.Popen(

@@ -1,14 +1,30 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from mock_helpers import Ingest
+from mock_helpers import Ingest, Process
 
 
 @pytest.fixture
 async def ingest(mock_accoil: Any) -> AsyncIterator[Ingest]:
     async with aiohttp.ClientSession() as session:
         yield Ingest(session, mock_accoil.url)
+
+
+@pytest.fixture
+def spawn() -> Iterator[type[Process]]:
+    started: list[Process] = []
+
+    class Tracked(Process):  # type: ignore[misc]  # mock_helpers is untyped to mypy
+        def __init__(self, *flags: str) -> None:
+            super().__init__(*flags)
+            started.append(self)
+
+    yield Tracked
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.stop(signal.SIGKILL)

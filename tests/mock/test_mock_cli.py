@@ -7,79 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from mock_helpers import KEY
+from mock_helpers import KEY, Process, request
 
 from mock_accoil.cli import build_parser, faults_from_args, main
 from mock_accoil.faults import Fault
 from mock_accoil.state import MockAccoil
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def request(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-class Process:
-    def __init__(self, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mock_accoil", "--port", str(self.port), *flags],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                request(self.url + "/_mock/calls")
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop(signal.SIGKILL)
-                    raise RuntimeError("mock-accoil did not start") from None
-                time.sleep(0.05)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=10)
-        return self.proc.returncode, err
-
-
-@pytest.fixture
-def spawn() -> Iterator[type[Process]]:
-    started: list[Process] = []
-
-    class Tracked(Process):
-        def __init__(self, *flags: str) -> None:
-            super().__init__(*flags)
-            started.append(self)
-
-    yield Tracked
-    for proc in started:
-        if proc.proc.poll() is None:
-            proc.stop(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

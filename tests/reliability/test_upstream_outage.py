@@ -1,7 +1,7 @@
 """Upstream outage: Accoil fails for a while (503, then dropped connections) while clients
 keep sending. Ingest takes events up to the backlog bound, then answers 503 with
 Retry-After (never accepting and dropping); once Accoil is back the backlog drains
-completely, no faster than the source's throttle. A 429's Retry-After is honoured.
+completely, no faster than the source's rate cap. A 429's Retry-After is honoured.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Source
-from gateway.forward.throttle import WINDOW
+from gateway.forward.limiter import BURST
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import API_KEY, WRITE_KEY, Running, running, settings_for
 from tests.reliability.reliability_support import basic, record
@@ -92,7 +92,7 @@ async def _send_until_accepted(
         await asyncio.sleep(0.2)
 
 
-async def test_outage_bounds_backlog_then_drains_at_throttle_rate(
+async def test_outage_bounds_backlog_then_drains_at_rate_cap(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
     rate, concurrency, bound, batch, total = 50.0, 4, 150, 25, 300
@@ -144,7 +144,7 @@ async def test_outage_bounds_backlog_then_drains_at_throttle_rate(
         assert not any(t.done() for t in senders), "ingest accepted past the bound"
         assert len(await asyncio.to_thread(mock_accoil.counts)) == 0
 
-        # 3. Accoil is back: everything drains, at no more than the throttle's rate
+        # 3. Accoil is back: everything drains, at no more than the rate cap
         seq_before = journal[-1]["seq"] if journal else 0
         mock_accoil.clear_faults()
         back = time.monotonic()
@@ -159,7 +159,7 @@ async def test_outage_bounds_backlog_then_drains_at_throttle_rate(
         counted[row["event"]] += row["count"]
     span = delivered[-1] - delivered[0]
     mean_rate = (len(delivered) - 1) / span
-    burst = max(1, int(rate * WINDOW))
+    burst = max(1, int(rate * BURST))
     busiest_second = _max_in_window(delivered, 1.0)
     figures = {
         "rate_per_second": rate,
@@ -187,7 +187,7 @@ async def test_outage_bounds_backlog_then_drains_at_throttle_rate(
 
 async def test_429_retry_after_is_honoured(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
     # One ledger row of many occurrences, a modest rate and a slow 429: when the 429 comes
-    # back, calls are queued in the throttle behind it, and they must wait out Retry-After too.
+    # back, calls are waiting for the rate cap behind it, and they must wait out Retry-After too.
     rate, concurrency, events, retry_after, latency = 5.0, 4, 12, 1, 0.3
     settings = settings_for(
         mock_accoil.url, tmp_path, sources=[_source(mock_accoil, rate, concurrency)],

@@ -90,6 +90,32 @@ def test_bench_memory_samples_every_phase(tmp_path: Path) -> None:
     assert s["peak_rss_mb"] == max(peaks) <= s["vm_hwm_mb"]
 
 
+def test_bench_forward_capacity_scenario_reports_every_phase(tmp_path: Path) -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_forward.py"), "--scenario", "capacity",
+        "--phases", "200:3,50:2,200:2", "--calls", "1300", "--latency", "0.02",
+        "--accounts", "20", "--users", "200", "--workdir", str(tmp_path),
+        "--json", str(tmp_path / "capacity.json"),
+    )
+    assert s["scenario"] == "capacity" and s["latency_s"] == 0.02
+    assert [p["capacity_per_s"] for p in s["phases"]] == [200.0, 50.0, 200.0]
+    # every event counted by the mock exactly once, whatever the pace
+    assert s["complete"] and s["lost"] == 0 and s["doubled"] == 0
+    assert s["counted"] == s["expected_calls"] == s["queued_before_drain"] == s["accepted_calls"]
+    assert s["other_answers"] == 0 and s["dead_letters"] == 0
+    first = s["phases"][0]
+    assert first["accepted"] > 0 and s["drain_calls_per_s"] == first["accepted_per_s"]
+    assert s["drain_vs_capacity"] == pytest.approx(first["accepted_per_s"] / 200.0, abs=1e-3)
+    # the phases end when the last one does; 429s of the rest of the drain come on top
+    assert s["answered_429"] >= sum(p["answered_429"] for p in s["phases"])
+    assert 0.0 <= s["share_429"] <= 1.0
+    assert len(s["converged_after_s"]) == 2
+    assert s["timeline"] and s["limit_samples"]
+    assert s["gateway_forwarding"]["max_concurrency"] is None  # default pacing: no cap
+    assert isinstance(s["meets_targets"], bool)
+    assert json.loads((tmp_path / "capacity.json").read_text()) == s
+
+
 def test_bench_sustained_waits_for_every_acknowledged_event_in_the_ledger(tmp_path: Path) -> None:
     s = last_json_line(
         str(SCRIPTS / "bench_sustained.py"), "--duration", "1", "--connections", "2",

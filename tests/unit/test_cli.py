@@ -86,11 +86,13 @@ def test_check_config_prints_sources(config: str, capsys: pytest.CaptureFixture[
     assert err == ""
     assert out.startswith(f"config ok ({config}): 2 sources\n")
     lines = out.splitlines()
-    assert lines[1].split() == ["id", "api", "base_url", "track_mode", "rate/s", "concurrency"]
-    assert lines[2].split() == ["web", "v2", "https://in.accoil.com", "exact", "50", "8"]
+    assert lines[1].split() == [
+        "id", "api", "base_url", "track_mode", "rate_cap/s", "concurrency_cap"]
+    # no caps by default: the adaptive limit paces the source
+    assert lines[2].split() == ["web", "v2", "https://in.accoil.com", "exact", "none", "none"]
     row = lines[3].split()
     assert row[0].startswith("src_") and row[1:] == [
-        "segment", "http://127.0.0.1:8089", "exact", "12.5", "8"]
+        "segment", "http://127.0.0.1:8089", "exact", "12.5", "none"]
     assert lines[4] == "server: 127.0.0.1:8088, data_dir ./data, admin routes on"
     assert_no_secret(out)
 

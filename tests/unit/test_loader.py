@@ -66,7 +66,9 @@ def test_file_only(tmp_path: Path) -> None:
     assert isinstance(web.rate_per_second, float)
     assert second.api == "segment"
     assert second.id.startswith("src_") and WK2 not in second.id
-    assert second.base_url == DEFAULT_BASE_URL and second.max_concurrency == 8
+    # no caps unless set: the adaptive limit paces the source
+    assert second.base_url == DEFAULT_BASE_URL and second.max_concurrency is None
+    assert second.rate_per_second is None
 
 
 def test_env_only_single_source() -> None:
@@ -160,6 +162,7 @@ def test_env_source_vars_with_several_file_sources_are_an_error(tmp_path: Path) 
         ("ACCOIL_RATE_PER_SECOND", "inf", 'ACCOIL_RATE_PER_SECOND: expected a finite number, got "inf"'),
         ("ACCOIL_MAX_CONCURRENCY", "0", "ACCOIL_MAX_CONCURRENCY: Expected int >= 1, got 0"),
         ("ACCOIL_MAX_CONCURRENCY", "2.5", 'ACCOIL_MAX_CONCURRENCY: expected an integer, got "2.5"'),
+        ("ACCOIL_MAX_CONCURRENCY", "9999", "ACCOIL_MAX_CONCURRENCY: Expected int <= 4096, got 9999"),
         ("ACCOIL_TIMEOUT", "nan", 'ACCOIL_TIMEOUT: expected a finite number, got "nan"'),
         ("ACCOIL_API", "v3", 'ACCOIL_API: expected one of "segment", "v2", got "v3"'),
         ("ACCOIL_TRACK_MODE", "daily", 'ACCOIL_TRACK_MODE: expected one of "daily-unique", "exact", got "daily"'),
@@ -205,6 +208,12 @@ def test_secret_env_values_never_echoed() -> None:
          "sources[0].rate_per_second: Expected float > 0.0, got -3"),
         (TWO + "max_concurrency = 0\n", "sources[1].max_concurrency: Expected int >= 1, got 0"),
         (TWO + 'max_concurrency = "8"\n', "sources[1].max_concurrency: Expected int, got str"),
+        (TWO + "max_concurrency = 5000\n",
+         "sources[1].max_concurrency: Expected int <= 4096, got 5000"),
+        (TWO + "rate_per_second = 0\n", "sources[1].rate_per_second: Expected float > 0.0, got 0"),
+        (TWO + "rate_per_second = nan\n", "sources[1].rate_per_second: Expected float > 0.0, got NaN"),
+        (TWO + "rate_per_second = inf\n",
+         "sources[1].rate_per_second: expected a finite number, got inf"),
         (TWO + "timeout = inf\n", "sources[1].timeout: expected a finite number, got inf"),
         (TWO + 'track_mode = "daily"\n', 'sources[1].track_mode: expected one of "daily-unique", "exact", got "daily"'),
         (TWO + 'unnamed_pages = "url"\n', 'sources[1].unnamed_pages: expected one of "path", "skip", "title", got "url"'),
