@@ -52,6 +52,7 @@ def check(mock: MockAccoilServer, tag: str, samples: list[tuple[float, float]]) 
         assert mock.count(f"{tag}-u{u}", "Paced") == PER_USER
 
 
+@pytest.mark.inline  # reads the limiter in the test's process
 async def test_inline_limit_settles_near_the_capacity(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
