@@ -76,7 +76,9 @@ def test_relative_links_and_anchors_resolve(page: Path, target: str) -> None:
     if anchor:
         assert dest.suffix == ".md", f"{page.name}: anchor on a non-Markdown file: {target}"
         anchors = _anchors(dest)
-        assert anchor in anchors, f"{page.name}: no heading #{anchor} in {dest.name}: {sorted(anchors)}"
+        assert anchor in anchors, (
+            f"{page.name}: no heading #{anchor} in {dest.name}: {sorted(anchors)}"
+        )
 
 
 def _table_names(page: str) -> set[str]:
@@ -159,3 +161,27 @@ def test_every_mock_route_is_documented() -> None:
         if not re.search(rf"{method}[^|\n]*`?{re.escape(path)}\b", text)
     ]
     assert missing == []
+
+
+def test_every_project_path_named_in_the_pages_exists() -> None:
+    named = {
+        (page.name, m.group(0).rstrip(".,"))
+        for page in PAGES
+        for m in re.finditer(r"\b(?:scripts|tests|gateway|mock_accoil)/[\w./-]+", page.read_text())
+    }
+    assert ("README.md", "scripts/smoke_first_run.sh") in named
+    # a module may be named without its .py (the flow diagram does)
+    missing = [
+        (page, path)
+        for page, path in sorted(named)
+        if not (ROOT / path).exists() and not (ROOT / f"{path}.py").exists()
+    ]
+    assert missing == []
+
+
+def test_every_make_target_named_in_the_pages_exists() -> None:
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = {m for page in PAGES for m in re.findall(r"`make ([\w-]+)", page.read_text())}
+    named |= set(re.findall(r"^make ([\w-]+)", (ROOT / "README.md").read_text(), re.M))
+    assert {"run", "test"} <= named
+    assert named - targets == set()
