@@ -15,6 +15,7 @@ from gateway.admin import Admin
 from gateway.cli import _parser
 from gateway.config import Settings, Source
 from gateway.ingest.routes import BATCH, SHORT, SINGLE
+from gateway.loader import SERVER_ENV, SOURCE_ENV
 from gateway.observability.metrics import Metrics
 from mock_accoil.app import create_app
 from mock_accoil.cli import build_parser
@@ -185,3 +186,25 @@ def test_every_make_target_named_in_the_pages_exists() -> None:
     named |= set(re.findall(r"^make ([\w-]+)", (ROOT / "README.md").read_text(), re.M))
     assert {"run", "test"} <= named
     assert named - targets == set()
+
+
+def test_the_env_column_names_each_fields_variable() -> None:
+    rows: dict[str, str] = {}
+    for line in (DOCS / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and re.fullmatch(r"`[a-z_]+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[2]
+    expected = {field: f"`{var}`" for var, field in {**SERVER_ENV, **SOURCE_ENV}.items()}
+    assert len(expected) > 30
+    assert {f: rows.get(f) for f in expected if rows.get(f) != expected[f]} == {}
+
+
+def test_every_variable_the_pages_name_exists() -> None:
+    known = {*SERVER_ENV, *SOURCE_ENV, "GATEWAY_CONFIG", "GATEWAY_X"}
+    named = {
+        (page.name, var)
+        for page in PAGES
+        for var in re.findall(r"\b(?:GATEWAY|ACCOIL)_[A-Z_]+\b", page.read_text())
+    }
+    assert ("README.md", "GATEWAY_WRITE_KEY") in named
+    assert sorted((page, var) for page, var in named if var not in known) == []
