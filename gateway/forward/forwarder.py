@@ -66,6 +66,10 @@ class Forwarder:
         self.recorder = OutcomeRecorder(
             source.id, on_change=metrics.outcomes_waiting.labels(source.id).set, rng=self.rng
         )
+        # Calls sent and not yet recorded, on the wire or answered: what a crash can send
+        # twice. The limiter's slot frees when Accoil answers (the next call need not wait
+        # for the store), so this bounds the answered-but-unwritten ones too, to the cap.
+        self._unrecorded = asyncio.Semaphore(source.max_concurrency or CEILING)
         self._in_flight: dict[int, int] = {}  # outbox row id -> copies on the wire
         # completions are numbered so that a read of the outbox that began before a send
         # finished (and so may still show the delivered row) is not acted on for that row
@@ -107,9 +111,11 @@ class Forwarder:
                     continue  # possibly stale: the next read shows it as it is now
                 want = item.repeat if item.kind == "track" else 1
                 for _ in range(want - self._in_flight.get(item.id, 0)):
+                    await self._unrecorded.acquire()
                     sent_at = await self.limiter.acquire()
                     if self._stopping or self.recorder.blocked or not self.circuit.allow():
                         self.limiter.cancel()
+                        self._unrecorded.release()
                         break
                     self._in_flight[item.id] = self._in_flight.get(item.id, 0) + 1
                     task = asyncio.create_task(self._send(item, sent_at))
@@ -196,6 +202,7 @@ class Forwarder:
                 self._in_flight.pop(item.id, None)
             if not released:
                 self.limiter.cancel()
+            self._unrecorded.release()
             self._wake.set()
 
     async def drain(self, within: float) -> bool:
