@@ -1,8 +1,10 @@
 """Load test: realistic Segment traffic into a running gateway, then check what reached Accoil.
 
     python scripts/loadtest.py --spawn --duration 20 --rate 5000 --json report.json
+    # against `make run`'s demo (its keys; a gateway refuses keys under 8 characters)
     python scripts/loadtest.py --url http://127.0.0.1:8088 --mock-url http://127.0.0.1:8089 \\
-        --write-key wk --admin-token t --api-key ak --duration 30
+        --write-key demo_write_key --admin-token demo_admin_token --api-key demo_api_key \\
+        --duration 30
 
 N accounts and M users (each user in one account, users' activity Zipf-skewed), a mix of
 identify, group, track, page and screen, a share of re-sends (same messageId), batches of a
