@@ -30,6 +30,7 @@ log = structlog.get_logger("gateway.pipeline")
 
 HOUSEKEEPING = 30.0  # seconds between prunings of old message ids, ledger rows, dead letters
 REAP = 1.0  # seconds between deletions of wholly applied inbox segments
+RESTART_RETRY = 0.5  # seconds between tries to reset the inbox's progress on a full disk
 
 
 class Pipeline:
@@ -63,7 +64,7 @@ class Pipeline:
     async def start(self) -> Counts:
         # every inbox row not wholly applied counts as unapplied again: the router replays
         # it from the start, and dedupe drops what was already applied
-        await self.store.restart_inbox()
+        restarted = await self._restart_inbox()
         counts = await self.store.counts()
         self.backlog.resync(counts.inbox, counts.outbox)
         for source in self.settings.sources:
@@ -71,10 +72,39 @@ class Pipeline:
             fwd = Forwarder(source, self.store, client, self.settings, self.metrics, self.backlog)
             self.forwarders[source.id] = fwd
             self._tasks.append(asyncio.create_task(fwd.run(), name=f"forward:{source.id}"))
-        self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")
+        if restarted:
+            self._dispatch()
+        else:
+            self._tasks.append(asyncio.create_task(self._restart_when_room(), name="restart"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._tasks.append(asyncio.create_task(self._reaping(), name="reaping"))
         return counts
+
+    def _dispatch(self) -> None:
+        self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")
+
+    async def _restart_inbox(self) -> bool:
+        """Reset the inbox's progress for a replay; False if the disk has no room for it."""
+        try:
+            await self.store.restart_inbox()
+        except Exception as exc:
+            if not out_of_space(exc):
+                raise
+            return False
+        return True
+
+    async def _restart_when_room(self) -> None:
+        """Started on a full disk: the gateway comes up (not ready, `Disk` says why) and
+        forwards what is queued, but applies nothing until the inbox's progress is reset,
+        since a record half applied before the stop would otherwise be counted from the
+        middle."""
+        while True:
+            await asyncio.sleep(RESTART_RETRY)
+            if await self._restart_inbox():
+                break
+        counts = await self.store.counts()
+        self.backlog.resync(counts.inbox, counts.outbox)
+        self._dispatch()
 
     async def stop(self, within: float) -> None:
         """Drain: route the inbox, flush actors, forward what `within` seconds allow, keep

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.store import OutboxItem
+from gateway.store import OutboxItem, SqliteStore
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import WRITE_KEY, basic, running, settings_for
 
@@ -109,3 +109,32 @@ async def test_inline_full_data_folder_refuses_ingest_and_says_why(
         metrics = await (await gw.http.get(gw.url + "/metrics")).text()
     assert "accoil_gateway_disk_full 0.0" in metrics
     assert mock_accoil.count("u2", "Event 2") == 1
+
+
+async def test_a_start_on_a_full_disk_applies_once_the_inbox_can_be_restarted(
+    mock_accoil: MockAccoilServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a start on a full disk cannot reset the inbox's progress (a write): the gateway must come
+    # up all the same, and apply nothing until the reset goes through, then everything once
+    real = SqliteStore.restart_inbox
+    refusals = 0
+
+    async def restart_inbox(self: SqliteStore) -> None:
+        nonlocal refusals
+        if refusals < 3:
+            refusals += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await real(self)
+
+    monkeypatch.setattr(SqliteStore, "restart_inbox", restart_inbox)
+    settings = settings_for(mock_accoil.url, tmp_path)
+    async with running(settings) as gw:
+        assert refusals == 1, "the start went on after a refused reset"
+        status, _ = await gw.post("/v1/batch", {"batch": [_track(i) for i in range(12)]})
+        assert status == 200
+        await gw.idle()
+        assert refusals == 3
+    for u in range(3):
+        for e in range(4):
+            expected = sum(1 for i in range(12) if i % 3 == u and i % 4 == e)
+            assert mock_accoil.count(f"u{u}", f"Event {e}") == expected
