@@ -172,9 +172,11 @@ def _run(plan: Plan, mock: MockAccoilServer, tmp_path: Path) -> dict[str, Any]:
             mock.clear_faults()
             before = sum(_counted(mock).values())
             back = time.monotonic()
-            deadline = None
             # the circuit, open since the outage, probes Accoil at growing intervals: wait for
-            # the drain to start, then let it run a while, the disk full all along
+            # the drain to start, then let it run a while, the disk full all along. Without a
+            # reserve nothing need drain: once one outcome cannot be written (the probe's 503,
+            # say, if it came before Accoil was back), forwarding waits for space, by design
+            deadline = None if plan.reserve_mb else back + plan.full_phase
             figures["refilled"] = 0
             while deadline is None or time.monotonic() < deadline:
                 if deadline is None and sum(_counted(mock).values()) > before:
