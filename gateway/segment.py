@@ -312,19 +312,15 @@ def decode_single(body: bytes, type: str) -> Decoded:
     fields["type"] = msgspec.Raw(_ENCODER.encode(type))
     raw = _ENCODER.encode(fields)
     outcome = _decode_message(raw)
+    messages: list[Message] = []
+    rejected: list[Rejected] = []
     if isinstance(outcome, str):
-        return Decoded(
-            messages=[],
-            rejected=[Rejected(0, _read_message_id(raw), outcome, raw)],
-            context=None,
-            integrations=None,
-            sent_at=None,
-            write_key=write_key,
-            body=_persisted([msgspec.Raw(raw)], None),
-        )
+        rejected.append(Rejected(0, _read_message_id(raw), outcome, raw))
+    else:
+        messages.append(outcome)
     return Decoded(
-        messages=[outcome],
-        rejected=[],
+        messages=messages,
+        rejected=rejected,
         context=None,
         integrations=None,
         sent_at=None,
