@@ -8,7 +8,6 @@ its settings here in both modes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import Settings, Source
+from tests.net import basic as basic
 
 T = TypeVar("T")
 
@@ -56,10 +56,6 @@ def settings_for(
     }
     fields.update(overrides)
     return Settings(**fields)
-
-
-def basic(write_key: str) -> str:
-    return "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mock_accoil.server import MockAccoilServer
+from tests.net import free_port as free_port
 
 WRITE_KEY = "wk_process_test_0002"
 API_KEY = "ak_process_test_0002"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

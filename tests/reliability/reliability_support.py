@@ -7,12 +7,10 @@ directory. `record()` writes a test's figures to a JSON file (RELIABILITY.md quo
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.net import basic as basic
+from tests.net import free_port as free_port
 
 WRITE_KEY = "wk_reliability_3f9a1c77e2"
 API_KEY = "ak_reliability_b81d04c6f5"
@@ -49,16 +50,6 @@ def record(name: str, figures: dict[str, Any]) -> None:
     current[name] = {**figures, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     print(f"\n[reliability] {name}: {json.dumps(figures, sort_keys=True)}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def basic(key: str) -> str:
-    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
 
 
 def bearer(token: str = ADMIN_TOKEN) -> str:
