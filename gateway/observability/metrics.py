@@ -14,7 +14,7 @@ template, never a raw path.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,9 +24,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-if TYPE_CHECKING:
-    from gateway.forward.limiter import Limiter
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The classic text format every Prometheus scrapes. prometheus_client >= 0.22 labels its output
@@ -34,6 +31,26 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _P = "accoil_gateway_"
+
+
+class LimitLike(Protocol):
+    """What the gauges read of a source's concurrency limit (`gateway.forward.limiter.Limit`)."""
+
+    @property
+    def limit(self) -> float: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+class LimiterLike(Protocol):
+    """What the gauges read of a forwarder's limiter (`gateway.forward.limiter.Limiter`):
+    metrics sit below forwarding and do not import it."""
+
+    @property
+    def limit(self) -> LimitLike: ...
+
+    def paused_for(self) -> float: ...
 
 
 class Metrics:
@@ -126,7 +143,7 @@ class Metrics:
         self.circuit_open.labels(source=source).set(0)
         self.outcomes_waiting.labels(source=source).set(0)
 
-    def watch_limiter(self, source: str, limiter: Limiter) -> None:
+    def watch_limiter(self, source: str, limiter: LimiterLike) -> None:
         """Read a forwarder's limiter at each scrape rather than on every call."""
         self.limit.labels(source).set_function(lambda: limiter.limit.limit)
         self.in_flight.labels(source).set_function(lambda: limiter.limit.in_flight)
