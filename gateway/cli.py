@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.config import Settings
 from gateway.loader import LOG_LEVELS, ConfigError, load_settings, shown_url
-from gateway.mapping.upstream import STAGING_BASE_URL, upstream
+from gateway.mapping import STAGING_BASE_URL, upstream
 
 
 def main(argv: list[str] | None = None) -> int:

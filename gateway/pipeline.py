@@ -21,7 +21,7 @@ from gateway.config import Settings
 from gateway.disk import Disk, out_of_space
 from gateway.forward.client import AccoilClient
 from gateway.forward.forwarder import Forwarder
-from gateway.mapping import call_kind, upstream
+from gateway.mapping import call_kind
 from gateway.observability.metrics import Metrics
 from gateway.segment import Decoded
 from gateway.store import Counts, Store
@@ -68,7 +68,7 @@ class Pipeline:
         counts = await self.store.counts()
         self.backlog.resync(counts.inbox, counts.outbox)
         for source in self.settings.sources:
-            client = AccoilClient.for_source(source, upstream(source))
+            client = AccoilClient.for_source(source)
             fwd = Forwarder(source, self.store, client, self.settings, self.metrics, self.backlog)
             self.forwarders[source.id] = fwd
             self._tasks.append(asyncio.create_task(fwd.run(), name=f"forward:{source.id}"))

@@ -2,7 +2,7 @@
 
 from .backoff import MAX_RETRY_AFTER, delay
 from .circuit import Circuit
-from .client import AccoilClient, UpstreamLike, parse_retry_after
+from .client import AccoilClient, parse_retry_after
 from .limiter import Limit, Limiter
 from .outcome import Delivered, Outcome, Reject, Retry
 
@@ -16,7 +16,6 @@ __all__ = [
     "Outcome",
     "Reject",
     "Retry",
-    "UpstreamLike",
     "delay",
     "parse_retry_after",
 ]

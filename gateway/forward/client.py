@@ -7,19 +7,19 @@ the circuit to its caller.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
 import math
 import time
 from datetime import UTC
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import aiohttp
 import msgspec
 
 from gateway.config import Source
+from gateway.mapping.dialects import Upstream, dialect
+from gateway.observability.redaction import Redactor
 
 from .limiter import CEILING
 from .outcome import Delivered, Outcome, Reject, Retry, reject_body
@@ -32,16 +32,6 @@ READ_LIMIT = 64 * 1024
 KEEPALIVE = 30.0
 
 
-class UpstreamLike(Protocol):
-    """Where a source's calls go and how they authenticate (`gateway.mapping.upstream.Upstream`)."""
-
-    @property
-    def base_url(self) -> str: ...
-
-    @property
-    def authorization(self) -> str: ...
-
-
 class AccoilClient:
     """POSTs JSON bodies to one upstream; use it as `async with` or call `close()`.
 
@@ -52,7 +42,7 @@ class AccoilClient:
     """
 
     def __init__(
-        self, upstream: UpstreamLike, *, timeout: float = 10.0, max_concurrency: int = 8
+        self, upstream: Upstream, *, timeout: float = 10.0, max_concurrency: int = 8
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -64,16 +54,18 @@ class AccoilClient:
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
-        self._secrets = credentials(upstream.authorization)
+        self._redactor = Redactor([upstream.api_key])
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_concurrency = max_concurrency
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
     @classmethod
-    def for_source(cls, source: Source, upstream: UpstreamLike) -> AccoilClient:
+    def for_source(cls, source: Source) -> AccoilClient:
+        """A client for `source`: its dialect says where its calls go and how they
+        authenticate (`gateway.mapping.dialects`)."""
         pool = source.max_concurrency or CEILING
-        return cls(upstream, timeout=source.timeout, max_concurrency=pool)
+        return cls(dialect(source.api).upstream(source), timeout=source.timeout, max_concurrency=pool)
 
     def __repr__(self) -> str:
         # The default repr would be harmless, but a client is easy to log by accident.
@@ -136,7 +128,7 @@ class AccoilClient:
                     latency = time.perf_counter() - started
                     return Retry(_retry_reason(status), status, retry_after, latency)
                 raw, complete = await _read(resp, READ_LIMIT)
-                body_text = reject_body(raw, self._secrets, complete=complete)
+                body_text = reject_body(raw, self._redactor, complete=complete)
                 return Reject(status, body_text, time.perf_counter() - started)
         except TimeoutError:
             return Retry("timeout", None, None, time.perf_counter() - started)
@@ -171,27 +163,6 @@ async def _read(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
         return bytes(buf), resp.content.at_eof()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return bytes(buf), False
-
-
-def credentials(authorization: str) -> list[str]:
-    """Every form of the secret in an Authorization value an upstream might echo.
-
-    The whole value, its credential part, and for `Basic base64(user:pass)` the
-    decoded user and password (the Segment dialect's API key is the user).
-    """
-    found = [authorization]
-    _, _, credential = authorization.strip().partition(" ")
-    credential = credential.strip()
-    if credential:
-        found.append(credential)
-        try:
-            decoded = base64.b64decode(credential, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            decoded = ""
-        if decoded:
-            user, _, password = decoded.partition(":")
-            found += [decoded, user, password]
-    return [s for s in found if s]
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -27,6 +27,7 @@ from gateway.forward.client import AccoilClient
 from gateway.forward.limiter import CEILING, Limit, Limiter
 from gateway.forward.outcome import Delivered, Reject, Retry
 from gateway.forward.recorder import OutcomeRecorder
+from gateway.mapping.dialects import spoken_at
 from gateway.store import OutboxItem, Store
 
 if TYPE_CHECKING:
@@ -226,4 +227,4 @@ class Forwarder:
 
 
 def _call_label(item: OutboxItem) -> str:
-    return "segment" if item.path == "/segment" else item.path.rsplit("/", 1)[-1]
+    return spoken_at(item.path).label(item.path)

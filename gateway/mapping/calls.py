@@ -1,33 +1,21 @@
 """One Segment message -> one Accoil call (DESIGN 3), in either upstream dialect.
 
-Pure: no I/O, no clock. The caller supplies the effective timestamp and the
+The rules of what is forwarded live here; how each dialect says a call (path, body) is
+its object's, in `gateway.mapping.dialects`. Pure: no I/O, no clock. The caller supplies the effective timestamp and the
 message's context already merged with its batch's.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from gateway.config import Api, UnnamedPages
+from gateway.mapping.dialects import DIALECTS, Kind, View
 from gateway.mapping.traits import iso, normalise_traits
-from gateway.segment import (
-    Alias,
-    Group,
-    Identify,
-    Message,
-    Page,
-    Screen,
-    Track,
-    anonymous_id,
-    id_str,
-    user_id,
-)
-
-Kind = Literal["identify", "group", "track"]
-_V2_PATHS: dict[Kind, str] = {k: f"/v2/{k}" for k in ("identify", "group", "track")}
+from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track, id_str, user_id
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -59,6 +47,7 @@ def to_call(
 ) -> Call | Skip:
     if isinstance(msg, Alias):
         return Skip("alias has no Accoil equivalent", unsupported=True)
+    dialect = DIALECTS[api]
     user = user_id(msg)
     context_group = id_str(context.get("groupId")) if context else None
     when = iso(timestamp)
@@ -68,37 +57,26 @@ def to_call(
         if group is None:
             return Skip("groupId is required to forward a group call")
         traits = normalise_traits("group", msg.traits or {})
-        if api == "v2":
-            body = _present(groupId=group, userId=user, traits=traits, timestamp=when)
-        else:
-            body = _segment("group", msg, user, when, groupId=group, traits=traits)
-        return _call("group", api, body, user, group, None, traits)
+        body = dialect.group(msg, user, group, traits, when)
+        return _call("group", dialect.path("group"), body, user, group, None, traits)
 
     if isinstance(msg, Identify):
         if user is None:
             return _no_user("identify")
         traits = normalise_traits("identify", msg.traits or _traits_in(context))
-        if api == "v2":
-            body = _present(userId=user, traits=traits, groupId=context_group, timestamp=when)
-        else:
-            body = _segment("identify", msg, user, when, traits=traits)
-        return _call("identify", api, body, user, context_group, None, traits)
+        body = dialect.identify(msg, user, traits, context_group, when)
+        return _call("identify", dialect.path("identify"), body, user, context_group, None, traits)
 
     if isinstance(msg, Track):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
-        if api == "v2":
-            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes (none
-            # is None here: a literal, not `_present`, on the path every track call takes)
-            body = {"userId": user, "event": msg.event, "timestamp": when}
-        else:
-            body = _segment("track", msg, user, when, event=msg.event)
-        return _call("track", api, body, user, context_group, msg.event, None)
+        body = dialect.track(msg, user, msg.event, when)
+        return _call("track", dialect.path("track"), body, user, context_group, msg.event, None)
 
     # page or screen: counted as "<Page|Screen> Viewed <name>"
-    kind = "page" if isinstance(msg, Page) else "screen"
+    kind: View = "page" if isinstance(msg, Page) else "screen"
     if user is None:
         return _no_user(kind)
     name = _view_name(msg, unnamed_pages)
@@ -106,16 +84,13 @@ def to_call(
         # analytics.js's default page() has no name: routine, so counted, not a dead letter
         return Skip(f"{kind} call without a name", counted="unnamed")
     event = f"{kind.capitalize()} Viewed {name}"
-    if api == "v2":
-        body = {"userId": user, "event": event, "timestamp": when}
-    else:
-        body = _segment(kind, msg, user, when, name=name)
-    return _call("track", api, body, user, context_group, event, None)
+    body = dialect.view(msg, kind, user, name, event, when)
+    return _call("track", dialect.path("track"), body, user, context_group, event, None)
 
 
 def _call(
     kind: Kind,
-    api: Api,
+    path: str,
     body: dict[str, Any],
     user: str | None,
     group: str | None,
@@ -124,27 +99,13 @@ def _call(
 ) -> Call:
     return Call(
         kind=kind,
-        path=_V2_PATHS[kind] if api == "v2" else "/segment",
+        path=path,
         body=body,
         user_id=user,
         group_id=group,
         event=event,
         traits=traits,
     )
-
-
-def _segment(
-    type: str, msg: Message, user: str | None, when: str, **fields: Any
-) -> dict[str, Any]:
-    """The body Segment's own Accoil destination sends to `/segment`."""
-    return _present(
-        type=type, userId=user, anonymousId=anonymous_id(msg), timestamp=when, **fields
-    )
-
-
-def _present(**fields: Any) -> dict[str, Any]:
-    # Optional fields are left out rather than sent as null.
-    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _no_user(kind: str) -> Skip:
@@ -165,13 +126,3 @@ def _view_name(msg: Page | Screen, unnamed: UnnamedPages) -> str | None:
             return name
     return None
 
-
-def call_kind(path: str | None, body: bytes) -> Kind:
-    """The kind of a call as it was queued, from its path (v2) or its body's type (segment)."""
-    if path and path.endswith(("/identify", "/group")):
-        return "identify" if path.endswith("/identify") else "group"
-    if path == "/segment":
-        kind = msgspec.json.decode(body).get("type")
-        if kind in ("identify", "group"):
-            return "identify" if kind == "identify" else "group"
-    return "track"

@@ -1,12 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
-import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,8 +16,10 @@ from yarl import URL
 
 from gateway.config import Source
 from gateway.forward import AccoilClient, Delivered, Reject, Retry, parse_retry_after
-from gateway.forward.client import credentials
-from gateway.forward.outcome import BODY_LIMIT, REDACTED, TRUNCATED
+from gateway.forward.outcome import BODY_LIMIT, TRUNCATED
+from gateway.mapping import Upstream
+from gateway.observability.redaction import MASK
+from tests.net import basic, free_port
 
 BASE = "https://in.accoil.test"
 KEY = "live_Secret123key"
@@ -29,15 +28,13 @@ URL_TRACK = f"{BASE}/v2/track"
 BODY = {"userId": "u1", "event": "Signed Up", "timestamp": "2024-05-01T00:00:00Z"}
 
 
-@dataclass
-class Up:
-    base_url: str
-    authorization: str
+def up(base_url: str, authorization: str, api_key: str = KEY) -> Upstream:
+    return Upstream(base_url=base_url, authorization=authorization, api_key=api_key)
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[AccoilClient]:
-    async with AccoilClient(Up(BASE, AUTH), timeout=5.0, max_concurrency=4) as c:
+    async with AccoilClient(up(BASE, AUTH), timeout=5.0, max_concurrency=4) as c:
         yield c
 
 
@@ -161,14 +158,14 @@ async def test_reject_body_redacts_echoed_key(client: AccoilClient) -> None:
         out = await client.post("/v2/track", BODY)
     assert isinstance(out, Reject)
     assert KEY.lower() not in out.body.lower()
-    assert out.body.count(REDACTED) == 2
+    assert out.body.count(MASK) == 2
     assert '"error": "bad key"' in out.body
 
 
 async def test_reject_body_redacts_segment_dialect_key() -> None:
     key = "seg_Key0987654321"
-    auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-    async with AccoilClient(Up(BASE, auth)) as c:
+    auth = basic(key)
+    async with AccoilClient(up(BASE, auth, key)) as c:
         with aioresponses() as m:
             reply(m, f"{BASE}/segment", status=400, body=f"invalid api key {key} ({auth})")
             out = await c.post("/segment", BODY)
@@ -176,7 +173,7 @@ async def test_reject_body_redacts_segment_dialect_key() -> None:
     assert isinstance(out, Reject)
     assert key not in out.body
     assert auth.split()[1] not in out.body
-    assert out.body.startswith("invalid api key " + REDACTED)
+    assert out.body.startswith("invalid api key " + MASK)
 
 
 async def test_reject_body_truncated(client: AccoilClient) -> None:
@@ -186,7 +183,7 @@ async def test_reject_body_truncated(client: AccoilClient) -> None:
         reply(m, URL_TRACK, status=413, body=text)
         out = await client.post("/v2/track", BODY)
     assert isinstance(out, Reject)
-    assert out.body == "x" * (BODY_LIMIT - 5) + REDACTED[:5] + TRUNCATED
+    assert out.body == ("x" * (BODY_LIMIT - 5) + MASK + "y" * 20_000)[:BODY_LIMIT] + TRUNCATED
 
 
 async def test_timeout_is_retry(client: AccoilClient) -> None:
@@ -216,7 +213,7 @@ async def test_network_errors_are_retry(client: AccoilClient, exc: Exception, re
 
 
 async def test_base_url_trailing_slash_and_session_reuse() -> None:
-    async with AccoilClient(Up(BASE + "/", AUTH)) as c:
+    async with AccoilClient(up(BASE + "/", AUTH)) as c:
         with aioresponses() as m:
             reply(m, URL_TRACK, status=202, repeat=True)
             assert isinstance(await c.post("/v2/track", BODY), Delivered)
@@ -229,7 +226,7 @@ async def test_base_url_trailing_slash_and_session_reuse() -> None:
 
 
 async def test_post_after_close_is_retry_not_a_new_session() -> None:
-    c = AccoilClient(Up(BASE, AUTH))
+    c = AccoilClient(up(BASE, AUTH))
     await c.close()
     out = await c.post("/v2/track", BODY)
     assert isinstance(out, Retry) and out.reason == "closed"
@@ -238,16 +235,11 @@ async def test_post_after_close_is_retry_not_a_new_session() -> None:
 
 def test_for_source_and_repr_hide_key() -> None:
     src = Source(write_key="wk", accoil_api_key=KEY, timeout=3.0, max_concurrency=2)
-    c = AccoilClient.for_source(src, Up(BASE, AUTH))
+    c = AccoilClient.for_source(src)
     assert c._timeout.total == 3.0
     assert c._max_concurrency == 2
+    assert c._headers["Authorization"] == AUTH  # the v2 dialect's header
     assert KEY not in repr(c)
-
-
-def test_credentials_forms() -> None:
-    assert credentials("Basic abc") == ["Basic abc", "abc"]
-    b64 = base64.b64encode(b"k3y:").decode()
-    assert credentials(f"Basic {b64}") == [f"Basic {b64}", b64, "k3y:", "k3y"]
 
 
 @pytest.mark.parametrize(
@@ -331,7 +323,7 @@ async def server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 async def test_real_server_classification(server: tuple[str, list[dict[str, Any]]]) -> None:
     base, seen = server
-    async with AccoilClient(Up(base, AUTH), timeout=0.3, max_concurrency=2) as c:
+    async with AccoilClient(up(base, AUTH), timeout=0.3, max_concurrency=2) as c:
         assert isinstance(await c.post("/v2/track", BODY), Delivered)
         assert isinstance(await c.post("/v2/track", BODY), Delivered)
         busy = await c.post("/busy", BODY)
@@ -349,7 +341,7 @@ async def test_real_server_classification(server: tuple[str, list[dict[str, Any]
     assert first["peer"] == second["peer"]  # keep-alive: the second call reused the connection
     assert third["body"] == BODY
     assert busy == Retry("server_error", 503, 9.0, busy.latency)
-    assert bad == Reject(400, f"bad request from {REDACTED}", bad.latency)
+    assert bad == Reject(400, f"bad request from Basic {MASK}", bad.latency)  # the echoed header
     assert isinstance(dropped, Retry) and dropped.status is None
     assert dropped.reason in {"disconnected", "connection"}
     assert slow == Retry("timeout", None, None, slow.latency)
@@ -360,10 +352,7 @@ async def test_real_server_classification(server: tuple[str, list[dict[str, Any]
 
 
 async def test_real_connection_refused() -> None:
-    # Bind then close a port so nothing listens on it.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    async with AccoilClient(Up(f"http://127.0.0.1:{port}", AUTH), timeout=2.0) as c:
+    port = free_port()  # bound, then closed: nothing listens on it
+    async with AccoilClient(up(f"http://127.0.0.1:{port}", AUTH), timeout=2.0) as c:
         out = await c.post("/v2/track", BODY)
     assert out == Retry("connection", None, None, out.latency)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.config import DEFAULT_BASE_URL, Source
@@ -16,12 +16,16 @@ from gateway.mapping import (
     Call,
     Skip,
     Upstream,
+    call_kind,
+    dialect,
     iso,
     normalise_traits,
+    spoken_at,
     to_call,
     upstream,
 )
 from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track
+from tests.net import basic
 
 TS = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 WHEN = "2026-11-28T10:00:00.123Z"
@@ -182,6 +186,30 @@ def test_v2(msg: Message, context: dict[str, Any] | None, path: str, body: dict[
 def test_segment(msg: Message, context: dict[str, Any] | None, path: str, body: dict[str, Any],
                  kind: str, user: str | None, group: str | None, event: str | None) -> None:
     check_row("segment", msg, context, path, body, kind, user, group, event)
+
+
+# --- the dialect objects: what the forwarder and a replay read back from a queued call ---
+
+
+@pytest.mark.parametrize(
+    ("api", "rows"), [("v2", V2), ("segment", SEGMENT)], ids=["v2", "segment"]
+)
+def test_queued_calls_read_back_in_their_dialect(api: Any, rows: list[Any]) -> None:
+    for row in rows:
+        msg, context = row.values[0], row.values[1]
+        result = call(msg, api, context)
+        assert isinstance(result, Call)
+        spoken = spoken_at(result.path)
+        assert spoken is dialect(api) and spoken.api == api
+        assert result.path == dialect(api).path(result.kind)
+        # a replayed dead letter is requeued as the kind it was: from its path and body
+        assert call_kind(result.path, msgspec.json.encode(result.body)) == result.kind
+        label = "segment" if api == "segment" else result.path.removeprefix("/v2/")
+        assert spoken.label(result.path) == label
+
+
+def test_a_call_without_a_path_counts_as_track() -> None:
+    assert call_kind(None, b"") == "track"
 
 
 SKIPS = [
@@ -367,10 +395,6 @@ def test_iso(dt: datetime, expected: str) -> None:
 # --- upstream -------------------------------------------------------------------------
 
 
-def basic(key: str) -> str:
-    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-
-
 @pytest.mark.parametrize(
     ("api", "key", "base_url", "expected_url", "expected_auth"),
     [
@@ -389,7 +413,9 @@ def basic(key: str) -> str:
 )
 def test_upstream(api: Any, key: str, base_url: str, expected_url: str, expected_auth: str) -> None:
     source = Source(write_key="wk", accoil_api_key=key, api=api, base_url=base_url)
-    assert upstream(source) == Upstream(base_url=expected_url, authorization=expected_auth)
+    assert upstream(source) == Upstream(
+        base_url=expected_url, authorization=expected_auth, api_key=key
+    )
 
 
 def test_upstream_never_renders_the_key() -> None:

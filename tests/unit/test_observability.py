@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,7 @@ class TtyBuffer(io.StringIO):
         return True
 
 
-@pytest.fixture(autouse=True)
-def reset_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if h.get_name() == "accoil-gateway"]:
-        root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
+pytestmark = pytest.mark.usefixtures("logging_reset")
 
 
 def settings() -> Settings:
