@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mock_accoil.server import MockAccoilServer
+from tests.net import basic
 from tests.net import free_port as free_port
 
 WRITE_KEY = "wk_process_test_0002"
@@ -66,16 +67,10 @@ def gateway_process(
 def post_batch(url: str, batch: Sequence[Mapping[str, object]]) -> int:
     req = urllib.request.Request(
         url + "/v1/batch", data=json.dumps({"batch": batch}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": _basic()},
+        headers={"Content-Type": "application/json", "Authorization": basic(WRITE_KEY)},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return int(resp.status)
-
-
-def _basic() -> str:
-    import base64
-
-    return "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 
 
 def test_sigterm_drains_everything_accepted(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
@@ -185,15 +180,15 @@ def test_client_routes_consent_and_grouped_dead_letters_in_the_worker(
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    basic = {"Authorization": _basic()}
+    keyed = {"Authorization": basic(WRITE_KEY)}
     plain = {"Content-Type": "text/plain"}
     with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1",
                          env_extra={"GATEWAY_ADMIN_TOKEN": ADMIN}) as (_, url):
         # analytics-java: /v1/import/ ; mobile: /v1/b ; analytics.js: /v1/t with the key inside
         java = [{"type": "track", "messageId": "j1", "userId": "u1", "event": "Java"}]
-        assert post("/v1/import/", {"batch": java}, basic) == (200, {"success": True})
+        assert post("/v1/import/", {"batch": java}, keyed) == (200, {"success": True})
         mobile = [{"type": "track", "messageId": "m1", "userId": "u1", "event": "Mobile"}]
-        assert post("/v1/b", {"batch": mobile, "sentAt": "2026-11-20T10:00:00Z"}, basic)[0] == 200
+        assert post("/v1/b", {"batch": mobile, "sentAt": "2026-11-20T10:00:00Z"}, keyed)[0] == 200
         single = {"type": "track", "messageId": "t1", "userId": "u1", "event": "Browser",
                   "writeKey": WRITE_KEY}
         assert post("/v1/t/", single, plain)[0] == 200
@@ -209,7 +204,7 @@ def test_client_routes_consent_and_grouped_dead_letters_in_the_worker(
             {"type": "track", "messageId": "c2", "userId": "u1", "event": "Declined"},
         ] + [{"type": "track", "messageId": f"a{i}", "anonymousId": f"anon{i}", "event": "Anon"}
              for i in range(20)]
-        assert post("/b", {"batch": consent, "integrations": {"All": False}}, basic)[0] == 200
+        assert post("/b", {"batch": consent, "integrations": {"All": False}}, keyed)[0] == 200
         wait_until(lambda: all(mock_accoil.count("u1", e) == 1
                                for e in ("Java", "Mobile", "Browser", "OAuth", "Consented")))
 
@@ -221,7 +216,7 @@ def test_client_routes_consent_and_grouped_dead_letters_in_the_worker(
         # without it they cannot be forwarded (no userId): one letter with a count
         anon = [{"type": "track", "messageId": f"b{i}", "anonymousId": f"anon{i}", "event": "Anon"}
                 for i in range(20)]
-        assert post("/v1/b/", {"batch": anon}, basic)[0] == 200
+        assert post("/v1/b/", {"batch": anon}, keyed)[0] == 200
         wait_until(lambda: len(dead()) == 1 and dead()[0]["repeat"] == 20)
     assert mock_accoil.count("u1", "Declined") == 0
     assert [c for c in mock_accoil.calls() if c["unknown_fields"]] == []

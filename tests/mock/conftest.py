@@ -6,7 +6,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mock_helpers import Ingest, Process
+
+from tests.mock.mock_helpers import Ingest, Process
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ async def ingest(mock_accoil: Any) -> AsyncIterator[Ingest]:
 def spawn() -> Iterator[type[Process]]:
     started: list[Process] = []
 
-    class Tracked(Process):  # type: ignore[misc]  # mock_helpers is untyped to mypy
+    class Tracked(Process):
         def __init__(self, *flags: str) -> None:
             super().__init__(*flags)
             started.append(self)

@@ -1,11 +1,9 @@
-"""Shared helpers of the mock_accoil tests (a unique module name: tests/ has no packages)."""
+"""Shared helpers of the mock_accoil tests."""
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,8 @@ import urllib.request
 from typing import Any
 
 import aiohttp
+
+from tests.net import basic, free_port
 
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
@@ -24,7 +24,7 @@ def v2_auth(key: str = KEY) -> dict[str, str]:
 
 
 def segment_auth(key: str = KEY) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    return {"Authorization": basic(key)}
 
 
 class Ingest:
@@ -52,13 +52,6 @@ class Ingest:
 
     async def segment(self, body: Any, key: str = KEY) -> tuple[int, Any, dict[str, str]]:
         return await self.post("/segment", body, headers=segment_auth(key))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def request(url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:

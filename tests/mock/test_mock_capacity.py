@@ -13,13 +13,13 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from mock_helpers import KEY, Ingest, Process, request, v2_auth
 
 from mock_accoil.capacity import Capacity, Gate
 from mock_accoil.cli import build_parser, capacity_from_args, main
 from mock_accoil.faults import Fault
 from mock_accoil.server import MockAccoilError, MockAccoilServer
 from mock_accoil.state import MockAccoil
+from tests.mock.mock_helpers import KEY, Ingest, Process, request, v2_auth
 
 TRACK = {"userId": "u", "event": "E"}
 

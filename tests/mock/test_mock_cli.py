@@ -10,11 +10,11 @@ import sys
 from datetime import UTC, datetime
 
 import pytest
-from mock_helpers import KEY, Process, request
 
 from mock_accoil.cli import build_parser, faults_from_args, main
 from mock_accoil.faults import Fault
 from mock_accoil.state import MockAccoil
+from tests.mock.mock_helpers import KEY, Process, request
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

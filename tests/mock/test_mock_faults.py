@@ -6,10 +6,10 @@ import time
 
 import aiohttp
 import pytest
-from mock_helpers import KEY, Ingest
 
 from mock_accoil.faults import Fault, FaultSet
 from mock_accoil.server import MockAccoilError, MockAccoilServer
+from tests.mock.mock_helpers import KEY, Ingest
 
 TRACK = {"userId": "u", "event": "E"}
 

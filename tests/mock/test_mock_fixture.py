@@ -12,12 +12,12 @@ import urllib.request
 
 import aiohttp
 import pytest
-from mock_helpers import KEY, v2_auth
 
 import mock_accoil as package
 from mock_accoil.faults import Fault
 from mock_accoil.server import MockAccoilError, MockAccoilServer
 from mock_accoil.state import MockAccoil
+from tests.mock.mock_helpers import KEY, v2_auth
 
 
 def post(url: str, body: object) -> int:

@@ -6,9 +6,9 @@ import base64
 from typing import Any
 
 import pytest
-from mock_helpers import KEY, Ingest, segment_auth, v2_auth
 
 from mock_accoil.server import MockAccoilServer
+from tests.mock.mock_helpers import KEY, Ingest, segment_auth, v2_auth
 
 MS = 1_764_324_000_000  # 2025-11-28T10:00:00Z
 V1 = {"api_key": KEY, "timestamp": MS}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
-from mock_helpers import KEY, OTHER_KEY, Ingest
 
 from mock_accoil.app import create_app, openapi_document
 from mock_accoil.server import MockAccoilServer
+from tests.mock.mock_helpers import KEY, OTHER_KEY, Ingest
 
 
 async def seed(ingest: Ingest) -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
-from mock_helpers import KEY, OTHER_KEY
 
 from mock_accoil.faults import Fault
 from mock_accoil.state import MockAccoil
 from mock_accoil.wire import GroupOp, IdentifyOp, TrackOp
+from tests.mock.mock_helpers import KEY, OTHER_KEY
+from tests.net import basic
 
 # 2026-11-28T12:00:00Z
 NOON = datetime(2026, 11, 28, 12, tzinfo=UTC).timestamp()
@@ -21,7 +21,7 @@ NOON = datetime(2026, 11, 28, 12, tzinfo=UTC).timestamp()
 def send(mock: MockAccoil, path: str, body: Any, key: str = KEY) -> int | None:
     auth = f"Basic {key}"
     if path == "/segment":
-        auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+        auth = basic(key)
     return mock.receive(path, authorization=auth, body=json.dumps(body).encode()).status
 
 
