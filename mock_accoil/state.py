@@ -232,11 +232,6 @@ class MockAccoil:
                 received=self._clock(),
             )
 
-    def apply(self, api_key: str, op: Op, *, received: float | None = None) -> None:
-        """Change the state as an accepted call would, without journaling it."""
-        with self._lock:
-            self._apply(api_key, op, self._clock() if received is None else received)
-
     def _apply(self, api_key: str, op: Op, received: float) -> None:
         if isinstance(op, IdentifyOp):
             self._users.setdefault((api_key, op.user_id), {}).update(op.traits)

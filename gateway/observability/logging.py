@@ -23,9 +23,6 @@ from gateway.observability.redaction import MASK, Redactor, is_secret_key
 
 __all__ = ["MASK", "BadRequestFilter", "Redactor", "configure_logging", "is_secret_key"]
 
-SOURCE_ID = "source_id"
-ACCOUNT = "account"
-
 def configure_logging(
     format: Literal["auto", "json", "console"],
     level: str,

@@ -34,10 +34,6 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 SUFFIX = ".log"
 
 
-class CorruptInbox(Exception):
-    pass
-
-
 def segment_name(first_id: int) -> str:
     return f"{first_id:020d}{SUFFIX}"
 

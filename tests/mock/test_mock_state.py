@@ -10,7 +10,6 @@ import pytest
 
 from mock_accoil.faults import Fault
 from mock_accoil.state import MockAccoil
-from mock_accoil.wire import GroupOp, IdentifyOp, TrackOp
 from tests.mock.mock_helpers import KEY, OTHER_KEY
 from tests.net import basic
 
@@ -150,16 +149,6 @@ def test_reset_forgets_everything_but_seq_keeps_counting() -> None:
     )
     send(mock, "/v2/track", {"userId": "u", "event": "E"})
     assert [c.seq for c in mock.calls()] == [3]
-
-
-def test_apply_changes_state_without_journal() -> None:
-    mock = MockAccoil(clock=lambda: NOON)
-    mock.apply(KEY, IdentifyOp(user_id="u", traits={"a": 1}, group_id="g"))
-    mock.apply(KEY, GroupOp(group_id="g", traits={"b": 2}))
-    mock.apply(KEY, TrackOp(user_id="u", event="E"))
-    assert mock.calls() == []
-    assert mock.count("u", "E", day="2026-11-28") == 1
-    assert mock.accounts()[0].members == ["u"]
 
 
 def test_receive_refuses_non_ingest_paths() -> None:
