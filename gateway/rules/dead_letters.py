@@ -3,19 +3,40 @@
 A letter marked `grouped` (a message whose own content is at fault: invalid, anonymous
 only) joins the open letter of its (source, stage, reason), one not replayed yet, whose
 `repeat` counts the occurrences; the first payload stands for all. Other letters are each
-kept.
+kept. `DeadLetter` is the record the router, the actors and the forwarder make and the
+store keeps (`gateway.store` names it too).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 
-from gateway.store.base import DeadLetter
-
+Stage = Literal["ingest", "mapping", "forward"]
 GroupKey = tuple[str, str, str]  # source, stage, reason
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """Something that could not be taken or forwarded, kept with the reason."""
+
+    source: str
+    stage: Stage
+    reason: str
+    payload: bytes  # the message (ingest, mapping) or the call body (forward), as JSON
+    status: int | None = None
+    path: str | None = None
+    # forward stage: how many occurrences of the call this stands for; grouped letters: how
+    # many messages with this reason
+    repeat: int = 1
+    account: str | None = None
+    # one letter per (source, stage, reason) while not replayed: for messages whose own
+    # content is at fault (invalid, anonymous-only), which a browser can send without end
+    grouped: bool = False
+    # a dedupe key (`gateway.keys`): kept once, however often its message is routed
+    key: bytes | None = None
 
 
 def group(

@@ -12,34 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from gateway.rules.dead_letters import DeadLetter as DeadLetter  # the store keeps it
+from gateway.rules.dead_letters import Stage
 from gateway.rules.ledger import LedgerKey, Row
 
-Stage = Literal["ingest", "mapping", "forward"]
 T = TypeVar("T")
-
-
-class DeadLetter(msgspec.Struct, kw_only=True):
-    """Something that could not be taken or forwarded, kept with the reason."""
-
-    source: str
-    stage: Stage
-    reason: str
-    payload: bytes  # the message (ingest, mapping) or the call body (forward), as JSON
-    status: int | None = None
-    path: str | None = None
-    # forward stage: how many occurrences of the call this stands for; grouped letters: how
-    # many messages with this reason
-    repeat: int = 1
-    account: str | None = None
-    # one letter per (source, stage, reason) while not replayed: for messages whose own
-    # content is at fault (invalid, anonymous-only), which a browser can send without end
-    grouped: bool = False
-    # a dedupe key (`gateway.keys`): kept once, however often its message is routed
-    key: bytes | None = None
 
 
 class StoredLetter(msgspec.Struct, kw_only=True):
