@@ -1,8 +1,9 @@
 """One Segment message -> one Accoil call (DESIGN 3), in either upstream dialect.
 
-The rules of what is forwarded live here; how each dialect says a call (path, body) is
-its object's, in `gateway.mapping.dialects`. Pure: no I/O, no clock. The caller supplies the effective timestamp and the
-message's context already merged with its batch's.
+What is forwarded, and what it says, is decided here; how the source's dialect says it
+(path, body) is that dialect's object's (`gateway.mapping.dialects`). Pure: no I/O, no
+clock. The caller supplies the effective timestamp and the message's context already
+merged with its batch's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.config import Api, UnnamedPages
-from gateway.mapping.dialects import DIALECTS, Kind, View
+from gateway.mapping.dialects import DIALECTS, Dialect, Kind, View
 from gateway.mapping.traits import iso, normalise_traits
 from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track, id_str, user_id
 
@@ -58,14 +59,14 @@ def to_call(
             return Skip("groupId is required to forward a group call")
         traits = normalise_traits("group", msg.traits or {})
         body = dialect.group(msg, user, group, traits, when)
-        return _call("group", dialect.path("group"), body, user, group, None, traits)
+        return _call("group", dialect, body, user, group, None, traits)
 
     if isinstance(msg, Identify):
         if user is None:
             return _no_user("identify")
         traits = normalise_traits("identify", msg.traits or _traits_in(context))
         body = dialect.identify(msg, user, traits, context_group, when)
-        return _call("identify", dialect.path("identify"), body, user, context_group, None, traits)
+        return _call("identify", dialect, body, user, context_group, None, traits)
 
     if isinstance(msg, Track):
         if user is None:
@@ -73,7 +74,7 @@ def to_call(
         if not msg.event:
             return Skip("event is required to forward a track call")
         body = dialect.track(msg, user, msg.event, when)
-        return _call("track", dialect.path("track"), body, user, context_group, msg.event, None)
+        return _call("track", dialect, body, user, context_group, msg.event, None)
 
     # page or screen: counted as "<Page|Screen> Viewed <name>"
     kind: View = "page" if isinstance(msg, Page) else "screen"
@@ -85,12 +86,12 @@ def to_call(
         return Skip(f"{kind} call without a name", counted="unnamed")
     event = f"{kind.capitalize()} Viewed {name}"
     body = dialect.view(msg, kind, user, name, event, when)
-    return _call("track", dialect.path("track"), body, user, context_group, event, None)
+    return _call("track", dialect, body, user, context_group, event, None)
 
 
 def _call(
     kind: Kind,
-    path: str,
+    dialect: Dialect,
     body: dict[str, Any],
     user: str | None,
     group: str | None,
@@ -99,7 +100,7 @@ def _call(
 ) -> Call:
     return Call(
         kind=kind,
-        path=path,
+        path=dialect.path(kind),
         body=body,
         user_id=user,
         group_id=group,
