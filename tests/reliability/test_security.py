@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -75,22 +77,30 @@ class TwoSources:
             return status, {"text": reply.decode("utf-8", "replace")}
 
 
+def _two_sources(folder: Path, a: str, b: str, log_level: str = "info") -> GatewayProcess:
+    """`serve` as a child (not started) with the admin token and two sources, write keys
+    KEY_A and KEY_B, each with its own further TOML lines."""
+    config = folder / "gateway.toml"
+    config.write_text(
+        f'admin_token = "{ADMIN}"\nretry_base = 0.05\nretry_max = 0.2\n\n'
+        f'[[sources]]\nwrite_key = "{KEY_A}"\n{a}\n\n[[sources]]\nwrite_key = "{KEY_B}"\n{b}\n'
+    )
+    data = folder / "data"
+    data.mkdir()
+    env = gateway_env(write_key=None, api_key=None, admin_token=None)
+    return GatewayProcess(data, env, flush_interval=0.05, config=config, log_level=log_level)
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoSources]:
     tmp = tmp_path_factory.mktemp("security")
     with MockAccoilServer(log_calls=False) as a, MockAccoilServer(log_calls=False) as b:
-        config = tmp / "gateway.toml"
-        config.write_text(
-            f'admin_token = "{ADMIN}"\nretry_base = 0.05\nretry_max = 0.2\n\n'
-            f'[[sources]]\nwrite_key = "{KEY_A}"\naccoil_api_key = "{API_A}"\n'
-            f'base_url = "{a.url}"\nrate_per_second = 500\n\n'
-            f'[[sources]]\nwrite_key = "{KEY_B}"\naccoil_api_key = "{API_B}"\n'
-            f'base_url = "{b.url}"\nrate_per_second = 500\n'
+        gw = _two_sources(
+            tmp,
+            f'accoil_api_key = "{API_A}"\nbase_url = "{a.url}"\nrate_per_second = 500',
+            f'accoil_api_key = "{API_B}"\nbase_url = "{b.url}"\nrate_per_second = 500',
+            log_level="debug",
         )
-        data = tmp / "data"
-        data.mkdir()
-        env = gateway_env(write_key=None, api_key=None, admin_token=None)
-        gw = GatewayProcess(data, env, flush_interval=0.05, config=config, log_level="debug")
         try:
             gw.start()
             yield TwoSources(gw, a, b)
@@ -271,6 +281,70 @@ def test_no_secret_in_logs_metrics_replies_or_dead_letters(two: TwoSources) -> N
         "parser_400_echoes_own_header_to_sender": bool(leaks(echoed.decode("utf-8", "replace"))),
     })
     assert not any(found.values()), (found, [r[:300] for r in two.replies if leaks(r)])
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """An upstream that refuses every call with 401, quoting the Authorization header back
+    raw and decoded, upper-cased: what a careless error page does."""
+
+    def do_POST(self) -> None:  # noqa: N802 (the handler's name is http.server's)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization", "")
+        token = auth.partition(" ")[2]
+        try:
+            decoded = base64.b64decode(token, validate=True).decode()
+        except ValueError:
+            decoded = token
+        body = f"refused {auth!r}; key {decoded.upper()!r} / {decoded!r}".encode()
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_upstream_echoing_the_key_leaves_no_key_in_dead_letters(tmp_path: Path) -> None:
+    """In the default two-process mode, the forwarder's dead letter of each dialect has the
+    echoed key masked as in logs: `***`, whatever its case or encoding."""
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    upstream = f"http://127.0.0.1:{echo.server_address[1]}"
+    seg_key = "stg_" + API_B  # a staging key: its stripped form must not leak either
+    gw = _two_sources(
+        tmp_path,
+        f'accoil_api_key = "{API_A}"\nbase_url = "{upstream}"',
+        f'accoil_api_key = "{seg_key}"\napi = "segment"\nbase_url = "{upstream}"',
+    )
+    try:
+        gw.start()
+        for key in (KEY_A, KEY_B):
+            status, _, _ = http("POST", gw.url + "/v1/track", json.dumps(_track("echo")).encode(),
+                                {"Authorization": basic(key), "Content-Type": "application/json"})
+            assert status == 200
+        admin = {"Authorization": bearer(ADMIN)}
+        deadline = time.monotonic() + 20
+        while True:
+            _, _, raw = http("GET", gw.url + "/admin/dead-letters", headers=admin)
+            letters = [d for d in json.loads(raw)["dead_letters"] if d["stage"] == "forward"]
+            if len(letters) == 2:
+                break
+            assert time.monotonic() < deadline, letters
+            time.sleep(0.05)
+        assert gw.terminate() == 0
+        log = gw.log()
+    finally:
+        gw.close()
+        echo.shutdown()
+        echo.server_close()
+    for letter in letters:
+        assert letter["status"] == 401
+        assert "refused 'Basic ***'; key '***" in letter["reason"], letter["reason"]
+    text = raw.decode() + log
+    for secret in (API_A, seg_key, API_B):
+        for form in secret_forms(secret).values():
+            assert form.lower() not in text.lower(), form
 
 
 def test_default_bind_is_loopback(tmp_path: Path) -> None:
