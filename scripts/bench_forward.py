@@ -308,7 +308,8 @@ def run_capacity(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     ok = sorted(_when(c) for c in journal if c["status"] == 202)
     limited = sorted(_when(c) for c in journal if c["status"] == 429)
-    other = len(journal) - len(ok) - len(limited)
+    others = [c for c in journal if c["status"] not in (202, 429)]
+    other = len(others)
     # the first phase starts with the first call the mock journaled, not when we saw it
     first = min(ok[:1] + limited[:1], default=started)
     bounds = [first, *changes[1:], ended]
@@ -337,6 +338,8 @@ def run_capacity(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "accepted_calls": len(ok),
         "answered_429": len(limited),
         "other_answers": other,
+        # what they were, so that a run with any says why (status and the mock's reply)
+        "other_replies": [[c["status"], c.get("reply")] for c in others[:5]],
         "counted": sum(counted.values()),
         "lost": lost,
         "doubled": doubled,

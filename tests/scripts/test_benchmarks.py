@@ -102,7 +102,8 @@ def test_bench_forward_capacity_scenario_reports_every_phase(tmp_path: Path) -> 
     # every event counted by the mock exactly once, whatever the pace
     assert s["complete"] and s["lost"] == 0 and s["doubled"] == 0
     assert s["counted"] == s["expected_calls"] == s["queued_before_drain"] == s["accepted_calls"]
-    assert s["other_answers"] == 0 and s["dead_letters"] == 0
+    assert s["other_answers"] == 0, s["other_replies"]
+    assert s["dead_letters"] == 0
     first = s["phases"][0]
     assert first["accepted"] > 0 and s["drain_calls_per_s"] == first["accepted_per_s"]
     assert s["drain_vs_capacity"] == pytest.approx(first["accepted_per_s"] / 200.0, abs=1e-3)
