@@ -410,3 +410,8 @@ async def test_dedupe_keys_survive_the_move_to_the_large_table(store: SqliteStor
 
 async def remember(store: SqliteStore, keys: list[bytes]) -> set[bytes]:
     return await store.transact(lambda tx: tx.state.remember(keys))
+
+
+async def test_remember_refuses_keys_of_another_size(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        await remember(store, [b"short"])
