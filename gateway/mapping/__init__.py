@@ -1,7 +1,7 @@
 """Segment message -> Accoil call: pure functions, no I/O (DESIGN 3)."""
 
-from gateway.mapping.calls import Call, Kind, Skip, call_kind, to_call
-from gateway.mapping.traits import MS_THRESHOLD, created_at, iso, normalise_traits
+from gateway.mapping.calls import Call, Kind, Skip, call_kind, counted, to_call
+from gateway.mapping.traits import MS_THRESHOLD, created_at, iso, normalise_traits, utc_day
 from gateway.mapping.upstream import STAGING_BASE_URL, Upstream, upstream
 
 __all__ = [
@@ -12,9 +12,11 @@ __all__ = [
     "Skip",
     "Upstream",
     "call_kind",
+    "counted",
     "created_at",
     "iso",
     "normalise_traits",
     "to_call",
+    "utc_day",
     "upstream",
 ]

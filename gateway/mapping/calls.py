@@ -84,20 +84,34 @@ def to_call(
             body = _segment("identify", msg, user, when, traits=traits)
         return _call("identify", api, body, user, context_group, None, traits)
 
+    hit = counted(msg, unnamed_pages)
+    if isinstance(hit, Skip):
+        return hit
+    user, event = hit
+    if api == "v2":
+        # Accoil's /v2/track documents userId, event and timestamp: nothing else goes (none
+        # is None here: a literal, not `_present`, on the path every track call takes)
+        body = {"userId": user, "event": event, "timestamp": when}
+    elif isinstance(msg, Track):
+        body = _segment("track", msg, user, when, event=event)
+    else:
+        # page and screen stay page and screen, with the name they were counted under
+        kind = "page" if isinstance(msg, Page) else "screen"
+        body = _segment(kind, msg, user, when, name=_view_name(msg, unnamed_pages))
+    return _call("track", api, body, user, context_group, event, None)
+
+
+def counted(msg: Track | Page | Screen, unnamed_pages: UnnamedPages = "skip") -> tuple[str, str] | Skip:
+    """The (userId, event) a track, page or screen call is counted under (page and screen as
+    "<Page|Screen> Viewed <name>"), or why it is not forwarded. What `to_call` decides for
+    these kinds, without building the call: an actor builds it once per ledger key."""
+    user = user_id(msg)
     if isinstance(msg, Track):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
-        if api == "v2":
-            # Accoil's /v2/track documents userId, event and timestamp: nothing else goes (none
-            # is None here: a literal, not `_present`, on the path every track call takes)
-            body = {"userId": user, "event": msg.event, "timestamp": when}
-        else:
-            body = _segment("track", msg, user, when, event=msg.event)
-        return _call("track", api, body, user, context_group, msg.event, None)
-
-    # page or screen: counted as "<Page|Screen> Viewed <name>"
+        return user, msg.event
     kind = "page" if isinstance(msg, Page) else "screen"
     if user is None:
         return _no_user(kind)
@@ -105,12 +119,7 @@ def to_call(
     if name is None:
         # analytics.js's default page() has no name: routine, so counted, not a dead letter
         return Skip(f"{kind} call without a name", counted="unnamed")
-    event = f"{kind.capitalize()} Viewed {name}"
-    if api == "v2":
-        body = {"userId": user, "event": event, "timestamp": when}
-    else:
-        body = _segment(kind, msg, user, when, name=name)
-    return _call("track", api, body, user, context_group, event, None)
+    return user, f"{kind.capitalize()} Viewed {name}"
 
 
 def _call(
