@@ -115,8 +115,9 @@ class Router:
         self, source: str, known: dict[str, str | None], users: list[str | None]
     ) -> None:
         """Load the accounts of users the router has not seen yet."""
-        unknown = set(users)  # set operations in C: once per record, not per message
-        unknown.difference_update(known)
+        # in C, once per record; `difference`, not `difference_update`, which would walk
+        # every user known instead of the record's
+        unknown = set(users).difference(known)
         missing = sorted(u for u in unknown if u is not None)
         if not missing:
             return
