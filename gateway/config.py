@@ -70,7 +70,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_interval: Positive = 2.0
     # messages read from the inbox and not yet committed, all actors together: past it the
     # dispatcher commits a turn before it reads more (memory flat whatever the backlog)
-    max_in_flight: PositiveInt = 40_000
+    max_in_flight: PositiveInt = 100_000
     actor_idle: Positive = 10.0
     max_actors: PositiveInt = 5000
     # accepted events not yet forwarded; past it ingest answers 503

@@ -515,4 +515,6 @@ def anonymous_id(msg: Message) -> str | None:
 
 
 def _utc(dt: datetime) -> datetime:
+    if dt.tzinfo is UTC:  # the common case ("...Z"): as it is, once per event
+        return dt
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import sys
 import time
@@ -36,6 +35,7 @@ from benchkit.stack import (
     Sampler,
     Service,
     basic,
+    cpu_seconds,
     descendants,
     exit_on_sigterm,
     free_port,
@@ -52,7 +52,6 @@ from benchkit.traffic import Traffic
 from benchkit.wrk import Bodies, Run, closed_loop, have_wrk, run_wrk
 
 MB = 1024.0
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,17 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--generator wrk: wrk is not installed (scripts/ensure_wrk.sh installs it)")
     args.env = dict(item.partition("=")[::2] for item in args.gateway_env)
     return args
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of one process (not its children), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    # fields after the command: state is [0], utime [11], stime [12]
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class Burst:

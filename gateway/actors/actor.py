@@ -18,10 +18,10 @@ import msgspec
 from gateway.actors.integrations import enabled
 from gateway.config import Source
 from gateway.keys import group_key, identify_key
-from gateway.mapping import Skip, to_call
-from gateway.rules.ledger import LedgerKey, Row, Tally, count
+from gateway.mapping import Call, Skip, counted, to_call, utc_day
+from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
-from gateway.segment import Message
+from gateway.segment import Message, Page, Screen, Track
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Envelope(msgspec.Struct, gc=False):
 
 class Actor:
     __slots__ = (
-        "source", "account", "mail", "hit_keys", "hit_refs", "tallies", "refs", "marks", "pending",
+        "source", "account", "mail", "hit_keys", "hit_refs", "hits", "refs", "marks", "pending",
         "accounts", "dead", "held", "last", "ledger",
     )
 
@@ -54,10 +54,10 @@ class Actor:
         # the account's ledger rows as committed, so that a turn need not fetch them again
         self.ledger: dict[LedgerKey, Row] = {}
         # each counted call's dedupe key and ledger key, in order; and per ledger key, the
-        # occurrences counted and the latest call
+        # occurrences counted and the latest message (its call is built at the turn's end)
         self.hit_keys: list[bytes] = []
         self.hit_refs: list[LedgerKey] = []
-        self.tallies: dict[LedgerKey, Tally] = {}
+        self.hits: dict[LedgerKey, Latest[Envelope]] = {}
         self.refs: dict[tuple[str, str, str], LedgerKey] = {}  # (day, user, event) -> key
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
@@ -70,7 +70,7 @@ class Actor:
         if self.held:
             self.hit_keys.clear()
             self.hit_refs.clear()
-            self.tallies.clear()
+            self.hits.clear()
             self.refs.clear()
             self.marks.clear()
             self.pending.clear()
@@ -105,38 +105,35 @@ class Actor:
             self.marks.append(env.key)
             metrics.skipped.labels(source.id, "integrations").inc()
             return
+        if isinstance(msg, (Track, Page, Screen)):
+            # counted in the ledger: its call is built once per key, for the latest message
+            hit = counted(msg, source.unnamed_pages)
+            if isinstance(hit, Skip):
+                self._skip(env, hit, metrics)
+                return
+            user, event = hit
+            at = env.timestamp
+            # one LedgerKey per key, not per message: found by a plain tuple
+            short = (utc_day(at), user, event)
+            key = self.refs.get(short)
+            if key is None:
+                key = self.refs[short] = LedgerKey(source.id, short[0], user, self.account, event)
+            self.hit_keys.append(env.key)
+            self.hit_refs.append(key)
+            latest = self.hits.get(key)
+            if latest is None:
+                self.hits[key] = Latest(at, env)
+            else:
+                latest.add(at, env)
+            return
         call = to_call(
             msg, api=source.api, timestamp=env.timestamp, context=env.context,
             unnamed_pages=source.unnamed_pages,
         )
         if isinstance(call, Skip):
-            if call.unsupported:
-                self.marks.append(env.key)
-                metrics.unsupported.labels(source.id, type(msg).__name__.lower()).inc()
-            elif call.counted is not None:
-                self.marks.append(env.key)
-                metrics.skipped.labels(source.id, call.counted).inc()
-            else:
-                self.dead.append(DeadLetter(
-                    source=source.id, stage="mapping", reason=call.reason,
-                    payload=msgspec.json.encode(msg), account=self.account, key=env.key,
-                    grouped=True,
-                ))
+            self._skip(env, call, metrics)
             return
         ts: str = call.body["timestamp"]
-        if call.kind == "track":
-            assert call.user_id is not None and call.event is not None
-            # one LedgerKey per key, not per message: found by a plain tuple
-            short = (ts[:10], call.user_id, call.event)
-            key = self.refs.get(short)
-            if key is None:
-                key = self.refs[short] = LedgerKey(
-                    source.id, short[0], short[1], self.account, short[2]
-                )
-            self.hit_keys.append(env.key)
-            self.hit_refs.append(key)
-            count(self.tallies, key, ts, call.path, call.body)
-            return
         self.marks.append(env.key)
         if call.kind == "identify":
             assert call.user_id is not None
@@ -152,3 +149,33 @@ class Actor:
         else:
             metrics.coalesced.labels(source.id, call.kind).inc()
         pending.merge(call.path, call.body, call.traits or {}, ts)
+
+    def _skip(self, env: Envelope, skip: Skip, metrics: Metrics) -> None:
+        """A message that is not forwarded: counted, or kept as a dead letter."""
+        source = self.source
+        if skip.unsupported:
+            self.marks.append(env.key)
+            metrics.unsupported.labels(source.id, type(env.message).__name__.lower()).inc()
+        elif skip.counted is not None:
+            self.marks.append(env.key)
+            metrics.skipped.labels(source.id, skip.counted).inc()
+        else:
+            self.dead.append(DeadLetter(
+                source=source.id, stage="mapping", reason=skip.reason,
+                payload=msgspec.json.encode(env.message), account=self.account, key=env.key,
+                grouped=True,
+            ))
+
+    def tallies(self) -> dict[LedgerKey, Tally]:
+        """The occurrences taken per ledger key, each with the call of its latest message."""
+        source = self.source
+        out: dict[LedgerKey, Tally] = {}
+        for key, latest in self.hits.items():
+            env = latest.item
+            call = to_call(
+                env.message, api=source.api, timestamp=env.timestamp, context=env.context,
+                unnamed_pages=source.unnamed_pages,
+            )
+            assert isinstance(call, Call), "a message counted when taken maps to a call"
+            out[key] = Tally(call.body["timestamp"], call.path, call.body, latest.count)
+        return out

@@ -127,9 +127,9 @@ class Dispatcher:
                     await asyncio.sleep(YIELD)
                 await self._route(row)
                 if len(self._live) >= s.max_actors:
-                    # crowded: commit what the actors hold, so that they can go
+                    # crowded: commit what the actors hold, so that they can go at once (what
+                    # they held is in the turn now; the next one is read while it lands)
                     await self._commit()
-                    await self._landed()
                     self._passivate()
                 elif self._flush.messages >= turn:
                     await self._commit()

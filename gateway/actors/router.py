@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from gateway.store.base import ActorState
 
 HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
-USERS = 200_000  # user -> account entries remembered
+USERS = 200_000  # user -> account entries remembered, per source
 
 Deliver = Callable[[Envelope, Source, str], None]
 
@@ -48,7 +48,9 @@ class Router:
         self.sources = sources
         self._prefixes = {sid: dedupe_prefix(sid) for sid in sources}
         self._handoff: dict[int, Decoded] = {}
-        self._users: dict[tuple[str, str], str | None] = {}
+        # per source, user -> the account a group call put them in (None: none), least
+        # recently learnt first
+        self._users: dict[str, dict[str, str | None]] = {}
 
     def submitted(self, row_id: int, decoded: Decoded) -> bool:
         """Ingest committed a request as inbox row `row_id`; False when not kept."""
@@ -77,7 +79,8 @@ class Router:
         received = datetime.fromtimestamp(row.received_at, UTC)
         messages = decoded.messages
         users = [user_id(m) for m in messages]
-        await self._learn(source.id, users)
+        known = self._users.setdefault(source.id, {})
+        await self._learn(source.id, known, users)
         prefix = self._prefixes[source.id]
         batch_context, batch_integrations = decoded.context, decoded.integrations
         sent_at = decoded.sent_at
@@ -88,40 +91,39 @@ class Router:
                 dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context,
                 merged(batch_integrations, msg.integrations),
             )
-            deliver(env, source, self._account(source.id, msg, user, context))
+            deliver(env, source, self._account(known, msg, user, context))
         return self._dead(row, invalid)
 
     def _account(
-        self, source: str, msg: Message, user: str | None, context: dict[str, Any] | None
+        self, known: dict[str, str | None], msg: Message, user: str | None,
+        context: dict[str, Any] | None,
     ) -> str:
         if isinstance(msg, Group):
             group = str(msg.groupId)
             if user is not None:
-                self._remember((source, user), group)
+                _remember(known, user, group)
             return group
         if context is not None:
             group_id = context.get("groupId")
             if isinstance(group_id, (str, int)) and not isinstance(group_id, bool) and group_id != "":
                 return str(group_id)
         if user is not None:
-            return self._users.get((source, user)) or user
+            return known.get(user) or user
         return anonymous_id(msg) or ""
 
-    async def _learn(self, source: str, users: list[str | None]) -> None:
+    async def _learn(
+        self, source: str, known: dict[str, str | None], users: list[str | None]
+    ) -> None:
         """Load the accounts of users the router has not seen yet."""
-        known = self._users
-        missing = {u for u in users if u is not None and (source, u) not in known}
+        # in C, once per record; `difference`, not `difference_update`, which would walk
+        # every user known instead of the record's
+        unknown = set(users).difference(known)
+        missing = sorted(u for u in unknown if u is not None)
         if not missing:
             return
-        found = await self.state.accounts_of(source, sorted(missing))
+        found = await self.state.accounts_of(source, missing)
         for user in missing:
-            self._remember((source, user), found.get(user))
-
-    def _remember(self, key: tuple[str, str], account: str | None) -> None:
-        self._users.pop(key, None)
-        self._users[key] = account
-        if len(self._users) > USERS:
-            del self._users[next(iter(self._users))]
+            _remember(known, user, found.get(user))
 
     def _dead(self, row: InboxRow, items: list[tuple[bytes, str, bool]]) -> list[DeadLetter]:
         """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
@@ -132,3 +134,10 @@ class Router:
                        grouped=grouped)
             for i, (payload, reason, grouped) in enumerate(items)
         ]
+
+
+def _remember(known: dict[str, str | None], user: str, account: str | None) -> None:
+    known.pop(user, None)
+    known[user] = account
+    if len(known) > USERS:
+        del known[next(iter(known))]

@@ -59,7 +59,7 @@ class Flush:
         src, account = actor.source.id, actor.account
         self.hit_keys += actor.hit_keys
         self.hit_refs += actor.hit_refs
-        self.tallies.update(actor.tallies)  # ledger keys name the account: no overlap
+        self.tallies.update(actor.tallies())  # ledger keys name the account: no overlap
         self.marks += actor.marks
         self.mark_sources += [src] * len(actor.marks)
         self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]

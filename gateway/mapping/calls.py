@@ -68,15 +68,31 @@ def to_call(
         body = dialect.identify(msg, user, traits, context_group, when)
         return _call("identify", dialect, body, user, context_group, None, traits)
 
+    hit = counted(msg, unnamed_pages)
+    if isinstance(hit, Skip):
+        return hit
+    user, event = hit
+    if isinstance(msg, Track):
+        body = dialect.track(msg, user, event, when)
+    else:
+        # page and screen stay page and screen, with the name they were counted under
+        kind: View = "page" if isinstance(msg, Page) else "screen"
+        name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
+        body = dialect.view(msg, kind, user, name, event, when)
+    return _call("track", dialect, body, user, context_group, event, None)
+
+
+def counted(msg: Track | Page | Screen, unnamed_pages: UnnamedPages = "skip") -> tuple[str, str] | Skip:
+    """The (userId, event) a track, page or screen call is counted under (page and screen as
+    "<Page|Screen> Viewed <name>"), or why it is not forwarded. What `to_call` decides for
+    these kinds, without building the call: an actor builds it once per ledger key."""
+    user = user_id(msg)
     if isinstance(msg, Track):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
-        body = dialect.track(msg, user, msg.event, when)
-        return _call("track", dialect, body, user, context_group, msg.event, None)
-
-    # page or screen: counted as "<Page|Screen> Viewed <name>"
+        return user, msg.event
     kind: View = "page" if isinstance(msg, Page) else "screen"
     if user is None:
         return _no_user(kind)
@@ -84,9 +100,7 @@ def to_call(
     if name is None:
         # analytics.js's default page() has no name: routine, so counted, not a dead letter
         return Skip(f"{kind} call without a name", counted="unnamed")
-    event = f"{kind.capitalize()} Viewed {name}"
-    body = dialect.view(msg, kind, user, name, event, when)
-    return _call("track", dialect, body, user, context_group, event, None)
+    return user, f"{kind.capitalize()} Viewed {name}"
 
 
 def _call(

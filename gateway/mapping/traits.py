@@ -28,6 +28,13 @@ def iso(dt: datetime) -> str:
     return f"{_encode(dt)[1:20].decode()}.{dt.microsecond // 1000:03d}Z"
 
 
+def utc_day(dt: datetime) -> str:
+    """`iso(dt)[:10]`, the UTC day "2026-11-28", for a third of the cost (once per event)."""
+    if dt.tzinfo is not UTC:
+        dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    return dt.date().isoformat()
+
+
 def normalise_traits(kind: Literal["identify", "group"], traits: dict[str, Any]) -> dict[str, Any]:
     """Traits as Accoil wants them: `createdAt` / `created_at` as ISO 8601 UTC, group `mrr`
     as a number.

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from datetime import datetime
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from gateway.config import TrackMode
 from gateway.keys import ledger_key
+
+T = TypeVar("T")
 
 
 class LedgerKey(NamedTuple):
@@ -39,14 +42,30 @@ class Tally:
 
     __slots__ = ("count", "timestamp", "path", "body")
 
-    def __init__(self, timestamp: str, path: str, body: dict[str, Any]) -> None:
-        self.count = 1
+    def __init__(self, timestamp: str, path: str, body: dict[str, Any], count: int = 1) -> None:
+        self.count = count
         self.timestamp, self.path, self.body = timestamp, path, body
 
     def add(self, timestamp: str, path: str, body: dict[str, Any]) -> None:
         self.count += 1
         if timestamp >= self.timestamp:
             self.timestamp, self.path, self.body = timestamp, path, body
+
+
+class Latest(Generic[T]):
+    """Occurrences of one key as an actor takes them: how many, and the latest (by time; the
+    later taken among equal times), whose call is built once, when the turn ends."""
+
+    __slots__ = ("count", "at", "item")
+
+    def __init__(self, at: datetime, item: T) -> None:
+        self.count = 1
+        self.at, self.item = at, item
+
+    def add(self, at: datetime, item: T) -> None:
+        self.count += 1
+        if at >= self.at:
+            self.at, self.item = at, item
 
 
 class Row(NamedTuple):

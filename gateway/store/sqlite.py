@@ -30,7 +30,7 @@ import msgspec
 import structlog
 
 from gateway.disk import out_of_space
-from gateway.keys import replay_key
+from gateway.keys import DEDUPE_BYTES, replay_key
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store.base import (
     Counts,
@@ -645,26 +645,29 @@ class _Dedupe:
         elif day != days[0]:  # the clock went back: file it under the newest day
             day = days[0]
         new = f"dedupe_{day}_new"
+        # in key order, each page of a table is visited once; the keys go to SQLite packed
+        # in one blob that a statement splits itself: a bound parameter per key costs more
+        # in Python than the B-tree does in C
+        rest = sorted(set(keys))
         found: set[bytes] = set()
         for table in [t for d in days for t in (f"dedupe_{d}_new", f"dedupe_{d}")]:
-            if table != new:
-                for i in range(0, len(keys), CHUNK):
-                    chunk = keys[i : i + CHUNK]
-                    found.update(k for (k,) in conn.execute(
-                        f"SELECT key FROM {table} WHERE key IN ({_marks(len(chunk))})", chunk
-                    ))
-        # the small table tells itself which of the rest it had: RETURNING names those it
-        # took; in key order, each of its pages is visited once
-        rest = sorted(k for k in keys if k not in found) if found else sorted(keys)
-        taken: set[bytes] = set()
-        for i in range(0, len(rest), CHUNK):
-            chunk = rest[i : i + CHUNK]
-            taken.update(k for (k,) in conn.execute(
-                f"INSERT INTO {new} (key) VALUES {','.join(['(?)'] * len(chunk))}"
-                " ON CONFLICT DO NOTHING RETURNING key", chunk
-            ))
-        found.update(k for k in rest if k not in taken)
-        self._new += len(taken)
+            if table != new and rest:
+                found.update(_probe(conn, table, rest))
+        if found:
+            rest = [k for k in rest if k not in found]
+        if rest:
+            # the small table is probed only when a key of the turn was in it (rare: a
+            # client's retry, an inbox record routed again): the insert tells, by what it took
+            conn.execute("SAVEPOINT dedupe")
+            taken = _insert(conn, new, rest)
+            if taken != len(rest):
+                conn.execute("ROLLBACK TO dedupe")
+                had = _probe(conn, new, rest)
+                found.update(had)
+                rest = [k for k in rest if k not in had]
+                taken = _insert(conn, new, rest)
+            conn.execute("RELEASE dedupe")
+            self._new += taken
         if self._new >= self.MERGE:
             conn.execute(
                 f"INSERT OR IGNORE INTO dedupe_{day} SELECT key FROM {new} ORDER BY key"
@@ -690,6 +693,41 @@ class _Dedupe:
     def _ensure(conn: sqlite3.Connection, day: str) -> None:
         for table in (f"dedupe_{day}", f"dedupe_{day}_new"):
             conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key BLOB PRIMARY KEY) WITHOUT ROWID")
+
+
+# Splits the blob ?1 of ?2 bytes into its 16-byte dedupe keys, as rows of `k` (offset i)
+_KEYS = (
+    f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + {DEDUPE_BYTES} FROM k"
+    f" WHERE i + {DEDUPE_BYTES} <= ?2)"
+)
+
+
+def _packed(keys: list[bytes]) -> tuple[bytes, int]:
+    blob = b"".join(keys)
+    if len(blob) != DEDUPE_BYTES * len(keys):
+        raise ValueError(f"dedupe keys are {DEDUPE_BYTES} bytes each")
+    return blob, len(blob)
+
+
+def _probe(conn: sqlite3.Connection, table: str, keys: list[bytes]) -> set[bytes]:
+    """Which of `keys` (not empty) `table` holds."""
+    return {k for (k,) in conn.execute(
+        f"{_KEYS} SELECT t.key FROM k JOIN {table} t ON t.key = substr(?1, k.i, {DEDUPE_BYTES})",
+        _packed(keys),
+    )}
+
+
+def _insert(conn: sqlite3.Connection, table: str, keys: list[bytes]) -> int:
+    """Insert `keys` (distinct) into `table`, leaving those it holds; how many it took."""
+    if not keys:
+        return 0
+    before = conn.total_changes
+    conn.execute(
+        f"{_KEYS} INSERT INTO {table} (key) SELECT substr(?1, i, {DEDUPE_BYTES}) FROM k"
+        " WHERE true ON CONFLICT DO NOTHING",  # `WHERE`: SQLite's parser needs it before ON
+        _packed(keys),
+    )
+    return conn.total_changes - before
 
 
 CHUNK = 500  # values bound to one statement

@@ -31,6 +31,7 @@ import msgspec
 HOST = "127.0.0.1"
 SCRIPTS = Path(__file__).resolve().parent.parent
 ROOT = SCRIPTS.parent
+TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these
 
 
 def exit_on_sigterm() -> None:
@@ -270,6 +271,17 @@ def memory(pid: int) -> Memory | None:
             if i == 0:
                 return None
     return Memory(rss, hwm)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process (not its children), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # fields after the command: state is [0], utime [11], stime [12]
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def descendants(pid: int) -> list[int]:

@@ -40,6 +40,11 @@ def test_bench_ingest_compares_gateway_with_both_baselines(tmp_path: Path) -> No
         s["gateway_events_per_s"] / s["noop_events_per_s"], rel=2e-3, abs=1e-3)
     assert s["gateway_vs_naive"] == pytest.approx(
         s["gateway_events_per_s"] / s["naive_events_per_s"], rel=2e-3, abs=1e-3)
+    # each server's own CPU per request, and the ratio of requests a core serves
+    for target in ("noop", "gateway"):
+        assert s[f"{target}_cpu_us_per_request"] > 0 and 0 < s[f"{target}_core_busy"] <= 1.2
+    assert s["gateway_vs_noop_per_core"] == pytest.approx(
+        s["noop_cpu_us_per_request"] / s["gateway_cpu_us_per_request"], rel=0.01)
     half = s["half_rate"]
     assert half["events_per_s_target"] == pytest.approx(s["gateway_events_per_s"] / 2, rel=0.01)
     assert half["errors"] == {}

@@ -17,12 +17,14 @@ from gateway.mapping import (
     Skip,
     Upstream,
     call_kind,
+    counted,
     dialect,
     iso,
     normalise_traits,
     spoken_at,
     to_call,
     upstream,
+    utc_day,
 )
 from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track
 from tests.net import basic
@@ -390,6 +392,33 @@ def test_traits_normalised_in_calls(api: str) -> None:
 )
 def test_iso(dt: datetime, expected: str) -> None:
     assert iso(dt) == expected
+    assert utc_day(dt) == expected[:10]
+
+
+COUNTED = [
+    Track(userId="u", event="Clicked"),
+    Track(userId=7, anonymousId="a", event="Clicked"),
+    Track(anonymousId="a", event="Clicked"),
+    Track(userId="u", event=""),
+    Page(userId="u", name="Home"),
+    Page(userId="u", properties={"title": "Pricing"}),
+    Page(userId="u"),
+    Screen(userId="u", properties={"name": "Feed"}),
+    Screen(anonymousId="a", name="Feed"),
+]
+
+
+@pytest.mark.parametrize("api", ["v2", "segment"])
+@pytest.mark.parametrize("unnamed", ["skip", "title"])
+@pytest.mark.parametrize("msg", COUNTED)
+def test_counted_decides_as_to_call_does(api: Any, unnamed: Any, msg: Track | Page | Screen) -> None:
+    # an actor counts a message with `counted` and builds its call later, once per key
+    hit = counted(msg, unnamed)
+    result = to_call(msg, api=api, timestamp=TS, context=None, unnamed_pages=unnamed)
+    if isinstance(result, Skip):
+        assert hit == result
+    else:
+        assert hit == (result.user_id, result.event)
 
 
 # --- upstream -------------------------------------------------------------------------

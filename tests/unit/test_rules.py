@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from gateway.keys import DEDUPE_BYTES, dedupe_key, dedupe_prefix, group_key, ledger_key
 from gateway.rules.dead_letters import group
 from gateway.rules.dedupe import first_seen
-from gateway.rules.ledger import Hit, LedgerKey, Row, discount, settle, tally
+from gateway.rules.ledger import Hit, Latest, LedgerKey, Row, discount, settle, tally
 from gateway.rules.traits import Pending, fold, outgoing
 from gateway.store import DeadLetter
 
@@ -34,6 +36,17 @@ def test_dedupe_keys_are_fixed_size_and_never_mix_sources() -> None:
 def test_group_and_ledger_keys_are_unambiguous() -> None:
     assert group_key("a\x1fb", "c") != group_key("a", "b\x1fc")
     assert ledger_key("d", "u,1", "a", "e") != ledger_key("d", "u", "1,a", "e")
+
+
+def test_latest_counts_and_keeps_the_latest_the_later_taken_on_a_tie() -> None:
+    t0 = datetime(2026, 11, 28, 10, tzinfo=UTC)
+    latest = Latest(t0, "first")
+    latest.add(t0 - timedelta(seconds=1), "earlier")
+    assert (latest.count, latest.item) == (2, "first")
+    latest.add(t0, "tie")
+    latest.add(t0 + timedelta(seconds=1), "later")
+    latest.add(t0, "older again")
+    assert (latest.count, latest.at, latest.item) == (5, t0 + timedelta(seconds=1), "later")
 
 
 def test_tally_counts_per_key_and_keeps_the_latest_call() -> None:

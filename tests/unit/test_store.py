@@ -410,3 +410,30 @@ async def test_dedupe_keys_survive_the_move_to_the_large_table(store: SqliteStor
 
 async def remember(store: SqliteStore, keys: list[bytes]) -> set[bytes]:
     return await store.transact(lambda tx: tx.state.remember(keys))
+
+
+async def test_remember_refuses_keys_of_another_size(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        await remember(store, [b"short"])
+
+
+@pytest.mark.parametrize("user", ["u1", 'quote " back \\ slash', "üñï €", "nul\x00inside", "\\u0000"])
+async def test_ledger_rows_keep_any_id_exactly(store: SqliteStore, user: str) -> None:
+    # ids come back from the store as they were sent, whatever characters they hold
+    for n in (1, 2):
+        await flush(store, tracks=[hit(f"m{n}", user=user), hit(f"n{n}", user=user, event="Other")])
+    rows = await store.ledger("s", None)
+    assert sorted((r["userId"], r["event"], r["count"]) for r in rows) == [
+        (user, "Clicked", 2), (user, "Other", 2)
+    ]
+
+
+@pytest.mark.parametrize("user", ["u1", 'quote " back \\ slash', "üñï €", "nul\x00inside"])
+async def test_outbox_bodies_are_stored_byte_for_byte(store: SqliteStore, user: str) -> None:
+    await flush(store, tracks=[hit("m1", user=user), hit("m2", user=user)])
+    [item] = await store.due("s", 1e12, 10)
+    assert item.repeat == 2
+    assert item.body == msgspec.json.encode(
+        {"userId": user, "event": "Clicked", "timestamp": "2026-11-28T10:00:00.000Z"}
+    )
+    assert isinstance(item.body, bytes)
