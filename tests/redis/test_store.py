@@ -135,8 +135,10 @@ async def test_dedupe_is_exact_across_days_and_pruned_by_the_day(store: RedisSto
     p = partition_of(SOURCE.id, "u1", P)
     day = 86400.0
     keys = [key(f"m{i}") for i in range(50)]
-    remember: Callable[[list[bytes]], Callable[[Turn], set[bytes]]] = (
-        lambda ks: lambda tx: tx.state.remember(ks))
+
+    def remember(ks: list[bytes]) -> Callable[[Turn], set[bytes]]:
+        return lambda tx: tx.state.remember(ks)
+
     assert await store.transact(remember(keys[:30]), NOW, p) == set()
     # a day later, within the window: every key stored the day before is found
     assert await store.transact(remember(keys), NOW + day, p) == set(keys[:30])
