@@ -97,7 +97,7 @@ async def test_a_turn_commits_its_writes_and_moves_the_cursor_past_applied_entri
     c = redis_server.client()
     assert c.get(f"{{p{p}}}:progress") is None and c.xlen(f"{{p{p}}}:inbox") == 3
     await store.transact(applying({rows[0].id: 10}), NOW, p)
-    assert c.get(f"{{p{p}}}:progress").decode() == entry_of(rows[1].id)
+    assert c.get(f"{{p{p}}}:progress") == entry_of(rows[1].id).encode()
     assert c.xlen(f"{{p{p}}}:inbox") == 1  # trimmed up to the cursor
     counts = await store.counts()
     assert (counts.inbox, counts.outbox, counts.ledger_rows, counts.ledger_events) == (10, 2, 1, 2)
@@ -182,12 +182,15 @@ async def test_dead_letters_and_replay_across_partitions(
     for i, u in enumerate(users):
         await store.accept(SOURCE.id, NOW, batch([u], i), 1)
     rows = await store.inbox_after(0, 100)
+    letter = DeadLetter(source=SOURCE.id, stage="forward", reason="Accoil answered 400",
+                        payload=b'{"userId":"x"}', status=400, path="/v2/track",
+                        repeat=2, account="acme")
+
+    def dead(tx: Turn) -> None:
+        tx.dead.add([letter])
+
     for row in rows:
-        letter = DeadLetter(source=SOURCE.id, stage="forward", reason="Accoil answered 400",
-                            payload=b'{"userId":"x"}', status=400, path="/v2/track",
-                            repeat=2, account="acme")
-        await store.transact(
-            applying({row.id: 1}, lambda tx, d=letter: tx.dead.add([d])), NOW, row.partition)
+        await store.transact(applying({row.id: 1}, dead), NOW, row.partition)
     letters = await store.dead_letters(None, 0, 100, False)
     assert len(letters) == len(users) and [d.id for d in letters] == sorted(d.id for d in letters)
     page = await store.dead_letters(None, 0, 2, False)
@@ -244,12 +247,17 @@ async def test_a_turn_and_its_outbox_on_a_cluster(redis_cluster: RedisClusterNod
         await store.accept(SOURCE.id, NOW, batch(users), len(users))
         rows = await store.inbox_after(0, 100)
         assert len({r.partition for r in rows}) >= 2
+
+        def write(row_id: int) -> Callable[[Turn], None]:
+            def script(tx: Turn) -> None:
+                tx.state.remember([key(f"{row_id}")])
+                tx.outbox.add([Queued(SOURCE.id, f"k{row_id}", "a", "track", "/v2/track",
+                                      b"{}", 1)])
+
+            return script
+
         for row in rows:
-            await store.transact(applying({row.id: row.count}, lambda tx, r=row: (
-                tx.state.remember([key(f"{r.id}")]),
-                tx.outbox.add([Queued(SOURCE.id, f"k{r.id}", "a", "track", "/v2/track",
-                                      b"{}", 1)]),
-            )), NOW, row.partition)
+            await store.transact(applying({row.id: row.count}, write(row.id)), NOW, row.partition)
         counts = await store.counts()
         assert (counts.inbox, counts.outbox) == (0, len(rows))
         due = await store.due(SOURCE.id, time.time(), 100)
