@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -89,6 +89,7 @@ T = TypeVar("T")
 READ = 256  # inbox entries read ahead, over all owned partitions
 CONNECT_RETRY = 1.0  # seconds between tries to reach Redis at start
 THREADS = 4  # partition turns committed at once
+UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
 
 
 def row_id(partition: int, entry: str) -> int:
@@ -150,6 +151,7 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._sync_commit: Any = None
         self.reachable = False  # the last command to Redis got an answer
+        self._failing = False  # the pipeline's reads are failing
         self._probe: asyncio.Task[None] | None = None
         # told when this gateway's partitions changed: what it remembers of them may be stale
         self.on_owner_change: Callable[[], None] | None = None
@@ -298,9 +300,25 @@ class RedisStore:
     async def reap(self, taken: int) -> int:
         return 0  # each commit trims what it applied
 
+    async def _answered(self, what: str, read: Callable[[], Awaitable[T]], otherwise: T) -> T:
+        """`read()`, or `otherwise` while Redis does not answer: the pipeline's loops wait
+        for it rather than die (one line when it goes, one when it is back)."""
+        try:
+            value = await read()
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                log.warning("Redis read failed; waiting for Redis", read=what, error=str(exc))
+                self._failing = True
+            await asyncio.sleep(UNANSWERED)
+            return otherwise
+        if self._failing:
+            log.info("Redis reads answered again")
+            self._failing = False
+        return value
+
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
         if not self._buffer:
-            await self._read_ahead()
+            await self._answered("inbox", self._read_ahead, None)
         rows: list[InboxRow] = []
         while self._buffer and len(rows) < limit:
             row, reading = self._buffer.popleft()
@@ -330,6 +348,13 @@ class RedisStore:
                 ), r))
 
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
+        # waits for Redis: a record whose routing failed would hold its partition's cursor
+        while True:
+            found = await self._answered("accounts", lambda: self._accounts(source, users), None)
+            if found is not None:
+                return found
+
+    async def _accounts(self, source: str, users: list[str]) -> dict[str, str]:
         by_p: dict[int, list[str]] = {}
         for user in users:
             by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
@@ -386,6 +411,9 @@ class RedisStore:
     # -- the forwarder ---------------------------------------------------------------------------
 
     async def due(self, source: str, now: float, limit: int) -> list[OutboxItem]:
+        return await self._answered("outbox", lambda: self._due(source, now, limit), [])
+
+    async def _due(self, source: str, now: float, limit: int) -> list[OutboxItem]:
         owned = self._owned()
         if not owned:
             return []
@@ -413,6 +441,9 @@ class RedisStore:
         return [item for _, item in items]
 
     async def next_due(self, source: str) -> float | None:
+        return await self._answered("outbox", lambda: self._next_due(source), None)
+
+    async def _next_due(self, source: str) -> float | None:
         owned = self._owned()
         if not owned:
             return None
