@@ -267,3 +267,24 @@ async def test_a_turn_and_its_outbox_on_a_cluster(redis_cluster: RedisClusterNod
         assert (await store.counts()).outbox == 0
     finally:
         await store.close()
+
+
+async def test_a_turn_dropped_while_the_partition_is_still_owned_is_read_again(
+    store: RedisStore,
+) -> None:
+    # the lease went stale here (a pause past `ttl`) but no one took it: the dropped turn's
+    # entries must not hold the cursor for ever; they are read again from it
+    p = partition_of(SOURCE.id, "u1", P)
+    await store.accept(SOURCE.id, NOW, batch(["u1"] * 2), 2)
+    rows = await store.inbox_after(0, 100)
+    assert store.leases is not None
+    store.leases._valid_until = 0.0
+    with pytest.raises(PartitionLost):
+        await store.transact(applying({rows[0].id: 2}), NOW, p)
+    assert await store.inbox_after(0, 100) == []
+    await store.leases.tick()
+    await store._follow(dict(store.leases.owned))
+    again = await store.inbox_after(0, 100)
+    assert [r.id for r in again] == [rows[0].id]
+    await store.transact(applying({again[0].id: 2}), NOW, p)
+    assert (await store.counts()).inbox == 0

@@ -372,6 +372,7 @@ class RedisStore:
         reading = self._reading.get(partition)
         leases = self.leases
         if reading is None or leases is None or leases.holds(partition) != reading.epoch:
+            self._drop(partition, reading)
             raise PartitionLost(partition)
         handed = list(reading.handed)
         done_before = set(reading.done)
@@ -401,12 +402,22 @@ class RedisStore:
             return result, turn.rows, moved
 
         assert self._pool is not None, "store is not open for applying"
-        result, rows, moved = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        try:
+            result, rows, moved = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        except PartitionLost:
+            self._drop(partition, reading)
+            raise
         if self._reading.get(partition) is reading:
             reading.done |= rows
             for _ in range(moved):
                 reading.done.discard(reading.handed.popleft())
         return result
+
+    def _drop(self, partition: int, reading: _Reading | None) -> None:
+        """Read `partition` again from its committed cursor, if this gateway still owns it
+        at the next lease round: a dropped turn's entries would hold the cursor for ever."""
+        if reading is not None and self._reading.get(partition) is reading:
+            del self._reading[partition]
 
     # -- the forwarder ---------------------------------------------------------------------------
 
