@@ -41,7 +41,7 @@ STRUCTURE = re.compile(r"^\{p\d+\}:([a-z]+(?::[a-z]+)?)")
 
 async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     settings = Settings(sources=[SOURCE], store="redis", redis_url=server.url,
-                        partitions=args.partitions, flush_interval=0.2)
+                        partitions=args.partitions)
     store = RedisStore(settings, apply=True)
     await store.open()
     while len(store._owned()) < args.partitions:  # noqa: ASYNC110 (the leases' first round)

@@ -125,6 +125,7 @@ class Dispatcher:
             rows = []
             if self.held < s.max_in_flight:
                 rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
+                await self.router.prepare(rows)
             for row in rows:
                 if row.count and self.backlog.ingest_first:
                     # the inbox is durable: while requests arrive, answer them first and

@@ -107,9 +107,10 @@ def entry_of(row: int) -> str:
 class _Reading:
     """An owned partition, as the pipeline reads it under one epoch."""
 
-    def __init__(self, epoch: int, after: str) -> None:
+    def __init__(self, epoch: int, after: str, days: set[str]) -> None:
         self.epoch = epoch
         self.after = after  # the last entry read
+        self.days = days  # the days with a dedupe set (this owner is their only writer)
         self.handed: deque[int] = deque()  # rows read, not yet committed, in order
         self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
 
@@ -117,9 +118,11 @@ class _Reading:
 class _Turn:
     """One partition's turn: every role's transactional side."""
 
-    def __init__(self, client: SyncClient, ops: Ops, now: float, window: float) -> None:
+    def __init__(
+        self, client: SyncClient, ops: Ops, now: float, window: float, days: set[str]
+    ) -> None:
         self.now = now
-        self.state = StateTurn(client, ops, now, window)
+        self.state = StateTurn(client, ops, now, window, days)
         self.outbox = OutboxTurn(client, ops, now)
         self.dead = DeadTurn(client, ops, now)
         self.inbox = self
@@ -267,8 +270,12 @@ class RedisStore:
             pipe = self._c().pipeline(transaction=False)
             for p in fresh:
                 pipe.get(progress_key(p))
-            for p, cursor in zip(fresh, await pipe.execute(), strict=True):
-                self._reading[p] = _Reading(owned[p], _text(cursor) if cursor else START)
+                pipe.smembers(dedupe_days_key(p))
+            replies = await pipe.execute()
+            for i, p in enumerate(fresh):
+                cursor, days = replies[2 * i], replies[2 * i + 1]
+                self._reading[p] = _Reading(
+                    owned[p], _text(cursor) if cursor else START, {_text(d) for d in days})
             changed = True
         if changed and self.on_owner_change is not None:
             self.on_owner_change()
@@ -376,13 +383,14 @@ class RedisStore:
             raise PartitionLost(partition)
         handed = list(reading.handed)
         done_before = set(reading.done)
+        days = set(reading.days)
         at = time.time() if now is None else now
         member, epoch = leases.member, reading.epoch
 
-        def run() -> tuple[T, set[int], int]:
+        def run() -> tuple[T, set[int], int, str | None]:
             assert self.sync is not None
             ops = Ops(partition)
-            turn = _Turn(self.sync, ops, at, self.window)
+            turn = _Turn(self.sync, ops, at, self.window, days)
             result = script(cast(Turn, turn))
             if not turn.rows <= set(handed):
                 raise PartitionLost(partition)  # rows of an earlier ownership
@@ -399,15 +407,18 @@ class RedisStore:
                     client=self.sync)
                 if not ok:
                     raise PartitionLost(partition)
-            return result, turn.rows, moved
+            return result, turn.rows, moved, turn.state.new_day
 
         assert self._pool is not None, "store is not open for applying"
         try:
-            result, rows, moved = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+            result, rows, moved, new_day = await asyncio.get_running_loop().run_in_executor(
+                self._pool, run)
         except PartitionLost:
             self._drop(partition, reading)
             raise
         if self._reading.get(partition) is reading:
+            if new_day is not None:
+                reading.days.add(new_day)
             reading.done |= rows
             for _ in range(moved):
                 reading.done.discard(reading.handed.popleft())
