@@ -69,6 +69,11 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     stats = c.info("commandstats")
     commands = sum(int(v["calls"]) for k, v in stats.items() if not k.startswith(
         ("cmdstat_info", "cmdstat_config", "cmdstat_xlen")))
+    # Redis's own time on the apply path (a script's usec include the commands it runs)
+    busy = {k[8:]: int(v["usec"]) for k, v in stats.items() if not k.startswith(
+        ("cmdstat_info", "cmdstat_config", "cmdstat_xlen"))}
+    inner = {"hset", "hget", "sadd", "zadd", "incr", "hincrby", "hexists", "set", "get", "xtrim"}
+    redis_usec = sum(v for k, v in busy.items() if k not in inner)
     counts = await store.counts()
     await store.close()
     by_structure: dict[str, int] = {}
@@ -87,6 +92,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "outbox_calls": counts.outbox,
         "apply_events_per_s": round(sent / apply_s),
         "redis_commands_per_event_apply": round(commands / sent, 3),
+        "redis_usec_per_event_apply": round(redis_usec / sent, 2),
+        "redis_usec_by_command": dict(sorted(busy.items(), key=lambda kv: -kv[1])[:6]),
         "bytes_per_event": {k: round(v / sent, 1) for k, v in sorted(by_structure.items())},
         "keys": dict(sorted(keys.items())),
         "bytes_per_ledger_row": round(
