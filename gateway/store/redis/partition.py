@@ -126,6 +126,12 @@ def dead_key(partition: int, part: str) -> str:
     return f"{{p{partition}}}:dl:{part}"
 
 
+def once_key(partition: int, token: str) -> str:
+    """A script run recorded for a while (`scripts.ONCE_TTL`): the same run sent again (its
+    reply lost with a dropped connection, the client resending) changes nothing twice."""
+    return f"{{p{partition}}}:once:{token}"
+
+
 def seq_key(partition: int) -> str:
     """The partition's counter for outbox and dead-letter ids."""
     return f"{{p{partition}}}:seq"

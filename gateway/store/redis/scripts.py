@@ -27,7 +27,15 @@ from gateway.store.redis.partition import (
 OUTBOX_PARTS = ("keys", "meta", "path", "body", "n", "v", "a", "err")
 DEAD_PARTS = ("meta", "body", "n", "last", "replayed", "groups")
 
-# op codes of the commit script (see `_COMMIT`)
+ONCE_TTL = 60  # seconds a script run's token is kept (see `partition.once_key`)
+
+# after the fence: a run whose token is recorded already happened (its reply was lost)
+_ONCE = f"""
+if redis.call('EXISTS', KEYS[ONCE]) == 1 then return 1 end
+redis.call('SET', KEYS[ONCE], '1', 'EX', {ONCE_TTL})
+"""
+
+# op codes of the commit script (see `COMMIT`)
 SADD, HSET, ZADD_GT, OUTBOX_ADD, OUTBOX_REPLACE, DEAD_ADD, DEAD_JOIN = range(1, 8)
 
 
@@ -82,12 +90,13 @@ local function dead_add(partition, meta, body, rep, at, group)
 end
 """
 
-# ARGV: owner, epoch, cursor (an entry id, or ''), partition, then the ops, each as its
-# code, its number of arguments and those (binary-safe strings: Redis's cmsgpack has no
-# bytes type). One turn of one partition, or nothing: refused (0) unless fenced.
-COMMIT = FENCE_LUA + _PRELUDE + """
+# ARGV: owner, epoch, cursor (an entry id, or ''), partition, the index in KEYS of the
+# run's token (`once_key`), then the ops, each as its code, its number of arguments and
+# those (binary-safe strings: Redis's cmsgpack has no bytes type). One turn of one
+# partition, or nothing: refused (0) unless fenced.
+COMMIT = FENCE_LUA + _PRELUDE + "local ONCE = tonumber(ARGV[5])" + _ONCE + """
 local partition = tonumber(ARGV[4])
-local i = 5
+local i = 6
 while i <= #ARGV do
   local code, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local op = {code, unpack(ARGV, i + 2, i + 1 + n)}
@@ -145,10 +154,11 @@ end
 return 1
 """
 
-# KEYS: fixed, then the item's due set; ARGV: owner, epoch, id, "track" or not, version,
-# (source, key). A track row loses one occurrence (it may have grown meanwhile); another
-# call goes unless a newer version (more traits merged in) still has to go.
-DELIVERED = FENCE_LUA + _PRELUDE + """
+# KEYS: fixed, then the item's due set, the run's token; ARGV: owner, epoch, id, "track" or
+# not, version, (source, key). A track row loses one occurrence (it may have grown
+# meanwhile); another call goes unless a newer version (more traits merged in) still has to
+# go. Not idempotent (a decrement): hence the token.
+DELIVERED = FENCE_LUA + _PRELUDE + "local ONCE = 21" + _ONCE + """
 local id, due = ARGV[3], KEYS[20]
 if redis.call('HEXISTS', KEYS[OB_N], id) == 0 then return 1 end
 if ARGV[4] == 'track' then

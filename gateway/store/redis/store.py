@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +33,9 @@ from typing import Any, TypeVar, cast
 import structlog
 from redis import Redis
 from redis.cluster import RedisCluster as SyncCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import Settings
 from gateway.keys import replay_key
@@ -67,6 +70,7 @@ from gateway.store.redis.partition import (
     ledger_counts_key,
     ledger_days_key,
     ledger_stamps_key,
+    once_key,
     outbox_key,
     partition_of,
     progress_key,
@@ -402,8 +406,11 @@ class RedisStore:
                 moved += 1
             cursor = entry_of(handed[moved - 1]) if moved else ""
             if ops or cursor:
+                # the client resends a command whose connection dropped: the token makes a
+                # second run of an outbox upsert (an increment) change nothing
+                once = ops.key(once_key(partition, secrets.token_hex(8)))
                 ok = self._sync_commit(
-                    keys=ops.keys, args=[member, epoch, cursor, partition, *ops.args()],
+                    keys=ops.keys, args=[member, epoch, cursor, partition, once, *ops.args()],
                     client=self.sync)
                 if not ok:
                     raise PartitionLost(partition)
@@ -484,9 +491,22 @@ class RedisStore:
         ok = False
         if epoch is not None:
             assert self.leases is not None
-            keys = [*fixed_keys(p), due_key(p, item.source)]
-            ok = bool(await self._scripts[name](
-                keys=keys, args=[self.leases.member, epoch, str(item.id), *args]))
+            # one token for every send of this outcome: sent again until Redis answers (a
+            # reply lost with a connection may hide a run that happened), it runs once
+            keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
+            member = self.leases.member
+            told = False
+            while True:
+                try:
+                    ok = bool(await self._scripts[name](
+                        keys=keys, args=[member, epoch, str(item.id), *args]))
+                    break
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if not told:
+                        log.warning("outcome not recorded yet: Redis did not answer; retrying",
+                                    outcome=name, source_id=item.source, error=str(exc))
+                        told = True
+                    await asyncio.sleep(UNANSWERED)
         if not ok:
             log.warning("outcome not recorded: partition no longer owned", partition=p,
                         outcome=name, source_id=item.source)
