@@ -57,6 +57,12 @@ def progress_key(partition: int) -> str:
     return f"{{p{partition}}}:progress"
 
 
+def waiting_key(partition: int) -> str:
+    """Messages in the partition's inbox not yet applied: ingest adds each part's count
+    beside its XADD, the commit takes away what it trims (so counting is O(1))."""
+    return f"{{p{partition}}}:waiting"
+
+
 def lease_key(partition: int) -> str:
     """Who owns the partition now: the owner's id, with a TTL."""
     return f"{{p{partition}}}:lease"
