@@ -82,8 +82,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         text = name.decode()
         m = STRUCTURE.match(text)
         kind = m.group(1) if m else text
-        if kind.startswith("due:"):
-            kind = "due"
+        if kind.startswith(("due:", "once")):
+            kind = kind.split(":")[0]
         by_structure[kind] = by_structure.get(kind, 0) + int(c.memory_usage(name) or 0)
         keys[kind] = keys.get(kind, 0) + 1
     return {
