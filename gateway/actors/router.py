@@ -59,6 +59,24 @@ class Router:
         self._handoff[row_id] = decoded
         return True
 
+    async def prepare(self, rows: list[InboxRow]) -> None:
+        """Decode `rows` ahead of routing them, and load the accounts of their new users in
+        one read per source rather than one per row (a partitioned store's rows are small:
+        the part of a request that fell in one partition)."""
+        users: dict[str, set[str]] = {}
+        for row in rows:
+            if not row.count or row.id in self._handoff or row.source not in self.sources:
+                continue
+            try:
+                decoded = decode_batch(row.body)
+            except InvalidBody:
+                continue  # `route` keeps it as a dead letter
+            self._handoff[row.id] = decoded
+            found = users.setdefault(row.source, set())
+            found.update(u for m in decoded.messages if (u := user_id(m)) is not None)
+        for source, wanted in users.items():
+            await self._learn(source, self._users.setdefault(source, {}), list(wanted))
+
     async def route(self, row: InboxRow, deliver: Deliver) -> list[DeadLetter]:
         """Hand each message of `row` to `deliver`; the dead letters of those that cannot be
         taken (rejected by ingest, replayed dead letters still invalid, unreadable)."""
@@ -124,6 +142,10 @@ class Router:
         found = await self.state.accounts_of(source, missing)
         for user in missing:
             _remember(known, user, found.get(user))
+
+    def forget(self) -> None:
+        """Load users' accounts from the store again (another gateway may have changed them)."""
+        self._users.clear()
 
     def _dead(self, row: InboxRow, items: list[tuple[bytes, str, bool]]) -> list[DeadLetter]:
         """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
