@@ -669,3 +669,21 @@ def test_write_keys_inside_valid_messages_are_not_stored() -> None:
     for stored in (decoded.body, checked.body):
         assert b"wk_secret_2" not in stored
         assert decode_batch(stored).sent_at == decoded.sent_at
+
+
+@pytest.mark.parametrize("name", [b"writeKey", b"write\\u004bey", b"\\u0077riteKey"])
+def test_write_keys_spelt_with_escapes_are_not_stored(name: bytes) -> None:
+    # JSON lets a key be spelt with \u escapes; msgspec reads it as writeKey all the same
+    message = b'{"type":"track","userId":"u1","event":"E","' + name + b'":"wk_secret_3"}'
+    body = b'{"batch":[' + message + b',{"type":"page","userId":"u2","name":"Home"}]}'
+    decoded, checked = decode_batch(body), check_batch(body)
+    assert decoded.valid == checked.valid == 2
+    for stored in (decoded.body, checked.body):
+        assert b"wk_secret_3" not in stored
+        assert [type(m).__name__ for m in decode_batch(stored).messages] == ["Track", "Page"]
+
+
+def test_a_null_write_key_leaves_the_body_as_sent() -> None:
+    # no secret to remove: the body is stored as it came, by either path
+    body = b'{"batch":[{"type":"track","userId":"u1","event":"E","writeKey":null}],"writeKey":null}'
+    assert decode_batch(body).body == check_batch(body).body == body
