@@ -5,14 +5,15 @@ Decoding is on the request path (DESIGN 8). A well-formed batch costs one
 `msgspec` call in C; only a batch that fails validation, or a body large
 enough to hold an oversized message, is looked at message by message.
 Validation lives in the types, so the fast path and the per-message path
-accept exactly the same messages.
+accept exactly the same messages; the one rule a type cannot say (a message
+needs userId or anonymousId) is checked after decoding, by both paths.
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeAlias, TypeVar
 
@@ -48,15 +49,13 @@ class _Fields(msgspec.Struct, kw_only=True, gc=False):
 
 
 class MessageBase(_Fields, kw_only=True, tag_field="type", gc=False):
-    """Fields every Segment call has. Unknown fields are ignored, as Segment does."""
+    """Fields every Segment call has. Unknown fields are ignored, as Segment does.
+
+    "userId or anonymousId is required" is the one rule checked after decoding (`ANONYMOUS`):
+    as a `__post_init__` it would be a call from C into Python per message."""
 
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        # msgspec turns a ValueError raised here into a ValidationError for this message.
-        if self.anonymous:
-            raise ValueError("userId or anonymousId is required")
 
 
 class Identify(MessageBase, kw_only=True, tag="identify"):
@@ -242,14 +241,27 @@ _KEY_FIELD = b'"writeKey"'
 _USER_ID = operator.attrgetter("userId")
 _WRITE_KEY = operator.attrgetter("writeKey")
 
+ANONYMOUS = "userId or anonymousId is required"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 def decode_batch(body: bytes) -> Decoded:
     """Decode a `/v1/batch` body. Raises `InvalidBody`; bad messages come back as `Rejected`."""
-    parsed, body = _read_batch(body, _BATCH, _maybe_keyed(body))
+    return _decode(body, _maybe_keyed(body))
+
+
+def decode_stored(body: bytes) -> Decoded:
+    """`decode_batch` for a body ingest stored: it holds no write key (ingest removed them),
+    so the body is not searched for one. The same messages, rejects and reasons."""
+    return _decode(body, False)
+
+
+def _decode(body: bytes, keyed_body: bool) -> Decoded:
+    parsed, stored = _read_batch(body, _BATCH, keyed_body)
     if isinstance(parsed, Decoded):
         return parsed
+    if _some_anonymous(parsed.batch):
+        return _decode_each(body, None)
     return Decoded(
         messages=parsed.batch,
         rejected=[],
@@ -257,7 +269,7 @@ def decode_batch(body: bytes) -> Decoded:
         integrations=parsed.integrations,
         sent_at=parsed.sentAt,
         write_key=parsed.writeKey,
-        body=body,
+        body=stored,
     )
 
 
@@ -267,11 +279,7 @@ def check_batch(body: bytes) -> Checked:
     parsed, stored = _read_batch(body, _CHECK, None)
     if isinstance(parsed, Decoded):
         return parsed.checked()
-    # MessageBase checks the ids in __post_init__, a call from C per message; here a message
-    # without ids sends the batch down the path that finds each invalid message. `all` over
-    # `map` runs in C: when every userId is truthy no message can lack ids (a falsy one, such
-    # as the valid id 0, is looked at exactly)
-    if not all(map(_USER_ID, parsed.batch)) and any(m.anonymous for m in parsed.batch):
+    if _some_anonymous(parsed.batch):
         return _decode_each(body, None).checked()
     n = len(parsed.batch)
     return Checked(n, n, [], parsed.writeKey, stored)
@@ -382,16 +390,24 @@ def _decode_message(raw: bytes | msgspec.Raw) -> Message | str:
             f"message is {size:,} bytes, over the limit of 32 KB ({MAX_MESSAGE_BYTES:,} bytes)"
         )
     try:
-        return _MESSAGE.decode(raw)
+        message = _MESSAGE.decode(raw)
     except msgspec.ValidationError as exc:
         return _relative(str(exc))
     except RecursionError:
         return "message is nested too deeply"
+    return ANONYMOUS if message.anonymous else message
 
 
 def _maybe_keyed(body: bytes) -> bool:
     """Whether some message may hold a `writeKey` field: by name, or spelt with escapes."""
     return b"\\" in body or _KEY_FIELD in body
+
+
+def _some_anonymous(messages: Sequence[_Fields]) -> bool:
+    """Whether a message lacks both ids: the batch then goes down the path that finds each
+    invalid message. `all` over `map` runs in C: when every userId is truthy no message can
+    lack ids (a falsy one, such as the valid id 0, is looked at exactly)."""
+    return not all(map(_USER_ID, messages)) and any(m.anonymous for m in messages)
 
 
 def _keys_in(messages: Iterable[object]) -> bool:
