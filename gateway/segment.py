@@ -5,13 +5,15 @@ Decoding is on the request path (DESIGN 8). A well-formed batch costs one
 `msgspec` call in C; only a batch that fails validation, or a body large
 enough to hold an oversized message, is looked at message by message.
 Validation lives in the types, so the fast path and the per-message path
-accept exactly the same messages.
+accept exactly the same messages; the one rule a type cannot say (a message
+needs userId or anonymousId) is checked after decoding, by both paths.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeAlias, TypeVar
 
@@ -47,15 +49,13 @@ class _Fields(msgspec.Struct, kw_only=True, gc=False):
 
 
 class MessageBase(_Fields, kw_only=True, tag_field="type", gc=False):
-    """Fields every Segment call has. Unknown fields are ignored, as Segment does."""
+    """Fields every Segment call has. Unknown fields are ignored, as Segment does.
+
+    "userId or anonymousId is required" is the one rule checked after decoding (`ANONYMOUS`):
+    as a `__post_init__` it would be a call from C into Python per message."""
 
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        # msgspec turns a ValueError raised here into a ValidationError for this message.
-        if self.anonymous:
-            raise ValueError("userId or anonymousId is required")
 
 
 class Identify(MessageBase, kw_only=True, tag="identify"):
@@ -110,6 +110,10 @@ class _Object(msgspec.Struct, gc=False):
 class _CheckBase(_Fields, kw_only=True, tag_field="type", gc=False):
     context: _Object | None = None
     integrations: _Object | None = None
+    # not a field of the model (unknown fields are ignored): analytics.js's batching mode
+    # puts the write key in every message, and msgspec finds it here, escaped or not, for
+    # less than a scan of the body costs
+    writeKey: Any = None
 
 
 class _CheckIdentify(_CheckBase, kw_only=True, tag="identify"):
@@ -140,11 +144,13 @@ class _CheckAlias(_CheckBase, kw_only=True, tag="alias"):
     previousId: NonEmpty | int
 
 
+_CheckMessage: TypeAlias = (
+    _CheckIdentify | _CheckGroup | _CheckTrack | _CheckPage | _CheckScreen | _CheckAlias
+)
+
+
 class _CheckBatch(msgspec.Struct, kw_only=True, gc=False):
-    batch: Annotated[
-        list[_CheckIdentify | _CheckGroup | _CheckTrack | _CheckPage | _CheckScreen | _CheckAlias],
-        msgspec.Meta(max_length=MAX_BATCH),
-    ]
+    batch: Annotated[list[_CheckMessage], msgspec.Meta(max_length=MAX_BATCH)]
     context: _Object | None = None
     integrations: _Object | None = None
     sentAt: datetime | None = None
@@ -233,15 +239,29 @@ _ENCODER = msgspec.json.Encoder()
 _B = TypeVar("_B", Batch, _CheckBatch)
 _KEY_FIELD = b'"writeKey"'
 _USER_ID = operator.attrgetter("userId")
+_WRITE_KEY = operator.attrgetter("writeKey")
 
+ANONYMOUS = "userId or anonymousId is required"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 def decode_batch(body: bytes) -> Decoded:
     """Decode a `/v1/batch` body. Raises `InvalidBody`; bad messages come back as `Rejected`."""
-    parsed, body = _read_batch(body, _BATCH)
+    return _decode(body, _maybe_keyed(body))
+
+
+def decode_stored(body: bytes) -> Decoded:
+    """`decode_batch` for a body ingest stored: it holds no write key (ingest removed them),
+    so the body is not searched for one. The same messages, rejects and reasons."""
+    return _decode(body, False)
+
+
+def _decode(body: bytes, keyed_body: bool) -> Decoded:
+    parsed, stored = _read_batch(body, _BATCH, keyed_body)
     if isinstance(parsed, Decoded):
         return parsed
+    if _some_anonymous(parsed.batch):
+        return _decode_each(body, None)
     return Decoded(
         messages=parsed.batch,
         rejected=[],
@@ -249,31 +269,28 @@ def decode_batch(body: bytes) -> Decoded:
         integrations=parsed.integrations,
         sent_at=parsed.sentAt,
         write_key=parsed.writeKey,
-        body=body,
+        body=stored,
     )
 
 
 def check_batch(body: bytes) -> Checked:
     """`decode_batch`'s verdict on a `/v1/batch` body, at a fraction of the cost: the
     messages are validated, not built. Raises `InvalidBody`."""
-    parsed, stored = _read_batch(body, _CHECK)
+    parsed, stored = _read_batch(body, _CHECK, None)
     if isinstance(parsed, Decoded):
         return parsed.checked()
-    # MessageBase checks the ids in __post_init__, a call from C per message; here a message
-    # without ids sends the batch down the path that finds each invalid message
-    users = list(map(_USER_ID, parsed.batch))
-    # `in` on a list runs in C: the common case (every message has a userId) costs ~nothing
-    if (None in users or "" in users) and any(m.anonymous for m in parsed.batch):
+    if _some_anonymous(parsed.batch):
         return _decode_each(body, None).checked()
     n = len(parsed.batch)
     return Checked(n, n, [], parsed.writeKey, stored)
 
 
 def _read_batch(
-    body: bytes, decoder: msgspec.json.Decoder[_B]
+    body: bytes, decoder: msgspec.json.Decoder[_B], keyed_body: bool | None
 ) -> tuple[_B | Decoded, bytes]:
     """The whole batch in one call, and the body to store; or, when some message is
-    invalid or too large, each message decoded on its own (a `Decoded`)."""
+    invalid or too large, each message decoded on its own (a `Decoded`). `keyed_body`: whether
+    a message may hold a `writeKey` (`_maybe_keyed`), or None where the decoded messages say."""
     _check_utf8(body)
     try:
         parsed = decoder.decode(body)
@@ -282,7 +299,9 @@ def _read_batch(
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _not_json(exc) from None
     # analytics.js's batching mode puts the write key in every message too
-    keyed = parsed.writeKey is not None or _KEY_FIELD in body
+    keyed = parsed.writeKey is not None or (
+        _keys_in(parsed.batch) if keyed_body is None else keyed_body
+    )
     if len(body) > MAX_MESSAGE_BYTES or keyed:
         envelope = _ENVELOPE.decode(body)
         if len(body) > MAX_MESSAGE_BYTES and any(
@@ -291,7 +310,7 @@ def _read_batch(
             return _decode_each(body, envelope), body
         if keyed:
             # The write key is a secret: keep it out of what gets stored.
-            body = _persisted(_keyless(envelope.batch), envelope)
+            body = _without_keys(body, envelope)
     return parsed, body
 
 
@@ -343,9 +362,8 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         )
     messages: list[Message] = []
     rejected: list[Rejected] = []
-    keyed = envelope.writeKey is not None or _KEY_FIELD in body
-    if keyed:
-        envelope.batch = _keyless(envelope.batch)
+    if envelope.writeKey is not None or _maybe_keyed(body):
+        body = _without_keys(body, envelope)
     for index, raw in enumerate(envelope.batch):
         outcome = _decode_message(raw)
         if isinstance(outcome, str):
@@ -360,7 +378,7 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
         integrations=envelope.integrations,
         sent_at=envelope.sentAt,
         write_key=envelope.writeKey,
-        body=_persisted(envelope.batch, envelope) if keyed else body,
+        body=body,
     )
 
 
@@ -372,28 +390,60 @@ def _decode_message(raw: bytes | msgspec.Raw) -> Message | str:
             f"message is {size:,} bytes, over the limit of 32 KB ({MAX_MESSAGE_BYTES:,} bytes)"
         )
     try:
-        return _MESSAGE.decode(raw)
+        message = _MESSAGE.decode(raw)
     except msgspec.ValidationError as exc:
         return _relative(str(exc))
     except RecursionError:
         return "message is nested too deeply"
+    return ANONYMOUS if message.anonymous else message
+
+
+def _maybe_keyed(body: bytes) -> bool:
+    """Whether some message may hold a `writeKey` field: by name, or spelt with escapes."""
+    return b"\\" in body or _KEY_FIELD in body
+
+
+def _some_anonymous(messages: Sequence[_Fields]) -> bool:
+    """Whether a message lacks both ids: the batch then goes down the path that finds each
+    invalid message. `all` over `map` runs in C: when every userId is truthy no message can
+    lack ids (a falsy one, such as the valid id 0, is looked at exactly)."""
+    return not all(map(_USER_ID, messages)) and any(m.anonymous for m in messages)
+
+
+def _keys_in(messages: Iterable[object]) -> bool:
+    """Whether some message holds a write key (a `writeKey` not null)."""
+    keys = list(map(_WRITE_KEY, messages))  # in C; `count` compares None by identity first
+    return keys.count(None) != len(keys)
+
+
+def _without_keys(body: bytes, envelope: _Envelope) -> bytes:
+    """The body to store: without the batch's write key and the messages' own (the same
+    body when it holds none), `envelope.batch` set to the messages kept."""
+    kept = _keyless(envelope.batch)
+    if kept is envelope.batch and envelope.writeKey is None:
+        return body
+    envelope.batch = kept
+    return _persisted(kept, envelope)
 
 
 def _keyless(raws: list[msgspec.Raw]) -> list[msgspec.Raw]:
-    """The messages without a `writeKey` field of their own."""
+    """The messages without a `writeKey` field of their own: `raws` itself when none has."""
     out = []
+    changed = False
     for raw in raws:
-        if _KEY_FIELD in bytes(raw):
+        if _maybe_keyed(bytes(raw)):
             try:
                 fields = _FIELDS.decode(raw)
             except (msgspec.DecodeError, RecursionError):
                 # not an object: rejected as it is, and it holds no writeKey field
                 out.append(raw)
                 continue
-            if fields.pop("writeKey", None) is not None:
+            key = fields.pop("writeKey", None)
+            if key is not None and bytes(key) != b"null":  # a null holds no secret
                 raw = msgspec.Raw(_ENCODER.encode(fields))
+                changed = True
         out.append(raw)
-    return out
+    return out if changed else raws
 
 
 def _persisted(kept: list[msgspec.Raw], envelope: _Envelope | None) -> bytes:

@@ -26,7 +26,7 @@ from gateway.segment import (
     InvalidBody,
     Message,
     anonymous_id,
-    decode_batch,
+    decode_stored,
     effective_timestamp,
     merged,
     user_id,
@@ -84,7 +84,7 @@ class Router:
         decoded = self._handoff.pop(row.id, None)
         if decoded is None:
             try:
-                decoded = decode_batch(row.body)
+                decoded = decode_stored(row.body)
             except InvalidBody as exc:
                 return self._dead(row, [(row.body, f"stored body unreadable: {exc.reason}", False)])
         # the same reason repeated is one letter with a count: these messages are at fault

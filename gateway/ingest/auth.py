@@ -14,12 +14,19 @@ from collections.abc import Iterable
 
 from gateway.config import Source
 
+HEADERS = 1024  # Authorization values remembered (each one named a configured key)
+
 
 class Keys:
     """Finds the source of a write key, comparing every key in constant time."""
 
     def __init__(self, sources: Iterable[Source]) -> None:
         self._sources = [(s.write_key.encode(), s) for s in sources]
+        # Authorization header -> its source, for headers that named a configured key: a
+        # client sends the same header on every request, and decoding and comparing it
+        # again cost more than the rest of the check. The lookup hashes the whole value
+        # with the process's random SipHash key, so its time tells nothing about a key
+        self._headers: dict[str, Source] = {}
 
     def find(self, key: str | None) -> Source | None:
         if not key:
@@ -32,15 +39,25 @@ class Keys:
                 found = source
         return found
 
+    def known_header(self, header: str | None) -> Source | None:
+        """The source of an Authorization header seen before (`by_header`), else None."""
+        return None if header is None else self._headers.get(header)
 
-def header_key(header: str | None) -> str | None:
-    """The write key an Authorization header names: the Basic user name; None for no header
-    or a Bearer token; "" (no such key) for any other scheme or a malformed Basic value."""
-    if header is None:
-        return None
-    if header.strip().partition(" ")[0].lower() == "bearer":
-        return None
-    return basic_user(header)
+    def by_header(self, header: str) -> Source | None:
+        """The source of the write key a Basic header names (None: no configured key),
+        remembered for the next request that sends the same header."""
+        found = self.find(basic_user(header))
+        if found is not None:
+            if len(self._headers) >= HEADERS:
+                self._headers.clear()  # only valid headers get here: a rare reset
+            self._headers[header] = found
+        return found
+
+
+def names_key(header: str) -> bool:
+    """Whether an Authorization header names a write key: any scheme but Bearer (an OAuth
+    token); a scheme other than Basic, or a malformed Basic value, names no configured key."""
+    return header.strip().partition(" ")[0].lower() != "bearer"
 
 
 def same_key(a: str, b: str) -> bool:

@@ -45,7 +45,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise BodyError(413, f"request body over {limit} bytes")
     if encoding in ("", "identity"):
         if length is not None:
-            return await request.read()
+            # the stream's own read: the body as it arrived (one chunk: no copy), where
+            # `request.read()` copies it through a bytearray; the length is checked above
+            return await request.content.read()
         return await _read_capped(request, limit)
     return await _gunzip(request, limit)
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.config import Settings, Source
 from gateway.disk import out_of_space
-from gateway.ingest.auth import Keys, header_key, same_key
+from gateway.ingest.auth import Keys, names_key, same_key
 from gateway.ingest.body import BodyError, read_body
 from gateway.segment import (
     Checked,
@@ -134,11 +134,11 @@ class Ingest:
         received_at = time.time()
         if not self._accepting():
             return self._busy("shutting down")
+        header = request.headers.get("Authorization")
+        source = self.keys.known_header(header)
         # a Bearer header (an SDK in OAuth mode) names no write key: the body's writeKey does
-        from_header = header_key(request.headers.get("Authorization"))
-        source: Source | None = None
-        if from_header is not None:
-            source = self.keys.find(from_header)
+        if source is None and header is not None and names_key(header):
+            source = self.keys.by_header(header)
             if source is None:
                 return self._unauthorized()
         if self.backlog.full:

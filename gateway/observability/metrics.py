@@ -21,8 +21,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     generate_latest,
 )
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -53,11 +55,48 @@ class LimiterLike(Protocol):
     def paused_for(self) -> float: ...
 
 
+class Batched:
+    """A counter's child whose increments add up in a plain int, handed to the child when
+    its registry is collected (a scrape): the request path counts each request several
+    times, and a Prometheus child's `inc()` takes a lock and checks its argument each call.
+    Increments and scrapes both run on the event loop, so none is lost between them."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            self.child.inc(self.pending)
+            self.pending = 0.0
+
+
+class _Flush(Collector):
+    """Registered before every family of its registry: a collection first hands the
+    batched increments to their children, so every reader of the registry sees them."""
+
+    def __init__(self, batched: dict[tuple[int, tuple[str, ...]], Batched]) -> None:
+        self._batched = batched
+
+    def collect(self) -> Iterable[Metric]:
+        for each in self._batched.values():
+            each.flush()
+        return ()
+
+
 class Metrics:
     def __init__(self, sources: Iterable[str] = ()) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.pipeline_registry = p = CollectorRegistry(auto_describe=True)
-        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Batched] = {}
+        flush = _Flush(self._children)
+        r.register(flush)
+        p.register(flush)
         self.received = Counter(
             _P + "messages_received", "Messages received by ingest, valid or not.",
             ["source"], registry=r)
@@ -149,13 +188,13 @@ class Metrics:
         self.in_flight.labels(source).set_function(lambda: limiter.limit.in_flight)
         self.paused.labels(source).set_function(limiter.paused_for)
 
-    def child(self, metric: Counter, *labels: str) -> Counter:
-        """`metric.labels(*labels)`, remembered: the request path counts each request
-        several times, and `labels()` takes a lock and validates its arguments each call."""
+    def child(self, metric: Counter, *labels: str) -> Batched:
+        """`metric.labels(*labels)`, remembered and batched (`Batched`): for the request
+        path, where `labels()` and `inc()` would each take a lock on every call."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = self._children[key] = Batched(metric.labels(*labels))
         return found
 
     def render_ingest(self) -> bytes:

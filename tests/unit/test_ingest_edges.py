@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config import Source
-from gateway.ingest.auth import Keys, basic_user
+from gateway.ingest.auth import HEADERS, Keys, basic_user, names_key
 from gateway.ingest.body import BodyError, read_body
 
 
@@ -42,6 +42,29 @@ def test_keys_find_only_exact_matches() -> None:
     assert keys.find("wk_a") is a and keys.find("wk_b") is b
     assert keys.find("wk_") is None and keys.find("") is None and keys.find(None) is None
     assert keys.find("wk_a ") is None
+
+
+def test_keys_remember_only_headers_that_named_a_key() -> None:
+    a = Source(write_key="wk_a", accoil_api_key="k1", name="a")
+    keys = Keys([a])
+    good, other = "Basic " + b64("wk_a:"), "Basic " + b64("wk_x:")
+    assert keys.known_header(good) is None and keys.known_header(None) is None
+    assert keys.by_header(good) is a and keys.known_header(good) is a
+    # an unknown key is checked every time, never remembered (a client cannot fill memory)
+    assert keys.by_header(other) is None and keys.known_header(other) is None
+    assert keys.by_header("Basic !!!") is None and keys.by_header("Digest x") is None
+    for i in range(HEADERS + 5):  # past the bound the memory starts again, still exact
+        keys.by_header("Basic " + b64(f"wk_a:{i}"))
+    assert len(keys._headers) <= HEADERS
+    assert keys.by_header(good) is a
+
+
+@pytest.mark.parametrize(
+    ("header", "names"),
+    [("Basic abc", True), ("bearer tok", False), ("  Bearer tok", False), ("Digest x", True)],
+)
+def test_names_key(header: str, names: bool) -> None:
+    assert names_key(header) is names
 
 
 @pytest.fixture

@@ -248,6 +248,25 @@ def test_each_metrics_owns_its_registry() -> None:
     assert "accoil_gateway_ready 0.0" in b.render()[0].decode()
 
 
+def test_batched_counts_reach_every_reader_of_the_registry() -> None:
+    m = Metrics(["web"])
+    received = m.child(m.received, "web")
+    assert m.child(m.received, "web") is received  # one per family and labels
+    received.inc(5)
+    m.child(m.requests, "/v1/batch", "200").inc()
+    text = m.render()[0].decode()
+    assert 'accoil_gateway_messages_received_total{source="web"} 5.0' in text
+    assert 'accoil_gateway_http_requests_total{route="/v1/batch",status="200"} 1.0' in text
+    received.inc(2)
+    # a collection of the registry itself (as a custom exporter would make) sees them too
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in m.registry.collect() for s in family.samples
+    }
+    assert samples[("accoil_gateway_messages_received_total", (("source", "web"),))] == 7.0
+    assert 'accoil_gateway_messages_received_total{source="web"} 7.0' in m.render()[0].decode()
+
+
 def test_operations_doc_lists_every_metric() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     for family in Metrics().registry.collect():
