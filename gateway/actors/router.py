@@ -68,7 +68,7 @@ class Router:
             if not row.count or row.id in self._handoff or row.source not in self.sources:
                 continue
             try:
-                decoded = decode_batch(row.body)
+                decoded = decode_stored(row.body)
             except InvalidBody:
                 continue  # `route` keeps it as a dead letter
             self._handoff[row.id] = decoded
