@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{rg['redis']['net_in_bytes_per_event']} / {rg['redis']['net_out_bytes_per_event']}"),
             ("Redis CPU (us/event)", rg["redis"]["cpu_us_per_event"]),
             ("Redis used_memory / AOF growth (bytes/event)",
-             f"{rg['redis']['used_memory_bytes_per_event']} / {rg['redis']['aof_bytes_per_event']}"),
+             f"{rg['redis']['used_memory_bytes_per_event']} / "
+             f"{rg['redis']['aof_bytes_per_event']}"),
         ]
     print(table(rows))
     if args.json is not None:

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +162,4 @@ class Fleet:
                          for i, gw in enumerate(self.gateways))
 
 
-def wait_until(check: Callable[[], bool], within: float, what: str, every: float = 0.1) -> float:
-    """Poll `check` until it holds; the seconds it took. AssertionError naming `what`."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > within:
-            raise AssertionError(f"{what}: not within {within:g} s")
-        time.sleep(every)
-    return time.monotonic() - started
-
-
-__all__ = ["ADMIN_TOKEN", "WRITE_KEY", "Fleet", "FleetGateway", "group", "wait_until"]
+__all__ = ["ADMIN_TOKEN", "WRITE_KEY", "Fleet", "FleetGateway", "group"]

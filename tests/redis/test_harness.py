@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from mock_accoil.server import MockAccoilServer
-from tests.redis.fleet import Fleet, wait_until
-from tests.redis.redis_support import RedisClusterNodes, RedisServer, require_redis
+from tests.contract.test_first_run import running
+from tests.redis.fleet import Fleet
+from tests.redis.redis_support import RedisClusterNodes, RedisServer, require_redis, wait_for
 
 
 def test_server_keeps_an_always_fsynced_write_across_kill_9(
@@ -81,25 +82,20 @@ def test_fleet_signals_reach_each_gateways_worker(
         assert all(len(gw.processes()) == 2 for gw in fleet)  # ingest and its worker
         batch = {"batch": [{"type": "track", "messageId": "h1", "userId": "u1", "event": "E"}]}
         a.pause()
-        wait_until(lambda: set(a.processes().values()) == {"T"}, 5, "both processes stopped")
+        wait_for(lambda: set(a.processes().values()) == {"T"},
+                 timeout=5, what="both processes stopped")
         with pytest.raises(OSError):
             a.post("/v1/batch", batch, timeout=1.0)  # nothing answers a stopped gateway
         assert b.post("/v1/batch", batch)[0] == 200
         a.resume()
-        wait_until(lambda: "T" not in a.processes().values(), 5, "both processes running")
+        wait_for(lambda: "T" not in a.processes().values(),
+                 timeout=5, what="both processes running")
         assert a.post("/v1/batch", batch)[0] == 200
         pids = a.processes()
         a.kill()
-        assert a.processes() == {} and not [pid for pid in pids if _running(pid)]
+        assert a.processes() == {} and not [pid for pid in pids if running(pid)]
         assert not a.alive and fleet.alive == [b]
         a.start()  # on the same folder and port
         assert a.post("/v1/batch", batch)[0] == 200
-        wait_until(lambda: mock_accoil.count("u1", "E") == 2, 15, "each gateway's one event")
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+        wait_for(lambda: mock_accoil.count("u1", "E") == 2,
+                 timeout=15, what="each gateway's one event")
