@@ -56,6 +56,9 @@ class Operated(Protocol):
     @property
     def accepting(self) -> bool: ...
 
+    @property
+    def store_down(self) -> str | None: ...
+
     async def render_metrics(self) -> bytes: ...
 
     async def replay(self, ids: list[int] | None, source: str | None) -> int: ...
@@ -114,6 +117,8 @@ class Admin:
             return _json({"ready": False, "reason": "backlog full"}, 503)
         if gw.disk.full:
             return _json({"ready": False, "reason": "data folder full"}, 503)
+        if (down := gw.store_down) is not None:
+            return _json({"ready": False, "reason": down}, 503)
         return _json({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -28,6 +28,8 @@ from gateway.ingest.routes import UNROUTED, Ingest, routing_error
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store import SqliteStore, Store
+from gateway.store.redis.metrics import RedisMetrics
+from gateway.store.redis.store import RedisStore
 from gateway.worker import RemotePipeline
 
 log = structlog.get_logger("gateway")
@@ -48,8 +50,8 @@ class Gateway:
         data = Path(settings.data_dir)
         _make_dir(data)  # the backlog file below lives in it, on a first run too
         remote = settings.pipeline == "process" and store is None
-        self.store: Store = store or SqliteStore(data / "gateway.db", fsync=settings.fsync)
         self.metrics = Metrics(self.sources)
+        self.store: Store = store or _store(settings, self.metrics, apply=not remote)
         self.disk = Disk(data, settings.disk_reserve, owner=True, on_change=self.metrics.disk_full.set)
         self._data = data
         self._lock_fd: int | None = None
@@ -63,9 +65,18 @@ class Gateway:
             self.pipeline = Pipeline(settings, self.store, self.metrics, self.backlog, self.disk)
         self.ingest = Ingest(
             settings, self.store, self.backlog, self.metrics, lambda: self.accepting,
-            lambda: self.disk.full, self.pipeline.committed,
+            lambda: self.disk.full,
+            # a Redis inbox has no row ids to hand over: the pipeline reads the streams
+            None if isinstance(self.store, RedisStore) else self.pipeline.committed,
         )
         self.accepting = False
+
+    @property
+    def store_down(self) -> str | None:
+        """Why the store cannot take requests now, if it cannot (Redis unreachable)."""
+        if isinstance(self.store, RedisStore) and not self.store.reachable:
+            return "Redis unreachable"
+        return None
 
     def _lock(self) -> int:
         assert self._lock_fd is not None
@@ -169,6 +180,16 @@ class Gateway:
 
     async def render_metrics(self) -> bytes:
         return self.metrics.render_ingest() + await self.pipeline.metrics_text()
+
+
+def _store(settings: Settings, metrics: Metrics, *, apply: bool) -> Store:
+    """The store of `settings`; `apply`: this process runs the pipeline too."""
+    if settings.store == "redis":
+        return RedisStore(
+            settings, apply=apply,
+            metrics=RedisMetrics(metrics.pipeline_registry) if apply else None,
+        )
+    return SqliteStore(Path(settings.data_dir) / "gateway.db", fsync=settings.fsync)
 
 
 def _make_dir(path: Path) -> None:

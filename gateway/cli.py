@@ -106,8 +106,7 @@ def describe(settings: Settings, config_path: str | None) -> str:
     if settings.store == "redis" and settings.redis_url:
         lines.append(
             f"store: redis at {shown_url(settings.redis_url)}, {settings.partitions} partitions, "
-            f"WAIT for {settings.redis_wait_replicas} replicas (serve refuses it for now: "
-            "applying from Redis is not built yet)"
+            f"WAIT for {settings.redis_wait_replicas} replicas (not contacted here)"
         )
     return "\n".join(lines)
 

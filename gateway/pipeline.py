@@ -25,11 +25,13 @@ from gateway.mapping import call_kind, upstream
 from gateway.observability.metrics import Metrics
 from gateway.segment import Decoded
 from gateway.store import Counts, Store
+from gateway.store.redis.store import RedisStore
 
 log = structlog.get_logger("gateway.pipeline")
 
 HOUSEKEEPING = 30.0  # seconds between prunings of old message ids, ledger rows, dead letters
 REAP = 1.0  # seconds between deletions of wholly applied inbox segments
+RESYNC = 2.0  # seconds between readings of a shared store's backlog (Redis mode)
 RESTART_RETRY = 0.5  # seconds between tries to reset the inbox's progress on a full disk
 
 
@@ -50,6 +52,9 @@ class Pipeline:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatcher_task: asyncio.Task[None] | None = None
+        if isinstance(store, RedisStore):
+            # another gateway may have changed what this one remembers of its new partitions
+            store.on_owner_change = self.actors.forget
 
     def _calls_queued(self, source_id: str) -> None:
         fwd = self.forwarders.get(source_id)
@@ -78,6 +83,8 @@ class Pipeline:
             self._tasks.append(asyncio.create_task(self._restart_when_room(), name="restart"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._tasks.append(asyncio.create_task(self._reaping(), name="reaping"))
+        if isinstance(self.store, RedisStore):
+            self._tasks.append(asyncio.create_task(self._resyncing(), name="resync"))
         return counts
 
     def _dispatch(self) -> None:
@@ -172,6 +179,18 @@ class Pipeline:
             except Exception as exc:
                 if not out_of_space(exc):  # a full disk is reported once, by `Disk`
                     log.exception("housekeeping failed")
+
+    async def _resyncing(self) -> None:
+        """Redis mode: every gateway accepts and applies, so this one's counters drift from
+        the deployment's backlog; take the store's counts as the truth, often (the backlog
+        bound is then the deployment's)."""
+        while True:
+            await asyncio.sleep(RESYNC)
+            try:
+                counts = await self.store.counts()
+                self.backlog.resync(counts.inbox, counts.outbox)
+            except Exception as exc:
+                log.warning("reading the backlog from Redis failed", error=str(exc))
 
     async def _reaping(self) -> None:
         while True:

@@ -16,18 +16,7 @@ from gateway.config import Settings
 
 log = structlog.get_logger("gateway.server")
 
-# Said instead of pretending: the inbox, partitions and leases exist (gateway/store/redis),
-# but applying and forwarding from Redis waits on the pipeline core's store interfaces
-REDIS_NOT_BUILT = (
-    'store = "redis" is not available yet: the Redis inbox, partitions and leases are built, '
-    "but applying and forwarding from Redis is not (see SCALING.md); "
-    'use store = "sqlite" (the default)'
-)
-
-
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
-    if settings.store == "redis":
-        raise StartupError(REDIS_NOT_BUILT)
     # before anything starts (the data directory's lock, the worker): a busy port is the
     # commonest first-run mistake, and should fail at once
     _check_port(settings.host, settings.port)

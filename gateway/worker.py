@@ -217,7 +217,7 @@ async def _serve(sock: socket.socket) -> None:
     from gateway.observability.logging import Redactor, configure_logging
     from gateway.observability.metrics import Metrics
     from gateway.pipeline import Pipeline
-    from gateway.store import SqliteStore
+    from gateway.store import SqliteStore, Store
 
     reader, writer = await asyncio.open_connection(sock=sock, limit=LIMIT)
     settings = msgspec.json.decode(await reader.readline(), type=Settings)
@@ -227,12 +227,19 @@ async def _serve(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         os.nice(settings.pipeline_nice)
     data = Path(settings.data_dir)
-    store = SqliteStore(data / "gateway.db", fsync=settings.fsync, ingest=False)
     metrics = Metrics(s.id for s in settings.sources)
     backlog = Backlog(settings.max_backlog, data / "backlog")
     # the front makes the reserve; this process releases it when a write of its own is refused
     disk = Disk(data, settings.disk_reserve, owner=False)
-    store.on_refused = disk.refused
+    store: Store
+    if settings.store == "redis":
+        from gateway.store.redis.metrics import RedisMetrics
+        from gateway.store.redis.store import RedisStore
+
+        store = RedisStore(settings, apply=True, metrics=RedisMetrics(metrics.pipeline_registry))
+    else:
+        store = SqliteStore(data / "gateway.db", fsync=settings.fsync, ingest=False)
+        store.on_refused = disk.refused
     pipeline = Pipeline(settings, store, metrics, backlog, disk)
     await store.open()
     writer.write(msgspec.json.encode(Ready(await pipeline.start())) + b"\n")

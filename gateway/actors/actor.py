@@ -43,12 +43,13 @@ class Envelope(msgspec.Struct, gc=False):
 class Actor:
     __slots__ = (
         "source", "account", "mail", "hit_keys", "hit_refs", "tallies", "refs", "marks", "pending",
-        "accounts", "dead", "held", "last", "ledger",
+        "accounts", "dead", "held", "last", "ledger", "partition",
     )
 
     def __init__(self, source: Source, account: str) -> None:
         self.source = source
         self.account = account
+        self.partition = 0  # of the store: the users whose messages it takes are in it
         self.mail: deque[Envelope] = deque()
         self.last = 0.0  # when it last had mail (the dispatcher's clock)
         # the account's ledger rows as committed, so that a turn need not fetch them again

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -29,6 +30,7 @@ from gateway.config import Settings, Source
 from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store import InboxRow, Store
+from gateway.store.base import PartitionLost
 
 if TYPE_CHECKING:
     from gateway.backlog import Backlog
@@ -66,12 +68,15 @@ class Dispatcher:
         self._on_calls = on_calls
         self._disk_full = disk_full  # the data folder is full: turns wait
         self._modes = {s.id: s.track_mode for s in settings.sources}
-        # live actors, least recently given mail first
-        self._live: dict[tuple[str, str], Actor] = {}
+        # live actors, least recently given mail first; one per (source, account, partition):
+        # a partitioned store (Redis) commits each partition's state apart
+        self._live: dict[tuple[str, str, int], Actor] = {}
         self._ready: list[Actor] = []  # actors with mail
         self._spare: list[Actor] = []  # passivated, to be activated again for any account
         self._holding: list[Actor] = []  # actors with state to commit
-        self._flush = Flush(self._modes, self._cached)
+        self._flushes: dict[int, Flush] = {}  # the turn being read, per partition
+        self._pending = 0  # messages in `_flushes`
+        self._partition = 0  # the partition of the record being routed
         self._landing: asyncio.Task[None] | None = None  # the turn being committed
         self._landing_messages = 0
         self._remembered = 0  # ledger rows in the actors' memory (passivated ones' too)
@@ -90,7 +95,7 @@ class Dispatcher:
     @property
     def held(self) -> int:
         """Messages read from the inbox and not committed yet."""
-        return self._flush.messages + self._landing_messages
+        return self._pending + self._landing_messages
 
     def wake(self) -> None:
         self._wake.set()
@@ -131,12 +136,12 @@ class Dispatcher:
                     await self._commit()
                     await self._landed()
                     self._passivate()
-                elif self._flush.messages >= turn:
+                elif self._pending >= turn:
                     await self._commit()
-            if self._flush.messages and (self._due() or (self._stopping and not rows)):
+            if self._pending and (self._due() or (self._stopping and not rows)):
                 await self._commit()
             if not rows:
-                if self._stopping and not self._flush.messages:
+                if self._stopping and not self._pending:
                     await self._landed()
                     return
                 self._passivate()
@@ -161,6 +166,7 @@ class Dispatcher:
         if self._started is None:
             self._started = self._clock
         self._take(row.id, row.count)
+        self._partition = row.partition
         try:
             dead = await self.router.route(row, self._deliver)
         except Exception:
@@ -170,10 +176,11 @@ class Dispatcher:
                 actor.mail.clear()
             self._ready.clear()
             return
-        f = self._flush
+        f = self._flush_of(row.partition)
         f.dead += dead
         f.inbox[row.id] = f.inbox.get(row.id, 0) + row.count
         f.messages += row.count
+        self._pending += row.count
         metrics = self.metrics
         for actor in self._ready:
             if not actor.held:
@@ -196,8 +203,14 @@ class Dispatcher:
         for row_id, count in untaken.items():
             self._take(row_id, count)
 
+    def _flush_of(self, partition: int) -> Flush:
+        f = self._flushes.get(partition)
+        if f is None:
+            f = self._flushes[partition] = Flush(self._modes, partial(self._cached, partition))
+        return f
+
     def _deliver(self, env: Envelope, source: Source, account: str) -> None:
-        key = (source.id, account)
+        key = (source.id, account, self._partition)
         actor = self._live.get(key)
         if actor is None or not actor.mail:
             # first mail of this record: to the end of the registry, most recently used
@@ -205,6 +218,7 @@ class Dispatcher:
                 actor = self._spare.pop().become(source, account) if self._spare else Actor(
                     source, account
                 )
+                actor.partition = self._partition
             else:
                 del self._live[key]
             self._live[key] = actor
@@ -216,26 +230,48 @@ class Dispatcher:
         """End the turn: its state leaves the actors and commits in the background while
         the next turn is read. Turns land in order: this waits for the one before."""
         await self._landed()
-        f = self._flush
-        if not f.messages:
+        if not self._pending:
             return
         for actor in self._holding:
-            f.add(actor)
+            self._flush_of(actor.partition).add(actor)
             actor.reset()
         self._holding.clear()
-        self._flush = Flush(self._modes, self._cached)
+        flushes, self._flushes = self._flushes, {}
         self._started = None
-        self._landing_messages = f.messages
-        self._landing = asyncio.create_task(self._land(f), name="turn")
+        self._landing_messages, self._pending = self._pending, 0
+        self._landing = asyncio.create_task(self._land(flushes), name="turn")
 
     async def _landed(self) -> None:
         if self._landing is not None:
             await self._landing
             self._landing = None
 
-    async def _land(self, f: Flush) -> None:
+    async def _land(self, flushes: dict[int, Flush]) -> None:
+        """Commit the turn, a transaction per partition (one in SQLite mode)."""
+        async with self._turn:
+            outcomes = await asyncio.gather(*(self._land_one(p, f) for p, f in flushes.items()))
+        self._landing_messages = 0
+        live = self._live
+        for (p, f), outcome in zip(flushes.items(), outcomes, strict=True):
+            if outcome is None:
+                continue
+            for row in outcome.rows:
+                if (actor := live.get((row.key.source, row.key.account, p))) is not None:
+                    self._remembered += actor.committed(row)
+            self._report(f, outcome)
+        if self._remembered > LEDGER_CACHE:
+            # the rows of past days, mostly: forget them all (one turn fetches what is
+            # still wanted) rather than track which are old
+            for actor in live.values():
+                actor.ledger.clear()
+            self._remembered = 0
+        self._passivate()
+        self._wake.set()
+
+    async def _land_one(self, partition: int, f: Flush) -> Outcome | None:
         """Commit `f`; when the store refuses it, try again after a pause (the inbox still
-        holds every message of it, and nothing later commits before it)."""
+        holds every message of it, and nothing later commits before it). None: the
+        partition is no longer this gateway's, and its new owner applies these messages."""
         refused = 0  # tries in a row the store refused
         while True:
             if self._disk_full():
@@ -244,9 +280,13 @@ class Dispatcher:
                 await asyncio.sleep(RETRY)
                 continue
             try:
-                async with self._turn:
-                    outcome = await self.store.transact(lambda tx: commit(f, tx))
+                outcome = await self.store.transact(lambda tx: commit(f, tx), partition=partition)
                 break
+            except PartitionLost:
+                log.warning("turn dropped: partition lost", partition=partition,
+                            messages=f.messages)
+                self._forget_partition(partition)
+                return None
             except Exception as exc:
                 # one line per run of refusals; a full disk is reported once, by `Disk`
                 if refused == 0 and not out_of_space(exc):
@@ -255,20 +295,20 @@ class Dispatcher:
                 await asyncio.sleep(RETRY)
         if refused:
             log.info("turn committed after refusals", messages=f.messages, refused=refused)
-        self._landing_messages = 0
-        live = self._live
-        for row in outcome.rows:
-            if (actor := live.get((row.key.source, row.key.account))) is not None:
-                self._remembered += actor.committed(row)
-        if self._remembered > LEDGER_CACHE:
-            # the rows of past days, mostly: forget them all (one turn fetches what is
-            # still wanted) rather than track which are old
-            for actor in live.values():
+        return outcome
+
+    def _forget_partition(self, partition: int) -> None:
+        for actor in self._live.values():
+            if actor.partition == partition:
                 actor.ledger.clear()
-            self._remembered = 0
-        self._report(f, outcome)
-        self._passivate()
-        self._wake.set()
+
+    def forget(self) -> None:
+        """This gateway's partitions changed: what the actors and the router remember of the
+        store (ledger rows, users' accounts) may have been changed by another gateway."""
+        for actor in self._live.values():
+            actor.ledger.clear()
+        self._remembered = 0
+        self.router.forget()
 
     async def prune(self, before: float) -> int:
         """Forget what is older than `before` (dedupe keys, ledger rows), in the store and
@@ -279,8 +319,8 @@ class Dispatcher:
             self._remembered = 0
             return await self.store.prune(before)
 
-    def _cached(self, key: LedgerKey) -> Row | None:
-        actor = self._live.get((key.source, key.account))
+    def _cached(self, partition: int, key: LedgerKey) -> Row | None:
+        actor = self._live.get((key.source, key.account, partition))
         return None if actor is None else actor.ledger.get(key)
 
     def _report(self, f: Flush, outcome: Outcome) -> None:

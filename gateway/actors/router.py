@@ -117,6 +117,10 @@ class Router:
         for user in missing:
             self._remember((source, user), found.get(user))
 
+    def forget(self) -> None:
+        """Load users' accounts from the store again (another gateway may have changed them)."""
+        self._users.clear()
+
     def _remember(self, key: tuple[str, str], account: str | None) -> None:
         self._users.pop(key, None)
         self._users[key] = account

@@ -63,6 +63,7 @@ class InboxRow(msgspec.Struct, array_like=True):
     received_at: float
     body: bytes
     count: int
+    partition: int = 0  # whose state its messages change (a partitioned store; SQLite has one)
 
 
 class Queued(msgspec.Struct, array_like=True):
@@ -96,6 +97,15 @@ class OutboxItem(msgspec.Struct, kw_only=True):
     repeat: int
     version: int
     attempts: int
+
+
+class PartitionLost(Exception):
+    """A partitioned store's turn was refused: this gateway no longer owns the partition
+    (or owns it under a new epoch). Not to be tried again: the new owner applies it."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__(f"partition {partition} is no longer this gateway's")
+        self.partition = partition
 
 
 class Counts(msgspec.Struct):
@@ -242,9 +252,12 @@ class Store(Inbox, ActorState, Outbox, DeadLetters, Protocol):
 
     async def close(self) -> None: ...
 
-    def transact(self, script: Callable[[Turn], T], now: float | None = None) -> Awaitable[T]:
+    def transact(
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
+    ) -> Awaitable[T]:
         """Run `script` in one transaction: all of its writes commit, or none. `now`: the
-        time its writes are stamped with (default: the clock)."""
+        time its writes are stamped with (default: the clock). `partition`: the one whose
+        state the script reads and writes (a partitioned store; SQLite has one)."""
         ...
 
     async def counts(self) -> Counts: ...

@@ -368,7 +368,9 @@ class SqliteStore:
 
     # the dispatcher
 
-    async def transact(self, script: Callable[[Turn], T], now: float | None = None) -> T:
+    async def transact(
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
+    ) -> T:
         try:
             return await self._write(lambda conn: script(SqliteTurn(conn, self._dedupe, now)))
         except Exception:

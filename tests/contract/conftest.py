@@ -5,10 +5,16 @@ worker process (the default) and in the test's process."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.contract import harness
+from tests.redis.redis_support import RedisServer, require_redis
+
+# the contract tests that also run with `store = "redis"` (two-process mode, one Redis): the
+# end-to-end contract (mapping, dedupe, coalescing, ledger, dead letters, replay)
+REDIS_MODULES = {"test_end_to_end"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -16,15 +22,32 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         modes = ["process", "inline"]
         if metafunc.definition.get_closest_marker("inline"):
             modes = ["inline"]
+        elif metafunc.module.__name__.rsplit(".", 1)[-1] in REDIS_MODULES:
+            modes.append("redis")
         metafunc.parametrize("pipeline_mode", modes, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def contract_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    require_redis()
+    server = RedisServer(Path(tmp_path_factory.mktemp("contract-redis")))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)
 def pipeline_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     mode = getattr(request, "param", "inline")
-    harness.Mode.pipeline = mode
+    if mode == "redis":
+        server: RedisServer = request.getfixturevalue("contract_redis")
+        with server.client() as c:
+            c.flushall()
+        harness.Mode.pipeline, harness.Mode.redis_url = "process", server.url
+    else:
+        harness.Mode.pipeline = mode
     yield mode
-    harness.Mode.pipeline = "inline"
+    harness.Mode.pipeline, harness.Mode.redis_url = "inline", None
 
 
 @pytest.fixture(autouse=True)

@@ -30,9 +30,11 @@ ADMIN = "admin_contract_token"
 
 
 class Mode:
-    """The pipeline mode `settings_for` gives: set per test by the contract conftest."""
+    """The pipeline mode `settings_for` gives, and the Redis its gateways share when the
+    store is Redis: set per test by the contract conftest."""
 
     pipeline = "inline"
+    redis_url: str | None = None
 
 
 def settings_for(
@@ -54,6 +56,8 @@ def settings_for(
         "shutdown_timeout": 5.0,
         "pipeline": Mode.pipeline,
     }
+    if Mode.redis_url is not None:
+        fields.update(store="redis", redis_url=Mode.redis_url, partitions=8)
     fields.update(overrides)
     return Settings(**fields)
 

@@ -100,9 +100,11 @@ async def test_a_turn_commits_many_actors_at_once_and_holds_at_most_the_bound(
     turns: list[int] = []
     transact = store.transact
 
-    def counting(script: Callable[[Turn], Any], now: float | None = None) -> Any:
+    def counting(
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
+    ) -> Any:
         turns.append(h.dispatcher.held)
-        return transact(script, now)
+        return transact(script, now, partition)
 
     store.transact = counting  # type: ignore[method-assign]
     await h.applied()
@@ -141,7 +143,9 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
     transact = store.transact
     refused: list[int] = []
 
-    def failing(script: Callable[[Turn], Any], now: float | None = None) -> Any:
+    def failing(
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
+    ) -> Any:
         if len(refused) < 2:
             refused.append(1)
 
@@ -149,8 +153,8 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
                 script(tx)
                 raise OSError("disk full")
 
-            return transact(broken, now)
-        return transact(script, now)
+            return transact(broken, now, partition)
+        return transact(script, now, partition)
 
     store.transact = failing  # type: ignore[method-assign]
     await h.applied()

@@ -67,6 +67,79 @@ def epoch_key(partition: int) -> str:
     return f"{{p{partition}}}:epoch"
 
 
+# The apply path's state (one key per role and partition; a day's dedupe keys and ledger
+# counts in a key of their own, so that pruning drops a day whole)
+
+
+def dedupe_day_key(partition: int, day: str) -> str:
+    """Dedupe keys (`gateway.keys`, 16 bytes) stored on a UTC day (YYYYMMDD): a set."""
+    return f"{{p{partition}}}:dd:{day}"
+
+
+def dedupe_days_key(partition: int) -> str:
+    """The days that have a dedupe set: a set."""
+    return f"{{p{partition}}}:dd"
+
+
+def ledger_counts_key(partition: int, day: str) -> str:
+    """A UTC day's ledger counts (YYYY-MM-DD): a hash, packed (source, user, account,
+    event) -> count."""
+    return f"{{p{partition}}}:lc:{day}"
+
+
+def ledger_stamps_key(partition: int, day: str) -> str:
+    """A UTC day's ledger rows' latest timestamps: a hash, as `ledger_counts_key`."""
+    return f"{{p{partition}}}:lt:{day}"
+
+
+def ledger_days_key(partition: int) -> str:
+    """The ledger's days, scored by when a row of the day was last written: a sorted set."""
+    return f"{{p{partition}}}:ld"
+
+
+def known_key(partition: int) -> str:
+    """Traits already queued per (source, call key), with their day: a hash."""
+    return f"{{p{partition}}}:known"
+
+
+def accounts_key(partition: int) -> str:
+    """(source, user) -> the account a group call put the user in: a hash."""
+    return f"{{p{partition}}}:acct"
+
+
+def outbox_key(partition: int, part: str) -> str:
+    """One field per outbox item id, one hash per part of the items: `meta` (source, key,
+    account, kind: never changed), `path`, `body`, `n` (repeat), `v` (version), `a`
+    (attempts), `err` (last error); `keys` maps (source, key) to the item's id."""
+    return f"{{p{partition}}}:ob:{part}"
+
+
+def due_key(partition: int, source: str) -> str:
+    """A source's outbox items by when they are due: a sorted set of ids."""
+    return f"{{p{partition}}}:due:{source}"
+
+
+def dead_key(partition: int, part: str) -> str:
+    """Dead letters, one field per id, one hash per part: `meta` (never changed), `body`,
+    `n` (repeat), `last` (last occurrence), `replayed`; `groups` maps a grouped reason to
+    its open letter."""
+    return f"{{p{partition}}}:dl:{part}"
+
+
+def seq_key(partition: int) -> str:
+    """The partition's counter for outbox and dead-letter ids."""
+    return f"{{p{partition}}}:seq"
+
+
+# Ids of outbox items and dead letters name their partition in their low bits, so that any
+# gateway finds an id's partition (admin, replay); the counter is the partition's own
+ID_BITS = 14  # partitions are at most 2**14 (`Settings.partitions`)
+
+
+def id_partition(item_id: int) -> int:
+    return item_id & ((1 << ID_BITS) - 1)
+
+
 # The parts of a stored batch body (`Decoded.body`): the messages kept raw, the batch-level
 # fields passed on as they are, so a part decodes exactly as the whole would.
 class _Body(msgspec.Struct, kw_only=True, omit_defaults=True):

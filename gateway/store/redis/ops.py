@@ -1,0 +1,86 @@
+"""A partition turn's writes, buffered for the one script that commits them (`scripts.COMMIT`).
+
+Reads go straight to Redis while a turn runs (the partition's owner is its only writer, so
+what it reads stays true until it commits); writes are collected here as ops, and the turn
+commits them with the inbox cursor in one fenced script, or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from gateway.store.redis.scripts import (
+    DEAD_ADD,
+    DEAD_JOIN,
+    HSET,
+    OUTBOX_ADD,
+    OUTBOX_REPLACE,
+    SADD,
+    ZADD_GT,
+    fixed_keys,
+)
+
+CHUNK = 1000  # arguments of one command inside the script (Lua's stack is bounded)
+
+pack = msgspec.msgpack.encode  # fields and values Python reads back (Lua never does)
+
+
+def field(*parts: Any) -> bytes:
+    """A hash field naming several values (source, user, ...): unambiguous whatever they hold."""
+    return pack(parts)
+
+
+class Ops:
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.keys = fixed_keys(partition)
+        self._index = {k: i + 1 for i, k in enumerate(self.keys)}
+        self.ops: list[list[Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def key(self, name: str) -> int:
+        """The index (in KEYS) of a key the script is to change."""
+        i = self._index.get(name)
+        if i is None:
+            self.keys.append(name)
+            i = self._index[name] = len(self.keys)
+        return i
+
+    def sadd(self, key: str, members: Sequence[bytes | str]) -> None:
+        k = self.key(key)
+        for i in range(0, len(members), CHUNK):
+            self.ops.append([SADD, k, *members[i : i + CHUNK]])
+
+    def hset(self, key: str, pairs: Iterable[tuple[bytes | str, Any]]) -> None:
+        k = self.key(key)
+        flat: list[Any] = [x for pair in pairs for x in pair]
+        for i in range(0, len(flat), CHUNK * 2):
+            self.ops.append([HSET, k, *flat[i : i + CHUNK * 2]])
+
+    def zadd_gt(self, key: str, score: float, member: str) -> None:
+        self.ops.append([ZADD_GT, self.key(key), score, member])
+
+    def outbox(
+        self, replace: bool, due: str, slot: bytes, meta: bytes, path: str, body: bytes,
+        repeat: int, now: float,
+    ) -> None:
+        code = OUTBOX_REPLACE if replace else OUTBOX_ADD
+        self.ops.append([code, self.key(due), slot, meta, path, body, repeat, now])
+
+    def dead(self, meta: bytes, body: bytes, repeat: int, now: float, group: bytes) -> None:
+        self.ops.append([DEAD_ADD, meta, body, repeat, now, group])
+
+    def join(self, letter: int, occurrences: int, now: float) -> None:
+        self.ops.append([DEAD_JOIN, str(letter), occurrences, now])
+
+    def args(self) -> list[Any]:
+        """The ops as the script's arguments: each its code, its length and its values."""
+        out: list[Any] = []
+        for op in self.ops:
+            out += [op[0], len(op) - 1, *op[1:]]
+        return out

@@ -1,0 +1,153 @@
+"""Actor state in Redis: dedupe keys, the ledger, known traits, user -> account links.
+
+All of a user's state is in the user's partition (`partition.py`). The turn's side
+(`StateTurn`) reads straight from Redis with the sync client (the turn runs in a thread)
+and buffers its writes as ops; the async side serves the router (`accounts_of`), admin
+(`ledger_rows`) and housekeeping (`prune`).
+
+- Dedupe: one set per (partition, UTC day the keys were stored), 16-byte members; a
+  lookup asks every day of the window (and tomorrow: another gateway's clock may be
+  ahead) in one round trip; pruning deletes whole days.
+- Ledger: per (partition, day of the event) a hash of counts and one of latest
+  timestamps, fields packed (source, user, account, event); a sorted set of the days,
+  scored by the last write of a row of that day, so pruning drops days no longer written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from redis import Redis
+from redis.cluster import RedisCluster as SyncCluster
+
+from gateway.rules.ledger import LedgerKey, Row
+from gateway.store.base import Known
+from gateway.store.redis.ops import Ops, field, pack
+from gateway.store.redis.partition import (
+    accounts_key,
+    dedupe_day_key,
+    dedupe_days_key,
+    known_key,
+    ledger_counts_key,
+    ledger_days_key,
+    ledger_stamps_key,
+)
+
+SyncClient = Redis | SyncCluster
+
+_unpack_known = msgspec.msgpack.Decoder(tuple[str, bytes]).decode
+_decode_traits = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.encode
+_unpack_ledger = msgspec.msgpack.Decoder(tuple[str, str, str, str]).decode
+
+
+def day_of(at: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(at))
+
+
+def window_days(now: float, window: float) -> list[str]:
+    """The days whose dedupe sets a lookup at `now` asks: the window's, and tomorrow."""
+    days = []
+    at = now - window - 86400
+    while at <= now + 86400:
+        days.append(day_of(at))
+        at += 86400
+    return sorted(set(days))
+
+
+class StateTurn:
+    def __init__(
+        self, client: SyncClient, ops: Ops, now: float, window: float
+    ) -> None:
+        self.client = client
+        self.ops = ops
+        self.p = ops.partition
+        self.now = now
+        self.window = window
+
+    def remember(self, keys: list[bytes]) -> set[bytes]:
+        if not keys:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for day in window_days(self.now, self.window):
+            pipe.smismember(dedupe_day_key(self.p, day), keys)  # type: ignore[arg-type]
+        found: set[bytes] = set()
+        for hits in pipe.execute():
+            found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
+        today = day_of(self.now)
+        new = [k for k in dict.fromkeys(keys) if k not in found]
+        if new:
+            self.ops.sadd(dedupe_day_key(self.p, today), new)
+            self.ops.sadd(dedupe_days_key(self.p), [today])
+        return found
+
+    def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
+        by_day: dict[str, list[LedgerKey]] = {}
+        for key in keys:
+            by_day.setdefault(key.day, []).append(key)
+        if not by_day:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for day, ks in by_day.items():
+            fields = [_ledger_field(k) for k in ks]
+            pipe.hmget(ledger_counts_key(self.p, day), fields)
+            pipe.hmget(ledger_stamps_key(self.p, day), fields)
+        replies = pipe.execute()
+        found: dict[LedgerKey, Row] = {}
+        for i, ks in enumerate(by_day.values()):
+            counts, stamps = replies[2 * i], replies[2 * i + 1]
+            for key, n, ts in zip(ks, counts, stamps, strict=True):
+                if n is not None:
+                    found[key] = Row(key, int(n), ts.decode() if ts is not None else "")
+        return found
+
+    def put_ledger(self, rows: list[Row]) -> None:
+        by_day: dict[str, list[Row]] = {}
+        for row in rows:
+            by_day.setdefault(row.key.day, []).append(row)
+        for day, rs in by_day.items():
+            self.ops.hset(ledger_counts_key(self.p, day), [(_ledger_field(r.key), r.events) for r in rs])
+            self.ops.hset(ledger_stamps_key(self.p, day), [(_ledger_field(r.key), r.last_ts) for r in rs])
+            self.ops.zadd_gt(ledger_days_key(self.p), self.now, day)
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
+        pairs = list(keys)
+        if not pairs:
+            return {}
+        values = self.client.hmget(known_key(self.p), [field(s, k) for s, k in pairs])
+        found: dict[tuple[str, str], Known] = {}
+        for (source, key), value in zip(pairs, values, strict=True):  # type: ignore[arg-type]
+            if value is not None:
+                day, traits = known_value(value)
+                found[(source, key)] = Known(source, key, day, _decode_traits(traits))
+        return found
+
+    def put_known(self, rows: list[Known]) -> None:
+        if rows:
+            self.ops.hset(known_key(self.p), [
+                (field(k.source, k.key), pack((k.day, _encode(k.traits)))) for k in rows])
+
+    def put_accounts(self, rows: list[tuple[str, str, str]]) -> None:
+        if rows:
+            self.ops.hset(accounts_key(self.p), [(field(s, u), a) for s, u, a in rows])
+
+
+def _ledger_field(key: LedgerKey) -> bytes:
+    return field(key.source, key.user, key.account, key.event)
+
+
+def ledger_key_of(raw: bytes, day: str) -> LedgerKey:
+    source, user, account, event = _unpack_ledger(raw)
+    return LedgerKey(source, day, user, account, event)
+
+
+def known_value(value: Any) -> tuple[str, bytes]:
+    """(day, traits as JSON) of a known-traits field."""
+    return _unpack_known(value)
+
+
+def known_day(value: Any) -> str:
+    return _unpack_known(value)[0]

@@ -1,0 +1,675 @@
+"""The Redis store: every role of `gateway.store.base` on one Redis or Redis Cluster.
+
+Two uses, as the SQLite store has: the front (ingest and admin: `apply=False`) and the
+pipeline (`apply=True`), which also holds this gateway's share of the partitions
+(`Leases`), reads the inbox streams of the partitions it owns, commits turns and forwards
+their outboxes.
+
+- A turn is per partition (`transact(script, partition=p)`): the script (the same
+  `gateway.actors.turn.commit` as in SQLite mode) runs in a thread on a sync client; its
+  reads go straight to Redis, its writes are buffered (`ops.Ops`) and commit with the
+  partition's inbox cursor in one fenced script (`scripts.COMMIT`). A refused fence raises
+  `PartitionLost`: the dispatcher drops that turn, and the new owner applies those entries
+  from the committed cursor (dedupe drops what was applied).
+- The cursor moves only past entries every message of which is committed, in order (an
+  entry whose routing failed holds it, as an unfinished record holds an inbox segment in
+  SQLite mode); the commit trims the stream up to it.
+- Inbox row ids are the stream entry ids with the partition (`row_id`), stable across
+  restarts: the ids the router makes from them (for messages without a messageId, for
+  rejected messages' letters) are the same when an entry is read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+import structlog
+from redis import Redis
+from redis.cluster import RedisCluster as SyncCluster
+from redis.exceptions import RedisError
+
+from gateway.config import Settings
+from gateway.keys import replay_key
+from gateway.loader import shown_url
+from gateway.store.base import Counts, InboxRow, OutboxItem, PartitionLost, StoredLetter, Turn
+from gateway.store.redis.connect import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    Client,
+    PartitionCountMismatch,
+    RedisUnavailable,
+    claim_partitions,
+    connect,
+)
+from gateway.store.redis.dead import LETTER_PARTS, DeadTurn, group_field, letter_meta, letters_of
+from gateway.store.redis.dead import unpack_meta as letter_fields
+from gateway.store.redis.inbox import START, RedisInbox
+from gateway.store.redis.lease import Leases
+from gateway.store.redis.metrics import RedisMetrics
+from gateway.store.redis.ops import Ops, field
+from gateway.store.redis.outbox import ITEM_PARTS, OutboxTurn, item_meta, items_of, unpack_meta
+from gateway.store.redis.partition import (
+    ID_BITS,
+    accounts_key,
+    dead_key,
+    dedupe_day_key,
+    dedupe_days_key,
+    due_key,
+    id_partition,
+    inbox_key,
+    known_key,
+    ledger_counts_key,
+    ledger_days_key,
+    ledger_stamps_key,
+    outbox_key,
+    partition_of,
+    progress_key,
+)
+from gateway.store.redis.scripts import (
+    COMMIT,
+    COUNTS,
+    DELIVERED,
+    REJECT,
+    REQUEUE,
+    RETRY,
+    fixed_keys,
+)
+from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
+from gateway.store.redis.state import ledger_key_of as ledger_key_from
+
+log = structlog.get_logger("gateway.store.redis")
+
+T = TypeVar("T")
+READ = 256  # inbox entries read ahead, over all owned partitions
+CONNECT_RETRY = 1.0  # seconds between tries to reach Redis at start
+THREADS = 4  # partition turns committed at once
+UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
+
+
+def row_id(partition: int, entry: str) -> int:
+    """An inbox row's id: its stream entry id and its partition, in one int that grows
+    with the entry id within a partition."""
+    ms, _, seq = entry.partition("-")
+    return (((int(ms) << 20) | int(seq)) << ID_BITS) | partition
+
+
+def entry_of(row: int) -> str:
+    high = row >> ID_BITS
+    return f"{high >> 20}-{high & ((1 << 20) - 1)}"
+
+
+class _Reading:
+    """An owned partition, as the pipeline reads it under one epoch."""
+
+    def __init__(self, epoch: int, after: str) -> None:
+        self.epoch = epoch
+        self.after = after  # the last entry read
+        self.handed: deque[int] = deque()  # rows read, not yet committed, in order
+        self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
+
+
+class _Turn:
+    """One partition's turn: every role's transactional side."""
+
+    def __init__(self, client: SyncClient, ops: Ops, now: float, window: float) -> None:
+        self.now = now
+        self.state = StateTurn(client, ops, now, window)
+        self.outbox = OutboxTurn(client, ops, now)
+        self.dead = DeadTurn(client, ops, now)
+        self.inbox = self
+        self.rows: set[int] = set()
+
+    def applied(self, done: Any) -> None:
+        self.rows.update(done)
+
+
+class RedisStore:
+    def __init__(
+        self, settings: Settings, *, apply: bool, metrics: RedisMetrics | None = None
+    ) -> None:
+        assert settings.redis_url is not None
+        self.url = settings.redis_url
+        self.partitions = settings.partitions
+        self.window = settings.dedupe_window
+        self.wait_replicas = settings.redis_wait_replicas
+        self.apply = apply
+        self.metrics = metrics
+        self.client: Client | None = None
+        self.sync: SyncClient | None = None
+        self.inbox: RedisInbox | None = None
+        self.leases: Leases | None = None
+        self._reading: dict[int, _Reading] = {}
+        self._buffer: deque[tuple[InboxRow, _Reading]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._owning: asyncio.Task[None] | None = None
+        self._scripts: dict[str, Any] = {}
+        self._sync_commit: Any = None
+        self.reachable = False  # the last command to Redis got an answer
+        self._failing = False  # the pipeline's reads are failing
+        self._probe: asyncio.Task[None] | None = None
+        # told when this gateway's partitions changed: what it remembers of them may be stale
+        self.on_owner_change: Callable[[], None] | None = None
+
+    # -- opening -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        told = False
+        while True:
+            try:
+                self.client = await connect(self.url)
+                await claim_partitions(self.client, self.partitions)
+                break
+            except RedisUnavailable as exc:
+                if self.client is not None:
+                    with contextlib.suppress(Exception):
+                        await self.client.aclose()
+                    self.client = None
+                if not told:
+                    log.warning("Redis unreachable; retrying until it answers", error=str(exc),
+                                every_s=CONNECT_RETRY)
+                    told = True
+                await asyncio.sleep(CONNECT_RETRY)
+            except PartitionCountMismatch:
+                if self.client is not None:
+                    await self.client.aclose()
+                raise
+        if told:
+            log.info("Redis reached", url=shown_url(self.url))
+        self.reachable = True
+        client = self.client
+        self.inbox = RedisInbox(client, self.partitions, wait_replicas=self.wait_replicas)
+        for name, text in (("delivered", DELIVERED), ("retry", RETRY), ("reject", REJECT),
+                           ("requeue", REQUEUE), ("counts", COUNTS)):
+            self._scripts[name] = client.register_script(text)
+        self._probe = asyncio.create_task(self._probing(), name="redis-probe")
+        if not self.apply:
+            return
+        options: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
+        }
+        from redis.asyncio.cluster import RedisCluster
+
+        if isinstance(client, RedisCluster):
+            self.sync = SyncCluster.from_url(self.url, **options)
+        else:
+            self.sync = Redis.from_url(self.url, **options)
+        self._sync_commit = self.sync.register_script(COMMIT)
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="redis-turn")
+        self.leases = Leases(client, self.partitions, metrics=self.metrics)
+        self._owning = asyncio.create_task(self._own(), name="leases")
+
+    async def close(self) -> None:
+        for task in (self._owning, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._owning = self._probe = None
+        if self.leases is not None:
+            await self.leases.stop()
+            self._reading.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def _c(self) -> Client:
+        assert self.client is not None, "store is not open"
+        return self.client
+
+    async def _probing(self) -> None:
+        """Keep `reachable` true to what Redis answers (readiness says not ready without it)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._c().ping()
+                if not self.reachable:
+                    log.info("Redis reachable again", url=shown_url(self.url))
+                self.reachable = True
+            except (RedisError, OSError) as exc:
+                if self.reachable:
+                    log.warning("Redis unreachable", url=shown_url(self.url), error=str(exc))
+                self.reachable = False
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    async def _own(self) -> None:
+        leases = self.leases
+        assert leases is not None
+        while True:
+            try:
+                await leases.tick()
+                await self._follow(dict(leases.owned))
+            except (RedisError, OSError) as exc:
+                log.warning("lease round failed; retrying", error=str(exc))
+            await asyncio.sleep(leases.ttl / 3)
+
+    async def _follow(self, owned: dict[int, int]) -> None:
+        """Read the partitions owned from their committed cursors; forget the others."""
+        changed = False
+        for p in list(self._reading):
+            if owned.get(p) != self._reading[p].epoch:
+                del self._reading[p]
+                changed = True
+        fresh = [p for p in owned if p not in self._reading]
+        if fresh:
+            pipe = self._c().pipeline(transaction=False)
+            for p in fresh:
+                pipe.get(progress_key(p))
+            for p, cursor in zip(fresh, await pipe.execute(), strict=True):
+                self._reading[p] = _Reading(owned[p], _text(cursor) if cursor else START)
+            changed = True
+        if changed and self.on_owner_change is not None:
+            self.on_owner_change()
+        if self.metrics is not None and self.inbox is not None:
+            self.metrics.set_lag(await self.inbox.lag(sorted(owned)))
+
+    def _owned(self) -> list[int]:
+        leases = self.leases
+        if leases is None:
+            return []
+        return [p for p, r in self._reading.items() if leases.holds(p) == r.epoch]
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
+        assert self.inbox is not None, "store is not open"
+        return await self.inbox.accept(source, received_at, body, count)
+
+    # -- the router and the dispatcher ------------------------------------------------------------
+
+    async def restart_inbox(self) -> None:
+        """Nothing to reset: an owned partition is read from its committed cursor."""
+
+    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)  # progress is the cursor, moved by the turn's commit
+        return fut
+
+    async def reap(self, taken: int) -> int:
+        return 0  # each commit trims what it applied
+
+    async def _answered(self, what: str, read: Callable[[], Awaitable[T]], otherwise: T) -> T:
+        """`read()`, or `otherwise` while Redis does not answer: the pipeline's loops wait
+        for it rather than die (one line when it goes, one when it is back)."""
+        try:
+            value = await read()
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                log.warning("Redis read failed; waiting for Redis", read=what, error=str(exc))
+                self._failing = True
+            await asyncio.sleep(UNANSWERED)
+            return otherwise
+        if self._failing:
+            log.info("Redis reads answered again")
+            self._failing = False
+        return value
+
+    async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
+        if not self._buffer:
+            await self._answered("inbox", self._read_ahead, None)
+        rows: list[InboxRow] = []
+        while self._buffer and len(rows) < limit:
+            row, reading = self._buffer.popleft()
+            if self._reading.get(row.partition) is not reading:
+                continue  # read under an ownership since lost
+            reading.handed.append(row.id)
+            rows.append(row)
+        return rows
+
+    async def _read_ahead(self) -> None:
+        owned = self._owned()
+        if not owned:
+            return
+        each = max(1, READ // len(owned))
+        pipe = self._c().pipeline(transaction=False)
+        readings = [self._reading[p] for p in owned]
+        for p, r in zip(owned, readings, strict=True):
+            pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}", count=each)
+        replies = await pipe.execute()
+        for p, r, entries in zip(owned, readings, replies, strict=True):
+            for raw_id, fields in entries:
+                entry = _text(raw_id)
+                r.after = entry
+                self._buffer.append((InboxRow(
+                    row_id(p, entry), fields[b"s"].decode(), float(fields[b"t"]), fields[b"b"],
+                    int(fields[b"n"]), p,
+                ), r))
+
+    async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
+        # waits for Redis: a record whose routing failed would hold its partition's cursor
+        while True:
+            found = await self._answered("accounts", lambda: self._accounts(source, users), None)
+            if found is not None:
+                return found
+
+    async def _accounts(self, source: str, users: list[str]) -> dict[str, str]:
+        by_p: dict[int, list[str]] = {}
+        for user in users:
+            by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
+        pipe = self._c().pipeline(transaction=False)
+        for p, us in by_p.items():
+            pipe.hmget(accounts_key(p), [field(source, u) for u in us])
+        found: dict[str, str] = {}
+        for us, values in zip(by_p.values(), await pipe.execute(), strict=True):
+            found.update((u, _text(v)) for u, v in zip(us, values, strict=True) if v is not None)
+        return found
+
+    async def transact(
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
+    ) -> T:
+        reading = self._reading.get(partition)
+        leases = self.leases
+        if reading is None or leases is None or leases.holds(partition) != reading.epoch:
+            self._drop(partition, reading)
+            raise PartitionLost(partition)
+        handed = list(reading.handed)
+        done_before = set(reading.done)
+        at = time.time() if now is None else now
+        member, epoch = leases.member, reading.epoch
+
+        def run() -> tuple[T, set[int], int]:
+            assert self.sync is not None
+            ops = Ops(partition)
+            turn = _Turn(self.sync, ops, at, self.window)
+            result = script(cast(Turn, turn))
+            if not turn.rows <= set(handed):
+                raise PartitionLost(partition)  # rows of an earlier ownership
+            done = done_before | turn.rows
+            moved = 0
+            for row in handed:
+                if row not in done:
+                    break
+                moved += 1
+            cursor = entry_of(handed[moved - 1]) if moved else ""
+            if ops or cursor:
+                ok = self._sync_commit(
+                    keys=ops.keys, args=[member, epoch, cursor, partition, *ops.args()],
+                    client=self.sync)
+                if not ok:
+                    raise PartitionLost(partition)
+            return result, turn.rows, moved
+
+        assert self._pool is not None, "store is not open for applying"
+        try:
+            result, rows, moved = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        except PartitionLost:
+            self._drop(partition, reading)
+            raise
+        if self._reading.get(partition) is reading:
+            reading.done |= rows
+            for _ in range(moved):
+                reading.done.discard(reading.handed.popleft())
+        return result
+
+    def _drop(self, partition: int, reading: _Reading | None) -> None:
+        """Read `partition` again from its committed cursor, if this gateway still owns it
+        at the next lease round: a dropped turn's entries would hold the cursor for ever."""
+        if reading is not None and self._reading.get(partition) is reading:
+            del self._reading[partition]
+
+    # -- the forwarder ---------------------------------------------------------------------------
+
+    async def due(self, source: str, now: float, limit: int) -> list[OutboxItem]:
+        return await self._answered("outbox", lambda: self._due(source, now, limit), [])
+
+    async def _due(self, source: str, now: float, limit: int) -> list[OutboxItem]:
+        owned = self._owned()
+        if not owned:
+            return []
+        pipe = self._c().pipeline(transaction=False)
+        for p in owned:
+            pipe.zrangebyscore(due_key(p, source), "-inf", now, start=0, num=limit, withscores=True)
+        found: list[tuple[float, int, int]] = []
+        for p, pairs in zip(owned, await pipe.execute(), strict=True):
+            found += [(at, int(i), p) for i, at in pairs]
+        found.sort()
+        found = found[:limit]
+        by_p: dict[int, list[tuple[int, float]]] = {}
+        for at, i, p in found:
+            by_p.setdefault(p, []).append((i, at))
+        pipe = self._c().pipeline(transaction=False)
+        for p, ids in by_p.items():
+            for part in ITEM_PARTS:
+                pipe.hmget(outbox_key(p, part), [str(i) for i, _ in ids])
+        replies = iter(await pipe.execute())
+        items: list[tuple[float, OutboxItem]] = []
+        for p, ids in by_p.items():
+            parts = {part: next(replies) for part in ITEM_PARTS}
+            items += items_of(p, [str(i).encode() for i, _ in ids], [at for _, at in ids], parts)
+        items.sort(key=lambda x: (x[0], x[1].id))
+        return [item for _, item in items]
+
+    async def next_due(self, source: str) -> float | None:
+        return await self._answered("outbox", lambda: self._next_due(source), None)
+
+    async def _next_due(self, source: str) -> float | None:
+        owned = self._owned()
+        if not owned:
+            return None
+        pipe = self._c().pipeline(transaction=False)
+        for p in owned:
+            pipe.zrange(due_key(p, source), 0, 0, withscores=True)
+        firsts = [pairs[0][1] for pairs in await pipe.execute() if pairs]
+        return min(firsts) if firsts else None
+
+    async def _fenced(self, name: str, item: OutboxItem, args: list[Any]) -> None:
+        """Run an outcome script for `item` if this gateway still owns its partition; if
+        not, the new owner has the item and sends it (the call was on the wire: at least
+        once)."""
+        p = id_partition(item.id)
+        epoch = None if self.leases is None else self.leases.holds(p)
+        ok = False
+        if epoch is not None:
+            assert self.leases is not None
+            keys = [*fixed_keys(p), due_key(p, item.source)]
+            ok = bool(await self._scripts[name](
+                keys=keys, args=[self.leases.member, epoch, str(item.id), *args]))
+        if not ok:
+            log.warning("outcome not recorded: partition no longer owned", partition=p,
+                        outcome=name, source_id=item.source)
+
+    async def delivered(self, item: OutboxItem) -> None:
+        await self._fenced("delivered", item, [
+            "track" if item.kind == "track" else "", item.version, field(item.source, item.key)])
+
+    async def retry(self, item: OutboxItem, next_at: float, error: str) -> None:
+        await self._fenced("retry", item, [item.attempts + 1, next_at, error])
+
+    async def reject(self, item: OutboxItem, status: int, reason: str) -> None:
+        from gateway.store.base import DeadLetter
+
+        p = id_partition(item.id)
+        raw = await self._c().hget(outbox_key(p, "meta"), str(item.id))  # type: ignore[misc]
+        if raw is None:
+            return
+        account = unpack_meta(raw)[2]
+        letter = DeadLetter(source=item.source, stage="forward", reason=reason, payload=b"",
+                            status=status, path=item.path, account=account)
+        await self._fenced("reject", item, [
+            field(item.source, item.key), "track" if item.kind == "track" else "",
+            letter_meta(letter, time.time()), time.time(), p])
+
+    # -- admin and housekeeping ------------------------------------------------------------------
+
+    async def _letters(self, ids_by_p: dict[int, list[int]]) -> list[StoredLetter]:
+        pipe = self._c().pipeline(transaction=False)
+        for p, ids in ids_by_p.items():
+            for part in LETTER_PARTS:
+                pipe.hmget(dead_key(p, part), [str(i) for i in ids])
+        replies = iter(await pipe.execute())
+        out: list[StoredLetter] = []
+        for ids in ids_by_p.values():
+            parts = {part: next(replies) for part in LETTER_PARTS}
+            out += letters_of(ids, parts)
+        out.sort(key=lambda d: d.id)
+        return out
+
+    async def _letter_ids(self) -> dict[int, list[int]]:
+        pipe = self._c().pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.hkeys(dead_key(p, "meta"))
+        return {
+            p: sorted(int(i) for i in ids)
+            for p, ids in enumerate(await pipe.execute()) if ids
+        }
+
+    async def dead_letters(
+        self, source: str | None, after: int, limit: int, include_replayed: bool
+    ) -> list[StoredLetter]:
+        ids = sorted(i for ids in (await self._letter_ids()).values() for i in ids if i > after)
+        out: list[StoredLetter] = []
+        for start in range(0, len(ids), 1000):
+            chunk: dict[int, list[int]] = {}
+            for i in ids[start : start + 1000]:
+                chunk.setdefault(id_partition(i), []).append(i)
+            for d in await self._letters(chunk):
+                if (source is None or d.source == source) and (
+                        include_replayed or d.replayed_at is None):
+                    out.append(d)
+                    if len(out) == limit:
+                        return out
+        return out
+
+    async def replayable(self, ids: list[int] | None, source: str | None) -> list[StoredLetter]:
+        if ids is None:
+            by_p = await self._letter_ids()
+        else:
+            by_p = {}
+            for i in sorted(set(ids)):
+                if i >= 0 and id_partition(i) < self.partitions:
+                    by_p.setdefault(id_partition(i), []).append(i)
+        return [
+            d for d in await self._letters(by_p)
+            if d.replayed_at is None and (source is None or d.source == source)
+        ]
+
+    async def requeue(self, letters: Sequence[tuple[int, str | None]], now: float) -> int:
+        found = {d.id: d for d in await self.replayable([i for i, _ in letters], None)}
+        done = 0
+        for letter_id, kind in letters:
+            d = found.get(letter_id)
+            if d is None:
+                continue
+            p = id_partition(letter_id)
+            raw = await self._c().hget(dead_key(p, "meta"), str(letter_id))  # type: ignore[misc]
+            grouped = raw is not None and letter_fields(raw)[7]
+            meta = b"" if kind is None else item_meta(
+                d.source, replay_key(letter_id), d.account, kind)
+            group = group_field(d.source, d.stage, d.reason) if grouped else b""
+            done += int(await self._scripts["requeue"](
+                keys=[*fixed_keys(p), due_key(p, d.source)],
+                args=[str(letter_id), field(d.source, replay_key(letter_id)), meta, now, p, group,
+                      d.path or ""]))
+        return done
+
+    async def prune_dead_letters(self, before: float) -> int:
+        pipe = self._c().pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.hgetall(dead_key(p, "last"))
+        gone = 0
+        pipe2 = self._c().pipeline(transaction=False)
+        for p, lasts in enumerate(await pipe.execute()):
+            old = [i for i, at in lasts.items() if float(at) < before]
+            if not old:
+                continue
+            gone += len(old)
+            for part in (*LETTER_PARTS, "groups"):
+                if part != "groups":
+                    pipe2.hdel(dead_key(p, part), *old)
+            groups = await self._c().hgetall(dead_key(p, "groups"))  # type: ignore[misc]
+            stale = [f for f, i in groups.items() if i in set(old)]
+            if stale:
+                pipe2.hdel(dead_key(p, "groups"), *stale)
+        if gone:
+            await pipe2.execute()
+        return gone
+
+    async def counts(self) -> Counts:
+        pipe = self._c().pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.zrange(ledger_days_key(p), 0, -1)
+        days = await pipe.execute()
+        script = self._scripts["counts"]
+        totals = [0, 0, 0, 0, 0]
+        replies = await asyncio.gather(*(
+            script(keys=[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)])
+            for p, ds in enumerate(days)
+        ))
+        for reply in replies:
+            for i, n in enumerate(reply):
+                totals[i] += int(n)
+        return Counts(*totals)
+
+    async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]:
+        pipe = self._c().pipeline(transaction=False)
+        for p in range(self.partitions):
+            pipe.zrange(ledger_days_key(p), 0, -1)
+        wanted: list[tuple[int, str]] = [
+            (p, _text(d)) for p, ds in enumerate(await pipe.execute()) for d in ds
+            if day is None or _text(d) == day
+        ]
+        pipe = self._c().pipeline(transaction=False)
+        for p, d in wanted:
+            pipe.hgetall(ledger_counts_key(p, d))
+            pipe.hgetall(ledger_stamps_key(p, d))
+        replies = await pipe.execute()
+        rows: list[dict[str, Any]] = []
+        for i, (_, d) in enumerate(wanted):
+            counts, stamps = replies[2 * i], replies[2 * i + 1]
+            for raw, n in counts.items():
+                key = ledger_key_from(raw, d)
+                if source is not None and key.source != source:
+                    continue
+                ts = stamps.get(raw)
+                rows.append({
+                    "source": key.source, "day": key.day, "userId": key.user,
+                    "account": key.account, "event": key.event, "count": int(n),
+                    "lastTimestamp": _text(ts) if ts is not None else None,
+                })
+        return rows
+
+    async def prune(self, before: float) -> int:
+        """Forget, in the partitions this gateway owns, dedupe days and ledger days older
+        than `before`, and traits known for days before it."""
+        oldest = day_of(before)
+        known_before = time.strftime("%Y-%m-%d", time.gmtime(before))
+        gone = 0
+        client = self._c()
+        for p in self._owned():
+            days = [_text(d) for d in await client.smembers(dedupe_days_key(p))]  # type: ignore[misc]
+            old = [d for d in days if d < oldest]
+            if old:
+                await client.delete(*(dedupe_day_key(p, d) for d in old))
+                await client.srem(dedupe_days_key(p), *old)  # type: ignore[misc]
+                gone += len(old)
+            stale = [_text(d) for d in await client.zrangebyscore(ledger_days_key(p), "-inf", f"({before}")]
+            if stale:
+                await client.delete(*(k for d in stale for k in (
+                    ledger_counts_key(p, d), ledger_stamps_key(p, d))))
+                await client.zrem(ledger_days_key(p), *stale)
+                gone += len(stale)
+            known = await client.hgetall(known_key(p))  # type: ignore[misc]
+            forget = [f for f, v in known.items() if known_day(v) < known_before]
+            if forget:
+                await client.hdel(known_key(p), *forget)  # type: ignore[misc]
+                gone += len(forget)
+        return gone
+
+    async def checkpoint(self) -> None:
+        """Nothing to do: Redis has no write-ahead log of the gateway's to fold."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,119 @@
+"""What the apply path keeps in Redis per event: `MEMORY USAGE` of each structure after the
+real router and dispatcher applied Segment traffic to a `RedisStore` (SCALING.md's figures).
+
+    python scripts/bench_redis_state.py
+    python scripts/bench_redis_state.py --events 200000 --users 5000 --accounts 500
+
+A `redis-server` on a free port in a temporary folder (AOF everysec, noeviction); the
+traffic's batches appended through `RedisStore.accept`; the pipeline's dispatcher applies
+them (nothing is forwarded: the outbox holds the calls); then every key is measured with
+`MEMORY USAGE` and summed per structure (dedupe sets, ledger counts and stamps, known
+traits, accounts, outbox hashes, dead letters, inbox streams). Also the apply rate of this
+one process, and the Redis commands per event (`INFO commandstats`). The last line of
+output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from benchkit.redis_server import RedisServer
+from benchkit.stack import workdir
+from benchkit.traffic import Traffic
+
+from gateway.actors.dispatcher import Dispatcher
+from gateway.actors.router import Router
+from gateway.backlog import Backlog
+from gateway.config import Settings, Source
+from gateway.observability.metrics import Metrics
+from gateway.store.redis.store import RedisStore
+
+SOURCE = Source(write_key="wk_bench_state_1", accoil_api_key="ak_bench_state_1", name="main")
+# a key's structure: the part after the partition's tag, up to a day or a source
+STRUCTURE = re.compile(r"^\{p\d+\}:([a-z]+(?::[a-z]+)?)")
+
+
+async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
+    settings = Settings(sources=[SOURCE], store="redis", redis_url=server.url,
+                        partitions=args.partitions, flush_interval=0.2)
+    store = RedisStore(settings, apply=True)
+    await store.open()
+    while len(store._owned()) < args.partitions:  # noqa: ASYNC110 (the leases' first round)
+        await asyncio.sleep(0.05)
+    traffic = Traffic(accounts=args.accounts, users=args.users, seed=1)
+    sent = 0
+    while sent < args.events:
+        b = traffic.batch(min(args.batch, args.events - sent))
+        await store.accept(SOURCE.id, time.time(), b.body, len(b.seqs))
+        sent += len(b.seqs)
+    c = server.client()
+    c.config_resetstat()
+    backlog = Backlog(10**9)
+    backlog.accepted(sent)
+    dispatcher = Dispatcher(store, Router(store, {SOURCE.id: SOURCE}), settings,
+                            Metrics([SOURCE.id]), backlog, lambda _: None)
+    started = time.monotonic()
+    task = asyncio.create_task(dispatcher.run())
+    inboxes = [f"{{p{p}}}:inbox" for p in range(args.partitions)]
+    while sum(c.xlen(k) for k in inboxes):  # noqa: ASYNC110 (the commit trims what it applied)
+        await asyncio.sleep(0.2)
+    apply_s = time.monotonic() - started
+    dispatcher.stop()
+    await task
+    stats = c.info("commandstats")
+    commands = sum(int(v["calls"]) for k, v in stats.items() if not k.startswith(
+        ("cmdstat_info", "cmdstat_config", "cmdstat_xlen")))
+    counts = await store.counts()
+    await store.close()
+    by_structure: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    for name in c.scan_iter(count=1000):
+        text = name.decode()
+        m = STRUCTURE.match(text)
+        kind = m.group(1) if m else text
+        if kind.startswith("due:"):
+            kind = "due"
+        by_structure[kind] = by_structure.get(kind, 0) + int(c.memory_usage(name) or 0)
+        keys[kind] = keys.get(kind, 0) + 1
+    return {
+        "events": sent, "partitions": args.partitions, "users": args.users,
+        "accounts": args.accounts, "ledger_rows": counts.ledger_rows,
+        "outbox_calls": counts.outbox,
+        "apply_events_per_s": round(sent / apply_s),
+        "redis_commands_per_event_apply": round(commands / sent, 3),
+        "bytes_per_event": {k: round(v / sent, 1) for k, v in sorted(by_structure.items())},
+        "keys": dict(sorted(keys.items())),
+        "bytes_per_ledger_row": round(
+            (by_structure.get("lc", 0) + by_structure.get("lt", 0)) / max(1, counts.ledger_rows), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--users", type=int, default=5_000)
+    ap.add_argument("--accounts", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--partitions", type=int, default=64)
+    ap.add_argument("--dir", type=Path, default=None)
+    args = ap.parse_args()
+    with workdir(args.dir, "bench-redis-state-") as folder:
+        server = RedisServer(folder / "redis")
+        server.start()
+        try:
+            result = asyncio.run(run(args, server))
+        finally:
+            server.stop()
+    for k, v in result["bytes_per_event"].items():
+        print(f"{k:>12}: {v:8.1f} bytes/event")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

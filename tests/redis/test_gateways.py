@@ -1,0 +1,97 @@
+"""Real gateways (`pipeline = "process"`, the default) on one real redis-server: two of them
+divide the partitions and keep the ledger exact with SDK retries landing on the other one;
+one of them rides out Redis going away (503 with Retry-After, not ready) and comes back by
+itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from mock_accoil.server import MockAccoilServer
+from tests.contract.harness import WRITE_KEY, Running, basic, eventually, running, settings_for
+from tests.redis.redis_support import RedisServer
+
+P = 8
+TS = "2026-11-20T10:00:00.000Z"
+
+
+def redis_settings(mock: MockAccoilServer, data: Path, url: str) -> Settings:
+    return settings_for(mock.url, data, pipeline="process", store="redis", redis_url=url,
+                        partitions=P)
+
+
+def tracks(start: int, n: int, users: int = 20) -> dict[str, Any]:
+    return {"batch": [
+        {"type": "track", "messageId": f"m{i}", "userId": f"u{i % users}", "event": "Built",
+         "timestamp": TS}
+        for i in range(start, start + n)
+    ]}
+
+
+async def owned(gw: Running) -> int:
+    text = await (await gw.http.get(gw.url + "/metrics")).text()
+    found = re.search(r"^accoil_gateway_partitions_owned (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else -1
+
+
+async def test_two_gateways_divide_the_partitions_and_the_ledger_is_exact(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    async with running(redis_settings(mock_accoil, tmp_path / "a", url)) as a, \
+            running(redis_settings(mock_accoil, tmp_path / "b", url)) as b:
+
+        async def divided() -> bool:
+            return (await owned(a), await owned(b)) == (P // 2, P // 2)
+
+        await eventually(divided, timeout=20)
+        for i in range(10):
+            first, other = (a, b) if i % 2 else (b, a)
+            body = tracks(i * 50, 50)
+            assert (await first.post("/v1/batch", body))[0] == 200
+            if i % 3 == 0:
+                # an SDK retry of the same batch, landing on the other gateway
+                assert (await other.post("/v1/batch", body))[0] == 200
+        await a.idle(timeout=30)
+        await b.idle(timeout=30)
+        status, ledger = await b.admin("GET", "/admin/ledger")
+        status_a, stats = await a.admin("GET", "/admin/stats")
+    assert status == 200 and status_a == 200
+    assert sum(r["count"] for r in ledger["ledger"]) == 500
+    assert {r["userId"]: r["count"] for r in ledger["ledger"]} == {f"u{u}": 25 for u in range(20)}
+    assert stats["ledger"] == {"rows": 20, "events": 500}
+    assert stats["inbox_messages"] == 0 and stats["outbox_calls"] == 0
+    assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 500
+
+
+async def test_redis_down_answers_503_and_the_gateway_recovers_by_itself(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with running(redis_settings(mock_accoil, tmp_path, redis_server.url)) as gw:
+        assert (await gw.post("/v1/batch", tracks(0, 10)))[0] == 200
+        await gw.idle()
+        redis_server.kill()
+
+        async def not_ready() -> bool:
+            async with gw.http.get(gw.url + "/readyz") as resp:
+                return resp.status == 503 and (await resp.json())["reason"] == "Redis unreachable"
+
+        await eventually(not_ready, timeout=10)
+        async with gw.http.post(gw.url + "/v1/batch", json=tracks(10, 10),
+                                headers={"Authorization": basic(WRITE_KEY)}) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"]
+        redis_server.start()
+
+        async def ready() -> bool:
+            async with gw.http.get(gw.url + "/readyz") as resp:
+                return resp.status == 200
+
+        await eventually(ready, timeout=10)
+        # the SDK's retry of the refused batch, and more
+        assert (await gw.post("/v1/batch", tracks(10, 10)))[0] == 200
+        assert (await gw.post("/v1/batch", tracks(20, 10)))[0] == 200
+        await gw.idle(timeout=30)
+    assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 30

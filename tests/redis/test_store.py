@@ -1,0 +1,290 @@
+"""The Redis store's roles against a real redis-server (and the Cluster where slots matter):
+a partition turn commits whole or not at all, under its epoch; dedupe is exact across days
+and pruned by the day; the outbox's outcomes are fenced; dead letters, counts and replay
+see every partition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from gateway.config import Settings, Source
+from gateway.keys import dedupe_key, dedupe_prefix
+from gateway.rules.ledger import LedgerKey, Row
+from gateway.store.base import DeadLetter, PartitionLost, Queued, Turn
+from gateway.store.redis.partition import (
+    dedupe_day_key,
+    epoch_key,
+    lease_key,
+    partition_of,
+)
+from gateway.store.redis.state import day_of
+from gateway.store.redis.store import RedisStore, entry_of, row_id
+from tests.redis.redis_support import RedisClusterNodes, RedisServer
+
+P = 4
+SOURCE = Source(write_key="wk_redis_store_1", accoil_api_key="ak_redis_store_1", name="main")
+NOW = 1_764_000_000.0  # 2025-11-24, UTC
+
+
+def settings(url: str) -> Settings:
+    return Settings(sources=[SOURCE], store="redis", redis_url=url, partitions=P)
+
+
+def batch(users: list[str], start: int = 0) -> bytes:
+    return json.dumps({"batch": [
+        {"type": "track", "event": "E", "userId": u, "messageId": f"m{start + i}"}
+        for i, u in enumerate(users)
+    ]}).encode()
+
+
+async def owning(url: str) -> RedisStore:
+    store = RedisStore(settings(url), apply=True)
+    await store.open()
+    for _ in range(200):
+        if len(store._owned()) == P:
+            return store
+        await asyncio.sleep(0.02)
+    raise AssertionError("the store took no partitions")
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    s = await owning(redis_server.url)
+    yield s
+    await s.close()
+
+
+def key(mid: str) -> bytes:
+    return dedupe_key(dedupe_prefix(SOURCE.id), mid)
+
+
+def applying(
+    rows: dict[int, int], then: Callable[[Turn], Any] = lambda tx: None
+) -> Callable[[Turn], Any]:
+    def script(tx: Turn) -> Any:
+        tx.inbox.applied(rows)
+        return then(tx)
+
+    return script
+
+
+async def test_a_turn_commits_its_writes_and_moves_the_cursor_past_applied_entries(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    p = partition_of(SOURCE.id, "u1", P)
+    for start in (0, 10, 20):
+        await store.accept(SOURCE.id, NOW, batch(["u1"] * 10, start), 10)
+    rows = await store.inbox_after(0, 100)
+    assert [r.partition for r in rows] == [p, p, p] and [r.count for r in rows] == [10] * 3
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+    assert row_id(p, entry_of(rows[0].id)) == rows[0].id
+    lk = LedgerKey(SOURCE.id, "2025-11-24", "u1", "u1", "E")
+
+    def write(tx: Turn) -> set[bytes]:
+        found = tx.state.remember([key("m0"), key("m1")])
+        tx.state.put_ledger([Row(lk, 2, "2025-11-24T00:00:00.000Z")])
+        tx.outbox.add([Queued(SOURCE.id, "k1", "u1", "track", "/v2/track", b'{"a":1}', 2)])
+        return found
+
+    # the second entry first: the cursor may not pass the first, which is not applied
+    assert await store.transact(applying({rows[1].id: 10}, write), NOW, p) == set()
+    c = redis_server.client()
+    assert c.get(f"{{p{p}}}:progress") is None and c.xlen(f"{{p{p}}}:inbox") == 3
+    await store.transact(applying({rows[0].id: 10}), NOW, p)
+    assert c.get(f"{{p{p}}}:progress") == entry_of(rows[1].id).encode()
+    assert c.xlen(f"{{p{p}}}:inbox") == 1  # trimmed up to the cursor
+    counts = await store.counts()
+    assert (counts.inbox, counts.outbox, counts.ledger_rows, counts.ledger_events) == (10, 2, 1, 2)
+    assert await store.transact(lambda tx: tx.state.ledger([lk]), NOW, p) == {
+        lk: Row(lk, 2, "2025-11-24T00:00:00.000Z")}
+    assert await store.ledger(SOURCE.id, "2025-11-24") == [{
+        "source": "main", "day": "2025-11-24", "userId": "u1", "account": "u1", "event": "E",
+        "count": 2, "lastTimestamp": "2025-11-24T00:00:00.000Z"}]
+
+
+async def test_a_lost_partition_refuses_the_whole_turn(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    p = partition_of(SOURCE.id, "u1", P)
+    await store.accept(SOURCE.id, NOW, batch(["u1"] * 3), 3)
+    rows = await store.inbox_after(0, 100)
+    # another gateway takes the partition (the lease moved on, the epoch raised), as after
+    # this one was paused past its lease
+    c = redis_server.client()
+    c.set(lease_key(p), "someone-else")
+    c.incr(epoch_key(p))
+
+    def write(tx: Turn) -> None:
+        tx.state.remember([key("m0")])
+        tx.state.put_accounts([(SOURCE.id, "u1", "acme")])
+
+    with pytest.raises(PartitionLost):
+        await store.transact(applying({rows[0].id: 3}, write), NOW, p)
+    assert c.get(f"{{p{p}}}:progress") is None
+    assert c.exists(dedupe_day_key(p, day_of(NOW)), f"{{p{p}}}:acct") == 0
+    assert c.xlen(f"{{p{p}}}:inbox") == 1
+
+
+async def test_dedupe_is_exact_across_days_and_pruned_by_the_day(store: RedisStore) -> None:
+    p = partition_of(SOURCE.id, "u1", P)
+    day = 86400.0
+    keys = [key(f"m{i}") for i in range(50)]
+
+    def remember(ks: list[bytes]) -> Callable[[Turn], set[bytes]]:
+        return lambda tx: tx.state.remember(ks)
+
+    assert await store.transact(remember(keys[:30]), NOW, p) == set()
+    # a day later, within the window: every key stored the day before is found
+    assert await store.transact(remember(keys), NOW + day, p) == set(keys[:30])
+    # in the same list twice: the rules see the second (`first_seen`); stored once
+    assert await store.transact(remember(keys[40:] + keys[40:]), NOW + day, p) == set(keys[40:])
+    assert await store.prune(NOW + day - 1) >= 1  # the first day's set goes whole
+    assert await store.transact(remember(keys), NOW + day, p) == set(keys[30:])
+
+
+async def test_outbox_outcomes_are_fenced(store: RedisStore, redis_server: RedisServer) -> None:
+    p = partition_of(SOURCE.id, "u2", P)
+    await store.accept(SOURCE.id, NOW, batch(["u2"]), 1)
+    rows = await store.inbox_after(0, 100)
+    await store.transact(applying({rows[0].id: 1}, lambda tx: tx.outbox.add([
+        Queued(SOURCE.id, "t1", "u2", "track", "/v2/track", b'{"n":1}', 3),
+        Queued(SOURCE.id, "i1", "u2", "identify", "/v2/identify", b'{"n":2}', 1),
+    ])), NOW, p)
+    items = {i.key: i for i in await store.due(SOURCE.id, time.time(), 10)}
+    assert {k: i.repeat for k, i in items.items()} == {"t1": 3, "i1": 1}
+    await store.delivered(items["t1"])  # one occurrence of three went out
+    await store.retry(items["i1"], time.time() + 3600, "503")
+    due = await store.due(SOURCE.id, time.time(), 10)
+    assert [(i.key, i.repeat) for i in due] == [("t1", 2)]
+    assert (await store.next_due(SOURCE.id) or 0) <= time.time()
+    # the partition moves on: this gateway's outcomes are refused, the item stays as it was
+    c = redis_server.client()
+    c.set(lease_key(p), "someone-else")
+    c.incr(epoch_key(p))
+    await store.delivered(due[0])
+    await store.reject(due[0], 400, "bad")
+    assert c.hget(f"{{p{p}}}:ob:n", str(due[0].id)) == b"2"
+    assert (await store.counts()).dead_letters == 0
+
+
+async def test_dead_letters_and_replay_across_partitions(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    users = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    parts = {partition_of(SOURCE.id, u, P) for u in users}
+    assert len(parts) >= 2
+    for i, u in enumerate(users):
+        await store.accept(SOURCE.id, NOW, batch([u], i), 1)
+    rows = await store.inbox_after(0, 100)
+    letter = DeadLetter(source=SOURCE.id, stage="forward", reason="Accoil answered 400",
+                        payload=b'{"userId":"x"}', status=400, path="/v2/track",
+                        repeat=2, account="acme")
+
+    def dead(tx: Turn) -> None:
+        tx.dead.add([letter])
+
+    for row in rows:
+        await store.transact(applying({row.id: 1}, dead), NOW, row.partition)
+    letters = await store.dead_letters(None, 0, 100, False)
+    assert len(letters) == len(users) and [d.id for d in letters] == sorted(d.id for d in letters)
+    page = await store.dead_letters(None, 0, 2, False)
+    rest = await store.dead_letters(None, page[-1].id, 100, False)
+    assert [d.id for d in page + rest] == [d.id for d in letters]
+    assert (await store.counts()).dead_letters == len(users)
+    first = letters[0]
+    assert await store.requeue([(first.id, "track")], NOW) == 1
+    assert await store.requeue([(first.id, "track")], NOW) == 0  # once
+    assert (await store.counts()).dead_letters == len(users) - 1
+    requeued = [i for i in await store.due(SOURCE.id, time.time(), 100)]
+    assert [(i.path, i.body, i.repeat, i.kind) for i in requeued] == [
+        ("/v2/track", b'{"userId":"x"}', 2, "track")]
+    assert len(await store.dead_letters(None, 0, 100, True)) == len(users)
+    assert await store.prune_dead_letters(time.time() + 1) == len(users)
+    assert await store.dead_letters(None, 0, 100, True) == []
+
+
+async def test_a_store_started_while_redis_is_down_waits_for_it(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_factory()
+    server.kill()
+    store = RedisStore(settings(server.url), apply=False)
+    opening = asyncio.create_task(store.open())
+    await asyncio.sleep(1.5)
+    assert not opening.done()  # retrying, not crashed
+    server.start()
+    await asyncio.wait_for(opening, 10)
+    assert store.reachable
+    await store.accept(SOURCE.id, NOW, batch(["u1"]), 1)
+    server.kill()
+    for _ in range(100):
+        if not store.reachable:
+            break
+        await asyncio.sleep(0.05)
+    assert not store.reachable
+    with pytest.raises(Exception, match="Redis"):
+        await store.accept(SOURCE.id, NOW, batch(["u1"]), 1)
+    server.start()
+    for _ in range(100):
+        if store.reachable:
+            break
+        await asyncio.sleep(0.05)
+    assert store.reachable
+    await store.accept(SOURCE.id, NOW, batch(["u1"]), 1)
+    await store.close()
+
+
+async def test_a_turn_and_its_outbox_on_a_cluster(redis_cluster: RedisClusterNodes) -> None:
+    store = await owning(redis_cluster.url)
+    try:
+        users = [f"u{i}" for i in range(12)]
+        await store.accept(SOURCE.id, NOW, batch(users), len(users))
+        rows = await store.inbox_after(0, 100)
+        assert len({r.partition for r in rows}) >= 2
+
+        def write(row_id: int) -> Callable[[Turn], None]:
+            def script(tx: Turn) -> None:
+                tx.state.remember([key(f"{row_id}")])
+                tx.outbox.add([Queued(SOURCE.id, f"k{row_id}", "a", "track", "/v2/track",
+                                      b"{}", 1)])
+
+            return script
+
+        for row in rows:
+            await store.transact(applying({row.id: row.count}, write(row.id)), NOW, row.partition)
+        counts = await store.counts()
+        assert (counts.inbox, counts.outbox) == (0, len(rows))
+        due = await store.due(SOURCE.id, time.time(), 100)
+        assert len(due) == len(rows)
+        for item in due:
+            await store.delivered(item)
+        assert (await store.counts()).outbox == 0
+    finally:
+        await store.close()
+
+
+async def test_a_turn_dropped_while_the_partition_is_still_owned_is_read_again(
+    store: RedisStore,
+) -> None:
+    # the lease went stale here (a pause past `ttl`) but no one took it: the dropped turn's
+    # entries must not hold the cursor for ever; they are read again from it
+    p = partition_of(SOURCE.id, "u1", P)
+    await store.accept(SOURCE.id, NOW, batch(["u1"] * 2), 2)
+    rows = await store.inbox_after(0, 100)
+    assert store.leases is not None
+    store.leases._valid_until = 0.0
+    with pytest.raises(PartitionLost):
+        await store.transact(applying({rows[0].id: 2}), NOW, p)
+    assert await store.inbox_after(0, 100) == []
+    await store.leases.tick()
+    await store._follow(dict(store.leases.owned))
+    again = await store.inbox_after(0, 100)
+    assert [r.id for r in again] == [rows[0].id]
+    await store.transact(applying({again[0].id: 2}), NOW, p)
+    assert (await store.counts()).inbox == 0
