@@ -31,7 +31,7 @@ log = structlog.get_logger("gateway.pipeline")
 
 HOUSEKEEPING = 30.0  # seconds between prunings of old message ids, ledger rows, dead letters
 REAP = 1.0  # seconds between deletions of wholly applied inbox segments
-RESYNC = 2.0  # seconds between readings of a shared store's backlog (Redis mode)
+RESYNC = 10.0  # seconds between readings of a shared store's backlog (Redis mode)
 RESTART_RETRY = 0.5  # seconds between tries to reset the inbox's progress on a full disk
 
 

@@ -8,7 +8,9 @@ reach `max_in_flight`, when the oldest has waited `flush_interval`, when the liv
 reach `max_actors`, or at shutdown; then the state of every actor that took mail commits
 as one transaction (`gateway.actors.turn`), with the turn's progress through the inbox.
 Messages held are bounded in total, so memory stays flat whatever the backlog and the
-number of accounts. After a turn every actor holds nothing: those idle for `actor_idle`
+number of accounts. A partitioned store (Redis, SCALING.md) commits each partition's state
+apart: an actor is per (source, account, partition), and a turn is one transaction per
+partition (SQLite mode has one partition). After a turn every actor holds nothing: those idle for `actor_idle`
 are passivated by dropping them.
 """
 
@@ -125,6 +127,7 @@ class Dispatcher:
             rows = []
             if self.held < s.max_in_flight:
                 rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
+                await self.router.prepare(rows)
             for row in rows:
                 if row.count and self.backlog.ingest_first:
                     # the inbox is durable: while requests arrive, answer them first and

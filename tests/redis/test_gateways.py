@@ -12,7 +12,7 @@ from typing import Any
 from gateway.config import Settings
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import WRITE_KEY, Running, basic, eventually, running, settings_for
-from tests.redis.redis_support import RedisServer
+from tests.redis.redis_support import RedisClusterNodes, RedisServer
 
 P = 8
 TS = "2026-11-20T10:00:00.000Z"
@@ -95,3 +95,17 @@ async def test_redis_down_answers_503_and_the_gateway_recovers_by_itself(
         assert (await gw.post("/v1/batch", tracks(20, 10)))[0] == 200
         await gw.idle(timeout=30)
     assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 30
+
+
+async def test_a_gateway_on_a_redis_cluster(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_cluster: RedisClusterNodes
+) -> None:
+    # P = 8 partitions spread over 3 primaries: every turn's commit script and every
+    # outcome runs on the node of its partition's slot
+    async with running(redis_settings(mock_accoil, tmp_path, redis_cluster.url)) as gw:
+        assert (await gw.post("/v1/batch", tracks(0, 100)))[0] == 200
+        assert (await gw.post("/v1/batch", tracks(50, 100)))[0] == 200  # half of it again
+        await gw.idle(timeout=30)
+        status, stats = await gw.admin("GET", "/admin/stats")
+    assert status == 200 and stats["ledger"] == {"rows": 20, "events": 150}
+    assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 150

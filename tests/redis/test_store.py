@@ -17,12 +17,17 @@ from gateway.config import Settings, Source
 from gateway.keys import dedupe_key, dedupe_prefix
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store.base import DeadLetter, PartitionLost, Queued, Turn
+from gateway.store.redis.ops import Ops, field
+from gateway.store.redis.outbox import OutboxTurn
 from gateway.store.redis.partition import (
     dedupe_day_key,
+    due_key,
     epoch_key,
     lease_key,
+    once_key,
     partition_of,
 )
+from gateway.store.redis.scripts import fixed_keys
 from gateway.store.redis.state import day_of
 from gateway.store.redis.store import RedisStore, entry_of, row_id
 from tests.redis.redis_support import RedisClusterNodes, RedisServer
@@ -288,3 +293,28 @@ async def test_a_turn_dropped_while_the_partition_is_still_owned_is_read_again(
     assert [r.id for r in again] == [rows[0].id]
     await store.transact(applying({again[0].id: 2}), NOW, p)
     assert (await store.counts()).inbox == 0
+
+
+async def test_a_script_sent_again_with_its_token_changes_nothing_twice(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # redis-py sends a command again when its connection drops, and the first may have run:
+    # the outbox's increments (a commit's upsert, a delivery's decrement) must not double
+    p = partition_of(SOURCE.id, "u1", P)
+    assert store.leases is not None and store.sync is not None
+    member, epoch = store.leases.member, store.leases.owned[p]
+    ops = Ops(p)
+    OutboxTurn(store.sync, ops, NOW).add(
+        [Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 3)])
+    once = ops.key(once_key(p, "commit-1"))
+    for _ in range(2):
+        assert store._sync_commit(keys=ops.keys, args=[member, epoch, "", p, once, *ops.args()],
+                                  client=store.sync)
+    c = redis_server.client()
+    (item,) = await store.due(SOURCE.id, time.time(), 10)
+    assert item.repeat == 3
+    keys = [*fixed_keys(p), due_key(p, SOURCE.id), once_key(p, "delivered-1")]
+    for _ in range(2):
+        await store._scripts["delivered"](keys=keys, args=[
+            member, epoch, str(item.id), "track", item.version, field(SOURCE.id, "t1")])
+    assert c.hget(f"{{p{p}}}:ob:n", str(item.id)) == b"2"

@@ -1,6 +1,7 @@
-"""The Redis backend (scale-out, SCALING.md): partitions, the inbox streams, leases.
+"""The Redis backend (scale-out, SCALING.md): every store role on one Redis or Redis Cluster.
 
-Built so far: partitioning, the durable inbox (ingest's side and the owner's reading side)
-and partition ownership with fencing epochs. Applying and forwarding from Redis wait on
-the pipeline core's store interfaces (issue 9).
+`partition.py` (who goes where, key names), `connect.py`, `inbox.py` (the streams),
+`lease.py` (ownership and fencing), `state.py`, `outbox.py`, `dead.py` (each role's keys and
+its turn side), `ops.py` and `scripts.py` (a turn's buffered writes and the fenced scripts
+that commit them), `store.py` (`RedisStore`, the roles joined), `metrics.py`.
 """

@@ -37,6 +37,7 @@ from gateway.store.redis.partition import (
     lease_key,
     progress_key,
     split,
+    waiting_key,
 )
 
 Fields = dict[Any, Any]  # an entry's fields, as XADD takes them
@@ -117,12 +118,13 @@ class RedisInbox:
         pipe = self.client.pipeline(transaction=False)
         for p, fields in parts.items():
             pipe.xadd(inbox_key(p), fields)
+            pipe.incrby(waiting_key(p), fields["n"])
         if self.wait_replicas:
             pipe.wait(self.wait_replicas, self.wait_timeout_ms)
         results = await pipe.execute()
         if self.wait_replicas:
             self._check_wait(results.pop())
-        return {p: _text(r) for p, r in zip(parts, results, strict=True)}
+        return {p: _text(r) for p, r in zip(parts, results[::2], strict=True)}
 
     async def _append_cluster(
         self, cluster: RedisCluster, parts: dict[int, Fields]
@@ -201,6 +203,8 @@ class RedisInbox:
                 commands.append(PipelineCommand(len(commands), "ASKING"))
             commands.append(
                 PipelineCommand(len(commands), "XADD", inbox_key(p), "*", *_flat(parts[p])))
+            commands.append(
+                PipelineCommand(len(commands), "INCRBY", waiting_key(p), parts[p]["n"]))
         if self.wait_replicas:
             commands.append(
                 PipelineCommand(len(commands), "WAIT", self.wait_replicas, self.wait_timeout_ms))

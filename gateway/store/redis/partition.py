@@ -57,6 +57,12 @@ def progress_key(partition: int) -> str:
     return f"{{p{partition}}}:progress"
 
 
+def waiting_key(partition: int) -> str:
+    """Messages in the partition's inbox not yet applied: ingest adds each part's count
+    beside its XADD, the commit takes away what it trims (so counting is O(1))."""
+    return f"{{p{partition}}}:waiting"
+
+
 def lease_key(partition: int) -> str:
     """Who owns the partition now: the owner's id, with a TTL."""
     return f"{{p{partition}}}:lease"
@@ -124,6 +130,12 @@ def dead_key(partition: int, part: str) -> str:
     `n` (repeat), `last` (last occurrence), `replayed`; `groups` maps a grouped reason to
     its open letter."""
     return f"{{p{partition}}}:dl:{part}"
+
+
+def once_key(partition: int, token: str) -> str:
+    """A script run recorded for a while (`scripts.ONCE_TTL`): the same run sent again (its
+    reply lost with a dropped connection, the client resending) changes nothing twice."""
+    return f"{{p{partition}}}:once:{token}"
 
 
 def seq_key(partition: int) -> str:

@@ -22,12 +22,21 @@ from gateway.store.redis.partition import (
     outbox_key,
     progress_key,
     seq_key,
+    waiting_key,
 )
 
 OUTBOX_PARTS = ("keys", "meta", "path", "body", "n", "v", "a", "err")
 DEAD_PARTS = ("meta", "body", "n", "last", "replayed", "groups")
 
-# op codes of the commit script (see `_COMMIT`)
+ONCE_TTL = 60  # seconds a script run's token is kept (see `partition.once_key`)
+
+# after the fence: a run whose token is recorded already happened (its reply was lost)
+_ONCE = f"""
+if redis.call('EXISTS', KEYS[ONCE]) == 1 then return 1 end
+redis.call('SET', KEYS[ONCE], '1', 'EX', {ONCE_TTL})
+"""
+
+# op codes of the commit script (see `COMMIT`)
 SADD, HSET, ZADD_GT, OUTBOX_ADD, OUTBOX_REPLACE, DEAD_ADD, DEAD_JOIN = range(1, 8)
 
 
@@ -37,6 +46,7 @@ def fixed_keys(partition: int) -> list[str]:
         inbox_key(partition), seq_key(partition),
         *(outbox_key(partition, part) for part in OUTBOX_PARTS),
         *(dead_key(partition, part) for part in DEAD_PARTS),
+        waiting_key(partition),
     ]
 
 
@@ -44,7 +54,7 @@ FIXED = len(fixed_keys(0))
 
 # KEYS: see `fixed_keys`. Helpers shared by the scripts below.
 _PRELUDE = f"""
-local K_LEASE, K_EPOCH, K_PROGRESS, K_INBOX, K_SEQ = 1, 2, 3, 4, 5
+local K_LEASE, K_EPOCH, K_PROGRESS, K_INBOX, K_SEQ, K_WAITING = 1, 2, 3, 4, 5, 20
 local OB_KEYS, OB_META, OB_PATH, OB_BODY, OB_N, OB_V, OB_A, OB_ERR = 6, 7, 8, 9, 10, 11, 12, 13
 local DL_META, DL_BODY, DL_N, DL_LAST, DL_REPLAYED, DL_GROUPS = 14, 15, 16, 17, 18, 19
 
@@ -82,12 +92,13 @@ local function dead_add(partition, meta, body, rep, at, group)
 end
 """
 
-# ARGV: owner, epoch, cursor (an entry id, or ''), partition, then the ops, each as its
-# code, its number of arguments and those (binary-safe strings: Redis's cmsgpack has no
-# bytes type). One turn of one partition, or nothing: refused (0) unless fenced.
-COMMIT = FENCE_LUA + _PRELUDE + """
+# ARGV: owner, epoch, cursor (an entry id, or ''), partition, the index in KEYS of the
+# run's token (`once_key`), then the ops, each as its code, its number of arguments and
+# those (binary-safe strings: Redis's cmsgpack has no bytes type). One turn of one
+# partition, or nothing: refused (0) unless fenced.
+COMMIT = FENCE_LUA + _PRELUDE + "local ONCE = tonumber(ARGV[5])" + _ONCE + """
 local partition = tonumber(ARGV[4])
-local i = 5
+local i = 6
 while i <= #ARGV do
   local code, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local op = {code, unpack(ARGV, i + 2, i + 1 + n)}
@@ -139,17 +150,27 @@ if ARGV[3] ~= '' then
   end
   if not behind then
     redis.call('SET', KEYS[K_PROGRESS], ARGV[3])
+    -- what the trim drops leaves the partition's count of waiting messages
+    local gone = 0
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[K_INBOX], '-', ARGV[3])) do
+      local fields = entry[2]
+      for f = 1, #fields, 2 do
+        if fields[f] == 'n' then gone = gone + tonumber(fields[f + 1]) end
+      end
+    end
+    if gone > 0 then redis.call('DECRBY', KEYS[K_WAITING], gone) end
     redis.call('XTRIM', KEYS[K_INBOX], 'MINID', string.format('%d-%d', ms, seq + 1))
   end
 end
 return 1
 """
 
-# KEYS: fixed, then the item's due set; ARGV: owner, epoch, id, "track" or not, version,
-# (source, key). A track row loses one occurrence (it may have grown meanwhile); another
-# call goes unless a newer version (more traits merged in) still has to go.
-DELIVERED = FENCE_LUA + _PRELUDE + """
-local id, due = ARGV[3], KEYS[20]
+# KEYS: fixed, then the item's due set, the run's token; ARGV: owner, epoch, id, "track" or
+# not, version, (source, key). A track row loses one occurrence (it may have grown
+# meanwhile); another call goes unless a newer version (more traits merged in) still has to
+# go. Not idempotent (a decrement): hence the token.
+DELIVERED = FENCE_LUA + _PRELUDE + "local ONCE = 22" + _ONCE + """
+local id, due = ARGV[3], KEYS[21]
 if redis.call('HEXISTS', KEYS[OB_N], id) == 0 then return 1 end
 if ARGV[4] == 'track' then
   if redis.call('HINCRBY', KEYS[OB_N], id, -1) <= 0 then
@@ -172,7 +193,7 @@ local id = ARGV[3]
 if redis.call('HEXISTS', KEYS[OB_N], id) == 0 then return 1 end
 local attempts = tonumber(redis.call('HGET', KEYS[OB_A], id) or '0')
 if tonumber(ARGV[4]) > attempts then redis.call('HSET', KEYS[OB_A], id, ARGV[4]) end
-redis.call('ZADD', KEYS[20], 'GT', ARGV[5], id)
+redis.call('ZADD', KEYS[21], 'GT', ARGV[5], id)
 redis.call('HSET', KEYS[OB_ERR], id, ARGV[6])
 return 1
 """
@@ -185,7 +206,7 @@ if redis.call('HEXISTS', KEYS[OB_N], id) == 0 then return 1 end
 local rep = 1
 if ARGV[5] == 'track' then rep = tonumber(redis.call('HGET', KEYS[OB_N], id)) end
 local body = redis.call('HGET', KEYS[OB_BODY], id)
-outbox_delete(id, ARGV[4], KEYS[20])
+outbox_delete(id, ARGV[4], KEYS[21])
 dead_add(tonumber(ARGV[8]), ARGV[6], body, rep, ARGV[7], '')
 return 1
 """
@@ -200,7 +221,7 @@ if redis.call('HEXISTS', KEYS[DL_META], id) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[DL_REPLAYED], id) == 1 then return 0 end
 if ARGV[3] ~= '' then
   local path = ARGV[7]
-  outbox_insert(tonumber(ARGV[5]), KEYS[20], ARGV[2], ARGV[3], path,
+  outbox_insert(tonumber(ARGV[5]), KEYS[21], ARGV[2], ARGV[3], path,
                 redis.call('HGET', KEYS[DL_BODY], id), redis.call('HGET', KEYS[DL_N], id), ARGV[4])
 end
 redis.call('HSET', KEYS[DL_REPLAYED], id, ARGV[4])
@@ -211,21 +232,14 @@ return 1
 """
 
 # KEYS: fixed, then the ledger's count hashes. {inbox messages, outbox calls, dead letters
-# not replayed, ledger rows, ledger events}. The inbox holds only what was not applied (the
-# commit trims), so its messages are the sum of its entries' counts.
+# not replayed, ledger rows, ledger events}.
 COUNTS = _PRELUDE + """
-local inbox = 0
-for _, entry in ipairs(redis.call('XRANGE', KEYS[K_INBOX], '-', '+')) do
-  local fields = entry[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'n' then inbox = inbox + tonumber(fields[i + 1]) end
-  end
-end
+local inbox = math.max(0, tonumber(redis.call('GET', KEYS[K_WAITING]) or '0'))
 local outbox = 0
 for _, n in ipairs(redis.call('HVALS', KEYS[OB_N])) do outbox = outbox + tonumber(n) end
 local dead = redis.call('HLEN', KEYS[DL_META]) - redis.call('HLEN', KEYS[DL_REPLAYED])
 local rows, events = 0, 0
-for k = 20, #KEYS do
+for k = 21, #KEYS do
   for _, n in ipairs(redis.call('HVALS', KEYS[k])) do
     rows = rows + 1
     events = events + tonumber(n)

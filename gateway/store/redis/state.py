@@ -60,28 +60,36 @@ def window_days(now: float, window: float) -> list[str]:
 
 class StateTurn:
     def __init__(
-        self, client: SyncClient, ops: Ops, now: float, window: float
+        self, client: SyncClient, ops: Ops, now: float, window: float, days: set[str]
     ) -> None:
+        """`days`: the days that have a dedupe set in this partition (its owner knows them:
+        it is their only writer), so that a lookup asks only those."""
         self.client = client
         self.ops = ops
         self.p = ops.partition
         self.now = now
         self.window = window
+        self.days = days
+        self.new_day: str | None = None  # a day this turn gives a dedupe set
 
     def remember(self, keys: list[bytes]) -> set[bytes]:
         if not keys:
             return set()
-        pipe = self.client.pipeline(transaction=False)
-        for day in window_days(self.now, self.window):
-            pipe.smismember(dedupe_day_key(self.p, day), keys)  # type: ignore[arg-type]
         found: set[bytes] = set()
-        for hits in pipe.execute():
-            found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
+        asked = [d for d in window_days(self.now, self.window) if d in self.days]
+        if asked:
+            pipe = self.client.pipeline(transaction=False)
+            for day in asked:
+                pipe.smismember(dedupe_day_key(self.p, day), keys)  # type: ignore[arg-type]
+            for hits in pipe.execute():
+                found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
         today = day_of(self.now)
         new = [k for k in dict.fromkeys(keys) if k not in found]
         if new:
             self.ops.sadd(dedupe_day_key(self.p, today), new)
-            self.ops.sadd(dedupe_days_key(self.p), [today])
+            if today not in self.days:
+                self.ops.sadd(dedupe_days_key(self.p), [today])
+                self.new_day = today
         return found
 
     def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +33,9 @@ from typing import Any, TypeVar, cast
 import structlog
 from redis import Redis
 from redis.cluster import RedisCluster as SyncCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import Settings
 from gateway.keys import replay_key
@@ -67,6 +70,7 @@ from gateway.store.redis.partition import (
     ledger_counts_key,
     ledger_days_key,
     ledger_stamps_key,
+    once_key,
     outbox_key,
     partition_of,
     progress_key,
@@ -107,9 +111,10 @@ def entry_of(row: int) -> str:
 class _Reading:
     """An owned partition, as the pipeline reads it under one epoch."""
 
-    def __init__(self, epoch: int, after: str) -> None:
+    def __init__(self, epoch: int, after: str, days: set[str]) -> None:
         self.epoch = epoch
         self.after = after  # the last entry read
+        self.days = days  # the days with a dedupe set (this owner is their only writer)
         self.handed: deque[int] = deque()  # rows read, not yet committed, in order
         self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
 
@@ -117,9 +122,11 @@ class _Reading:
 class _Turn:
     """One partition's turn: every role's transactional side."""
 
-    def __init__(self, client: SyncClient, ops: Ops, now: float, window: float) -> None:
+    def __init__(
+        self, client: SyncClient, ops: Ops, now: float, window: float, days: set[str]
+    ) -> None:
         self.now = now
-        self.state = StateTurn(client, ops, now, window)
+        self.state = StateTurn(client, ops, now, window, days)
         self.outbox = OutboxTurn(client, ops, now)
         self.dead = DeadTurn(client, ops, now)
         self.inbox = self
@@ -267,8 +274,12 @@ class RedisStore:
             pipe = self._c().pipeline(transaction=False)
             for p in fresh:
                 pipe.get(progress_key(p))
-            for p, cursor in zip(fresh, await pipe.execute(), strict=True):
-                self._reading[p] = _Reading(owned[p], _text(cursor) if cursor else START)
+                pipe.smembers(dedupe_days_key(p))
+            replies = await pipe.execute()
+            for i, p in enumerate(fresh):
+                cursor, days = replies[2 * i], replies[2 * i + 1]
+                self._reading[p] = _Reading(
+                    owned[p], _text(cursor) if cursor else START, {_text(d) for d in days})
             changed = True
         if changed and self.on_owner_change is not None:
             self.on_owner_change()
@@ -376,13 +387,14 @@ class RedisStore:
             raise PartitionLost(partition)
         handed = list(reading.handed)
         done_before = set(reading.done)
+        days = set(reading.days)
         at = time.time() if now is None else now
         member, epoch = leases.member, reading.epoch
 
-        def run() -> tuple[T, set[int], int]:
+        def run() -> tuple[T, set[int], int, str | None]:
             assert self.sync is not None
             ops = Ops(partition)
-            turn = _Turn(self.sync, ops, at, self.window)
+            turn = _Turn(self.sync, ops, at, self.window, days)
             result = script(cast(Turn, turn))
             if not turn.rows <= set(handed):
                 raise PartitionLost(partition)  # rows of an earlier ownership
@@ -394,20 +406,26 @@ class RedisStore:
                 moved += 1
             cursor = entry_of(handed[moved - 1]) if moved else ""
             if ops or cursor:
+                # the client resends a command whose connection dropped: the token makes a
+                # second run of an outbox upsert (an increment) change nothing
+                once = ops.key(once_key(partition, secrets.token_hex(8)))
                 ok = self._sync_commit(
-                    keys=ops.keys, args=[member, epoch, cursor, partition, *ops.args()],
+                    keys=ops.keys, args=[member, epoch, cursor, partition, once, *ops.args()],
                     client=self.sync)
                 if not ok:
                     raise PartitionLost(partition)
-            return result, turn.rows, moved
+            return result, turn.rows, moved, turn.state.new_day
 
         assert self._pool is not None, "store is not open for applying"
         try:
-            result, rows, moved = await asyncio.get_running_loop().run_in_executor(self._pool, run)
+            result, rows, moved, new_day = await asyncio.get_running_loop().run_in_executor(
+                self._pool, run)
         except PartitionLost:
             self._drop(partition, reading)
             raise
         if self._reading.get(partition) is reading:
+            if new_day is not None:
+                reading.days.add(new_day)
             reading.done |= rows
             for _ in range(moved):
                 reading.done.discard(reading.handed.popleft())
@@ -473,9 +491,22 @@ class RedisStore:
         ok = False
         if epoch is not None:
             assert self.leases is not None
-            keys = [*fixed_keys(p), due_key(p, item.source)]
-            ok = bool(await self._scripts[name](
-                keys=keys, args=[self.leases.member, epoch, str(item.id), *args]))
+            # one token for every send of this outcome: sent again until Redis answers (a
+            # reply lost with a connection may hide a run that happened), it runs once
+            keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
+            member = self.leases.member
+            told = False
+            while True:
+                try:
+                    ok = bool(await self._scripts[name](
+                        keys=keys, args=[member, epoch, str(item.id), *args]))
+                    break
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if not told:
+                        log.warning("outcome not recorded yet: Redis did not answer; retrying",
+                                    outcome=name, source_id=item.source, error=str(exc))
+                        told = True
+                    await asyncio.sleep(UNANSWERED)
         if not ok:
             log.warning("outcome not recorded: partition no longer owned", partition=p,
                         outcome=name, source_id=item.source)
