@@ -58,7 +58,10 @@ def test_run_redis_starts_three_gateways_on_one_redis_and_stops_everything(
     env = {"GATEWAY_PORT": str(port), "MOCK_PORT": str(mock_port),
            "REDIS_PORT": str(redis_port)}
     with demo(tmp_path, "--store", "redis", **env) as (proc, out, err):
-        out.wait_for("Ctrl-C stops everything.", proc, within=120)
+        try:
+            out.wait_for("Ctrl-C stops everything.", proc, within=120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstderr:\n{err.text[-3000:]}") from None
         started = descendants(proc.pid)
         # redis, the mock, three gateways and their three workers
         assert len(started) >= 8, started

@@ -264,7 +264,10 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledge
 ) -> None:
     redis = redis_factory(appendfsync="always")
     msgs = messages(1000, users=30, accounts=5, tag="r")
-    with Fleet(tmp_path, redis.url, mock_accoil.url, size=2, **FAST) as fleet:
+    # this row is about loss; a gateway whose lease ran out while Redis was away re-sends
+    # the calls it had on the wire (at least once), bounded by the deployment's cap
+    with Fleet(tmp_path, redis.url, mock_accoil.url, size=2,
+               ACCOIL_MAX_CONCURRENCY=str(IN_FLIGHT), **FAST) as fleet:
         divided(fleet)
         sender = Sender(fleet, msgs).start()
         wait_for(lambda: len(sender.acked) >= 300, timeout=30, what="a third acknowledged")
@@ -276,9 +279,12 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledge
         # the outage was seen, and answered with 503 and a Retry-After, never a 500
         assert sender.statuses[503] > 0 and set(sender.statuses) <= {0, 200, 503}
         assert "" not in sender.retry_after and all(int(v) > 0 for v in sender.retry_after)
-        lost, doubled = settle(mock_accoil, msgs, fleet)
-    assert (lost, doubled) == (0, 0)
+        lost, doubled = settle(mock_accoil, msgs, fleet, doubled=2 * IN_FLIGHT)
+    assert lost == 0 and doubled <= 2 * IN_FLIGHT
     assert len(acked_before) >= 300 and len(sender.acked) == len(msgs)
+    record("redis_kill_appendfsync_always", {
+        "events": len(msgs), "acknowledged_before_kill": len(acked_before),
+        "answered_503": sender.statuses[503], "lost": lost, "counted_twice": doubled})
 
 
 def test_a_sources_rate_cap_holds_across_three_gateways(
