@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install reliability bench clean
+.PHONY: run run-redis test lint install reliability bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 run: $(STAMP)
 	$(PY) scripts/run_demo.py
+
+run-redis: $(STAMP)
+	bash scripts/ensure_redis.sh
+	$(PY) scripts/run_demo.py --store redis
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -85,7 +85,15 @@ class Pipeline:
         self._tasks.append(asyncio.create_task(self._reaping(), name="reaping"))
         if isinstance(self.store, RedisStore):
             self._tasks.append(asyncio.create_task(self._resyncing(), name="resync"))
+            if self.store.leases is not None:
+                # the sources' caps are the deployment's: this gateway holds its share
+                self.store.leases.on_owned = self._share
+                self._share(len(self.store.leases.owned))
         return counts
+
+    def _share(self, owned: int) -> None:
+        for fwd in self.forwarders.values():
+            fwd.limiter.set_share(owned / self.settings.partitions)
 
     def _dispatch(self) -> None:
         self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")

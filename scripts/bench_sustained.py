@@ -3,6 +3,7 @@
     python scripts/bench_sustained.py                          # 5 s burst, 500 accounts
     python scripts/bench_sustained.py --accounts 100000 --users 200000
     python scripts/bench_sustained.py --duration 30            # about 3M events at 100k/s
+    python scripts/bench_sustained.py --store redis            # SQLite mode, then Redis mode
 
 1. The no-op ceiling: an aiohttp handler that reads the body and answers 200, under the
    same load (wrk, or aiohttp without it) for `--duration` seconds.
@@ -15,6 +16,15 @@ Reported: acknowledged events/s (the burst), sustained events/s (the events appl
 the time from the burst's start to the last one applied), both against the no-op ceiling
 of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM); the
 pipeline worker's CPU time per event (user + system, from /proc).
+
+With `--store redis`, step 2 and 3 run twice on the same bodies, the same machine and the
+same load: SQLite mode, then one gateway in Redis mode on a fresh `redis-server` (AOF on,
+`--appendfsync`, `maxmemory-policy noeviction`, in the work folder). Reported besides:
+Redis mode's rates over SQLite mode's (the target is a sustained ratio of at least 0.5),
+and, from Redis's INFO over the burst and its apply, Redis commands, network bytes in and
+out, Redis's own CPU time (user + system), `used_memory` growth and AOF growth, each per
+event applied. Accoil is unreachable in both runs, so the outbox keeps every call: the
+Redis figures include writing the outbox and the forwarder's retries, not draining it.
 
 The last line of output is one JSON object.
 """
@@ -30,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from benchkit.redis_server import RedisServer
 from benchkit.stack import (
     Keys,
     Sampler,
@@ -69,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds allowed for the apply")
     p.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite",
+                   help="redis: SQLite mode and then Redis mode, side by side")
+    p.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
+                   help="the Redis server's AOF fsync (with --store redis)")
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--workdir", type=Path, help="keep bodies, script, logs and data here")
     args = p.parse_args(argv)
@@ -108,23 +123,39 @@ class Burst:
         with stopping(noop):
             return self.load(noop.url)
 
-    def gateway(self) -> dict[str, Any]:
+    def gateway(self, store: str = "sqlite") -> dict[str, Any]:
         a = self.args
+        folder = self.folder / store
+        folder.mkdir(parents=True, exist_ok=True)
         env = {
             # the whole burst must be taken: a 503 would measure the bound, not the apply
             "GATEWAY_MAX_BACKLOG": "50000000",
             "GATEWAY_SHUTDOWN_TIMEOUT": "1",
             **a.env,
         }
-        nowhere = f"http://127.0.0.1:{free_port()}"
-        gw = start_gateway(self.folder, self.keys, nowhere, env=env)
-        sampler = Sampler(gw.child.pid)
+        redis = None
+        if store == "redis":
+            redis = RedisServer(folder / "redis", appendfsync=a.appendfsync)
+            redis.start()
+            env |= {"GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": redis.url}
         try:
-            return self._measure(gw, sampler)
+            nowhere = f"http://127.0.0.1:{free_port()}"
+            gw = start_gateway(folder, self.keys, nowhere, env=env)
+            sampler = Sampler(gw.child.pid)
+            try:
+                before = None if redis is None else redis_counters(redis)
+                result = self._measure(gw, sampler)
+                if redis is not None and before is not None:
+                    result["redis"] = redis_figures(
+                        redis, before, redis_counters(redis), result["ledger_events"])
+                return result
+            finally:
+                sampler.stop()
+                with stopping(gw):
+                    pass
         finally:
-            sampler.stop()
-            with stopping(gw):
-                pass
+            if redis is not None:
+                redis.stop()
 
     def _measure(self, gw: Service, sampler: Sampler) -> dict[str, Any]:
         workers = descendants(gw.child.pid)
@@ -167,12 +198,56 @@ class Burst:
         }
 
 
+def redis_counters(server: RedisServer) -> dict[str, float]:
+    """Redis's running totals: commands, network bytes, CPU seconds, memory, AOF bytes."""
+    with server.client() as c:
+        info = c.info()
+        commands = sum(v["calls"] for k, v in c.info("commandstats").items()
+                       if k.startswith("cmdstat_"))
+    folder = server.dir / "appendonlydir"
+    aof = sum(f.stat().st_size for f in folder.iterdir()) if folder.exists() else 0
+    return {
+        "commands": float(commands),
+        "net_in": float(info["total_net_input_bytes"]),
+        "net_out": float(info["total_net_output_bytes"]),
+        "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "used_memory": float(info["used_memory"]),
+        "aof": float(aof),
+    }
+
+
+def redis_figures(
+    server: RedisServer, before: dict[str, float], after: dict[str, float], events: int
+) -> dict[str, Any]:
+    """What the burst and its apply cost Redis, per event applied."""
+    d = {k: after[k] - before[k] for k in before}
+    n = max(events, 1)
+    with server.client() as c:
+        keys = int(c.dbsize())
+    return {
+        "commands": int(d["commands"]),
+        "commands_per_event": round(d["commands"] / n, 3),
+        "net_in_bytes_per_event": round(d["net_in"] / n, 1),
+        "net_out_bytes_per_event": round(d["net_out"] / n, 1),
+        "cpu_s": round(d["cpu_s"], 2),
+        "cpu_us_per_event": round(d["cpu_s"] / n * 1e6, 2),
+        "used_memory_bytes_per_event": round(d["used_memory"] / n, 1),
+        "aof_bytes_per_event": round(d["aof"] / n, 1),
+        "keys": keys,
+        "appendfsync": server.appendfsync,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
 def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     burst = Burst(args, folder)
     ceiling = burst.ceiling()
     gw = burst.gateway()
     noop = ceiling.events_per_s
-    return {
+    report: dict[str, Any] = {
         "generator": burst.generator,
         "duration_s": args.duration,
         "accounts": args.accounts,
@@ -180,11 +255,20 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "batch_events": args.batch_size,
         "noop_events_per_s": round(noop, 1),
         "gateway": gw,
-        "ack_vs_noop": round(gw["ack_events_per_s"] / noop, 3) if noop else None,
-        "sustained_vs_noop": round(gw["sustained_events_per_s"] / noop, 3) if noop else None,
-        "ack_vs_sustained": (round(gw["ack_events_per_s"] / gw["sustained_events_per_s"], 2)
-                             if gw["sustained_events_per_s"] else None),
+        "ack_vs_noop": _ratio(gw["ack_events_per_s"], noop),
+        "sustained_vs_noop": _ratio(gw["sustained_events_per_s"], noop),
+        "ack_vs_sustained": _ratio(gw["ack_events_per_s"], gw["sustained_events_per_s"]),
     }
+    if args.store == "redis":
+        redis = burst.gateway("redis")
+        report |= {
+            "store": "redis",
+            "redis_gateway": redis,
+            "redis_sustained_vs_sqlite": _ratio(
+                redis["sustained_events_per_s"], gw["sustained_events_per_s"]),
+            "redis_ack_vs_sqlite": _ratio(redis["ack_events_per_s"], gw["ack_events_per_s"]),
+        }
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     with workdir(args.workdir, "bench-sustained-") as folder:
         rep = run(args, folder)
     gw = rep["gateway"]
-    print(table([
+    rows: list[tuple[str, object]] = [
         ("events acknowledged / accounts", f"{gw['acknowledged_events']:,} / {rep['accounts']:,}"),
         ("no-op ceiling (events/s)", rep["noop_events_per_s"]),
         ("acknowledged (events/s)", gw["ack_events_per_s"]),
@@ -201,7 +285,30 @@ def main(argv: list[str] | None = None) -> int:
         ("apply after the burst (s)", gw["apply_after_burst_s"]),
         ("worker CPU (us/event)", gw["worker_cpu_us_per_event"]),
         ("peak RSS, both processes (MB)", gw["peak_rss_mb"]),
-    ]))
+    ]
+    if "redis_gateway" in rep:
+        rg = rep["redis_gateway"]
+        rows = [(f"SQLite mode: {name}", value) for name, value in rows[2:]]
+        rows = [
+            ("events acknowledged (SQLite / Redis)",
+             f"{gw['acknowledged_events']:,} / {rg['acknowledged_events']:,}"),
+            ("no-op ceiling (events/s)", rep["noop_events_per_s"]),
+            *rows,
+            ("Redis mode: acknowledged (events/s)", rg["ack_events_per_s"]),
+            ("Redis mode: sustained (events/s)", rg["sustained_events_per_s"]),
+            ("Redis mode: apply after the burst (s)", rg["apply_after_burst_s"]),
+            ("Redis mode: worker CPU (us/event)", rg["worker_cpu_us_per_event"]),
+            ("Redis / SQLite, sustained (target >= 0.5)", rep["redis_sustained_vs_sqlite"]),
+            ("Redis / SQLite, acknowledged", rep["redis_ack_vs_sqlite"]),
+            ("Redis commands per event", rg["redis"]["commands_per_event"]),
+            ("Redis network bytes in / out per event",
+             f"{rg['redis']['net_in_bytes_per_event']} / {rg['redis']['net_out_bytes_per_event']}"),
+            ("Redis CPU (us/event)", rg["redis"]["cpu_us_per_event"]),
+            ("Redis used_memory / AOF growth (bytes/event)",
+             f"{rg['redis']['used_memory_bytes_per_event']} / "
+             f"{rg['redis']['aof_bytes_per_event']}"),
+        ]
+    print(table(rows))
     if args.json is not None:
         args.json.write_bytes(msgspec.json.format(msgspec.json.encode(rep), indent=2) + b"\n")
     print(msgspec.json.encode(rep).decode())

@@ -24,7 +24,9 @@ growth (RFC 9438) because every overload costs a Retry-After pause:
 The latency guard follows Gradient2: a short (recent) and a long (baseline) average of
 the round trip; the short one above `RTT_TOLERANCE` x the long one, by at least
 `RTT_SLACK` seconds, for `QUEUE_HOLD` seconds, means calls queue upstream. A Retry-After pauses the whole source.
-`rate_per_second` and `max_concurrency` are optional hard caps on top.
+`rate_per_second` and `max_concurrency` are optional hard caps on top. They are the
+deployment's: with many gateways on one Redis, each holds its `share` of them (the
+partitions it owns over all of them), so that the gateways together stay within the caps.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class Limit:
             raise ValueError("rate_per_second must be a positive number")
         if initial < 1:
             raise ValueError("initial must be at least 1")
+        # the caps as configured, for the whole deployment; `ceiling` and `rate_per_second`
+        # are this gateway's part of them (`set_share`)
+        self.max_concurrency = max_concurrency
+        self.rate_cap = rate_per_second
+        self.share = 1.0
         self.ceiling = max_concurrency or CEILING
         self.rate_per_second = rate_per_second
         self.limit = float(min(initial, self.ceiling))
@@ -120,9 +127,30 @@ class Limit:
         self._active_since: float | None = None
         # rate cap as GCRA: the theoretical start time of the next call
         self._tat = -math.inf
+        self._gap = self._tolerance = 0.0
         if rate_per_second is not None:
-            self._gap = 1.0 / rate_per_second
-            self._tolerance = max(0, math.floor(rate_per_second * BURST) - 1) * self._gap
+            self._set_rate(rate_per_second)
+
+    def _set_rate(self, rate: float) -> None:
+        self.rate_per_second = rate
+        self._gap = 1.0 / rate
+        self._tolerance = max(0, math.floor(rate * BURST) - 1) * self._gap
+
+    def set_share(self, share: float) -> None:
+        """This gateway's share of the deployment's forwarding, from 0 to 1 (Redis mode:
+        partitions owned / partitions): the caps become that share of the configured ones.
+        The rate splits exactly; the concurrency cap is rounded down, but a gateway with any
+        share keeps one call in flight. With no share, no call starts."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be from 0 to 1, got {share}")
+        self.share = share
+        if self.max_concurrency is not None:
+            self.ceiling = max(1, math.floor(self.max_concurrency * share + 1e-9))
+            # the calls in flight above a lowered ceiling end as they will; none starts
+            # until they are below it
+            self.limit = min(self.limit, float(self.ceiling))
+        if self.rate_cap is not None and share > 0:
+            self._set_rate(self.rate_cap * share)
 
     def __repr__(self) -> str:
         return f"Limit(limit={self.limit:.1f}, in_flight={self.in_flight})"
@@ -137,7 +165,7 @@ class Limit:
         """Seconds before a call may start: 0 now, `math.inf` until a call ends."""
         if now < self.paused_until:
             return self.paused_until - now
-        if self.in_flight >= self.slots:
+        if self.in_flight >= self.slots or self.share == 0.0:
             return math.inf
         wait = max(0.0, self._pace_at - PACING_EARLY - now)
         if self.rate_per_second is not None:
@@ -390,6 +418,11 @@ class Limiter:
     def pause(self, seconds: float) -> None:
         self.limit.pause(self.clock(), seconds)
 
+    def set_share(self, share: float) -> None:
+        """See `Limit.set_share`; a waiting `acquire` looks again."""
+        self.limit.set_share(share)
+        self._changed.set()
+
     def paused_for(self) -> float:
         return self.limit.paused_for(self.clock())
 
@@ -411,6 +444,7 @@ class Limiter:
             "answered_503": self.overloads.get("unavailable", 0),
             "timeouts": self.overloads.get("timeout", 0),
             "cuts": dict(self.cuts),
-            "max_concurrency": lim.ceiling if lim.ceiling != CEILING else None,
-            "rate_per_second": lim.rate_per_second,
+            "max_concurrency": lim.max_concurrency,
+            "rate_per_second": lim.rate_cap,
+            "share": round(lim.share, 4),
         }

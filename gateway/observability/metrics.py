@@ -156,6 +156,11 @@ class Metrics:
             _P + "forward_paused_seconds",
             "Seconds left of the pause Accoil asked for with Retry-After (0 when none).",
             ["source"], registry=p)
+        self.share = Gauge(
+            _P + "forward_share",
+            "This gateway's share of a source's caps (rate_per_second, max_concurrency): 1 with "
+            "one gateway; with store = \"redis\", the partitions it owns over all of them.",
+            ["source"], registry=p)
         self.limit_cuts = Counter(
             _P + "forward_limit_cuts",
             "Times a source's limit was cut, by reason: rate_limited (429), unavailable (503), "
@@ -187,6 +192,7 @@ class Metrics:
         self.limit.labels(source).set_function(lambda: limiter.limit.limit)
         self.in_flight.labels(source).set_function(lambda: limiter.limit.in_flight)
         self.paused.labels(source).set_function(limiter.paused_for)
+        self.share.labels(source).set_function(lambda: limiter.limit.share)
 
     def child(self, metric: Counter, *labels: str) -> Batched:
         """`metric.labels(*labels)`, remembered and batched (`Batched`): for the request

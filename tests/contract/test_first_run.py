@@ -95,10 +95,12 @@ class Output:
 
 
 @contextmanager
-def demo(cwd: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], Output, Output]]:
+def demo(
+    cwd: Path, *args: str, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Output, Output]]:
     """`make run`'s script, as `make run` starts it (the venv's python), in `cwd`."""
     proc = subprocess.Popen(
-        [sys.executable, str(DEMO)], cwd=cwd, env={**os.environ, **env},
+        [sys.executable, str(DEMO), *args], cwd=cwd, env={**os.environ, **env},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, err = Output(), Output()

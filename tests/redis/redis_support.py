@@ -20,9 +20,9 @@ from benchkit.redis_server import (  # noqa: E402 (after the path it is found on
     RedisClusterNodes,
     RedisServer,
 )
-from benchkit.stack import free_port  # noqa: E402
+from benchkit.stack import free_port, wait_for  # noqa: E402
 
-__all__ = ["RedisClusterNodes", "RedisServer", "free_port", "require_redis"]
+__all__ = ["RedisClusterNodes", "RedisServer", "free_port", "require_redis", "wait_for"]
 
 
 def require_redis() -> None:

@@ -10,12 +10,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.forward.limiter import Limit, Limiter
 from gateway.store.redis.connect import Client, connect
 from gateway.store.redis.inbox import RedisInbox
 from gateway.store.redis.lease import Leases, assign
@@ -96,6 +97,40 @@ async def test_join_and_leave_rebalance_evenly(client: Client) -> None:
     changes = {s.labels["change"]: s.value for s in family.samples if s.name.endswith("_total")}
     # a: all 64; 32-63 to b; 22-31 to c; 22-31 back when b leaves
     assert changes == {"acquired": 64 + 10, "released": 32 + 10, "lost": 0}
+
+
+async def test_the_forwarding_shares_of_the_owners_never_add_up_past_one(
+    client: Client,
+) -> None:
+    # each gateway scales its sources' caps to owned / P (`Limiter.set_share`): the leases
+    # are exclusive, so the shares of all gateways together are at most 1, even mid-rebalance
+    limiters = {m: Limiter(Limit(rate_per_second=64.0, max_concurrency=64)) for m in "abc"}
+
+    def told(member: str) -> Callable[[int], None]:
+        return lambda owned: limiters[member].set_share(owned / P)
+
+    a, b, c = (Leases(client, P, member=m, ttl=TTL, on_owned=told(m)) for m in "abc")
+
+    def shares() -> list[float]:
+        return [limiters[m].limit.share for m in "abc"]
+
+    await a.tick()
+    assert shares() == [1.0, 1.0, 1.0]  # b and c not told anything yet: they start whole
+    for m in (b, c):
+        await m.tick()
+        assert sum(len(x.owned) for x in (a, b, c)) <= P
+    for _ in range(4):
+        for m in (a, b, c):
+            await m.tick()
+            # mid-rebalance too: what each was told is what it holds
+            assert shares() == [len(x.owned) / P for x in (a, b, c)]
+            assert sum(shares()) <= 1.0
+    assert sorted(shares()) == [21 / 64, 21 / 64, 22 / 64]
+    assert sorted(limiters[m].limit.rate_per_second or 0 for m in "abc") == [21.0, 21.0, 22.0]
+    await b.stop()
+    assert limiters["b"].limit.share == 0.0
+    await settle([a, c], rounds=2)
+    assert shares() == [0.5, 0.0, 0.5]
 
 
 async def test_a_silent_member_loses_its_partitions_after_the_ttl(client: Client) -> None:

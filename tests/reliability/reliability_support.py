@@ -99,6 +99,9 @@ def gateway_env(
 class GatewayProcess:
     """`python -m gateway serve` as a child process; always `close()` it (try/finally)."""
 
+    # in a session (and process group) of its own, so that a signal can reach its worker too
+    new_session = False
+
     def __init__(
         self,
         data_dir: Path,
@@ -147,6 +150,7 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 self.args(), env=self.env, cwd=self.data_dir.parent,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
             )
         self.starts += 1
         deadline = time.monotonic() + within

@@ -4,6 +4,7 @@ a real measurement. No timing is asserted: on a shared machine only the shape is
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,24 @@ def test_bench_sustained_waits_for_every_acknowledged_event_in_the_ledger(tmp_pa
     assert gw["peak_rss_mb"] >= gw["rss_start_mb"] > 0
     assert s["sustained_vs_noop"] == pytest.approx(
         gw["sustained_events_per_s"] / s["noop_events_per_s"], rel=2e-3, abs=1e-3)
+
+
+def test_bench_sustained_store_redis_runs_both_modes_side_by_side(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed: `bash scripts/ensure_redis.sh` installs it")
+    s = last_json_line(
+        str(SCRIPTS / "bench_sustained.py"), "--store", "redis", "--duration", "1",
+        "--connections", "2", "--batch-size", "10", "--bodies", "5", "--accounts", "20",
+        "--users", "200", "--workdir", str(tmp_path), timeout=300,
+    )
+    sqlite, redis = s["gateway"], s["redis_gateway"]
+    for gw in (sqlite, redis):
+        assert gw["errors"] == {} and gw["acknowledged_events"] > 0
+        assert gw["ledger_events"] >= gw["acknowledged_events"]
+    assert s["redis_sustained_vs_sqlite"] == pytest.approx(
+        redis["sustained_events_per_s"] / sqlite["sustained_events_per_s"], rel=2e-3, abs=1e-3)
+    figures = redis["redis"]
+    assert figures["appendfsync"] == "everysec"
+    # every applied event went through Redis: at least its XADD share and its commit
+    assert figures["commands"] > 0 and figures["commands_per_event"] > 0.1
+    assert figures["cpu_us_per_event"] > 0 and figures["net_in_bytes_per_event"] > 50

@@ -415,3 +415,99 @@ async def test_done_reports_cuts_and_stats_count_them() -> None:
     assert stats["rtt_p50_ms"] is not None and stats["rtt_baseline_ms"] == 50.0
     assert stats["calls_per_s"] == pytest.approx(0.3)  # three calls in the last 10 s
     assert set(stats) >= {"limit", "in_flight", "slow_start", "paused_for_s", "rtt_p99_ms"}
+
+
+# -- a gateway's share of the caps (many gateways on one Redis) ------------------------------
+
+SHARES = (22 / 64, 21 / 64, 21 / 64)  # three gateways over 64 partitions
+
+
+def test_shares_of_a_rate_cap_add_up_to_it() -> None:
+    seconds, rate = 20.0, 90.0
+    limits = [Limit(rate_per_second=rate) for _ in SHARES]
+    for limit, share in zip(limits, SHARES, strict=True):
+        limit.set_share(share)
+    ups = [Upstream(limit).run(seconds) for limit in limits]
+    for up, share in zip(ups, SHARES, strict=True):
+        # each its share, give or take its burst (a tenth of a second's worth)
+        assert up.accepted == pytest.approx(rate * share * seconds, abs=rate * share * 0.1 + 2)
+    total = sum(up.accepted for up in ups)
+    # together no faster than the one cap (with its one burst)
+    assert rate * seconds * 0.97 <= total <= rate * seconds + rate * 0.1 + 1
+
+
+def test_shares_of_a_concurrency_cap_stay_within_it() -> None:
+    limits = [Limit(max_concurrency=30) for _ in SHARES]
+    for limit, share in zip(limits, SHARES, strict=True):
+        limit.set_share(share)
+    seconds = 3.0
+    ups = [Upstream(limit).run(seconds) for limit in limits]
+    # 30 x 22/64 and 30 x 21/64, rounded down; each limit grew to its part and no further
+    assert [limit.ceiling for limit in limits] == [10, 9, 9]
+    assert [limit.limit for limit in limits] == [10, 9, 9]
+    # Little's law: together they deliver what 28 calls in flight deliver, not 30 x 3
+    total = sum(up.accepted for up in ups) / seconds
+    assert total == pytest.approx(28 / (RTT * 1.025), rel=0.1)
+
+
+def test_a_share_keeps_one_call_when_the_cap_is_smaller_than_the_gateways() -> None:
+    limit = Limit(max_concurrency=2)
+    limit.set_share(21 / 64)
+    assert limit.ceiling == 1 and len(fill(limit, 0.0)) == 1
+
+
+def test_a_lowered_share_lowers_the_limit_and_waits_for_calls_above_it() -> None:
+    limit = Limit(max_concurrency=40)
+    up = Upstream(limit).run(3.0)
+    assert limit.limit == 40
+    limit.set_share(0.25)  # a gateway joined the deployment: 16 of 64 partitions left
+    assert limit.ceiling == 10 and limit.limit == 10
+    # the calls already in flight end as they will; none starts while 10 or more are
+    assert limit.in_flight > 10
+    while limit.in_flight >= 10:
+        assert limit.wait_time(up.now) == math.inf
+        end, sent, _ = heapq.heappop(up.ends)
+        up.now = end
+        limit.done(end, sent, "ok", end - sent)
+    up.run(3.0)
+    assert limit.limit == 10 and limit.in_flight <= 10
+    limit.set_share(1.0)  # back to the whole deployment: the ceiling, and growth, return
+    assert limit.ceiling == 40
+    up.run(15.0)
+    assert limit.limit == 40
+
+
+def test_no_share_starts_nothing_and_a_share_restores_the_rate() -> None:
+    limit = Limit(rate_per_second=100.0)
+    limit.set_share(0.0)
+    assert limit.wait_time(0.0) == math.inf
+    limit.set_share(0.5)
+    assert limit.rate_per_second == 50.0
+    assert len(fill(limit, 0.0)) == 5  # a tenth of a second's worth of 50 a second
+    limit.set_share(1.0)
+    assert limit.rate_per_second == 100.0
+
+
+def test_a_share_without_caps_changes_nothing_but_the_stop_at_zero() -> None:
+    limit = Limit()
+    limit.set_share(1 / 64)
+    assert limit.ceiling == CEILING and limit.rate_per_second is None
+    assert len(fill(limit, 0.0)) == INITIAL
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, math.nan])
+def test_bad_share(share: float) -> None:
+    with pytest.raises(ValueError, match="share must be from 0 to 1"):
+        Limit().set_share(share)
+
+
+async def test_a_share_given_back_wakes_a_waiting_acquire() -> None:
+    limiter = Limiter(Limit(max_concurrency=8), Clock())
+    limiter.set_share(0.0)
+    waiting = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    limiter.set_share(0.5)
+    await asyncio.wait_for(waiting, 1.0)
+    stats = limiter.stats()
+    assert stats["share"] == 0.5 and stats["max_concurrency"] == 8

@@ -27,7 +27,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -122,6 +122,7 @@ class Leases:
         member: str | None = None,
         ttl: float = DEFAULT_TTL,
         metrics: RedisMetrics | None = None,
+        on_owned: Callable[[int], None] | None = None,
     ) -> None:
         self.client = client
         self.partitions = partitions
@@ -129,6 +130,9 @@ class Leases:
         self.ttl = ttl
         self.ttl_ms = int(ttl * 1000)
         self.metrics = metrics
+        # told how many partitions are held after each round and at leave: forwarding
+        # scales the sources' caps to that share (`Limiter.set_share`)
+        self.on_owned = on_owned
         self.scripts = Scripts(client)
         self.owned: dict[int, int] = {}
         self.members: list[str] = []
@@ -178,8 +182,7 @@ class Leases:
         self._changed(acquired=acquired, released=released, lost=lost)
         # a lease renewed in this round lives `ttl` from before the round began
         self._valid_until = started + self.ttl
-        if self.metrics is not None:
-            self.metrics.owned.set(len(self.owned))
+        self._owned_changed()
         return dict(self.owned)
 
     async def fence(self, partition: int, epoch: int) -> bool:
@@ -212,11 +215,18 @@ class Leases:
         self._changed(released=released)
         with contextlib.suppress(RedisError):  # the entry expires by itself
             await self.client.zrem(MEMBERS_KEY, self.member)
+        self._owned_changed()
+
+    def _owned_changed(self) -> None:
         if self.metrics is not None:
-            self.metrics.owned.set(0)
+            self.metrics.owned.set(len(self.owned))
+        if self.on_owned is not None:
+            self.on_owned(len(self.owned))
 
     async def _release_all(self, ps: list[int]) -> None:
         epochs = [self.owned.pop(p) for p in ps]
+        if ps:
+            self._owned_changed()  # the share falls before another member can take them
         await self._each(self.scripts.release, [
             ([lease_key(p), epoch_key(p)], [self.member, e]) for p, e in zip(ps, epochs, strict=True)])
 
