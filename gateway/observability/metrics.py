@@ -44,6 +44,9 @@ class LimitLike(Protocol):
     @property
     def in_flight(self) -> int: ...
 
+    @property
+    def share(self) -> float: ...
+
 
 class LimiterLike(Protocol):
     """What the gauges read of a forwarder's limiter (`gateway.forward.limiter.Limiter`):
