@@ -79,9 +79,7 @@ def owned(gw: FleetGateway) -> float:
 
 
 def divided(fleet: Fleet) -> None:
-    """Until the living gateways hold even shares. Traffic starts after: a handoff between
-    living gateways re-sends the calls on the wire at the release (their outcomes are
-    refused), which is not what these tests are about."""
+    """Until the living gateways hold even shares."""
     sizes = sorted(len(r) for r in assign([str(i) for i in range(len(fleet.alive))], P).values())
     wait_for(lambda: sorted(owned(gw) for gw in fleet.alive) == sizes, timeout=30,
              what="the partitions divided")
@@ -106,11 +104,11 @@ def three_gateways_with_a_kill(
 ) -> list[dict[str, Any]]:
     msgs = messages(900, users=40, accounts=6, tag="k")
     first, second, third = msgs[:300], msgs[300:600], msgs[600:]
-    # delivery is at least once: a call on the wire when its gateway dies (or hands its
-    # partition over) is sent again by the next owner. The deployment's cap bounds those
+    # delivery is at least once: a call on the wire when its gateway dies is sent again by
+    # the next owner. The deployment's cap bounds those. Traffic starts while the third
+    # gateway's share is still being handed to it: a graceful handoff sends nothing twice
     with Fleet(tmp_path, redis_url, mock.url, size=3, ACCOIL_MAX_CONCURRENCY=str(IN_FLIGHT),
                **FAST) as fleet:
-        divided(fleet)
         sdks = [Sdk(gw.url) for gw in fleet]
         try:
             spread(sdks, first)
@@ -268,7 +266,7 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledge
     redis = redis_factory(appendfsync="always")
     msgs = messages(1000, users=30, accounts=5, tag="r")
     with Fleet(tmp_path, redis.url, mock_accoil.url, size=2, **FAST) as fleet:
-        divided(fleet)
+        # no wait for the division: the second gateway's share is handed over under traffic
         sender = Sender(fleet, msgs).start()
         wait_for(lambda: len(sender.acked) >= 300, timeout=30, what="a third acknowledged")
         redis.kill()  # kill -9: what was acknowledged is what the AOF holds
