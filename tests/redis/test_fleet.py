@@ -267,7 +267,8 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledge
     msgs = messages(1000, users=30, accounts=5, tag="r")
     with Fleet(tmp_path, redis.url, mock_accoil.url, size=2, **FAST) as fleet:
         # traffic starts once divided: an outage inside a handoff's wait leaves the calls on
-        # the wire unrecorded, and the new owner sends them again (SCALING.md)
+        # the wire unrecorded, and the new owner sends them again (SCALING.md). Known flaky
+        # before this branch too: some runs count 10-20 events twice (SCALING.md)
         divided(fleet)
         sender = Sender(fleet, msgs).start()
         wait_for(lambda: len(sender.acked) >= 300, timeout=30, what="a third acknowledged")
