@@ -33,6 +33,7 @@ HOUSEKEEPING = 30.0  # seconds between prunings of old message ids, ledger rows,
 REAP = 1.0  # seconds between deletions of wholly applied inbox segments
 RESYNC = 10.0  # seconds between readings of a shared store's backlog (Redis mode)
 RESTART_RETRY = 0.5  # seconds between tries to reset the inbox's progress on a full disk
+WIRE_GRACE = 2.0  # seconds of a stop's drain kept for the calls on the wire
 
 
 class Pipeline:
@@ -88,12 +89,29 @@ class Pipeline:
             if self.store.leases is not None:
                 # the sources' caps are the deployment's: this gateway holds its share
                 self.store.leases.on_owned = self._share
+                self.store.leases.on_revoke = self._revoke
                 self._share(len(self.store.leases.owned))
         return counts
 
     def _share(self, owned: int) -> None:
         for fwd in self.forwarders.values():
             fwd.limiter.set_share(owned / self.settings.partitions)
+            leases = self.store.leases if isinstance(self.store, RedisStore) else None
+            if leases is not None:
+                # a partition held again (under a new epoch) is sent from again
+                fwd.unhold(set(leases.owned) - leases.leaving)
+
+    async def _revoke(self, partitions: list[int], within: float) -> None:
+        """A handoff: no call of `partitions` starts from here, and those on the wire are
+        answered and recorded while this gateway still holds their leases."""
+        for fwd in self.forwarders.values():
+            fwd.hold(partitions)
+        settled = await asyncio.gather(
+            *(fwd.settle(partitions, within) for fwd in self.forwarders.values()))
+        if not all(settled):
+            on_wire = sum(fwd.on_wire(partitions) for fwd in self.forwarders.values())
+            log.warning("handoff: calls still on the wire at the release; the next owner "
+                        "sends them again", calls=on_wire, within_s=round(within, 2))
 
     def _dispatch(self) -> None:
         self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")
@@ -137,16 +155,18 @@ class Pipeline:
             except TimeoutError:
                 log.warning("shutdown: inbox not fully applied; the rest waits in the store")
             self._dispatcher_task = None
+        # the last part is for the calls on the wire: answered and recorded before the
+        # leases go, they are not sent again by the partitions' next owners
+        on_wire = min(WIRE_GRACE, within / 4)
         for fwd in self.forwarders.values():
-            await fwd.drain(left())
+            await fwd.drain(max(0.0, left() - on_wire))
+        await asyncio.gather(*(fwd.stop(max(left(), on_wire)) for fwd in self.forwarders.values()))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        for fwd in self.forwarders.values():
-            await fwd.stop()
         with contextlib.suppress(Exception):
             await self.store.reap(self.actors.cursor)
 

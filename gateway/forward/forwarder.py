@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -29,6 +30,7 @@ from gateway.forward.outcome import Delivered, Reject, Retry
 from gateway.forward.recorder import OutcomeRecorder
 from gateway.mapping.dialects import spoken_at
 from gateway.store import OutboxItem, Store
+from gateway.store.redis.partition import id_partition
 
 if TYPE_CHECKING:
     from gateway.backlog import Backlog
@@ -38,6 +40,7 @@ log = structlog.get_logger("gateway.forward")
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 IDLE_POLL = 5.0  # with nothing queued, look again this often even without a wake-up
+SETTLE_POLL = 0.02  # seconds between looks at a handed-over partition's calls on the wire
 
 
 class Forwarder:
@@ -79,6 +82,9 @@ class Forwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        # partitions being handed to another gateway (Redis mode): none of their calls is
+        # sent from here on, even one read from the outbox before the handoff began
+        self._held: set[int] = set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -114,7 +120,8 @@ class Forwarder:
                 for _ in range(want - self._in_flight.get(item.id, 0)):
                     await self._unrecorded.acquire()
                     sent_at = await self.limiter.acquire()
-                    if self._stopping or self.recorder.blocked or not self.circuit.allow():
+                    if (self._stopping or self.recorder.blocked or not self.circuit.allow()
+                            or id_partition(item.id) in self._held):
                         self.limiter.cancel()
                         self._unrecorded.release()
                         break
@@ -206,6 +213,28 @@ class Forwarder:
             self._unrecorded.release()
             self._wake.set()
 
+    def hold(self, partitions: Collection[int]) -> None:
+        """Send no call of `partitions` from now on (their handoff has begun)."""
+        self._held.update(partitions)
+
+    def unhold(self, partitions: Collection[int]) -> None:
+        self._held.difference_update(partitions)
+
+    def on_wire(self, partitions: Collection[int]) -> int:
+        """Calls of `partitions` sent and not yet recorded (an item's id carries its
+        partition in its low bits)."""
+        return sum(n for i, n in self._in_flight.items() if id_partition(i) in partitions)
+
+    async def settle(self, partitions: Collection[int], within: float) -> bool:
+        """Wait until every call of `partitions` on the wire is answered and its outcome
+        recorded; False if `within` seconds passed first."""
+        deadline = time.monotonic() + within
+        while self.on_wire(partitions):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL)
+        return True
+
     async def drain(self, within: float) -> bool:
         """Forward until the outbox of this source is empty; False if `within` seconds passed first."""
         deadline = time.monotonic() + within
@@ -216,10 +245,13 @@ class Forwarder:
             await asyncio.sleep(0.05)
         return False
 
-    async def stop(self) -> None:
-        """Stop sending; calls on the wire are cut off and stay in the outbox."""
+    async def stop(self, within: float = 0.0) -> None:
+        """Stop sending; calls on the wire get `within` seconds to be answered and recorded,
+        then are cut off and stay in the outbox (the next owner sends them again)."""
         self._stopping = True
         self._wake.set()
+        if self._tasks and within > 0:
+            await asyncio.wait(list(self._tasks), timeout=within)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

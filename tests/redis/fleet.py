@@ -119,11 +119,16 @@ class Fleet:
         settings = {} if redis_url is None else {
             "GATEWAY_STORE": "redis", "GATEWAY_REDIS_URL": redis_url}
         settings.update(env)
+        self.env = gateway_env(base_url=accoil_url, **settings)
         self.gateways = [
-            FleetGateway(self._data(i), gateway_env(base_url=accoil_url, **settings),
-                         flush_interval=0.2)
-            for i in range(size)
-        ]
+            FleetGateway(self._data(i), self.env, flush_interval=0.2) for i in range(size)]
+
+    def join(self) -> FleetGateway:
+        """One more gateway, started now (a scale-up); it is the fleet's last."""
+        gw = FleetGateway(self._data(len(self.gateways)), self.env, flush_interval=0.2)
+        self.gateways.append(gw)
+        gw.start(within=60.0)
+        return gw
 
     def _data(self, i: int) -> Path:
         path = self.folder / f"gw{i}"

@@ -79,9 +79,7 @@ def owned(gw: FleetGateway) -> float:
 
 
 def divided(fleet: Fleet) -> None:
-    """Until the living gateways hold even shares. Traffic starts after: a handoff between
-    living gateways re-sends the calls on the wire at the release (their outcomes are
-    refused), which is not what these tests are about."""
+    """Until the living gateways hold even shares."""
     sizes = sorted(len(r) for r in assign([str(i) for i in range(len(fleet.alive))], P).values())
     wait_for(lambda: sorted(owned(gw) for gw in fleet.alive) == sizes, timeout=30,
              what="the partitions divided")
@@ -106,11 +104,11 @@ def three_gateways_with_a_kill(
 ) -> list[dict[str, Any]]:
     msgs = messages(900, users=40, accounts=6, tag="k")
     first, second, third = msgs[:300], msgs[300:600], msgs[600:]
-    # delivery is at least once: a call on the wire when its gateway dies (or hands its
-    # partition over) is sent again by the next owner. The deployment's cap bounds those
+    # delivery is at least once: a call on the wire when its gateway dies is sent again by
+    # the next owner. The deployment's cap bounds those. Traffic starts while the third
+    # gateway's share is still being handed to it: a graceful handoff sends nothing twice
     with Fleet(tmp_path, redis_url, mock.url, size=3, ACCOIL_MAX_CONCURRENCY=str(IN_FLIGHT),
                **FAST) as fleet:
-        divided(fleet)
         sdks = [Sdk(gw.url) for gw in fleet]
         try:
             spread(sdks, first)
@@ -218,8 +216,11 @@ class Sender:
     """Raw batches to the fleet in turn, each retried until a 200 (as an SDK retries a 503
     or a dropped connection), in a thread; records each reply's status."""
 
-    def __init__(self, fleet: Fleet, msgs: list[Message], size: int = 20) -> None:
+    def __init__(
+        self, fleet: Fleet, msgs: list[Message], size: int = 20, pace: float = 0.01
+    ) -> None:
         self.fleet = fleet
+        self.pace = pace
         self.batches = [msgs[i : i + size] for i in range(0, len(msgs), size)]
         self.statuses: Counter[int] = Counter()
         self.retry_after: set[str] = set()
@@ -256,7 +257,7 @@ class Sender:
                 assert status == 503, status
                 self.retry_after.add(headers.get("Retry-After", ""))
                 time.sleep(0.1)
-            time.sleep(0.01)
+            time.sleep(self.pace)
 
 
 def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledged_event(
@@ -267,6 +268,8 @@ def test_redis_killed_and_restarted_with_appendfsync_always_loses_no_acknowledge
     # this row is about loss. Doubles are recorded, not asserted: under a loaded machine the
     # restart has doubled the calls of a whole turn (10 and 27 events in two full-suite runs,
     # 0 in runs alone), an open issue of the Redis backend's commit around a restart
+    # traffic starts once divided: an outage inside a handoff's wait leaves the calls on the
+    # wire unrecorded, and the new owner sends them again (SCALING.md)
     with Fleet(tmp_path, redis.url, mock_accoil.url, size=2,
                ACCOIL_MAX_CONCURRENCY=str(IN_FLIGHT), **FAST) as fleet:
         divided(fleet)
@@ -315,3 +318,41 @@ def test_a_sources_rate_cap_holds_across_three_gateways(
 
 def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_join_and_a_graceful_leave_mid_stream_lose_and_double_nothing(
+    tmp_path: Path, redis_server: RedisServer, mock_accoil: MockAccoilServer
+) -> None:
+    # Accoil answers each call 0.2 s after counting it: at any moment of a handoff calls
+    # are on the wire. The old owner revokes a partition, lets its calls be answered and
+    # recorded, then releases it; the new owner never sends them a second time
+    msgs = messages(1200, users=40, accounts=6, tag="h")
+    with Fleet(tmp_path, redis_server.url, mock_accoil.url, size=2, **FAST) as fleet:
+        divided(fleet)
+        mock_accoil.add_fault(latency=0.2)
+        sender = Sender(fleet, msgs, size=10, pace=0.12).start()
+        wait_for(lambda: len(sender.acked) >= 200, timeout=30, what="traffic under way")
+        joined_at = time.time()
+        c = fleet.join()  # a scale-up: a and b hand it a third of their partitions
+        wait_for(lambda: owned(c) >= P // 3, timeout=TAKEOVER, what="c took its share")
+        took_at = time.time()
+        # a scale-down: a leaves gracefully while the traffic goes on
+        assert fleet[0].terminate() == 0, fleet.logs()
+        left_at = time.time()
+        wait_for(lambda: owned(fleet[1]) + owned(c) == P, timeout=TAKEOVER,
+                 what="b and c own everything")
+        took_over_at = time.time()
+        sender.join(90)
+        assert set(sender.statuses) <= {0, 200, 503}, sender.statuses
+        lost, doubled = settle(mock_accoil, msgs, fleet)
+        calls = [_seconds(c["time"]) for c in mock_accoil.calls() if c["status"] == 202]
+        released = [lease_changes(gw, "released") for gw in (fleet[1], c)]
+    assert (lost, doubled) == (0, 0)
+    # the test proved something: calls went out during both handoffs, and partitions moved
+    assert any(joined_at <= t <= took_at for t in calls)
+    assert any(left_at - 1.0 <= t <= took_over_at for t in calls)
+    assert released[0] > 0
+    record("redis_join_and_leave_mid_stream", {
+        "events": len(msgs), "lost": lost, "counted_twice": doubled,
+        "join_handoff_s": round(took_at - joined_at, 1),
+        "leave_handoff_s": round(took_over_at - left_at, 1)})

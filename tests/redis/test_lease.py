@@ -318,3 +318,38 @@ async def test_lag_is_reported_for_the_owned_partitions_only(client: Client) -> 
     await settle([a, b])
     m.set_lag(await inbox.lag(sorted(a.owned)))
     assert set(lags()) == {str(p) for p in a.owned} == {"0", "1"}
+
+
+async def test_a_handoff_waits_for_the_revoked_partitions_before_releasing(
+    client: Client,
+) -> None:
+    # Kafka's cooperative rebalance: the old owner is told which partitions it gives up
+    # while it still holds them (its outcomes are recorded under its epoch), and the new
+    # owner can take them only once that is done
+    seen: list[tuple[list[int], float, list[Any], bool]] = []
+    b = Leases(client, P, member="b", ttl=TTL)
+
+    async def revoke(ps: list[int], within: float) -> None:
+        holders = [await client.get(lease_key(p)) for p in ps]
+        # the joining member tries meanwhile: refused, the leases are still a's
+        await b.tick()
+        seen.append((ps, within, holders, bool(set(ps) & set(b.owned))))
+        assert all(a.holds(p) is not None for p in ps)
+        assert set(ps) <= a.leaving
+
+    a = Leases(client, P, member="a", ttl=TTL, on_revoke=revoke)
+    await a.tick()
+    assert len(a.owned) == P and seen == []
+    await b.tick()  # b joins: half of the partitions are now b's share
+    assert b.owned == {}
+    await a.tick()
+    [(ps, within, holders, taken)] = seen
+    assert ps == list(range(32, 64))
+    assert 0 < within <= TTL * 0.25
+    assert holders == [b"a"] * 32 and not taken
+    assert a.leaving == frozenset() and sorted(a.owned) == list(range(32))
+    await b.tick()  # released: b takes them now
+    check_division([a, b], [32, 32])
+    # a graceful leave hands over the same way
+    await a.stop()
+    assert seen[-1][0] == list(range(32)) and seen[-1][2] == [b"a"] * 32

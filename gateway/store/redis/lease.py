@@ -12,6 +12,12 @@ with fencing epochs.
   an epoch no earlier one had. The owner renews; one that sees a partition is no longer
   its share releases it, and the new owner takes it when it is free (at the latest when
   its TTL runs out, should the old owner be gone).
+- Handoff (Kafka's cooperative rebalancing: revoke, finish, commit, release): a partition
+  that is no longer this gateway's share is first `leaving`: still renewed and held, but
+  given no new work; `on_revoke` waits (bounded, well within the TTL) for its calls on the
+  wire to be answered and their outcomes recorded under the still-valid epoch; only then
+  is the lease released. The new owner cannot take it before: a graceful handoff sends
+  nothing twice.
 - Fencing: every script that changes a partition starts with `FENCE_LUA` and refuses to run
   unless the lease is still held by the caller under the caller's epoch. A gateway paused
   past its lease (SIGSTOP, a long GC, a VM migration) that wakes up holding work for epoch
@@ -27,7 +33,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -42,6 +48,9 @@ from gateway.store.redis.partition import MEMBERS_KEY, epoch_key, lease_key
 log = structlog.get_logger("gateway.store.redis.lease")
 
 DEFAULT_TTL = 10.0
+# the part of the TTL a handoff may wait for a leaving partition's calls on the wire: the
+# lease was renewed at the round's start, and the next round renews again after ttl / 3
+REVOKE_SHARE = 0.25
 
 # KEYS[1] the lease, KEYS[2] the epoch; ARGV[1] the owner, ARGV[2] its epoch. Returns from
 # the script with 0 when the caller is not the current owner under the current epoch.
@@ -123,6 +132,7 @@ class Leases:
         ttl: float = DEFAULT_TTL,
         metrics: RedisMetrics | None = None,
         on_owned: Callable[[int], None] | None = None,
+        on_revoke: Callable[[list[int], float], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.partitions = partitions
@@ -133,6 +143,11 @@ class Leases:
         # told how many partitions are held after each round and at leave: forwarding
         # scales the sources' caps to that share (`Limiter.set_share`)
         self.on_owned = on_owned
+        # awaited with the partitions about to be released and the seconds it may take: it
+        # returns once their calls on the wire are answered and recorded (or time is up)
+        self.on_revoke = on_revoke
+        # held, renewed, but given no new work: their handoff is under way
+        self.leaving: frozenset[int] = frozenset()
         self.scripts = Scripts(client)
         self.owned: dict[int, int] = {}
         self.members: list[str] = []
@@ -163,14 +178,16 @@ class Leases:
         raw = await self.scripts.heartbeat(keys=[MEMBERS_KEY], args=[self.member, self.ttl_ms])
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
         share = set(assign(self.members, self.partitions).get(self.member, range(0)))
-        released = sorted(set(self.owned) - share)
-        await self._release_all(released)
-        kept = sorted(set(self.owned) & share)
+        # every lease held is renewed, those being handed over too: their outcomes are
+        # recorded under it until the release
+        kept = sorted(self.owned)
         renewed = await self._each(self.scripts.renew, [
             ([lease_key(p), epoch_key(p)], [self.member, self.owned[p], self.ttl_ms]) for p in kept])
         lost = [p for p, ok in zip(kept, renewed, strict=True) if not ok]
         for p in lost:
             del self.owned[p]
+        # a lease renewed in this round lives `ttl` from before the round began
+        self._valid_until = started + self.ttl
         wanted = sorted(share - set(self.owned))
         answers = await self._each(self.scripts.acquire, [
             ([lease_key(p), epoch_key(p)], [self.member, self.ttl_ms]) for p in wanted])
@@ -179,11 +196,25 @@ class Leases:
             if taken:
                 self.owned[p] = int(value)
                 acquired.append(p)
+        released = sorted(set(self.owned) - share)
+        await self._hand_over(released, started)
         self._changed(acquired=acquired, released=released, lost=lost)
-        # a lease renewed in this round lives `ttl` from before the round began
-        self._valid_until = started + self.ttl
         self._owned_changed()
         return dict(self.owned)
+
+    async def _hand_over(self, ps: list[int], started: float) -> None:
+        """Revoke `ps`, let their calls on the wire finish, then release them."""
+        if not ps:
+            return
+        self.leaving = frozenset(ps)
+        try:
+            if self.on_revoke is not None:
+                # bounded from the renewal: the leases must still be ours when it returns
+                within = started + self.ttl * REVOKE_SHARE - time.monotonic()
+                await self.on_revoke(ps, max(within, 0.0))
+            await self._release_all(ps)
+        finally:
+            self.leaving = frozenset()
 
     async def fence(self, partition: int, epoch: int) -> bool:
         """Whether `epoch` is still this gateway's, current epoch for `partition`."""
@@ -209,7 +240,7 @@ class Leases:
     async def _leave(self) -> None:
         released = sorted(self.owned)
         try:
-            await self._release_all(released)
+            await self._hand_over(released, time.monotonic())
         except RedisError:
             self.owned.clear()  # the leases expire by themselves
         self._changed(released=released)

@@ -290,7 +290,9 @@ class RedisStore:
         leases = self.leases
         if leases is None:
             return []
-        return [p for p, r in self._reading.items() if leases.holds(p) == r.epoch]
+        # a partition being handed over gets no new reads, turns or sends (`Leases.leaving`)
+        return [p for p, r in self._reading.items()
+                if leases.holds(p) == r.epoch and p not in leases.leaving]
 
     # -- ingest -------------------------------------------------------------------------------
 
