@@ -237,6 +237,7 @@ _STR = msgspec.json.Decoder(str)
 _ENCODER = msgspec.json.Encoder()
 
 _B = TypeVar("_B", Batch, _CheckBatch)
+_T = TypeVar("_T")
 _KEY_FIELD = b'"writeKey"'
 _USER_ID = operator.attrgetter("userId")
 _WRITE_KEY = operator.attrgetter("writeKey")
@@ -321,12 +322,7 @@ def decode_single(body: bytes, type: str) -> Decoded:
     message comes back as one `Rejected` at index 0.
     """
     _check_utf8(body)
-    try:
-        fields = _FIELDS.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidBody(f"body must be a JSON object: {_relative(str(exc))}") from None
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise _not_json(exc) from None
+    fields = _strict(_FIELDS, body, "body must be a JSON object")
     write_key = _optional_str(fields.pop("writeKey", None))
     fields["type"] = msgspec.Raw(_ENCODER.encode(type))
     raw = _ENCODER.encode(fields)
@@ -350,12 +346,7 @@ def decode_single(body: bytes, type: str) -> Decoded:
 
 def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
     if envelope is None:
-        try:
-            envelope = _ENVELOPE.decode(body)
-        except msgspec.ValidationError as exc:
-            raise InvalidBody(f"invalid batch: {_relative(str(exc))}") from None
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise _not_json(exc) from None
+        envelope = _strict(_ENVELOPE, body, "invalid batch")
     if len(envelope.batch) > MAX_BATCH:
         raise InvalidBody(
             f"a batch holds at most {MAX_BATCH:,} messages, this one has {len(envelope.batch):,}"
@@ -483,6 +474,16 @@ def _check_utf8(body: bytes) -> None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidBody(f"body is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _strict(decoder: msgspec.json.Decoder[_T], body: bytes, invalid: str) -> _T:
+    """`body` decoded, or the `InvalidBody` the client is told: `invalid` and msgspec's reason."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidBody(f"{invalid}: {_relative(str(exc))}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _not_json(exc) from None
 
 
 def _not_json(exc: Exception) -> InvalidBody:
