@@ -141,6 +141,19 @@ def last_seq(mock: str, since: int = 0) -> int:
     return int(calls[-1]["seq"]) if calls else since
 
 
+def lift_drop(mock: str, since: int) -> int:
+    """Lift the mock's faults, and return the journal's seq after which every call came
+    after the lift: the last call the drop fault took (`since` if none did after it).
+
+    A seq read before the lift is not that boundary: the gateway keeps calling while the
+    connections drop (its first calls, its circuit's probes), and on a loaded machine
+    some of those drops land between the read and the lift. The mock decides and journals
+    each call under one lock, and every call before the lift is dropped, none after it."""
+    send_json(mock + "/_mock/faults", "DELETE")
+    calls = get_json(f"{mock}/_mock/calls?since={since}")
+    return max([since, *(int(c["seq"]) for c in calls if c["status"] is None)])
+
+
 async def bare_loop(mock: str, api_key: str, calls: list[dict[str, Any]], concurrency: int
                     ) -> dict[str, Any]:
     headers = {"Authorization": f"Basic {api_key}", "Content-Type": "application/json"}
@@ -279,8 +292,7 @@ def run_capacity(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         wait_for(lambda: stats()["inbox_messages"] == 0, timeout=args.timeout,
                  what="gateway applying the events")
         queued = stats()["outbox_calls"]
-        seq0 = last_seq(mock.url)
-        send_json(mock.url + "/_mock/faults", "DELETE")
+        seq0 = lift_drop(mock.url, last_seq(mock.url))
         wait_for(lambda: int(get_json(mock.url + "/_mock/capacity")["admitted"]) > 0,
                  timeout=args.timeout, every=0.05, what="the first call")
         started = time.time()
