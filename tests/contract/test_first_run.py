@@ -75,11 +75,20 @@ class Output:
 
     lines: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    ended: threading.Event = field(default_factory=threading.Event)
 
     def read(self, stream: Any) -> None:
-        for raw in stream:
-            with self.lock:
-                self.lines.append(raw.decode(errors="replace"))
+        try:
+            for raw in stream:
+                with self.lock:
+                    self.lines.append(raw.decode(errors="replace"))
+        finally:
+            self.ended.set()
+
+    def wait_ended(self, within: float = 30.0) -> None:
+        """Until the stream closed and every line the child wrote is read (a sleep after
+        the child exits is no such promise on a loaded machine)."""
+        assert self.ended.wait(within), f"output still open after {within} s:\n{self.text}"
 
     @property
     def text(self) -> str:
@@ -287,7 +296,7 @@ def test_a_busy_port_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
         mock_port = free_port()
         with demo(tmp_path, GATEWAY_PORT=str(busy), MOCK_PORT=str(mock_port)) as (proc, _, err):
             assert proc.wait(timeout=30) == 1
-            time.sleep(0.1)  # the reader thread's last line
+            err.wait_ended()
             assert err.text.strip().splitlines() == [
                 f"make run: 127.0.0.1:{busy} is in use (another `make run`?); stop it, or move "
                 "this demo: GATEWAY_PORT=... MOCK_PORT=... make run"
@@ -303,7 +312,7 @@ def test_a_gateway_that_fails_to_start_takes_the_mock_down_too(tmp_path: Path) -
     with demo(tmp_path, GATEWAY_PORT=str(port), MOCK_PORT=str(mock_port),
               GATEWAY_DATA_DIR=str(tmp_path / "not-a-folder" / "data")) as (proc, _, err):
         assert proc.wait(timeout=60) == 1
-        time.sleep(0.1)
+        err.wait_ended()
         lines = err.text.strip().splitlines()
         assert "cannot create the data directory" in err.text
         assert "make run: the gateway did not start: exited with 1 (see above)" in lines
