@@ -145,10 +145,11 @@ def lift_drop(mock: str, since: int) -> int:
     """Lift the mock's faults, and return the journal's seq after which every call came
     after the lift: the last call the drop fault took (`since` if none did after it).
 
-    A seq read before the lift is not that boundary: the gateway keeps calling while the
-    connections drop (its first calls, its circuit's probes), and on a loaded machine
-    some of those drops land between the read and the lift. The mock decides and journals
-    each call under one lock, and every call before the lift is dropped, none after it."""
+    A seq read before the lift is not that boundary: the gateway's first calls (the
+    limiter's first 8) and its circuit's probes go out about when its inbox empties, tens
+    of milliseconds from the read, and on a loaded machine they land between the read and
+    the lift. The mock decides and journals each call under one lock, and every call
+    before the lift is dropped, none after it."""
     send_json(mock + "/_mock/faults", "DELETE")
     calls = get_json(f"{mock}/_mock/calls?since={since}")
     return max([since, *(int(c["seq"]) for c in calls if c["status"] is None)])
