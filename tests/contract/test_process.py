@@ -95,7 +95,9 @@ def test_what_the_drain_cannot_send_waits_for_the_next_start(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
     mock_accoil.add_fault(503)  # Accoil down for the whole first run
-    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
+    # the drain on SIGTERM tries until its timeout: 2 s of trying show the same as 10
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1",
+                         env_extra={"GATEWAY_SHUTDOWN_TIMEOUT": "2"}) as (proc, url):
         assert post_batch(url, [{"type": "track", "messageId": f"k{i}", "userId": "u1",
                                  "event": "Kept"} for i in range(10)]) == 200
         time.sleep(0.5)
