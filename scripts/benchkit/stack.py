@@ -141,6 +141,38 @@ def wait_http(url: str, child: Child, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def listening_inodes(port: int) -> set[str] | None:
+    """Inodes of the sockets listening on 127.0.0.1:`port`, from /proc/net/tcp (None where
+    there is no /proc)."""
+    want = f"{socket.htonl(0x7F000001):08X}:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    return {r[9] for r in rows if r[1] == want and r[3] == "0A"}  # 0A: LISTEN
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether `pid` or one of its descendants holds the socket listening on `port`: a free
+    port picked beforehand may be taken by another program before the child binds it, and
+    then that program answers the child's probe (True where /proc cannot tell)."""
+    inodes = listening_inodes(port)
+    if inodes is None:
+        return True
+    for each in [pid, *descendants(pid)]:
+        try:
+            fds = os.listdir(f"/proc/{each}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{each}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return True
+    return False
+
+
 def _start(
     name: str,
     argv_for: Callable[[int], list[str]],
@@ -156,9 +188,12 @@ def _start(
         url = f"http://{HOST}:{chosen}"
         try:
             wait_http(url + probe, child)
-        except RuntimeError:
+            if not listens(child.pid, chosen):
+                raise RuntimeError(f"{name}: {url} answered, but another program listens there")
+        except RuntimeError as exc:
             child.stop(2.0)
-            lost_race = "address already in use" in child.log_tail(200)
+            lost_race = ("address already in use" in child.log_tail(200)
+                         or "another program" in str(exc))
             if port is None and lost_race and attempt + 1 < tries:
                 continue
             raise
