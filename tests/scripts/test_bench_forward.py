@@ -23,13 +23,21 @@ def track(url: str) -> int:
         return status
 
 
+def drop_then_read(mock: MockAccoilServer) -> int:
+    """The mock drops every connection, drops one call, and the bench reads the journal's
+    last seq, as it does once the gateway's inbox is empty."""
+    mock.add_fault(drop=True)
+    with pytest.raises(OSError):
+        track(mock.url)
+    read = bench_forward.last_seq(mock.url)
+    assert read == mock.calls()[-1]["seq"]
+    return read
+
+
 def test_the_drain_starts_after_a_drop_that_came_between_the_read_and_the_lift(
     mock_accoil: MockAccoilServer,
 ) -> None:
-    mock_accoil.add_fault(drop=True)
-    with pytest.raises(OSError):
-        track(mock_accoil.url)
-    read = bench_forward.last_seq(mock_accoil.url)
+    read = drop_then_read(mock_accoil)
     # the gateway's next call, dropped after the seq was read and before the lift, as a
     # loaded machine interleaves them
     with pytest.raises(OSError):
@@ -46,11 +54,7 @@ def test_the_drain_starts_after_a_drop_that_came_between_the_read_and_the_lift(
 def test_without_a_late_drop_the_drain_starts_at_the_read(
     mock_accoil: MockAccoilServer,
 ) -> None:
-    mock_accoil.add_fault(drop=True)
-    with pytest.raises(OSError):
-        track(mock_accoil.url)
-    read = bench_forward.last_seq(mock_accoil.url)
-    assert read == mock_accoil.calls()[-1]["seq"]
+    read = drop_then_read(mock_accoil)
     assert bench_forward.lift_drop(mock_accoil.url, read) == read
     assert track(mock_accoil.url) == 202
     assert [c["status"] for c in mock_accoil.calls(since=read)] == [202]
