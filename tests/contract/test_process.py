@@ -301,7 +301,7 @@ def test_the_pipeline_runs_in_a_worker_process(mock_accoil: MockAccoilServer, tm
 
 
 def test_a_dead_worker_is_replaced(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
-    with gateway_process(mock_accoil.url, tmp_path) as (proc, url):
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
         (worker,) = worker_pids(proc.pid)
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: [p for p in worker_pids(proc.pid) if p != worker] != [])
