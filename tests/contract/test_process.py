@@ -260,7 +260,8 @@ def wait_until(check: object, timeout: float = 15.0) -> None:
 
 def test_the_pipeline_runs_in_a_worker_process(mock_accoil: MockAccoilServer, tmp_path: Path) -> None:
     env = {"GATEWAY_ADMIN_TOKEN": ADMIN}
-    with gateway_process(mock_accoil.url, tmp_path, env_extra=env) as (proc, url):
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1",
+                         env_extra=env) as (proc, url):
         (worker,) = worker_pids(proc.pid)
         assert post_batch(url, [
             {"type": "track", "userId": "u1", "event": "Signed In", "messageId": "p1"},
