@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -35,6 +36,7 @@ from gateway.worker import RemotePipeline
 log = structlog.get_logger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Serve = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # aiohttp's server's handler
 LOCK_WAIT = 30.0  # seconds a start waits for an earlier gateway to leave the data directory
 
 
@@ -105,6 +107,35 @@ class Gateway:
         app.on_shutdown.append(lambda _: self._stop_accepting())
         app.on_cleanup.append(lambda _: self.stop())
         return app
+
+    async def runner(self, **kwargs: Any) -> web.AppRunner:
+        """An `AppRunner` for `app()`, set up, serving ingest's POSTs through `dispatch`."""
+        runner = web.AppRunner(self.app(), **kwargs)
+        await runner.setup()
+        assert runner.server is not None
+        runner.server.request_handler = self.dispatch(runner.server.request_handler)
+        return runner
+
+    def dispatch(self, handle: Serve) -> Serve:
+        """`handle` (the Application's, given to aiohttp's server) with the ingest POSTs
+        served directly: a dict lookup instead of the router, the match info and the
+        middleware chain, which cost about a tenth of an ingest request. The same
+        handlers, replies and counts; anything else, a path with a query string or
+        escapes, or an `Expect` header (100-continue is the router's), goes to `handle`."""
+        posts = self.ingest.posts()
+        metrics = self.metrics
+
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.raw_path
+            handler = posts.get(path) if request.method == "POST" else None
+            if handler is None or "Expect" in request.headers:
+                return await handle(request)
+            # the runner's request factory makes `web.Request`s (the app's)
+            resp = await handler(cast(web.Request, request))
+            metrics.child(metrics.requests, path, str(resp.status)).inc()
+            return resp
+
+        return dispatch
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -21,12 +21,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     # commonest first-run mistake, and should fail at once
     _check_port(settings.host, settings.port)
     gateway = Gateway(settings)
-    runner = web.AppRunner(
-        gateway.app(), access_log=None, handle_signals=False,
+    runner = await gateway.runner(
+        access_log=None, handle_signals=False,
         # aiohttp's own default is an hour; it also bounds how long headers may trickle in
         keepalive_timeout=settings.read_timeout,
     )
-    await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -36,20 +38,20 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"in_flight": request.app[BUSY].requests})
 
 
-@web.middleware
-async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path != "/v1/batch":
-        return await handler(request)
-    busy = request.app[BUSY]
-    busy.requests += 1
-    try:
-        return await handler(request)
-    finally:
-        busy.requests -= 1
+def counted(busy: Busy, handler: Handler) -> Handler:
+    async def counting(request: web.Request) -> web.StreamResponse:
+        busy.requests += 1
+        try:
+            return await handler(request)
+        finally:
+            busy.requests -= 1
+
+    return counting
 
 
 async def noop(request: web.Request) -> web.Response:
-    await request.read()
+    # the body as the gateway reads one that came whole (`gateway.ingest.body`)
+    await request.content.read()
     return web.Response(body=OK, content_type="application/json")
 
 
@@ -101,18 +103,47 @@ class Naive:
         return web.Response(body=OK, content_type="application/json")
 
 
-def app_for(args: argparse.Namespace) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[count])
-    app[BUSY] = Busy()
+def app_for(args: argparse.Namespace) -> tuple[web.Application, Handler]:
+    """The target's app, and its POST /v1/batch handler."""
+    app = web.Application(client_max_size=MAX_BODY)
+    busy = app[BUSY] = Busy()
     app.router.add_get("/healthz", healthz)
     if args.kind == "noop":
-        app.router.add_post("/v1/batch", noop)
+        batch: Handler = noop
     else:
         relay = Naive(args.upstream, args.api_key)
         app.on_startup.append(relay.start)
         app.on_cleanup.append(relay.stop)
-        app.router.add_post("/v1/batch", relay.batch)
-    return app
+        batch = relay.batch
+    batch = counted(busy, batch)
+    app.router.add_post("/v1/batch", batch)
+    return app, batch
+
+
+async def serve(app: web.Application, batch: Handler, host: str, port: int) -> None:
+    """Serve `app` until SIGTERM or SIGINT, POST /v1/batch as the gateway serves its ingest
+    routes (`Gateway.dispatch`: straight to the handler, without aiohttp's router), so that
+    the ceiling pays for what the gateway pays for, no more and no less."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    handle = runner.server.request_handler
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "POST" and request.raw_path == "/v1/batch":
+            return await batch(cast(web.Request, request))
+        return await handle(request)
+
+    runner.server.request_handler = dispatch
+    await web.TCPSite(runner, host, port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.kind == "naive" and not args.upstream:
         p.error("naive needs --upstream")
-    web.run_app(app_for(args), host=args.host, port=args.port, access_log=None, print=None)
+    asyncio.run(serve(*app_for(args), args.host, args.port))
     return 0
 
 

@@ -15,7 +15,7 @@ letters.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -99,21 +99,26 @@ class Ingest:
         self._disk_full = disk_full
 
     def routes(self) -> list[web.RouteDef]:
-        handlers: dict[str, Callable[[web.Request], Any]] = dict.fromkeys(BATCH, self.batch)
+        defs: list[web.RouteDef] = []
+        for path, handler in self.posts().items():
+            defs += [web.post(path, handler), web.options(path, preflight)]
+        return defs
+
+    def posts(self) -> dict[str, Callable[[web.Request], Awaitable[web.Response]]]:
+        """Each ingest path (with and without its trailing slash) and its POST handler."""
+        handlers: dict[str, Callable[[web.Request], Awaitable[web.Response]]] = dict.fromkeys(
+            BATCH, self.batch
+        )
         for kind in SINGLE:
             handlers[f"/v1/{kind}"] = self._single(kind)
         for short, kind in SHORT.items():
             handlers[f"/v1/{short}"] = self._single(kind)
-        defs: list[web.RouteDef] = []
-        for path, handler in handlers.items():
-            for each in (path, path + "/"):
-                defs += [web.post(each, handler), web.options(each, preflight)]
-        return defs
+        return {each: h for path, h in handlers.items() for each in (path, path + "/")}
 
     async def batch(self, request: web.Request) -> web.Response:
         return await self._ingest(request, None)
 
-    def _single(self, kind: str) -> Callable[[web.Request], Any]:
+    def _single(self, kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             return await self._ingest(request, kind)
 

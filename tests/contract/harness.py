@@ -101,8 +101,7 @@ class Running:
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Running]:
     gw = Gateway(settings)
-    runner = web.AppRunner(gw.app())
-    await runner.setup()
+    runner = await gw.runner()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = next(a[1] for a in runner.addresses if isinstance(a, tuple))

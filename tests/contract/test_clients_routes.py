@@ -187,3 +187,34 @@ async def test_wrong_paths_and_methods_get_json_errors(mock_accoil: MockAccoilSe
             assert (reply["code"], reply["message"]) == ("method_not_allowed", "method not allowed")
         status, reply = await gw.post("/v2/batch", {"batch": []})
         assert status == 404 and reply["code"] == "not_found" and reply["success"] is False
+
+
+async def test_the_direct_ingest_path_and_the_router_answer_alike(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # ingest's POSTs skip aiohttp's router (`Gateway.dispatch`); a query string, an escaped
+    # path or `Expect: 100-continue` go through it: the same replies, CORS and counts
+    good = {"batch": [msg("track", "d1", event="Direct")]}
+    bad = {"batch": [msg("track", "d2", event="")]}
+    cors = {"Origin": "https://app.example"}
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        replies = []
+        for path, extra in [("/v1/batch", {}), ("/v1/batch?via=router", {}),
+                            ("/v1/%62atch", {}), ("/v1/batch", {"Expect": "100-continue"})]:
+            for body in (good, bad):
+                status, reply = await gw.post(path, body, headers={**cors, **extra})
+                replies.append((status, reply))
+            async with gw.http.post(gw.url + path, json=good, headers={**cors, **extra}) as resp:
+                assert resp.status == 401 and resp.headers["Access-Control-Allow-Origin"] == "*"
+                assert (await resp.json())["code"] == "unauthorized"
+        assert replies[0] == (200, {"success": True})
+        assert replies[1][0] == 200 and replies[1][1]["rejected"][0]["messageId"] == "d2"
+        assert replies == replies[:2] * 4
+        async with gw.http.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+        await gw.idle()
+    counted = sorted(line for line in text.splitlines()
+                     if line.startswith('accoil_gateway_http_requests_total{route="/v1/batch"'))
+    assert counted == ['accoil_gateway_http_requests_total{route="/v1/batch",status="200"} 8.0',
+                       'accoil_gateway_http_requests_total{route="/v1/batch",status="401"} 4.0']
+    assert mock_accoil.count("u1", "Direct") == 1  # one messageId, sent four times

@@ -639,6 +639,35 @@ def test_check_batch_agrees_with_decode_batch(body: bytes) -> None:
     same_verdict(body)
 
 
+ANONYMOUS_ONLY = {"type": "page", "anonymousId": "a1", "name": "Home"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the common batch (each message has a userId, none a writeKey), checked in one decode
+        batch_of(dumps(TRACK), dumps({**TRACK, "userId": 0})),
+        batch_of(*[sized(1000, f"m{i}") for i in range(100)]),  # over 32 KB, kept as sent
+        batch_of(sized(200, "a"), sized(MAX_MESSAGE_BYTES + 1, "over"), sized(200, "b")),
+        batch_of(dumps(TRACK), writeKey="wk_top"),  # the top's key goes, the messages stay
+        batch_of(*[sized(1000, f"k{i}") for i in range(40)], writeKey="wk_top"),
+        # one message outside it, wherever it is: the batch is read again, the same verdict
+        batch_of(dumps(TRACK), dumps(ANONYMOUS_ONLY)),
+        batch_of(dumps(ANONYMOUS_ONLY), dumps(TRACK)),
+        batch_of(dumps(TRACK), dumps({**ANONYMOUS_ONLY, "userId": ""})),
+        batch_of(dumps(TRACK), dumps({**ANONYMOUS_ONLY, "userId": None})),
+        batch_of(dumps(TRACK), dumps({**TRACK, "userId": ""})),  # no id at all: rejected
+        batch_of(dumps(TRACK), dumps({**TRACK, "userId": True})),
+        batch_of(dumps(TRACK), dumps({**TRACK, "writeKey": "wk_in_message"})),
+        batch_of(dumps(TRACK), dumps({**TRACK, "writeKey": None})),
+        batch_of(dumps(TRACK), dumps({**TRACK, "event": ""})),
+        batch_of(dumps(TRACK), b'{"type":"track","userId":"u","event":"E"'),  # not JSON
+    ],
+)
+def test_check_batch_agrees_on_either_side_of_its_fast_type(body: bytes) -> None:
+    same_verdict(body)
+
+
 def test_write_keys_inside_messages_are_not_stored() -> None:
     # analytics.js's batching mode: the key at the top and in every message
     body = msgspec.json.encode({
@@ -706,3 +735,12 @@ def test_decode_stored_keeps_rejects_and_their_reasons() -> None:
     decoded = decode_stored(check_batch(body).body)
     assert [type(m).__name__ for m in decoded.messages] == ["Track", "Page"]
     assert [(r.index, r.reason) for r in decoded.rejected] == [(1, "userId or anonymousId is required")]
+
+
+def test_the_fast_type_takes_the_common_batch_and_nothing_outside_it() -> None:
+    from gateway.segment import _FAST
+
+    assert len(_FAST.decode(batch_of(dumps(TRACK), dumps({**TRACK, "userId": 7}))).batch) == 2
+    for other in (ANONYMOUS_ONLY, {**TRACK, "userId": ""}, {**TRACK, "writeKey": "wk"}):
+        with pytest.raises(msgspec.ValidationError):
+            _FAST.decode(batch_of(dumps(TRACK), dumps(other)))
