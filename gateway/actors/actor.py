@@ -25,7 +25,7 @@ from gateway.segment import Message, Page, Screen, Track
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
-    from datetime import datetime
+    from datetime import date, datetime
 
     from gateway.observability.metrics import Metrics
 
@@ -35,9 +35,10 @@ class Envelope(msgspec.Struct, gc=False):
 
     key: bytes  # its dedupe key (`gateway.keys.dedupe_key`)
     message: Message
-    timestamp: datetime
+    timestamp: datetime  # when it happened (`effective_timestamp`): timezone-aware UTC
     context: dict[str, Any] | None
     integrations: dict[str, Any] | None  # the batch's merged under the message's
+    user: str | None  # `user_id(message)`
 
 
 class Actor:
@@ -59,7 +60,8 @@ class Actor:
         self.hit_keys: list[bytes] = []
         self.hit_refs: list[LedgerKey] = []
         self.hits: dict[LedgerKey, Latest[Envelope]] = {}
-        self.refs: dict[tuple[str, str, str], LedgerKey] = {}  # (day, user, event) -> key
+        # (UTC date, user, event) -> key: the day's text is made once per key, not per message
+        self.refs: dict[tuple[date, str, str], LedgerKey] = {}
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
@@ -108,17 +110,17 @@ class Actor:
             return
         if isinstance(msg, (Track, Page, Screen)):
             # counted in the ledger: its call is built once per key, for the latest message
-            hit = counted(msg, source.unnamed_pages)
+            hit = counted(msg, source.unnamed_pages, env.user)
             if isinstance(hit, Skip):
                 self._skip(env, hit, metrics)
                 return
             user, event = hit
             at = env.timestamp
             # one LedgerKey per key, not per message: found by a plain tuple
-            short = (utc_day(at), user, event)
+            short = (at.date(), user, event)
             key = self.refs.get(short)
             if key is None:
-                key = self.refs[short] = LedgerKey(source.id, short[0], user, self.account, event)
+                key = self.refs[short] = LedgerKey(source.id, utc_day(at), user, self.account, event)
             self.hit_keys.append(env.key)
             self.hit_refs.append(key)
             latest = self.hits.get(key)
