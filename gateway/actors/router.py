@@ -106,14 +106,15 @@ class Router:
         batch_context, batch_integrations = decoded.context, decoded.integrations
         sent_at = decoded.sent_at
         for index, (msg, user) in enumerate(zip(messages, users, strict=True)):
-            context = merged(batch_context, msg.context)
+            # most batches carry no context or integrations of their own: no call then
+            context = msg.context if batch_context is None else merged(batch_context, msg.context)
+            integrations = (msg.integrations if batch_integrations is None
+                            else merged(batch_integrations, msg.integrations))
             mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
             at = msg.timestamp
             if at is None or at.tzinfo is not UTC:  # else it is the effective timestamp
                 at = effective_timestamp(msg, sent_at, received)
-            env = Envelope(
-                key_of(mid), msg, at, context, merged(batch_integrations, msg.integrations), user,
-            )
+            env = Envelope(key_of(mid), msg, at, context, integrations, user)
             deliver(env, source, self._account(known, msg, user, context))
         return self._dead(row, invalid)
 
