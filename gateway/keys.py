@@ -34,6 +34,22 @@ def dedupe_key(prefix: bytes, message_id: str) -> bytes:
     return hashlib.blake2b(prefix + message_id.encode(), digest_size=DEDUPE_BYTES).digest()
 
 
+class DedupeKeys:
+    """`dedupe_key(prefix, id)` for one source, once per message: the hash state after the
+    prefix is kept and copied, since building a BLAKE2b (its keyword arguments parsed) costs
+    more than hashing a message id."""
+
+    __slots__ = ("_prefixed",)
+
+    def __init__(self, prefix: bytes) -> None:
+        self._prefixed = hashlib.blake2b(prefix, digest_size=DEDUPE_BYTES)
+
+    def __call__(self, message_id: str) -> bytes:
+        h = self._prefixed.copy()
+        h.update(message_id.encode())
+        return h.digest()
+
+
 def generated_message_id(record: int, received_at: float, index: int) -> str:
     """The id of the message at `index` of inbox record `record` that came without one: the
     same each time the record is routed, and never the id of another message (record ids

@@ -25,7 +25,7 @@ from gateway.segment import Message, Page, Screen, Track
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
-    from datetime import datetime
+    from datetime import date, datetime
 
     from gateway.observability.metrics import Metrics
 
@@ -35,14 +35,15 @@ class Envelope(msgspec.Struct, gc=False):
 
     key: bytes  # its dedupe key (`gateway.keys.dedupe_key`)
     message: Message
-    timestamp: datetime
+    timestamp: datetime  # when it happened (`effective_timestamp`): timezone-aware UTC
     context: dict[str, Any] | None
     integrations: dict[str, Any] | None  # the batch's merged under the message's
+    user: str | None  # `user_id(message)`
 
 
 class Actor:
     __slots__ = (
-        "source", "account", "mail", "hit_keys", "hit_refs", "hits", "refs", "marks", "pending",
+        "source", "account", "mail", "hit_keys", "hit_refs", "hits", "marks", "pending",
         "accounts", "dead", "held", "last", "ledger", "partition",
     )
 
@@ -58,8 +59,9 @@ class Actor:
         # occurrences counted and the latest message (its call is built at the turn's end)
         self.hit_keys: list[bytes] = []
         self.hit_refs: list[LedgerKey] = []
-        self.hits: dict[LedgerKey, Latest[Envelope]] = {}
-        self.refs: dict[tuple[str, str, str], LedgerKey] = {}  # (day, user, event) -> key
+        # keyed by (UTC date, user, event), a plain tuple: the LedgerKey (and its day's text)
+        # is made once per key, not per message
+        self.hits: dict[tuple[date, str, str], tuple[LedgerKey, Latest[Envelope]]] = {}
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
@@ -72,7 +74,6 @@ class Actor:
             self.hit_keys.clear()
             self.hit_refs.clear()
             self.hits.clear()
-            self.refs.clear()
             self.marks.clear()
             self.pending.clear()
             self.accounts.clear()
@@ -108,24 +109,22 @@ class Actor:
             return
         if isinstance(msg, (Track, Page, Screen)):
             # counted in the ledger: its call is built once per key, for the latest message
-            hit = counted(msg, source.unnamed_pages)
+            hit = counted(msg, source.unnamed_pages, env.user)
             if isinstance(hit, Skip):
                 self._skip(env, hit, metrics)
                 return
             user, event = hit
             at = env.timestamp
-            # one LedgerKey per key, not per message: found by a plain tuple
-            short = (utc_day(at), user, event)
-            key = self.refs.get(short)
-            if key is None:
-                key = self.refs[short] = LedgerKey(source.id, short[0], user, self.account, event)
+            short = (at.date(), user, event)
+            found = self.hits.get(short)
             self.hit_keys.append(env.key)
-            self.hit_refs.append(key)
-            latest = self.hits.get(key)
-            if latest is None:
-                self.hits[key] = Latest(at, env)
+            if found is None:
+                key = LedgerKey(source.id, utc_day(at), user, self.account, event)
+                self.hits[short] = (key, Latest(at, env))
+                self.hit_refs.append(key)
             else:
-                latest.add(at, env)
+                self.hit_refs.append(found[0])
+                found[1].add(at, env)
             return
         call = to_call(
             msg, api=source.api, timestamp=env.timestamp, context=env.context,
@@ -171,7 +170,7 @@ class Actor:
         """The occurrences taken per ledger key, each with the call of its latest message."""
         source = self.source
         out: dict[LedgerKey, Tally] = {}
-        for key, latest in self.hits.items():
+        for key, latest in self.hits.values():
             env = latest.item
             call = to_call(
                 env.message, api=source.api, timestamp=env.timestamp, context=env.context,

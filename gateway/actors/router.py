@@ -19,7 +19,7 @@ import msgspec
 
 from gateway.actors.actor import Envelope
 from gateway.config import Source
-from gateway.keys import dedupe_key, dedupe_prefix, generated_message_id, rejected_id
+from gateway.keys import DedupeKeys, dedupe_prefix, generated_message_id, rejected_id
 from gateway.segment import (
     Decoded,
     Group,
@@ -46,8 +46,9 @@ class Router:
     def __init__(self, state: ActorState, sources: dict[str, Source]) -> None:
         self.state = state
         self.sources = sources
-        self._prefixes = {sid: dedupe_prefix(sid) for sid in sources}
+        self._keys = {sid: DedupeKeys(dedupe_prefix(sid)) for sid in sources}
         self._handoff: dict[int, Decoded] = {}
+        self._row_users: dict[int, list[str | None]] = {}  # each message's user, from `prepare`
         # per source, user -> the account a group call put them in (None: none), least
         # recently learnt first
         self._users: dict[str, dict[str, str | None]] = {}
@@ -63,7 +64,7 @@ class Router:
         """Decode `rows` ahead of routing them, and load the accounts of their new users in
         one read per source rather than one per row (a partitioned store's rows are small:
         the part of a request that fell in one partition)."""
-        users: dict[str, set[str]] = {}
+        users: dict[str, set[str | None]] = {}
         for row in rows:
             if not row.count or row.id in self._handoff or row.source not in self.sources:
                 continue
@@ -72,8 +73,8 @@ class Router:
             except InvalidBody:
                 continue  # `route` keeps it as a dead letter
             self._handoff[row.id] = decoded
-            found = users.setdefault(row.source, set())
-            found.update(u for m in decoded.messages if (u := user_id(m)) is not None)
+            row_users = self._row_users[row.id] = [user_id(m) for m in decoded.messages]
+            users.setdefault(row.source, set()).update(row_users)
         for source, wanted in users.items():
             await self._learn(source, self._users.setdefault(source, {}), list(wanted))
 
@@ -82,6 +83,7 @@ class Router:
         taken (rejected by ingest, replayed dead letters still invalid, unreadable)."""
         source = self.sources.get(row.source)
         decoded = self._handoff.pop(row.id, None)
+        users = self._row_users.pop(row.id, None)
         if decoded is None:
             try:
                 decoded = decode_stored(row.body)
@@ -96,19 +98,23 @@ class Router:
             return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
         messages = decoded.messages
-        users = [user_id(m) for m in messages]
+        if users is None:
+            users = [user_id(m) for m in messages]
         known = self._users.setdefault(source.id, {})
         await self._learn(source.id, known, users)
-        prefix = self._prefixes[source.id]
+        key_of = self._keys[source.id]
         batch_context, batch_integrations = decoded.context, decoded.integrations
         sent_at = decoded.sent_at
         for index, (msg, user) in enumerate(zip(messages, users, strict=True)):
-            context = merged(batch_context, msg.context)
+            # most batches carry no context or integrations of their own: no call then
+            context = msg.context if batch_context is None else merged(batch_context, msg.context)
+            integrations = (msg.integrations if batch_integrations is None
+                            else merged(batch_integrations, msg.integrations))
             mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
-            env = Envelope(
-                dedupe_key(prefix, mid), msg, effective_timestamp(msg, sent_at, received), context,
-                merged(batch_integrations, msg.integrations),
-            )
+            at = msg.timestamp
+            if at is None or at.tzinfo is not UTC:  # else it is the effective timestamp
+                at = effective_timestamp(msg, sent_at, received)
+            env = Envelope(key_of(mid), msg, at, context, integrations, user)
             deliver(env, source, self._account(known, msg, user, context))
         return self._dead(row, invalid)
 
@@ -149,10 +155,10 @@ class Router:
 
     def _dead(self, row: InboxRow, items: list[tuple[bytes, str, bool]]) -> list[DeadLetter]:
         """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
-        prefix = self._prefixes.get(row.source) or dedupe_prefix(row.source)
+        key_of = self._keys.get(row.source) or DedupeKeys(dedupe_prefix(row.source))
         return [
             DeadLetter(source=row.source, stage="ingest", reason=reason, payload=payload,
-                       key=dedupe_key(prefix, rejected_id(row.id, row.received_at, i)),
+                       key=key_of(rejected_id(row.id, row.received_at, i)),
                        grouped=grouped)
             for i, (payload, reason, grouped) in enumerate(items)
         ]

@@ -82,11 +82,15 @@ def to_call(
     return _call("track", dialect, body, user, context_group, event, None)
 
 
-def counted(msg: Track | Page | Screen, unnamed_pages: UnnamedPages = "skip") -> tuple[str, str] | Skip:
+def counted(
+    msg: Track | Page | Screen, unnamed_pages: UnnamedPages = "skip", user: str | None = None
+) -> tuple[str, str] | Skip:
     """The (userId, event) a track, page or screen call is counted under (page and screen as
     "<Page|Screen> Viewed <name>"), or why it is not forwarded. What `to_call` decides for
-    these kinds, without building the call: an actor builds it once per ledger key."""
-    user = user_id(msg)
+    these kinds, without building the call: an actor builds it once per ledger key.
+    `user`: the message's `user_id`, when the caller has it already."""
+    if user is None:
+        user = user_id(msg)
     if isinstance(msg, Track):
         if user is None:
             return _no_user("track")

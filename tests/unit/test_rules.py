@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from gateway.keys import DEDUPE_BYTES, dedupe_key, dedupe_prefix, group_key, ledger_key
+from gateway.keys import (
+    DEDUPE_BYTES,
+    DedupeKeys,
+    dedupe_key,
+    dedupe_prefix,
+    group_key,
+    ledger_key,
+)
 from gateway.rules.dead_letters import group
 from gateway.rules.dedupe import first_seen
 from gateway.rules.ledger import Hit, Latest, LedgerKey, Row, discount, settle, tally
@@ -31,6 +38,14 @@ def test_dedupe_keys_are_fixed_size_and_never_mix_sources() -> None:
     # the prefix carries the source's length: ("ab", "c") and ("a", "bc") differ
     assert dedupe_key(dedupe_prefix("ab"), "c") != dedupe_key(dedupe_prefix("a"), "bc")
     assert dedupe_key(dedupe_prefix("s"), "m") == short
+
+
+def test_a_sources_dedupe_keys_are_those_of_dedupe_key_whatever_the_order() -> None:
+    # the keys on disk stay the same: a gateway upgraded inside the window still finds them
+    keys = DedupeKeys(dedupe_prefix("src"))
+    ids = ["m", "", "m" * 200, "é-ü", "m"]
+    assert [keys(i) for i in ids] == [dedupe_key(dedupe_prefix("src"), i) for i in ids]
+    assert keys("m") != DedupeKeys(dedupe_prefix("sr"))("cm")
 
 
 def test_group_and_ledger_keys_are_unambiguous() -> None:
