@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import Settings, Source
 from gateway.keys import dedupe_key, dedupe_prefix
@@ -318,3 +319,46 @@ async def test_a_script_sent_again_with_its_token_changes_nothing_twice(
         await store._scripts["delivered"](keys=keys, args=[
             member, epoch, str(item.id), "track", item.version, field(SOURCE.id, "t1")])
     assert c.hget(f"{{p{p}}}:ob:n", str(item.id)) == b"2"
+
+
+async def test_a_commit_whose_reply_is_lost_is_sent_again_as_the_same_run(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # Redis killed right after it ran (and fsynced) a commit, before the reply: the commit
+    # goes again with its token until Redis answers, so its upsert counts once; a new run
+    # redone from the reads would queue the turn's calls a second time
+    p = partition_of(SOURCE.id, "u1", P)
+    real = store._sync_commit
+    sent: list[list[Any]] = []
+
+    def reply_lost_once(*, keys: list[Any], args: list[Any], client: Any) -> Any:
+        sent.append(list(args))
+        answer = real(keys=keys, args=args, client=client)
+        if len(sent) == 1:
+            raise RedisConnectionError("Connection closed by server.")
+        return answer
+
+    store._sync_commit = reply_lost_once
+
+    def write(tx: Turn) -> set[bytes]:
+        tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 2)])
+        return tx.state.remember([key("m0"), key("m1")])
+
+    assert await store.transact(write, NOW, p) == set()
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same run, token and all
+    (item,) = await store.due(SOURCE.id, time.time(), 10)
+    assert item.repeat == 2
+    c = redis_server.client()
+    assert c.smismember(dedupe_day_key(p, day_of(NOW)), [key("m0"), key("m1")]) == [1, 1]
+
+
+async def test_a_turn_finds_todays_dedupe_keys_even_when_it_does_not_know_the_day(
+    store: RedisStore,
+) -> None:
+    # the owner remembers which days have a dedupe set, to ask only those; a turn redone
+    # after a commit whose outcome it never heard must still find what that commit stored
+    p = partition_of(SOURCE.id, "u1", P)
+    keys = [key("m0"), key("m1")]
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set()
+    store._reading[p].days.clear()
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set(keys)

@@ -411,9 +411,18 @@ class RedisStore:
                 # the client resends a command whose connection dropped: the token makes a
                 # second run of an outbox upsert (an increment) change nothing
                 once = ops.key(once_key(partition, secrets.token_hex(8)))
-                ok = self._sync_commit(
-                    keys=ops.keys, args=[member, epoch, cursor, partition, once, *ops.args()],
-                    client=self.sync)
+                args = [member, epoch, cursor, partition, once, *ops.args()]
+                while True:
+                    try:
+                        ok = self._sync_commit(keys=ops.keys, args=args, client=self.sync)
+                        break
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        # sent, perhaps run, its reply lost (Redis killed or restarting): this
+                        # same run goes again until Redis answers, never a new one, which
+                        # would not see the dedupe keys of a day the first run began
+                        if leases.holds(partition) != epoch:
+                            raise PartitionLost(partition) from None  # read again anew
+                        time.sleep(UNANSWERED)
                 if not ok:
                     raise PartitionLost(partition)
             return result, turn.rows, moved, turn.state.new_day
