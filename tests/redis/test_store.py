@@ -362,3 +362,32 @@ async def test_a_turn_finds_todays_dedupe_keys_even_when_it_does_not_know_the_da
     assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set()
     store._reading[p].days.clear()
     assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set(keys)
+
+
+async def test_an_outcome_waits_for_the_lease_rather_than_drop_an_answered_call(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # an outcome dropped while this gateway still owns the partition sends its call to
+    # Accoil a second time: it is recorded once a lease round says the partition is held
+    p = partition_of(SOURCE.id, "u2", P)
+    await store.accept(SOURCE.id, NOW, batch(["u2"]), 1)
+    rows = await store.inbox_after(0, 100)
+    await store.transact(applying({rows[0].id: 1}, lambda tx: tx.outbox.add([
+        Queued(SOURCE.id, k, "u2", "track", "/v2/track", b"{}", 1) for k in ("t1", "t2")])),
+        NOW, p)
+    items = {i.key: i for i in await store.due(SOURCE.id, time.time(), 10)}
+    assert store.leases is not None
+    epoch = store.leases.owned[p]
+    c = redis_server.client()
+    # Redis unreachable for longer than `ttl`: the lease is no longer trusted here, though
+    # Redis still has it as this gateway's
+    store.leases._valid_until = 0.0
+    await store.delivered(items["t1"])
+    assert store.leases.owned[p] == epoch
+    assert not c.hexists(f"{{p{p}}}:ob:n", str(items["t1"].id))
+    # Redis restarted after the lease's expiry (AOF keeps it): no one holds the partition,
+    # still this gateway's share; it takes it again under a new epoch and records there
+    c.delete(lease_key(p))
+    await store.delivered(items["t2"])
+    assert store.leases.owned[p] == epoch + 1
+    assert c.hlen(f"{{p{p}}}:ob:n") == 0

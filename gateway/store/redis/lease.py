@@ -154,6 +154,7 @@ class Leases:
         # when the leases renewed last are no longer ours, by this process's monotonic clock
         # (it runs on through SIGSTOP): past it, `holds` says no without asking Redis
         self._valid_until = 0.0
+        self._round_at = 0.0  # when the last round that renewed the leases began (monotonic)
         self._stopping = False
         # a round and a leave never interleave: a round in flight could take a lease back
         # after `stop()` released it
@@ -188,6 +189,7 @@ class Leases:
             del self.owned[p]
         # a lease renewed in this round lives `ttl` from before the round began
         self._valid_until = started + self.ttl
+        self._round_at = started
         wanted = sorted(share - set(self.owned))
         answers = await self._each(self.scripts.acquire, [
             ([lease_key(p), epoch_key(p)], [self.member, self.ttl_ms]) for p in wanted])
@@ -201,6 +203,15 @@ class Leases:
         self._changed(acquired=acquired, released=released, lost=lost)
         self._owned_changed()
         return dict(self.owned)
+
+    async def refresh(self, since: float) -> None:
+        """A round now, unless one began at `since` (monotonic) or later: an outcome
+        refused by Redis, or held while the leases lapsed here, learns whether this gateway
+        holds the partition again. Raises `RedisError` when Redis does not answer."""
+        async with self._round:
+            if self._stopping or self._round_at >= since:
+                return
+            await self._tick()
 
     async def _hand_over(self, ps: list[int], started: float) -> None:
         """Revoke `ps`, let their calls on the wire finish, then release them."""

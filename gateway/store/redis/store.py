@@ -494,33 +494,52 @@ class RedisStore:
         return min(firsts) if firsts else None
 
     async def _fenced(self, name: str, item: OutboxItem, args: list[Any]) -> None:
-        """Run an outcome script for `item` if this gateway still owns its partition; if
-        not, the new owner has the item and sends it (the call was on the wire: at least
-        once)."""
+        """Run an outcome script for `item` under this gateway's lease of its partition.
+
+        One token for every send of this outcome: it is sent again until Redis answers (a
+        reply lost with a connection may hide a run that happened), and runs once. Refused
+        (the lease ran out while Redis was down: AOF keeps a lease's expiry) or not trusted
+        here any more (no round renewed it for `ttl`), it waits for a lease round: if this
+        gateway holds the partition again, under a new epoch, the outcome is recorded under
+        that one (the forwarder keeps the call marked in flight until then, so it does not
+        send it again meanwhile). Only when another gateway holds the partition is the
+        outcome dropped: the call was on the wire, and the new owner sends it again (at
+        least once, as after a crash)."""
         p = id_partition(item.id)
-        epoch = None if self.leases is None else self.leases.holds(p)
-        ok = False
-        if epoch is not None:
-            assert self.leases is not None
-            # one token for every send of this outcome: sent again until Redis answers (a
-            # reply lost with a connection may hide a run that happened), it runs once
-            keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
-            member = self.leases.member
-            told = False
-            while True:
+        leases = self.leases
+        if leases is None:
+            return
+        keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
+        told = False
+        refused: int | None = None  # the epoch Redis refused it under
+        while True:
+            epoch = leases.holds(p)
+            if epoch is None or epoch == refused:
                 try:
-                    ok = bool(await self._scripts[name](
-                        keys=keys, args=[member, epoch, str(item.id), *args]))
-                    break
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    if not told:
-                        log.warning("outcome not recorded yet: Redis did not answer; retrying",
-                                    outcome=name, source_id=item.source, error=str(exc))
-                        told = True
+                    await leases.refresh(time.monotonic())
+                except (RedisError, OSError) as exc:
+                    told = told or self._unanswered(name, item, exc)
                     await asyncio.sleep(UNANSWERED)
-        if not ok:
-            log.warning("outcome not recorded: partition no longer owned", partition=p,
-                        outcome=name, source_id=item.source)
+                    continue
+                epoch = leases.holds(p)
+                if epoch is None or epoch == refused:
+                    break
+            try:
+                if await self._scripts[name](
+                        keys=keys, args=[leases.member, epoch, str(item.id), *args]):
+                    return
+                refused = epoch
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                told = told or self._unanswered(name, item, exc)
+                await asyncio.sleep(UNANSWERED)
+        log.warning("outcome not recorded: partition no longer owned", partition=p,
+                    outcome=name, source_id=item.source)
+
+    @staticmethod
+    def _unanswered(name: str, item: OutboxItem, exc: Exception) -> bool:
+        log.warning("outcome not recorded yet: Redis did not answer; retrying",
+                    outcome=name, source_id=item.source, error=str(exc))
+        return True
 
     async def delivered(self, item: OutboxItem) -> None:
         await self._fenced("delivered", item, [
