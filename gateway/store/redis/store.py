@@ -412,16 +412,21 @@ class RedisStore:
                 # second run of an outbox upsert (an increment) change nothing
                 once = ops.key(once_key(partition, secrets.token_hex(8)))
                 args = [member, epoch, cursor, partition, once, *ops.args()]
+                told = False
                 while True:
                     try:
                         ok = self._sync_commit(keys=ops.keys, args=args, client=self.sync)
                         break
-                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                         # sent, perhaps run, its reply lost (Redis killed or restarting): this
                         # same run goes again until Redis answers, never a new one, which
                         # would not see the dedupe keys of a day the first run began
                         if leases.holds(partition) != epoch:
                             raise PartitionLost(partition) from None  # read again anew
+                        if not told:
+                            log.warning("commit not answered; sending the same run again",
+                                        partition=partition, error=str(exc))
+                            told = True
                         time.sleep(UNANSWERED)
                 if not ok:
                     raise PartitionLost(partition)
