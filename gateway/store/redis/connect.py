@@ -44,8 +44,8 @@ async def connect(url: str) -> Client:
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), RETRIES),
     }
     # redis-py's default pool raises "Too many connections" when all are in use (seen in
-    # the gateways' logs around a Redis restart under load, when every command holds its
-    # connection through its retries): this one makes a command wait for a free one
+    # the gateways' logs around a Redis restart under load): this one makes a command
+    # wait for a free one
     single = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT, **options))
     try:
