@@ -391,3 +391,28 @@ async def test_an_outcome_waits_for_the_lease_rather_than_drop_an_answered_call(
     await store.delivered(items["t2"])
     assert store.leases.owned[p] == epoch + 1
     assert c.hlen(f"{{p{p}}}:ob:n") == 0
+
+
+async def test_a_commit_unanswered_until_the_lease_lapses_drops_the_turn(
+    store: RedisStore,
+) -> None:
+    # the same run is sent again only while the lease is trusted: past it the turn is
+    # dropped, and the partition is read again from its cursor by its next reading
+    p = partition_of(SOURCE.id, "u1", P)
+    assert store.leases is not None
+    trusted = iter([store.leases.owned[p]] * 2)  # the turn's check and the first resend
+    store.leases.holds = lambda partition: next(trusted, None)  # type: ignore[method-assign]
+    sent: list[int] = []
+
+    def unanswered(*, keys: list[Any], args: list[Any], client: Any) -> Any:
+        sent.append(1)
+        raise RedisConnectionError("Connection closed by server.")
+
+    store._sync_commit = unanswered
+
+    def write(tx: Turn) -> None:
+        tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 1)])
+
+    with pytest.raises(PartitionLost):
+        await store.transact(write, NOW, p)
+    assert len(sent) == 2 and p not in store._reading
