@@ -101,17 +101,21 @@ class Pipeline:
                 # a partition held again (under a new epoch) is sent from again
                 fwd.unhold(set(leases.owned) - leases.leaving)
 
-    async def _revoke(self, partitions: list[int], within: float) -> None:
+    async def _revoke(self, partitions: list[int], within: float) -> set[int]:
         """A handoff: no call of `partitions` starts from here, and those on the wire are
-        answered and recorded while this gateway still holds their leases."""
+        answered and recorded while this gateway still holds their leases; the partitions
+        whose calls are not all recorded within `within` seconds."""
         for fwd in self.forwarders.values():
             fwd.hold(partitions)
         settled = await asyncio.gather(
             *(fwd.settle(partitions, within) for fwd in self.forwarders.values()))
-        if not all(settled):
-            on_wire = sum(fwd.on_wire(partitions) for fwd in self.forwarders.values())
-            log.warning("handoff: calls still on the wire at the release; the next owner "
-                        "sends them again", calls=on_wire, within_s=round(within, 2))
+        if all(settled):
+            return set()
+        busy = {p for p in partitions if any(fwd.on_wire([p]) for fwd in self.forwarders.values())}
+        log.warning("handoff: calls not recorded yet; those partitions are kept until the next "
+                    "round", calls=sum(fwd.on_wire(partitions) for fwd in self.forwarders.values()),
+                    partitions=len(busy), within_s=round(within, 2))
+        return busy
 
     def _dispatch(self) -> None:
         self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.config import Settings, Source
 from gateway.keys import dedupe_key, dedupe_prefix
@@ -318,3 +319,100 @@ async def test_a_script_sent_again_with_its_token_changes_nothing_twice(
         await store._scripts["delivered"](keys=keys, args=[
             member, epoch, str(item.id), "track", item.version, field(SOURCE.id, "t1")])
     assert c.hget(f"{{p{p}}}:ob:n", str(item.id)) == b"2"
+
+
+async def test_a_commit_whose_reply_is_lost_is_sent_again_as_the_same_run(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # Redis killed right after it ran (and fsynced) a commit, before the reply: the commit
+    # goes again with its token until Redis answers, so its upsert counts once; a new run
+    # redone from the reads would queue the turn's calls a second time
+    p = partition_of(SOURCE.id, "u1", P)
+    real = store._sync_commit
+    sent: list[list[Any]] = []
+
+    def reply_lost_once(*, keys: list[Any], args: list[Any], client: Any) -> Any:
+        sent.append(list(args))
+        answer = real(keys=keys, args=args, client=client)
+        if len(sent) == 1:
+            raise RedisConnectionError("Connection closed by server.")
+        return answer
+
+    store._sync_commit = reply_lost_once
+
+    def write(tx: Turn) -> set[bytes]:
+        tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 2)])
+        return tx.state.remember([key("m0"), key("m1")])
+
+    assert await store.transact(write, NOW, p) == set()
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same run, token and all
+    (item,) = await store.due(SOURCE.id, time.time(), 10)
+    assert item.repeat == 2
+    c = redis_server.client()
+    assert c.smismember(dedupe_day_key(p, day_of(NOW)), [key("m0"), key("m1")]) == [1, 1]
+
+
+async def test_a_turn_finds_todays_dedupe_keys_even_when_it_does_not_know_the_day(
+    store: RedisStore,
+) -> None:
+    # the owner remembers which days have a dedupe set, to ask only those; a turn redone
+    # after a commit whose outcome it never heard must still find what that commit stored
+    p = partition_of(SOURCE.id, "u1", P)
+    keys = [key("m0"), key("m1")]
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set()
+    store._reading[p].days.clear()
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set(keys)
+
+
+async def test_an_outcome_waits_for_the_lease_rather_than_drop_an_answered_call(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # an outcome dropped while this gateway still owns the partition sends its call to
+    # Accoil a second time: it is recorded once a lease round says the partition is held
+    p = partition_of(SOURCE.id, "u2", P)
+    await store.accept(SOURCE.id, NOW, batch(["u2"]), 1)
+    rows = await store.inbox_after(0, 100)
+    await store.transact(applying({rows[0].id: 1}, lambda tx: tx.outbox.add([
+        Queued(SOURCE.id, k, "u2", "track", "/v2/track", b"{}", 1) for k in ("t1", "t2")])),
+        NOW, p)
+    items = {i.key: i for i in await store.due(SOURCE.id, time.time(), 10)}
+    assert store.leases is not None
+    epoch = store.leases.owned[p]
+    c = redis_server.client()
+    # Redis unreachable for longer than `ttl`: the lease is no longer trusted here, though
+    # Redis still has it as this gateway's
+    store.leases._valid_until = 0.0
+    await store.delivered(items["t1"])
+    assert store.leases.owned[p] == epoch
+    assert not c.hexists(f"{{p{p}}}:ob:n", str(items["t1"].id))
+    # Redis restarted after the lease's expiry (AOF keeps it): no one holds the partition,
+    # still this gateway's share; it takes it again under a new epoch and records there
+    c.delete(lease_key(p))
+    await store.delivered(items["t2"])
+    assert store.leases.owned[p] == epoch + 1
+    assert c.hlen(f"{{p{p}}}:ob:n") == 0
+
+
+async def test_a_commit_unanswered_until_the_lease_lapses_drops_the_turn(
+    store: RedisStore,
+) -> None:
+    # the same run is sent again only while the lease is trusted: past it the turn is
+    # dropped, and the partition is read again from its cursor by its next reading
+    p = partition_of(SOURCE.id, "u1", P)
+    assert store.leases is not None
+    trusted = iter([store.leases.owned[p]] * 2)  # the turn's check and the first resend
+    store.leases.holds = lambda partition: next(trusted, None)  # type: ignore[method-assign]
+    sent: list[int] = []
+
+    def unanswered(*, keys: list[Any], args: list[Any], client: Any) -> Any:
+        sent.append(1)
+        raise RedisConnectionError("Connection closed by server.")
+
+    store._sync_commit = unanswered
+
+    def write(tx: Turn) -> None:
+        tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 1)])
+
+    with pytest.raises(PartitionLost):
+        await store.transact(write, NOW, p)
+    assert len(sent) == 2 and p not in store._reading

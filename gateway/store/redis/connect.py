@@ -19,6 +19,9 @@ Client: TypeAlias = aioredis.Redis | RedisCluster
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 3.0  # XADD takes well under a millisecond; WAIT has its own, shorter bound
 RETRIES = 3
+# connections per process to one node; a command past them waits for one to come free
+# (up to COMMAND_TIMEOUT) instead of failing: the stats gather a script per partition
+POOL_SIZE = 100
 
 
 class RedisUnavailable(Exception):
@@ -40,7 +43,11 @@ async def connect(url: str) -> Client:
         # this way is a duplicate entry that dedupe by messageId drops at apply
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), RETRIES),
     }
-    single = aioredis.Redis.from_url(url, **options)
+    # redis-py's default pool raises "Too many connections" when all are in use (seen in
+    # the gateways' logs around a Redis restart under load): this one makes a command
+    # wait for a free one
+    single = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT, **options))
     try:
         info = await single.info("cluster")
     except RedisError as exc:

@@ -16,8 +16,9 @@ with fencing epochs.
   that is no longer this gateway's share is first `leaving`: still renewed and held, but
   given no new work; `on_revoke` waits (bounded, well within the TTL) for its calls on the
   wire to be answered and their outcomes recorded under the still-valid epoch; only then
-  is the lease released. The new owner cannot take it before: a graceful handoff sends
-  nothing twice.
+  is the lease released. A partition whose calls are not all recorded by then (Redis did
+  not answer, or Accoil is slower than the wait) is kept, renewed by the next round and
+  handed over then. The new owner cannot take it before: a handoff sends nothing twice.
 - Fencing: every script that changes a partition starts with `FENCE_LUA` and refuses to run
   unless the lease is still held by the caller under the caller's epoch. A gateway paused
   past its lease (SIGSTOP, a long GC, a VM migration) that wakes up holding work for epoch
@@ -33,7 +34,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import structlog
@@ -132,7 +133,7 @@ class Leases:
         ttl: float = DEFAULT_TTL,
         metrics: RedisMetrics | None = None,
         on_owned: Callable[[int], None] | None = None,
-        on_revoke: Callable[[list[int], float], Awaitable[None]] | None = None,
+        on_revoke: Callable[[list[int], float], Awaitable[Collection[int]]] | None = None,
     ) -> None:
         self.client = client
         self.partitions = partitions
@@ -144,7 +145,8 @@ class Leases:
         # scales the sources' caps to that share (`Limiter.set_share`)
         self.on_owned = on_owned
         # awaited with the partitions about to be released and the seconds it may take: it
-        # returns once their calls on the wire are answered and recorded (or time is up)
+        # returns once their calls on the wire are answered and recorded, or time is up,
+        # with the partitions whose calls are not all recorded yet
         self.on_revoke = on_revoke
         # held, renewed, but given no new work: their handoff is under way
         self.leaving: frozenset[int] = frozenset()
@@ -154,6 +156,7 @@ class Leases:
         # when the leases renewed last are no longer ours, by this process's monotonic clock
         # (it runs on through SIGSTOP): past it, `holds` says no without asking Redis
         self._valid_until = 0.0
+        self._round_at = 0.0  # when the last round that renewed the leases began (monotonic)
         self._stopping = False
         # a round and a leave never interleave: a round in flight could take a lease back
         # after `stop()` released it
@@ -188,6 +191,7 @@ class Leases:
             del self.owned[p]
         # a lease renewed in this round lives `ttl` from before the round began
         self._valid_until = started + self.ttl
+        self._round_at = started
         wanted = sorted(share - set(self.owned))
         answers = await self._each(self.scripts.acquire, [
             ([lease_key(p), epoch_key(p)], [self.member, self.ttl_ms]) for p in wanted])
@@ -196,25 +200,39 @@ class Leases:
             if taken:
                 self.owned[p] = int(value)
                 acquired.append(p)
-        released = sorted(set(self.owned) - share)
-        await self._hand_over(released, started)
+        released = await self._hand_over(sorted(set(self.owned) - share), started)
         self._changed(acquired=acquired, released=released, lost=lost)
         self._owned_changed()
         return dict(self.owned)
 
-    async def _hand_over(self, ps: list[int], started: float) -> None:
-        """Revoke `ps`, let their calls on the wire finish, then release them."""
+    async def refresh(self, since: float) -> None:
+        """A round now, unless one began at `since` (monotonic) or later: an outcome
+        refused by Redis, or held while the leases lapsed here, learns whether this gateway
+        holds the partition again. Raises `RedisError` when Redis does not answer."""
+        async with self._round:
+            if self._stopping or self._round_at >= since:
+                return
+            await self._tick()
+
+    async def _hand_over(self, ps: list[int], started: float) -> list[int]:
+        """Revoke `ps`, let their calls on the wire finish, then release them; those
+        released."""
         if not ps:
-            return
+            return []
         self.leaving = frozenset(ps)
         try:
             if self.on_revoke is not None:
                 # bounded from the renewal: the leases must still be ours when it returns
                 within = started + self.ttl * REVOKE_SHARE - time.monotonic()
-                await self.on_revoke(ps, max(within, 0.0))
+                busy = await self.on_revoke(ps, max(within, 0.0))
+                if not self._stopping:
+                    # released now, their unrecorded outcomes would be refused and the new
+                    # owner would send those calls again: kept for the next round's handoff
+                    ps = [p for p in ps if p not in busy]
             await self._release_all(ps)
         finally:
             self.leaving = frozenset()
+        return ps
 
     async def fence(self, partition: int, epoch: int) -> bool:
         """Whether `epoch` is still this gateway's, current epoch for `partition`."""

@@ -76,14 +76,16 @@ class StateTurn:
         if not keys:
             return set()
         found: set[bytes] = set()
-        asked = [d for d in window_days(self.now, self.window) if d in self.days]
+        today = day_of(self.now)
+        # today's set even when not known: a turn redone after a commit whose reply was lost
+        # does not know whether that commit began it
+        asked = [d for d in window_days(self.now, self.window) if d in self.days or d == today]
         if asked:
             pipe = self.client.pipeline(transaction=False)
             for day in asked:
                 pipe.smismember(dedupe_day_key(self.p, day), keys)  # type: ignore[arg-type]
             for hits in pipe.execute():
                 found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
-        today = day_of(self.now)
         new = [k for k in dict.fromkeys(keys) if k not in found]
         if new:
             self.ops.sadd(dedupe_day_key(self.p, today), new)

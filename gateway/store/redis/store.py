@@ -411,9 +411,23 @@ class RedisStore:
                 # the client resends a command whose connection dropped: the token makes a
                 # second run of an outbox upsert (an increment) change nothing
                 once = ops.key(once_key(partition, secrets.token_hex(8)))
-                ok = self._sync_commit(
-                    keys=ops.keys, args=[member, epoch, cursor, partition, once, *ops.args()],
-                    client=self.sync)
+                args = [member, epoch, cursor, partition, once, *ops.args()]
+                told = False
+                while True:
+                    try:
+                        ok = self._sync_commit(keys=ops.keys, args=args, client=self.sync)
+                        break
+                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                        # sent, perhaps run, its reply lost (Redis killed or restarting): this
+                        # same run goes again until Redis answers, never a new one, which
+                        # would not see the dedupe keys of a day the first run began
+                        if leases.holds(partition) != epoch:
+                            raise PartitionLost(partition) from None  # read again anew
+                        if not told:
+                            log.warning("commit not answered; sending the same run again",
+                                        partition=partition, error=str(exc))
+                            told = True
+                        time.sleep(UNANSWERED)
                 if not ok:
                     raise PartitionLost(partition)
             return result, turn.rows, moved, turn.state.new_day
@@ -485,33 +499,52 @@ class RedisStore:
         return min(firsts) if firsts else None
 
     async def _fenced(self, name: str, item: OutboxItem, args: list[Any]) -> None:
-        """Run an outcome script for `item` if this gateway still owns its partition; if
-        not, the new owner has the item and sends it (the call was on the wire: at least
-        once)."""
+        """Run an outcome script for `item` under this gateway's lease of its partition.
+
+        One token for every send of this outcome: it is sent again until Redis answers (a
+        reply lost with a connection may hide a run that happened), and runs once. Refused
+        (the lease ran out while Redis was down: AOF keeps a lease's expiry) or not trusted
+        here any more (no round renewed it for `ttl`), it waits for a lease round: if this
+        gateway holds the partition again, under a new epoch, the outcome is recorded under
+        that one (the forwarder keeps the call marked in flight until then, so it does not
+        send it again meanwhile). Only when another gateway holds the partition is the
+        outcome dropped: the call was on the wire, and the new owner sends it again (at
+        least once, as after a crash)."""
         p = id_partition(item.id)
-        epoch = None if self.leases is None else self.leases.holds(p)
-        ok = False
-        if epoch is not None:
-            assert self.leases is not None
-            # one token for every send of this outcome: sent again until Redis answers (a
-            # reply lost with a connection may hide a run that happened), it runs once
-            keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
-            member = self.leases.member
-            told = False
-            while True:
+        leases = self.leases
+        if leases is None:
+            return
+        keys = [*fixed_keys(p), due_key(p, item.source), once_key(p, secrets.token_hex(8))]
+        told = False
+        refused: int | None = None  # the epoch Redis refused it under
+        while True:
+            epoch = leases.holds(p)
+            if epoch is None or epoch == refused:
                 try:
-                    ok = bool(await self._scripts[name](
-                        keys=keys, args=[member, epoch, str(item.id), *args]))
-                    break
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    if not told:
-                        log.warning("outcome not recorded yet: Redis did not answer; retrying",
-                                    outcome=name, source_id=item.source, error=str(exc))
-                        told = True
+                    await leases.refresh(time.monotonic())
+                except (RedisError, OSError) as exc:
+                    told = told or self._unanswered(name, item, exc)
                     await asyncio.sleep(UNANSWERED)
-        if not ok:
-            log.warning("outcome not recorded: partition no longer owned", partition=p,
-                        outcome=name, source_id=item.source)
+                    continue
+                epoch = leases.holds(p)
+                if epoch is None or epoch == refused:
+                    break
+            try:
+                if await self._scripts[name](
+                        keys=keys, args=[leases.member, epoch, str(item.id), *args]):
+                    return
+                refused = epoch
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                told = told or self._unanswered(name, item, exc)
+                await asyncio.sleep(UNANSWERED)
+        log.warning("outcome not recorded: partition no longer owned", partition=p,
+                    outcome=name, source_id=item.source)
+
+    @staticmethod
+    def _unanswered(name: str, item: OutboxItem, exc: Exception) -> bool:
+        log.warning("outcome not recorded yet: Redis did not answer; retrying",
+                    outcome=name, source_id=item.source, error=str(exc))
+        return True
 
     async def delivered(self, item: OutboxItem) -> None:
         await self._fenced("delivered", item, [
