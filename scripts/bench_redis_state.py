@@ -32,7 +32,7 @@ from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source
 from gateway.observability.metrics import Metrics
-from gateway.store.redis.store import RedisStore
+from gateway.store.redis.store import RedisStore, entry_of
 
 SOURCE = Source(write_key="wk_bench_state_1", accoil_api_key="ak_bench_state_1", name="main")
 # a key's structure: the part after the partition's tag, up to a day or a source
@@ -61,8 +61,15 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     started = time.monotonic()
     task = asyncio.create_task(dispatcher.run())
     inboxes = [f"{{p{p}}}:inbox" for p in range(args.partitions)]
-    while sum(c.xlen(k) for k in inboxes):  # noqa: ASYNC110 (the commit trims what it applied)
+    left, still = sum(c.xlen(k) for k in inboxes), time.monotonic()
+    while left:  # the commit trims what it applied
         await asyncio.sleep(0.2)
+        now_left = sum(c.xlen(k) for k in inboxes)
+        if now_left != left:
+            left, still = now_left, time.monotonic()
+        elif time.monotonic() - still > args.stall:
+            print(json.dumps(stall_report(dispatcher, task, store, c, args.partitions)))
+            raise SystemExit(f"stalled: {left} entries left, none applied for {args.stall} s")
     apply_s = time.monotonic() - started
     dispatcher.stop()
     await task
@@ -101,6 +108,49 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     }
 
 
+def stall_report(
+    dispatcher: Dispatcher, task: asyncio.Task[None], store: RedisStore, c: Any, partitions: int
+) -> dict[str, Any]:
+    """What the dispatcher, the store and Redis hold when nothing has been applied for a
+    while: the evidence for a stall."""
+    leases = store.leases
+    assert leases is not None
+    stuck = {}
+    for p in range(partitions):
+        n = c.xlen(f"{{p{p}}}:inbox")
+        if not n:
+            continue
+        first = c.xrange(f"{{p{p}}}:inbox", count=1)
+        r = store._reading.get(p)
+        stuck[p] = {
+            "xlen": n, "first": first[0][0].decode() if first else None,
+            "progress": (c.get(f"{{p{p}}}:progress") or b"").decode(),
+            "holds": leases.holds(p), "owned": leases.owned.get(p),
+            "reading": None if r is None else {
+                "epoch": r.epoch, "after": r.after, "handed": len(r.handed),
+                "handed_first": entry_of(r.handed[0]) if r.handed else None,
+                "done": len(r.done)},
+        }
+    landing = dispatcher._landing
+    return {
+        "dispatcher": {
+            "task_done": task.done(),
+            "task_error": repr(task.exception()) if task.done() and not task.cancelled() else None,
+            "held": dispatcher.held, "pending": dispatcher._pending,
+            "landing_messages": dispatcher._landing_messages,
+            "landing": None if landing is None else repr(landing),
+            "flushes": {p: f.messages for p, f in dispatcher._flushes.items()},
+            "live": len(dispatcher._live), "untaken": len(dispatcher._untaken),
+        },
+        "store": {"buffer": len(store._buffer), "readings": len(store._reading),
+                  "owned": len(leases.owned), "leaving": sorted(leases.leaving),
+                  "valid_for_s": round(leases._valid_until - time.monotonic(), 2),
+                  "failing": store._failing},
+        "partitions_left": stuck,
+        "tasks": [repr(t) for t in asyncio.all_tasks()],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=100_000)
@@ -109,6 +159,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--stall", type=float, default=60.0,
+                    help="seconds without an entry applied before the run is called stalled "
+                         "and the dispatcher's, the store's and Redis's state is printed")
     args = ap.parse_args()
     with workdir(args.dir, "bench-redis-state-") as folder:
         server = RedisServer(folder / "redis")

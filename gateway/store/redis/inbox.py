@@ -1,10 +1,13 @@
 """The inbox in Redis: one stream per partition, `{p<n>}:inbox`.
 
 Ingest's side (`append`): a request's stored body is split by partition and each part is
-appended to its partition's stream with XADD, all in one pipeline (on a Cluster, one
-pipeline per node, sent concurrently), followed by `WAIT` when `wait_replicas` is set. It
-returns only when every part is written (and replicated); otherwise it raises
-`InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
+appended to its partition's stream with XADD. On one node, all of a request's XADDs (and
+the waiting counters' INCRBYs) run in one script, `_APPEND`, sent as one command packed in
+C (`hiredis.pack_command`): one reply to read instead of two per part, and a request is
+written whole or not at all. On a Cluster the parts go in one pipeline per node, sent
+concurrently (a script's keys must share a slot). `WAIT` follows when `wait_replicas` is
+set, on the same connection. It returns only when every part is written (and replicated);
+otherwise it raises `InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
 
 Nothing is half acknowledged: a request is acknowledged only when all its parts are in.
 When some parts were written and others not, the client is told to retry and sends the
@@ -22,8 +25,10 @@ fenced owner does not need: a new owner starts at the cursor, whatever the old o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
+import hiredis
 import msgspec
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
@@ -77,6 +82,22 @@ return 1
 """
 
 
+# KEYS: each part's inbox stream and waiting counter, in pairs; ARGV: source, received_at,
+# then each part's message count and body. Returns the entries' ids. Atomic: a request's
+# parts are all written or none (a script that cannot write, e.g. OOM under noeviction,
+# fails at its first XADD).
+_APPEND = """
+local ids = {}
+for i = 1, #KEYS, 2 do
+  local n = ARGV[i + 2]
+  ids[#ids + 1] = redis.call('XADD', KEYS[i], '*', 's', ARGV[1], 't', ARGV[2], 'n', n,
+                             'b', ARGV[i + 3])
+  redis.call('INCRBY', KEYS[i + 1], n)
+end
+return ids
+"""
+
+
 class RedisInbox:
     def __init__(
         self,
@@ -97,34 +118,69 @@ class RedisInbox:
     async def append(self, source: str, received_at: float, body: bytes) -> dict[int, str]:
         """Write a request's messages, split by partition; the entry id of each part.
         Raises `InboxUnavailable` unless every part is written (and WAITed)."""
-        parts = {
-            p: {"s": source, "t": repr(received_at), "n": count, "b": part}
-            for p, (part, count) in split(source, body, self.partitions).items()
-        }
+        split_parts = split(source, body, self.partitions)
         try:
             if isinstance(self.client, RedisCluster):
+                parts = {
+                    p: {"s": source, "t": repr(received_at), "n": count, "b": part}
+                    for p, (part, count) in split_parts.items()
+                }
                 return await self._append_cluster(self.client, parts)
-            return await self._append_single(parts)
-        except RedisError as exc:
+            return await self._append_single(source, repr(received_at), split_parts)
+        except (RedisError, OSError) as exc:
             raise InboxUnavailable(f"Redis did not take the request: {exc}") from None
 
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
         """Ingest's call (as `Store.accept`): `append`, answering how many parts it wrote."""
         return len(await self.append(source, received_at, body))
 
-    async def _append_single(self, parts: dict[int, Fields]) -> dict[int, str]:
+    async def _append_single(
+        self, source: str, received_at: str, parts: dict[int, tuple[bytes, int]]
+    ) -> dict[int, str]:
         assert not isinstance(self.client, RedisCluster)
-        # one connection for all: WAIT counts the replicas that hold this connection's writes
-        pipe = self.client.pipeline(transaction=False)
-        for p, fields in parts.items():
-            pipe.xadd(inbox_key(p), fields)
-            pipe.incrby(waiting_key(p), fields["n"])
+        keys: list[str] = []
+        args: list[str | bytes | int] = [source, received_at]
+        for p, (part, count) in parts.items():
+            keys += (inbox_key(p), waiting_key(p))
+            args += (count, part)
+        # EVAL, not EVALSHA: a restarted Redis needs no NOSCRIPT round (Redis caches the
+        # script by its digest; the text costs a few hundred bytes next to the body)
+        packed = _pack(("EVAL", _APPEND, len(keys), *keys, *args))
         if self.wait_replicas:
-            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-        results = await pipe.execute()
+            packed += _pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        replies = await self._exchange(packed, 2 if self.wait_replicas else 1)
         if self.wait_replicas:
-            self._check_wait(results.pop())
-        return {p: _text(r) for p, r in zip(parts, results[::2], strict=True)}
+            self._check_wait(replies[1])
+        return {p: _text(r) for p, r in zip(parts, replies[0], strict=True)}
+
+    async def _exchange(self, packed: bytes, replies: int) -> list[Any]:
+        """Send `packed` (commands in RESP) on one pooled connection and read `replies`
+        replies, with the client's retries: a dead pooled connection (Redis restarted, a
+        failover) is reopened and the commands sent again; a write sent twice is a
+        duplicate entry that dedupe drops at apply."""
+        assert not isinstance(self.client, RedisCluster)
+        pool: Any = self.client.connection_pool  # (redis-py leaves get_connection untyped)
+        conn = await pool.get_connection()
+
+        async def send() -> list[Any]:
+            try:
+                await conn.send_packed_command(packed)
+                return [await conn.read_response() for _ in range(replies)]
+            except BaseException:
+                # replies may be left unread (an error reply, a cancelled request): the
+                # connection must not go back to the pool as it is
+                await conn.disconnect()
+                raise
+
+        try:
+            out: list[Any] = await conn.retry.call_with_retry(
+                send, lambda _: conn.disconnect())
+        finally:
+            await pool.release(conn)
+        for reply in out:
+            if isinstance(reply, Exception):
+                raise reply
+        return out
 
     async def _append_cluster(
         self, cluster: RedisCluster, parts: dict[int, Fields]
@@ -261,6 +317,10 @@ class RedisInbox:
         for p in partitions:
             pipe.xlen(inbox_key(p))
         return dict(zip(partitions, map(int, await pipe.execute()), strict=True))
+
+
+# hiredis's stub types its argument as a 1-tuple; it takes any number of them
+_pack = cast(Callable[[tuple[str | bytes | int, ...]], bytes], hiredis.pack_command)
 
 
 def _flat(fields: Fields) -> list[Any]:
