@@ -3,7 +3,7 @@
 Ingest's side (`append`): a request's stored body is split by partition and each part is
 appended to its partition's stream with XADD. On one node, all of a request's XADDs (and
 the waiting counters' INCRBYs) run in one script, `_APPEND`, sent as one command packed in
-C (`hiredis.pack_command`): one reply to read instead of two per part, and a request is
+C (`wire`): one reply to read instead of two per part, and a request is
 written whole or not at all. On a Cluster the parts go in one pipeline per node, sent
 concurrently (a script's keys must share a slot). `WAIT` follows when `wait_replicas` is
 set, on the same connection. It returns only when every part is written (and replicated);
@@ -25,10 +25,8 @@ fenced owner does not need: a new owner starts at the cursor, whatever the old o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any, cast
 
-import hiredis
 import msgspec
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
@@ -44,6 +42,7 @@ from gateway.store.redis.partition import (
     split,
     waiting_key,
 )
+from gateway.store.redis.wire import exchange, pack
 
 Fields = dict[Any, Any]  # an entry's fields, as XADD takes them
 
@@ -145,42 +144,13 @@ class RedisInbox:
             args += (count, part)
         # EVAL, not EVALSHA: a restarted Redis needs no NOSCRIPT round (Redis caches the
         # script by its digest; the text costs a few hundred bytes next to the body)
-        packed = _pack(("EVAL", _APPEND, len(keys), *keys, *args))
+        packed = pack(("EVAL", _APPEND, len(keys), *keys, *args))
         if self.wait_replicas:
-            packed += _pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
-        replies = await self._exchange(packed, 2 if self.wait_replicas else 1)
+            packed += pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        replies = await exchange(self.client, packed, 2 if self.wait_replicas else 1)
         if self.wait_replicas:
             self._check_wait(replies[1])
         return {p: _text(r) for p, r in zip(parts, replies[0], strict=True)}
-
-    async def _exchange(self, packed: bytes, replies: int) -> list[Any]:
-        """Send `packed` (commands in RESP) on one pooled connection and read `replies`
-        replies, with the client's retries: a dead pooled connection (Redis restarted, a
-        failover) is reopened and the commands sent again; a write sent twice is a
-        duplicate entry that dedupe drops at apply."""
-        assert not isinstance(self.client, RedisCluster)
-        pool: Any = self.client.connection_pool  # (redis-py leaves get_connection untyped)
-        conn = await pool.get_connection()
-
-        async def send() -> list[Any]:
-            try:
-                await conn.send_packed_command(packed)
-                return [await conn.read_response() for _ in range(replies)]
-            except BaseException:
-                # replies may be left unread (an error reply, a cancelled request): the
-                # connection must not go back to the pool as it is
-                await conn.disconnect()
-                raise
-
-        try:
-            out: list[Any] = await conn.retry.call_with_retry(
-                send, lambda _: conn.disconnect())
-        finally:
-            await pool.release(conn)
-        for reply in out:
-            if isinstance(reply, Exception):
-                raise reply
-        return out
 
     async def _append_cluster(
         self, cluster: RedisCluster, parts: dict[int, Fields]
@@ -317,10 +287,6 @@ class RedisInbox:
         for p in partitions:
             pipe.xlen(inbox_key(p))
         return dict(zip(partitions, map(int, await pipe.execute()), strict=True))
-
-
-# hiredis's stub types its argument as a 1-tuple; it takes any number of them
-_pack = cast(Callable[[tuple[str | bytes | int, ...]], bytes], hiredis.pack_command)
 
 
 def _flat(fields: Fields) -> list[Any]:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 from redis import Redis
+from redis.asyncio.cluster import RedisCluster as AsyncCluster
 from redis.cluster import RedisCluster as SyncCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -86,6 +87,7 @@ from gateway.store.redis.scripts import (
 )
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
+from gateway.store.redis.wire import exchange, pack
 
 log = structlog.get_logger("gateway.store.redis")
 
@@ -200,9 +202,7 @@ class RedisStore:
         options: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
         }
-        from redis.asyncio.cluster import RedisCluster
-
-        if isinstance(client, RedisCluster):
+        if isinstance(client, AsyncCluster):
             self.sync = SyncCluster.from_url(self.url, **options)
         else:
             self.sync = Redis.from_url(self.url, **options)
@@ -346,18 +346,38 @@ class RedisStore:
         if not owned:
             return
         each = max(1, READ // len(owned))
-        pipe = self._c().pipeline(transaction=False)
         readings = [self._reading[p] for p in owned]
-        for p, r in zip(owned, readings, strict=True):
-            pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}", count=each)
-        replies = await pipe.execute()
-        for p, r, entries in zip(owned, readings, replies, strict=True):
+        client = self._c()
+        found: list[tuple[int, _Reading, list[Any]]]
+        if isinstance(client, AsyncCluster):
+            # a multi-stream XREAD needs its keys in one slot: one XRANGE per partition
+            pipe = client.pipeline(transaction=False)
+            for p, r in zip(owned, readings, strict=True):
+                pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}",
+                            count=each)
+            found = [
+                (p, r, [(i, _flat(f)) for i, f in entries])
+                for p, r, entries in zip(owned, readings, await pipe.execute(), strict=True)
+            ]
+        else:
+            # one node: one XREAD over every owned stream (after each one's last entry read,
+            # exclusive; START reads from the first), answering only the streams with
+            # entries, its reply read raw (`wire`: a map under RESP3, pairs under RESP2)
+            keys = [inbox_key(p) for p in owned]
+            reply = (await exchange(client, pack((
+                "XREAD", "COUNT", each, "STREAMS", *keys, *(r.after for r in readings))), 1))[0]
+            at = {k.encode(): i for i, k in enumerate(keys)}
+            found = []
+            for key, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+                i = at[key]
+                found.append((owned[i], readings[i], entries))
+        for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
                 r.after = entry
+                f = dict(zip(fields[::2], fields[1::2], strict=True))
                 self._buffer.append((InboxRow(
-                    row_id(p, entry), fields[b"s"].decode(), float(fields[b"t"]), fields[b"b"],
-                    int(fields[b"n"]), p,
+                    row_id(p, entry), f[b"s"].decode(), float(f[b"t"]), f[b"b"], int(f[b"n"]), p,
                 ), r))
 
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
@@ -702,6 +722,11 @@ class RedisStore:
 
     async def checkpoint(self) -> None:
         """Nothing to do: Redis has no write-ahead log of the gateway's to fold."""
+
+
+def _flat(fields: dict[bytes, bytes]) -> list[bytes]:
+    """An entry's fields as a stream reply lists them: name, value, name, value."""
+    return [x for kv in fields.items() for x in kv]
 
 
 def _text(value: Any) -> str:
