@@ -391,11 +391,22 @@ class RedisStore:
         by_p: dict[int, list[str]] = {}
         for user in users:
             by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
-        pipe = self._c().pipeline(transaction=False)
-        for p, us in by_p.items():
-            pipe.hmget(accounts_key(p), [field(source, u) for u in us])
+        if not by_p:
+            return {}
+        client = self._c()
+        replies: list[Any]
+        if isinstance(client, AsyncCluster):
+            pipe = client.pipeline(transaction=False)
+            for p, us in by_p.items():
+                pipe.hmget(accounts_key(p), [field(source, u) for u in us])
+            replies = await pipe.execute()
+        else:
+            # one node: the HMGETs packed in C, their replies read raw (`wire`)
+            packed = b"".join(pack(("HMGET", accounts_key(p), *(field(source, u) for u in us)))
+                              for p, us in by_p.items())
+            replies = await exchange(client, packed, len(by_p))
         found: dict[str, str] = {}
-        for us, values in zip(by_p.values(), await pipe.execute(), strict=True):
+        for us, values in zip(by_p.values(), replies, strict=True):
             found.update((u, _text(v)) for u, v in zip(us, values, strict=True) if v is not None)
         return found
 
