@@ -9,7 +9,9 @@ traffic's batches appended through `RedisStore.accept`; the pipeline's dispatche
 them (nothing is forwarded: the outbox holds the calls); then every key is measured with
 `MEMORY USAGE` and summed per structure (dedupe sets, ledger counts and stamps, known
 traits, accounts, outbox hashes, dead letters, inbox streams). Also the apply rate of this
-one process, and the Redis commands per event (`INFO commandstats`). The last line of
+one process and its CPU per event, and the Redis commands per event (`INFO commandstats`).
+A run in which nothing is applied for `--stall` seconds stops with the dispatcher's, the
+store's and Redis's state (for the stall seen once in this benchmark, SCALING.md). The last line of
 output is one JSON object.
 """
 
@@ -58,7 +60,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     backlog.accepted(sent)
     dispatcher = Dispatcher(store, Router(store, {SOURCE.id: SOURCE}), settings,
                             Metrics([SOURCE.id]), backlog, lambda _: None)
-    started = time.monotonic()
+    started, cpu0 = time.monotonic(), time.process_time()
     task = asyncio.create_task(dispatcher.run())
     inboxes = [f"{{p{p}}}:inbox" for p in range(args.partitions)]
     left, still = sum(c.xlen(k) for k in inboxes), time.monotonic()
@@ -70,7 +72,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         elif time.monotonic() - still > args.stall:
             print(json.dumps(stall_report(dispatcher, task, store, c, args.partitions)))
             raise SystemExit(f"stalled: {left} entries left, none applied for {args.stall} s")
-    apply_s = time.monotonic() - started
+    apply_s, apply_cpu = time.monotonic() - started, time.process_time() - cpu0
     dispatcher.stop()
     await task
     stats = c.info("commandstats")
@@ -98,6 +100,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "accounts": args.accounts, "ledger_rows": counts.ledger_rows,
         "outbox_calls": counts.outbox,
         "apply_events_per_s": round(sent / apply_s),
+        # this process's CPU (every thread), robust to the machine's load as rates are not
+        "python_cpu_usec_per_event_apply": round(apply_cpu / sent * 1e6, 1),
         "redis_commands_per_event_apply": round(commands / sent, 3),
         "redis_usec_per_event_apply": round(redis_usec / sent, 2),
         "redis_usec_by_command": dict(sorted(busy.items(), key=lambda kv: -kv[1])[:6]),
