@@ -146,6 +146,12 @@ def stall_report(
             "flushes": {p: f.messages for p, f in dispatcher._flushes.items()},
             "live": len(dispatcher._live), "untaken": len(dispatcher._untaken),
         },
+        # a connection never given back to its pool (100 at most, then "Too many
+        # connections" on every command) would starve the reads: count them
+        "pools": {name: {"in_use": len(getattr(pool, "_in_use_connections", ())),
+                         "available": len(getattr(pool, "_available_connections", ()))}
+                  for name, pool in (("async", getattr(store.client, "connection_pool", None)),
+                                     ("sync", getattr(store.sync, "connection_pool", None)))},
         "store": {"buffer": len(store._buffer), "readings": len(store._reading),
                   "owned": len(leases.owned), "leaving": sorted(leases.leaving),
                   "valid_for_s": round(leases._valid_until - time.monotonic(), 2),
