@@ -380,6 +380,19 @@ class RedisStore:
                     row_id(p, entry), f[b"s"].decode(), float(f[b"t"]), f[b"b"], int(f[b"n"]), p,
                 ), r))
 
+    async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """`commands` in one round trip, their replies raw: on one node packed in C on one
+        connection (`wire`), on a Cluster a pipeline (each command routed by its key)."""
+        if not commands:
+            return []
+        client = self._c()
+        if isinstance(client, AsyncCluster):
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute()
+        return await exchange(client, b"".join(map(pack, commands)), len(commands))
+
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
         # waits for Redis: a record whose routing failed would hold its partition's cursor
         while True:
@@ -391,20 +404,8 @@ class RedisStore:
         by_p: dict[int, list[str]] = {}
         for user in users:
             by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
-        if not by_p:
-            return {}
-        client = self._c()
-        replies: list[Any]
-        if isinstance(client, AsyncCluster):
-            pipe = client.pipeline(transaction=False)
-            for p, us in by_p.items():
-                pipe.hmget(accounts_key(p), [field(source, u) for u in us])
-            replies = await pipe.execute()
-        else:
-            # one node: the HMGETs packed in C, their replies read raw (`wire`)
-            packed = b"".join(pack(("HMGET", accounts_key(p), *(field(source, u) for u in us)))
-                              for p, us in by_p.items())
-            replies = await exchange(client, packed, len(by_p))
+        replies = await self._commands(
+            [("HMGET", accounts_key(p), *(field(source, u) for u in us)) for p, us in by_p.items()])
         found: dict[str, str] = {}
         for us, values in zip(by_p.values(), replies, strict=True):
             found.update((u, _text(v)) for u, v in zip(us, values, strict=True) if v is not None)
@@ -479,22 +480,20 @@ class RedisStore:
         owned = self._owned()
         if not owned:
             return []
-        pipe = self._c().pipeline(transaction=False)
-        for p in owned:
-            pipe.zrangebyscore(due_key(p, source), "-inf", now, start=0, num=limit, withscores=True)
+        upto = repr(now)
         found: list[tuple[float, int, int]] = []
-        for p, pairs in zip(owned, await pipe.execute(), strict=True):
-            found += [(at, int(i), p) for i, at in pairs]
+        for p, reply in zip(owned, await self._commands([
+                ("ZRANGE", due_key(p, source), "-inf", upto, "BYSCORE", "LIMIT", 0, limit,
+                 "WITHSCORES") for p in owned]), strict=True):
+            found += [(at, int(i), p) for i, at in _scored(reply)]
         found.sort()
         found = found[:limit]
         by_p: dict[int, list[tuple[int, float]]] = {}
         for at, i, p in found:
             by_p.setdefault(p, []).append((i, at))
-        pipe = self._c().pipeline(transaction=False)
-        for p, ids in by_p.items():
-            for part in ITEM_PARTS:
-                pipe.hmget(outbox_key(p, part), [str(i) for i, _ in ids])
-        replies = iter(await pipe.execute())
+        replies = iter(await self._commands([
+            ("HMGET", outbox_key(p, part), *(str(i) for i, _ in ids))
+            for p, ids in by_p.items() for part in ITEM_PARTS]))
         items: list[tuple[float, OutboxItem]] = []
         for p, ids in by_p.items():
             parts = {part: next(replies) for part in ITEM_PARTS}
@@ -509,10 +508,9 @@ class RedisStore:
         owned = self._owned()
         if not owned:
             return None
-        pipe = self._c().pipeline(transaction=False)
-        for p in owned:
-            pipe.zrange(due_key(p, source), 0, 0, withscores=True)
-        firsts = [pairs[0][1] for pairs in await pipe.execute() if pairs]
+        replies = await self._commands(
+            [("ZRANGE", due_key(p, source), 0, 0, "WITHSCORES") for p in owned])
+        firsts = [pairs[0][1] for pairs in map(_scored, replies) if pairs]
         return min(firsts) if firsts else None
 
     async def _fenced(self, name: str, item: OutboxItem, args: list[Any]) -> None:
@@ -753,6 +751,16 @@ class RedisStore:
 
     async def checkpoint(self) -> None:
         """Nothing to do: Redis has no write-ahead log of the gateway's to fold."""
+
+
+def _scored(reply: Any) -> list[tuple[bytes, float]]:
+    """A WITHSCORES reply: [member, score] pairs (RESP3, or parsed), or member, score, ...
+    (RESP2)."""
+    if not reply:
+        return []
+    if isinstance(reply[0], list | tuple):
+        return [(m, float(at)) for m, at in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
 def _flat(fields: dict[bytes, bytes]) -> list[bytes]:
