@@ -659,40 +659,28 @@ class RedisStore:
         return gone
 
     async def counts(self) -> Counts:
-        client = self._c()
+        days = await self._commands(
+            [("ZRANGE", ledger_days_key(p), 0, -1) for p in range(self.partitions)])
+        keysets = [[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)]
+                   for p, ds in enumerate(days)]
         script = self._scripts["counts"]
-        keysets: list[list[str]]
         replies: list[Any]
-        if isinstance(client, AsyncCluster):
-            pipe = client.pipeline(transaction=False)
-            for p in range(self.partitions):
-                pipe.zrange(ledger_days_key(p), 0, -1)
-            keysets = self._counts_keys(await pipe.execute())
+        if isinstance(self._c(), AsyncCluster):
             replies = await asyncio.gather(*(script(keys=keys) for keys in keysets))
         else:
-            # one node (admin's stats, each pipeline's resync): every partition's commands
-            # packed in C and sent at once (`wire`), not one task and connection each
-            days = await exchange(client, b"".join(
-                pack(("ZRANGE", ledger_days_key(p), 0, -1)) for p in range(self.partitions)),
-                self.partitions)
-            keysets = self._counts_keys(days)
-            packed = b"".join(pack(("EVALSHA", script.sha, len(keys), *keys)) for keys in keysets)
+            # one node (admin's stats, each pipeline's resync): every partition's script
+            # packed and sent at once, not one task and pooled connection each
+            commands = [("EVALSHA", script.sha, len(keys), *keys) for keys in keysets]
             try:
-                replies = await exchange(client, packed, len(keysets))
+                replies = await self._commands(commands)
             except NoScriptError:
-                await client.script_load(script.script)  # a restarted Redis forgot it
-                replies = await exchange(client, packed, len(keysets))
+                await self._c().script_load(script.script)  # a restarted Redis forgot it
+                replies = await self._commands(commands)
         totals = [0, 0, 0, 0, 0]
         for reply in replies:
             for i, n in enumerate(reply):
                 totals[i] += int(n)
         return Counts(*totals)
-
-    @staticmethod
-    def _counts_keys(days: list[Any]) -> list[list[str]]:
-        """`scripts.COUNTS`'s keys for each partition, from its ledger days."""
-        return [[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)]
-                for p, ds in enumerate(days)]
 
     async def ledger(self, source: str | None, day: str | None) -> list[dict[str, Any]]:
         pipe = self._c().pipeline(transaction=False)

@@ -1,11 +1,11 @@
 """Commands packed in C and sent on one pooled connection, for the hot paths of one Redis
-node (a request's XADDs, the pipeline's stream reads).
+node (a request's XADDs, the pipeline's stream, account and outbox reads, admin's counts).
 
 redis-py's asyncio pipeline packs each argument in Python and parses each reply through
 its callbacks, with a timeout context per reply: for ingest's dozens of XADDs a request
 that was most of the front's CPU. Here the commands are packed by `hiredis.pack_command`,
-written at once, and their replies read raw (RESP2 lists of bytes), with the client's
-retries: a dead pooled connection (Redis restarted, a failover) is reopened and the
+written at once, and their replies read raw (as hiredis parses them: bytes, lists, and
+maps where the connection speaks RESP3), with the client's retries: a dead pooled connection (Redis restarted, a failover) is reopened and the
 commands sent again.
 """
 
