@@ -9,7 +9,9 @@ traffic's batches appended through `RedisStore.accept`; the pipeline's dispatche
 them (nothing is forwarded: the outbox holds the calls); then every key is measured with
 `MEMORY USAGE` and summed per structure (dedupe sets, ledger counts and stamps, known
 traits, accounts, outbox hashes, dead letters, inbox streams). Also the apply rate of this
-one process, and the Redis commands per event (`INFO commandstats`). The last line of
+one process and its CPU per event, and the Redis commands per event (`INFO commandstats`).
+A run in which nothing is applied for `--stall` seconds stops with the dispatcher's, the
+store's and Redis's state (for the stall seen once in this benchmark, SCALING.md). The last line of
 output is one JSON object.
 """
 
@@ -32,7 +34,7 @@ from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source
 from gateway.observability.metrics import Metrics
-from gateway.store.redis.store import RedisStore
+from gateway.store.redis.store import RedisStore, entry_of
 
 SOURCE = Source(write_key="wk_bench_state_1", accoil_api_key="ak_bench_state_1", name="main")
 # a key's structure: the part after the partition's tag, up to a day or a source
@@ -58,12 +60,19 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     backlog.accepted(sent)
     dispatcher = Dispatcher(store, Router(store, {SOURCE.id: SOURCE}), settings,
                             Metrics([SOURCE.id]), backlog, lambda _: None)
-    started = time.monotonic()
+    started, cpu0 = time.monotonic(), time.process_time()
     task = asyncio.create_task(dispatcher.run())
     inboxes = [f"{{p{p}}}:inbox" for p in range(args.partitions)]
-    while sum(c.xlen(k) for k in inboxes):  # noqa: ASYNC110 (the commit trims what it applied)
+    left, still = sum(c.xlen(k) for k in inboxes), time.monotonic()
+    while left:  # the commit trims what it applied
         await asyncio.sleep(0.2)
-    apply_s = time.monotonic() - started
+        now_left = sum(c.xlen(k) for k in inboxes)
+        if now_left != left:
+            left, still = now_left, time.monotonic()
+        elif time.monotonic() - still > args.stall:
+            print(json.dumps(stall_report(dispatcher, task, store, c, args.partitions)))
+            raise SystemExit(f"stalled: {left} entries left, none applied for {args.stall} s")
+    apply_s, apply_cpu = time.monotonic() - started, time.process_time() - cpu0
     dispatcher.stop()
     await task
     stats = c.info("commandstats")
@@ -91,6 +100,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "accounts": args.accounts, "ledger_rows": counts.ledger_rows,
         "outbox_calls": counts.outbox,
         "apply_events_per_s": round(sent / apply_s),
+        # this process's CPU (every thread), robust to the machine's load as rates are not
+        "python_cpu_usec_per_event_apply": round(apply_cpu / sent * 1e6, 1),
         "redis_commands_per_event_apply": round(commands / sent, 3),
         "redis_usec_per_event_apply": round(redis_usec / sent, 2),
         "redis_usec_by_command": dict(sorted(busy.items(), key=lambda kv: -kv[1])[:6]),
@@ -98,6 +109,55 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "keys": dict(sorted(keys.items())),
         "bytes_per_ledger_row": round(
             (by_structure.get("lc", 0) + by_structure.get("lt", 0)) / max(1, counts.ledger_rows), 1),
+    }
+
+
+def stall_report(
+    dispatcher: Dispatcher, task: asyncio.Task[None], store: RedisStore, c: Any, partitions: int
+) -> dict[str, Any]:
+    """What the dispatcher, the store and Redis hold when nothing has been applied for a
+    while: the evidence for a stall."""
+    leases = store.leases
+    assert leases is not None
+    stuck = {}
+    for p in range(partitions):
+        n = c.xlen(f"{{p{p}}}:inbox")
+        if not n:
+            continue
+        first = c.xrange(f"{{p{p}}}:inbox", count=1)
+        r = store._reading.get(p)
+        stuck[p] = {
+            "xlen": n, "first": first[0][0].decode() if first else None,
+            "progress": (c.get(f"{{p{p}}}:progress") or b"").decode(),
+            "holds": leases.holds(p), "owned": leases.owned.get(p),
+            "reading": None if r is None else {
+                "epoch": r.epoch, "after": r.after, "handed": len(r.handed),
+                "handed_first": entry_of(r.handed[0]) if r.handed else None,
+                "done": len(r.done)},
+        }
+    landing = dispatcher._landing
+    return {
+        "dispatcher": {
+            "task_done": task.done(),
+            "task_error": repr(task.exception()) if task.done() and not task.cancelled() else None,
+            "held": dispatcher.held, "pending": dispatcher._pending,
+            "landing_messages": dispatcher._landing_messages,
+            "landing": None if landing is None else repr(landing),
+            "flushes": {p: f.messages for p, f in dispatcher._flushes.items()},
+            "live": len(dispatcher._live), "untaken": len(dispatcher._untaken),
+        },
+        # a connection never given back to its pool (100 at most, then "Too many
+        # connections" on every command) would starve the reads: count them
+        "pools": {name: {"in_use": len(getattr(pool, "_in_use_connections", ())),
+                         "available": len(getattr(pool, "_available_connections", ()))}
+                  for name, pool in (("async", getattr(store.client, "connection_pool", None)),
+                                     ("sync", getattr(store.sync, "connection_pool", None)))},
+        "store": {"buffer": len(store._buffer), "readings": len(store._reading),
+                  "owned": len(leases.owned), "leaving": sorted(leases.leaving),
+                  "valid_for_s": round(leases._valid_until - time.monotonic(), 2),
+                  "failing": store._failing},
+        "partitions_left": stuck,
+        "tasks": [repr(t) for t in asyncio.all_tasks()],
     }
 
 
@@ -109,6 +169,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--stall", type=float, default=60.0,
+                    help="seconds without an entry applied before the run is called stalled "
+                         "and the dispatcher's, the store's and Redis's state is printed")
     args = ap.parse_args()
     with workdir(args.dir, "bench-redis-state-") as folder:
         server = RedisServer(folder / "redis")

@@ -33,6 +33,7 @@ from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store import InboxRow, Store
 from gateway.store.base import PartitionLost
+from gateway.store.redis.store import RedisStore
 
 if TYPE_CHECKING:
     from gateway.backlog import Backlog
@@ -88,6 +89,8 @@ class Dispatcher:
         self._turn = asyncio.Lock()  # a commit, or a pruning: never both at once
         self._stopping = False
         self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
+        # a partitioned store's progress is the cursor its commits move: no takes to record
+        self._takes = not isinstance(store, RedisStore)
         self._retake_at = 0.0
         self.cursor = 0  # the last inbox record routed
 
@@ -168,7 +171,8 @@ class Dispatcher:
         self._clock = time.monotonic()
         if self._started is None:
             self._started = self._clock
-        self._take(row.id, row.count)
+        if self._takes:
+            self._take(row.id, row.count)
         self._partition = row.partition
         try:
             dead = await self.router.route(row, self._deliver)

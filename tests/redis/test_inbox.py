@@ -136,6 +136,26 @@ async def test_appendfsync_always_keeps_every_acknowledged_batch_across_kill_9(
         await client.aclose()
 
 
+async def test_a_request_redis_refuses_writes_none_of_its_parts(client: Client) -> None:
+    """One node: a request's parts are one script, so a refusal (OOM under noeviction)
+    writes none of them, and the connection that carried the error serves the next."""
+    inbox = RedisInbox(client, P)
+    batch = body(100, users=40)
+    await client.config_set("maxmemory", 1)  # far below what Redis already uses: OOM
+    try:
+        with pytest.raises(InboxUnavailable, match="maxmemory"):
+            await inbox.append("web", time.time(), batch)
+        assert await read_all(inbox) == {}
+        waiting = [k async for k in client.scan_iter(match="*:waiting")]
+        assert waiting == []
+    finally:
+        await client.config_set("maxmemory", 0)
+    ids = await inbox.append("web", time.time(), batch)
+    assert len(ids) > 10  # many parts, all written
+    stored = await read_all(inbox)
+    assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(100))
+
+
 async def test_wait_without_a_replica_is_refused(client: Client) -> None:
     inbox = RedisInbox(client, P, wait_replicas=1, wait_timeout_ms=50)
     with pytest.raises(InboxUnavailable, match="only 0 of 1 replicas acknowledged the write"):

@@ -107,6 +107,8 @@ async def test_a_turn_commits_its_writes_and_moves_the_cursor_past_applied_entri
     assert c.xlen(f"{{p{p}}}:inbox") == 1  # trimmed up to the cursor
     counts = await store.counts()
     assert (counts.inbox, counts.outbox, counts.ledger_rows, counts.ledger_events) == (10, 2, 1, 2)
+    c.script_flush()  # as a restarted Redis: the counting script is loaded again
+    assert await store.counts() == counts
     assert await store.transact(lambda tx: tx.state.ledger([lk]), NOW, p) == {
         lk: Row(lk, 2, "2025-11-24T00:00:00.000Z")}
     assert await store.ledger(SOURCE.id, "2025-11-24") == [{

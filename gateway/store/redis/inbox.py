@@ -1,10 +1,13 @@
 """The inbox in Redis: one stream per partition, `{p<n>}:inbox`.
 
 Ingest's side (`append`): a request's stored body is split by partition and each part is
-appended to its partition's stream with XADD, all in one pipeline (on a Cluster, one
-pipeline per node, sent concurrently), followed by `WAIT` when `wait_replicas` is set. It
-returns only when every part is written (and replicated); otherwise it raises
-`InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
+appended to its partition's stream with XADD. On one node, all of a request's XADDs (and
+the waiting counters' INCRBYs) run in one script, `_APPEND`, sent as one command packed in
+C (`wire`): one reply to read instead of two per part, and a request is
+written whole or not at all. On a Cluster the parts go in one pipeline per node, sent
+concurrently (a script's keys must share a slot). `WAIT` follows when `wait_replicas` is
+set, on the same connection. It returns only when every part is written (and replicated);
+otherwise it raises `InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
 
 Nothing is half acknowledged: a request is acknowledged only when all its parts are in.
 When some parts were written and others not, the client is told to retry and sends the
@@ -39,6 +42,7 @@ from gateway.store.redis.partition import (
     split,
     waiting_key,
 )
+from gateway.store.redis.wire import exchange, pack
 
 Fields = dict[Any, Any]  # an entry's fields, as XADD takes them
 
@@ -77,6 +81,22 @@ return 1
 """
 
 
+# KEYS: each part's inbox stream and waiting counter, in pairs; ARGV: source, received_at,
+# then each part's message count and body. Returns the entries' ids. Atomic: a request's
+# parts are all written or none (a script that cannot write, e.g. OOM under noeviction,
+# fails at its first XADD).
+_APPEND = """
+local ids = {}
+for i = 1, #KEYS, 2 do
+  local n = ARGV[i + 2]
+  ids[#ids + 1] = redis.call('XADD', KEYS[i], '*', 's', ARGV[1], 't', ARGV[2], 'n', n,
+                             'b', ARGV[i + 3])
+  redis.call('INCRBY', KEYS[i + 1], n)
+end
+return ids
+"""
+
+
 class RedisInbox:
     def __init__(
         self,
@@ -97,34 +117,40 @@ class RedisInbox:
     async def append(self, source: str, received_at: float, body: bytes) -> dict[int, str]:
         """Write a request's messages, split by partition; the entry id of each part.
         Raises `InboxUnavailable` unless every part is written (and WAITed)."""
-        parts = {
-            p: {"s": source, "t": repr(received_at), "n": count, "b": part}
-            for p, (part, count) in split(source, body, self.partitions).items()
-        }
+        split_parts = split(source, body, self.partitions)
         try:
             if isinstance(self.client, RedisCluster):
+                parts = {
+                    p: {"s": source, "t": repr(received_at), "n": count, "b": part}
+                    for p, (part, count) in split_parts.items()
+                }
                 return await self._append_cluster(self.client, parts)
-            return await self._append_single(parts)
-        except RedisError as exc:
+            return await self._append_single(source, repr(received_at), split_parts)
+        except (RedisError, OSError) as exc:
             raise InboxUnavailable(f"Redis did not take the request: {exc}") from None
 
     async def accept(self, source: str, received_at: float, body: bytes, count: int) -> int:
         """Ingest's call (as `Store.accept`): `append`, answering how many parts it wrote."""
         return len(await self.append(source, received_at, body))
 
-    async def _append_single(self, parts: dict[int, Fields]) -> dict[int, str]:
+    async def _append_single(
+        self, source: str, received_at: str, parts: dict[int, tuple[bytes, int]]
+    ) -> dict[int, str]:
         assert not isinstance(self.client, RedisCluster)
-        # one connection for all: WAIT counts the replicas that hold this connection's writes
-        pipe = self.client.pipeline(transaction=False)
-        for p, fields in parts.items():
-            pipe.xadd(inbox_key(p), fields)
-            pipe.incrby(waiting_key(p), fields["n"])
+        keys: list[str] = []
+        args: list[str | bytes | int] = [source, received_at]
+        for p, (part, count) in parts.items():
+            keys += (inbox_key(p), waiting_key(p))
+            args += (count, part)
+        # EVAL, not EVALSHA: a restarted Redis needs no NOSCRIPT round (Redis caches the
+        # script by its digest; the text costs a few hundred bytes next to the body)
+        packed = pack(("EVAL", _APPEND, len(keys), *keys, *args))
         if self.wait_replicas:
-            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-        results = await pipe.execute()
+            packed += pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        replies = await exchange(self.client, packed, 2 if self.wait_replicas else 1)
         if self.wait_replicas:
-            self._check_wait(results.pop())
-        return {p: _text(r) for p, r in zip(parts, results[::2], strict=True)}
+            self._check_wait(replies[1])
+        return {p: _text(r) for p, r in zip(parts, replies[0], strict=True)}
 
     async def _append_cluster(
         self, cluster: RedisCluster, parts: dict[int, Fields]

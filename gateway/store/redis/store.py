@@ -32,9 +32,10 @@ from typing import Any, TypeVar, cast
 
 import structlog
 from redis import Redis
+from redis.asyncio.cluster import RedisCluster as AsyncCluster
 from redis.cluster import RedisCluster as SyncCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import Settings
@@ -86,6 +87,7 @@ from gateway.store.redis.scripts import (
 )
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
+from gateway.store.redis.wire import exchange, pack
 
 log = structlog.get_logger("gateway.store.redis")
 
@@ -200,9 +202,7 @@ class RedisStore:
         options: dict[str, Any] = {
             "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
         }
-        from redis.asyncio.cluster import RedisCluster
-
-        if isinstance(client, RedisCluster):
+        if isinstance(client, AsyncCluster):
             self.sync = SyncCluster.from_url(self.url, **options)
         else:
             self.sync = Redis.from_url(self.url, **options)
@@ -346,19 +346,52 @@ class RedisStore:
         if not owned:
             return
         each = max(1, READ // len(owned))
-        pipe = self._c().pipeline(transaction=False)
         readings = [self._reading[p] for p in owned]
-        for p, r in zip(owned, readings, strict=True):
-            pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}", count=each)
-        replies = await pipe.execute()
-        for p, r, entries in zip(owned, readings, replies, strict=True):
+        client = self._c()
+        found: list[tuple[int, _Reading, list[Any]]]
+        if isinstance(client, AsyncCluster):
+            # a multi-stream XREAD needs its keys in one slot: one XRANGE per partition
+            pipe = client.pipeline(transaction=False)
+            for p, r in zip(owned, readings, strict=True):
+                pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}",
+                            count=each)
+            found = [
+                (p, r, [(i, _flat(f)) for i, f in entries])
+                for p, r, entries in zip(owned, readings, await pipe.execute(), strict=True)
+            ]
+        else:
+            # one node: one XREAD over every owned stream (after each one's last entry read,
+            # exclusive; START reads from the first), answering only the streams with
+            # entries, its reply read raw (`wire`: a map under RESP3, pairs under RESP2)
+            keys = [inbox_key(p) for p in owned]
+            reply = (await exchange(client, pack((
+                "XREAD", "COUNT", each, "STREAMS", *keys, *(r.after for r in readings))), 1))[0]
+            at = {k.encode(): i for i, k in enumerate(keys)}
+            found = []
+            for key, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
+                i = at[key]
+                found.append((owned[i], readings[i], entries))
+        for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
                 r.after = entry
+                f = dict(zip(fields[::2], fields[1::2], strict=True))
                 self._buffer.append((InboxRow(
-                    row_id(p, entry), fields[b"s"].decode(), float(fields[b"t"]), fields[b"b"],
-                    int(fields[b"n"]), p,
+                    row_id(p, entry), f[b"s"].decode(), float(f[b"t"]), f[b"b"], int(f[b"n"]), p,
                 ), r))
+
+    async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """`commands` in one round trip, their replies raw: on one node packed in C on one
+        connection (`wire`), on a Cluster a pipeline (each command routed by its key)."""
+        if not commands:
+            return []
+        client = self._c()
+        if isinstance(client, AsyncCluster):
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute()
+        return await exchange(client, b"".join(map(pack, commands)), len(commands))
 
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
         # waits for Redis: a record whose routing failed would hold its partition's cursor
@@ -371,11 +404,10 @@ class RedisStore:
         by_p: dict[int, list[str]] = {}
         for user in users:
             by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
-        pipe = self._c().pipeline(transaction=False)
-        for p, us in by_p.items():
-            pipe.hmget(accounts_key(p), [field(source, u) for u in us])
+        replies = await self._commands(
+            [("HMGET", accounts_key(p), *(field(source, u) for u in us)) for p, us in by_p.items()])
         found: dict[str, str] = {}
-        for us, values in zip(by_p.values(), await pipe.execute(), strict=True):
+        for us, values in zip(by_p.values(), replies, strict=True):
             found.update((u, _text(v)) for u, v in zip(us, values, strict=True) if v is not None)
         return found
 
@@ -462,22 +494,20 @@ class RedisStore:
         owned = self._owned()
         if not owned:
             return []
-        pipe = self._c().pipeline(transaction=False)
-        for p in owned:
-            pipe.zrangebyscore(due_key(p, source), "-inf", now, start=0, num=limit, withscores=True)
+        upto = repr(now)
         found: list[tuple[float, int, int]] = []
-        for p, pairs in zip(owned, await pipe.execute(), strict=True):
-            found += [(at, int(i), p) for i, at in pairs]
+        for p, reply in zip(owned, await self._commands([
+                ("ZRANGE", due_key(p, source), "-inf", upto, "BYSCORE", "LIMIT", 0, limit,
+                 "WITHSCORES") for p in owned]), strict=True):
+            found += [(at, int(i), p) for i, at in _scored(reply)]
         found.sort()
         found = found[:limit]
         by_p: dict[int, list[tuple[int, float]]] = {}
         for at, i, p in found:
             by_p.setdefault(p, []).append((i, at))
-        pipe = self._c().pipeline(transaction=False)
-        for p, ids in by_p.items():
-            for part in ITEM_PARTS:
-                pipe.hmget(outbox_key(p, part), [str(i) for i, _ in ids])
-        replies = iter(await pipe.execute())
+        replies = iter(await self._commands([
+            ("HMGET", outbox_key(p, part), *(str(i) for i, _ in ids))
+            for p, ids in by_p.items() for part in ITEM_PARTS]))
         items: list[tuple[float, OutboxItem]] = []
         for p, ids in by_p.items():
             parts = {part: next(replies) for part in ITEM_PARTS}
@@ -492,10 +522,9 @@ class RedisStore:
         owned = self._owned()
         if not owned:
             return None
-        pipe = self._c().pipeline(transaction=False)
-        for p in owned:
-            pipe.zrange(due_key(p, source), 0, 0, withscores=True)
-        firsts = [pairs[0][1] for pairs in await pipe.execute() if pairs]
+        replies = await self._commands(
+            [("ZRANGE", due_key(p, source), 0, 0, "WITHSCORES") for p in owned])
+        firsts = [pairs[0][1] for pairs in map(_scored, replies) if pairs]
         return min(firsts) if firsts else None
 
     async def _fenced(self, name: str, item: OutboxItem, args: list[Any]) -> None:
@@ -663,16 +692,24 @@ class RedisStore:
         return gone
 
     async def counts(self) -> Counts:
-        pipe = self._c().pipeline(transaction=False)
-        for p in range(self.partitions):
-            pipe.zrange(ledger_days_key(p), 0, -1)
-        days = await pipe.execute()
+        days = await self._commands(
+            [("ZRANGE", ledger_days_key(p), 0, -1) for p in range(self.partitions)])
+        keysets = [[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)]
+                   for p, ds in enumerate(days)]
         script = self._scripts["counts"]
+        replies: list[Any]
+        if isinstance(self._c(), AsyncCluster):
+            replies = await asyncio.gather(*(script(keys=keys) for keys in keysets))
+        else:
+            # one node (admin's stats, each pipeline's resync): every partition's script
+            # packed and sent at once, not one task and pooled connection each
+            commands = [("EVALSHA", script.sha, len(keys), *keys) for keys in keysets]
+            try:
+                replies = await self._commands(commands)
+            except NoScriptError:
+                await self._c().script_load(script.script)  # a restarted Redis forgot it
+                replies = await self._commands(commands)
         totals = [0, 0, 0, 0, 0]
-        replies = await asyncio.gather(*(
-            script(keys=[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)])
-            for p, ds in enumerate(days)
-        ))
         for reply in replies:
             for i, n in enumerate(reply):
                 totals[i] += int(n)
@@ -735,6 +772,21 @@ class RedisStore:
 
     async def checkpoint(self) -> None:
         """Nothing to do: Redis has no write-ahead log of the gateway's to fold."""
+
+
+def _scored(reply: Any) -> list[tuple[bytes, float]]:
+    """A WITHSCORES reply: [member, score] pairs (RESP3, or parsed), or member, score, ...
+    (RESP2)."""
+    if not reply:
+        return []
+    if isinstance(reply[0], list | tuple):
+        return [(m, float(at)) for m, at in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+def _flat(fields: dict[bytes, bytes]) -> list[bytes]:
+    """An entry's fields as a stream reply lists them: name, value, name, value."""
+    return [x for kv in fields.items() for x in kv]
 
 
 def _text(value: Any) -> str:
