@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -53,6 +54,9 @@ class Pipeline:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._dispatcher_task: asyncio.Task[None] | None = None
+        # what to do when the dispatcher fails: the worker process exits, and the front
+        # starts another that replays the inbox from the store
+        self.on_failure: Callable[[BaseException], None] | None = None
         if isinstance(store, RedisStore):
             # another gateway may have changed what this one remembers of its new partitions
             store.on_owner_change = self.actors.forget
@@ -118,7 +122,18 @@ class Pipeline:
         return busy
 
     def _dispatch(self) -> None:
-        self._dispatcher_task = asyncio.create_task(self.actors.run(), name="dispatcher")
+        task = asyncio.create_task(self.actors.run(), name="dispatcher")
+        task.add_done_callback(self._dispatcher_done)
+        self._dispatcher_task = task
+
+    def _dispatcher_done(self, task: asyncio.Task[None]) -> None:
+        # nothing awaits this task before a stop: an exception escaping it would stop
+        # applying in silence (entries wait in the inbox while the process sits idle)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("dispatcher failed: nothing more is applied", error=repr(exc), exc_info=exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     async def _restart_inbox(self) -> bool:
         """Reset the inbox's progress for a replay; False if the disk has no room for it."""
@@ -158,6 +173,8 @@ class Pipeline:
                     await self._dispatcher_task
             except TimeoutError:
                 log.warning("shutdown: inbox not fully applied; the rest waits in the store")
+            except Exception:  # it failed earlier, and `_dispatcher_done` said so
+                pass
             self._dispatcher_task = None
         # the last part is for the calls on the wire: answered and recorded before the
         # leases go, they are not sent again by the partitions' next owners

@@ -242,6 +242,7 @@ async def _serve(sock: socket.socket) -> None:
         store = SqliteStore(data / "gateway.db", fsync=settings.fsync, ingest=False)
         store.on_refused = disk.refused
     pipeline = Pipeline(settings, store, metrics, backlog, disk)
+    pipeline.on_failure = _exit_failed
     await store.open()
     counts = await pipeline.start()
     # as the front does (`gateway.server`): each message applied allocates short-lived
@@ -284,6 +285,13 @@ async def _serve(sock: socket.socket) -> None:
     # the front is gone without a word: stop at once, as a crash would; the store is
     # consistent at every commit and the next start replays the inbox
     log.warning("front process gone: worker exiting")
+    os._exit(1)
+
+
+def _exit_failed(exc: BaseException) -> None:
+    """The dispatcher failed: leave, so that the front starts a worker that replays the
+    inbox from the store (dedupe drops what was already applied)."""
+    sys.stderr.flush()
     os._exit(1)
 
 
