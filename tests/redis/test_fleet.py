@@ -144,6 +144,9 @@ def three_gateways_with_a_kill(
                 sdk.close()
         stats = [fleet[i].admin("/admin/stats") for i in (0, 1)]
     assert lost == 0 and doubled <= IN_FLIGHT
+    # what Accoil may count twice is a call on the wire; the ledger never counts an
+    # occurrence twice (DESIGN section 5), and both living gateways see all of it
+    assert [s["ledger"]["events"] for s in stats] == [len(msgs), len(msgs)]
     record(f"redis_three_gateway_kill_{tag}", {
         "events": len(msgs), "resent_elsewhere": len(first[::4]),
         "resent_after_kill": len(lost_on_2), "lost": lost, "counted_twice": doubled})
