@@ -33,7 +33,6 @@ from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store import InboxRow, Store
 from gateway.store.base import PartitionLost
-from gateway.store.redis.store import RedisStore
 
 if TYPE_CHECKING:
     from gateway.backlog import Backlog
@@ -89,8 +88,6 @@ class Dispatcher:
         self._turn = asyncio.Lock()  # a commit, or a pruning: never both at once
         self._stopping = False
         self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
-        # a partitioned store's progress is the cursor its commits move: no takes to record
-        self._takes = not isinstance(store, RedisStore)
         self._retake_at = 0.0
         self.cursor = 0  # the last inbox record routed
 
@@ -171,8 +168,7 @@ class Dispatcher:
         self._clock = time.monotonic()
         if self._started is None:
             self._started = self._clock
-        if self._takes:
-            self._take(row.id, row.count)
+        self._take(row.id, row.count)
         self._partition = row.partition
         try:
             dead = await self.router.route(row, self._deliver)
@@ -203,7 +199,9 @@ class Dispatcher:
                 self._untaken[row_id] = count
                 self._retake_at = time.monotonic() + RETAKE
 
-        self.store.take(row_id, count).add_done_callback(done)
+        taken = self.store.take(row_id, count)
+        if taken is not None:
+            taken.add_done_callback(done)
 
     def _retake(self) -> None:
         untaken, self._untaken = self._untaken, {}

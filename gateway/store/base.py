@@ -173,11 +173,12 @@ class Inbox(Protocol):
         """Mark every inbox row as wholly unapplied again; called once before replaying it."""
         ...
 
-    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
+    def take(self, row_id: int, count: int) -> asyncio.Future[None] | None:
         """The router takes an inbox row: `count` of its messages are now pending. Queued,
         not awaited; the future says whether it was recorded. A take and the flushes that
         complete the row's messages add up in any order (a refused take may be made again
-        later), and a row is deleted (`reap`) only once its count is recorded as done."""
+        later), and a row is deleted (`reap`) only once its count is recorded as done.
+        None: the store keeps no takes (a partitioned store's commits move its cursor)."""
         ...
 
     async def reap(self, taken: int) -> int:

@@ -305,10 +305,8 @@ class RedisStore:
     async def restart_inbox(self) -> None:
         """Nothing to reset: an owned partition is read from its committed cursor."""
 
-    def take(self, row_id: int, count: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)  # progress is the cursor, moved by the turn's commit
-        return fut
+    def take(self, row_id: int, count: int) -> None:
+        return None  # progress is the cursor, moved by the turn's commit
 
     async def reap(self, taken: int) -> int:
         return 0  # each commit trims what it applied
