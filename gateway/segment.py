@@ -307,6 +307,7 @@ def decode_stored(body: bytes) -> Decoded:
 
 
 def _decode(body: bytes, keyed_body: bool) -> Decoded:
+    _check_utf8(body)
     parsed, stored = _read_batch(body, _BATCH, keyed_body)
     if isinstance(parsed, Decoded):
         return parsed
@@ -327,20 +328,18 @@ def check_batch(body: bytes) -> Checked:
     """`decode_batch`'s verdict on a `/v1/batch` body, at a fraction of the cost: the
     messages are validated, not built. Raises `InvalidBody`."""
     _check_utf8(body)
+    parsed: _FastBatch | _CheckBatch | Decoded
     try:
         fast = _FAST.decode(body)
     except (msgspec.MsgspecError, RecursionError):
-        pass  # not the common batch (`_FastBatch`), or not valid: read as below
+        # not the common batch (`_FastBatch`), or not valid: read with the `_Check` types
+        parsed, stored = _read_batch(body, _CHECK, None)
+        if not isinstance(parsed, Decoded) and _some_anonymous(parsed.batch):
+            return _decode_each(body, None).checked()
     else:
-        checked, stored = _stored(fast, body, fast.writeKey is not None)
-        if isinstance(checked, Decoded):
-            return checked.checked()
-        return Checked(len(checked.batch), len(checked.batch), [], checked.writeKey, stored)
-    parsed, stored = _read_batch(body, _CHECK, None)
+        parsed, stored = _stored(fast, body, fast.writeKey is not None)
     if isinstance(parsed, Decoded):
         return parsed.checked()
-    if _some_anonymous(parsed.batch):
-        return _decode_each(body, None).checked()
     n = len(parsed.batch)
     return Checked(n, n, [], parsed.writeKey, stored)
 
@@ -350,8 +349,8 @@ def _read_batch(
 ) -> tuple[_B | Decoded, bytes]:
     """The whole batch in one call, and the body to store; or, when some message is
     invalid or too large, each message decoded on its own (a `Decoded`). `keyed_body`: whether
-    a message may hold a `writeKey` (`_maybe_keyed`), or None where the decoded messages say."""
-    _check_utf8(body)
+    a message may hold a `writeKey` (`_maybe_keyed`), or None where the decoded messages say.
+    The caller has checked that `body` is UTF-8 (`_check_utf8`)."""
     try:
         parsed = decoder.decode(body)
     except msgspec.ValidationError:
