@@ -205,6 +205,79 @@ class _FastBatch(msgspec.Struct, kw_only=True, gc=False):  # `_CheckBatch`, thos
     writeKey: str | None = None
 
 
+# The same messages as apply reads them (`decode_stored`): every field validated as the model
+# validates it, but only what the router and the mapping read is built. A track call's
+# properties are never forwarded, so they are skipped in C like the `_Check` types' objects;
+# of a context only the account and identify's fallback traits are built, of a page's
+# properties only the fields that may name it. tests/unit/test_messages.py holds this decode
+# to `decode_batch`.
+class Context(msgspec.Struct, kw_only=True, gc=False):
+    """What apply reads of a `context` object; its other fields are skipped. UNSET: the
+    field is absent (a null is None, which in a merge hides the batch's value)."""
+
+    groupId: Any = msgspec.UNSET
+    traits: Any = msgspec.UNSET
+
+
+class ViewProperties(msgspec.Struct, kw_only=True, gc=False):
+    """What apply reads of a page or screen call's `properties`: what may name the view."""
+
+    name: Any = None
+    title: Any = None
+    path: Any = None
+
+
+class _StoredBase(_Fields, kw_only=True, tag_field="type", gc=False):
+    context: Context | None = None
+    integrations: dict[str, Any] | None = None
+
+
+class StoredIdentify(_StoredBase, kw_only=True, tag="identify"):
+    traits: dict[str, Any] | None = None
+
+
+class StoredGroup(_StoredBase, kw_only=True, tag="group"):
+    groupId: NonEmpty | int
+    traits: dict[str, Any] | None = None
+
+
+class StoredTrack(_StoredBase, kw_only=True, tag="track"):
+    event: NonEmpty
+    properties: _Object | None = None  # never forwarded
+
+
+class StoredPage(_StoredBase, kw_only=True, tag="page"):
+    name: str | None = None
+    category: str | None = None
+    properties: ViewProperties | None = None
+
+
+class StoredScreen(_StoredBase, kw_only=True, tag="screen"):  # not a page: the mapping tells them apart
+    name: str | None = None
+    category: str | None = None
+    properties: ViewProperties | None = None
+
+
+class StoredAlias(_StoredBase, kw_only=True, tag="alias"):
+    previousId: NonEmpty | int
+
+
+StoredMessage: TypeAlias = (
+    StoredIdentify | StoredGroup | StoredTrack | StoredPage | StoredScreen | StoredAlias
+)
+# A message as the router, the actors and the mapping take it: from ingest in the same
+# process (`decode_batch`), or read back from the inbox (`decode_stored`).
+AnyMessage: TypeAlias = Message | StoredMessage
+
+
+class _StoredBatch(msgspec.Struct, kw_only=True, gc=False):
+    batch: Annotated[list[StoredMessage], msgspec.Meta(max_length=MAX_BATCH)]
+    context: Context | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: datetime | None = None
+    writeKey: str | None = None
+
+
 class Checked(msgspec.Struct):
     """A batch's verdict without its messages: what ingest replies and stores."""
 
@@ -246,6 +319,17 @@ class Decoded(msgspec.Struct):
         return Checked(self.count, self.valid, self.rejected, self.write_key, self.body)
 
 
+class Stored(msgspec.Struct):
+    """A stored body as apply reads it (`decode_stored`): `decode_batch`'s verdict on it,
+    the messages holding only what apply reads."""
+
+    messages: list[StoredMessage]
+    rejected: list[Rejected]
+    context: Context | None
+    integrations: dict[str, Any] | None
+    sent_at: datetime | None
+
+
 class InvalidBody(Exception):
     """The body as a whole cannot be read (a 400): `reason` says why."""
 
@@ -258,6 +342,14 @@ class InvalidBody(Exception):
 class _Envelope(msgspec.Struct, kw_only=True):
     batch: list[msgspec.Raw]
     context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: datetime | None = None
+    writeKey: str | None = None
+
+
+class _StoredEnvelope(msgspec.Struct, kw_only=True):  # `_Envelope`, as apply reads it
+    batch: list[msgspec.Raw]
+    context: Context | None = None
     integrations: dict[str, Any] | None = None
     sentAt: datetime | None = None
     writeKey: str | None = None
@@ -281,6 +373,9 @@ _FAST = msgspec.json.Decoder(_FastBatch)
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _MESSAGE: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 _MESSAGE_ID = msgspec.json.Decoder(_MessageId)
+_STORED = msgspec.json.Decoder(_StoredBatch)
+_STORED_ENVELOPE = msgspec.json.Decoder(_StoredEnvelope)
+_STORED_MESSAGE: msgspec.json.Decoder[StoredMessage] = msgspec.json.Decoder(StoredMessage)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _STR = msgspec.json.Decoder(str)
 _ENCODER = msgspec.json.Encoder()
@@ -300,10 +395,78 @@ def decode_batch(body: bytes) -> Decoded:
     return _decode(body, _maybe_keyed(body))
 
 
-def decode_stored(body: bytes) -> Decoded:
-    """`decode_batch` for a body ingest stored: it holds no write key (ingest removed them),
-    so the body is not searched for one. The same messages, rejects and reasons."""
-    return _decode(body, False)
+def decode_stored(body: bytes) -> Stored:
+    """A body ingest stored, as apply reads it: `decode_batch`'s messages, rejects and
+    reasons, each message holding only what apply reads (`StoredMessage`). The body holds no
+    write key (ingest removed them), so it is not searched for one. Raises `InvalidBody`."""
+    _check_utf8(body)
+    try:
+        parsed = _STORED.decode(body)
+    except msgspec.ValidationError:
+        return _stored_each(body, None)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _not_json(exc) from None
+    if len(body) > MAX_MESSAGE_BYTES:
+        envelope = _STORED_ENVELOPE.decode(body)
+        if any(len(raw) > MAX_MESSAGE_BYTES for raw in envelope.batch):
+            return _stored_each(body, envelope)
+    if _some_anonymous(parsed.batch):
+        return _stored_each(body, None)
+    return Stored(parsed.batch, [], parsed.context, parsed.integrations, parsed.sentAt)
+
+
+def _stored_each(body: bytes, envelope: _StoredEnvelope | None) -> Stored:
+    """`decode_stored` message by message, as `_decode_each` decodes a batch."""
+    if envelope is None:
+        envelope = _stored_envelope(body)
+    raws = envelope.batch
+    if len(raws) > MAX_BATCH:
+        raise InvalidBody(
+            f"a batch holds at most {MAX_BATCH:,} messages, this one has {len(raws):,}"
+        )
+    if envelope.writeKey is not None or _maybe_keyed(body):
+        raws = _keyless(raws)  # a reject's raw never shows a key
+    messages: list[StoredMessage] = []
+    rejected: list[Rejected] = []
+    for index, raw in enumerate(raws):
+        outcome = _read_message(raw, _STORED_MESSAGE)
+        if isinstance(outcome, str):
+            data = bytes(raw)
+            # the model's reason: msgspec spells a path inside a part built in part
+            # (`context.groupId`) other than inside a dict (`context[...]`)
+            reason = _decode_message(raw)
+            reason = reason if isinstance(reason, str) else outcome
+            rejected.append(Rejected(index, _read_message_id(data), reason, data))
+        else:
+            messages.append(outcome)
+    return Stored(messages, rejected, envelope.context, envelope.integrations, envelope.sentAt)
+
+
+def _stored_envelope(body: bytes) -> _StoredEnvelope:
+    """`_strict(_ENVELOPE, ...)` as apply reads the batch, with the model's reason."""
+    try:
+        return _STORED_ENVELOPE.decode(body)
+    except msgspec.ValidationError:
+        _strict(_ENVELOPE, body, "invalid batch")  # raises: the model rejects it too
+        raise
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise _not_json(exc) from None
+
+
+def in_full(body: bytes, stored: Stored, positions: Sequence[int]) -> list[Message]:
+    """The messages at `positions` of `stored.messages` (read from `body`), as
+    `decode_batch` models them: for a message apply may keep as a dead letter, which holds
+    the message as it always has."""
+    raws = _ENVELOPE.decode(body).batch
+    if stored.rejected:
+        skip = {r.index for r in stored.rejected}
+        raws = [raw for i, raw in enumerate(raws) if i not in skip]
+    out: list[Message] = []
+    for position in positions:
+        outcome = _decode_message(raws[position])
+        assert not isinstance(outcome, str), "decode_stored accepted it"
+        out.append(outcome)
+    return out
 
 
 def _decode(body: bytes, keyed_body: bool) -> Decoded:
@@ -439,13 +602,21 @@ def _decode_each(body: bytes, envelope: _Envelope | None) -> Decoded:
 
 def _decode_message(raw: bytes | msgspec.Raw) -> Message | str:
     """The message, or the reason it is rejected."""
+    return _read_message(raw, _MESSAGE)
+
+
+_M = TypeVar("_M", bound=_Fields)
+
+
+def _read_message(raw: bytes | msgspec.Raw, decoder: msgspec.json.Decoder[_M]) -> _M | str:
+    """The message as `decoder` reads it, or the reason it is rejected."""
     size = len(raw)
     if size > MAX_MESSAGE_BYTES:
         return (
             f"message is {size:,} bytes, over the limit of 32 KB ({MAX_MESSAGE_BYTES:,} bytes)"
         )
     try:
-        message = _MESSAGE.decode(raw)
+        message = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         return _relative(str(exc))
     except RecursionError:
@@ -570,7 +741,7 @@ def _relative(text: str) -> str:
 
 
 def effective_timestamp(
-    msg: Message, batch_sent_at: datetime | None, received_at: datetime
+    msg: AnyMessage, batch_sent_at: datetime | None, received_at: datetime
 ) -> datetime:
     """When the event happened, as Segment computes it; always timezone-aware UTC.
 
@@ -610,6 +781,40 @@ def merged(outer: dict[str, Any] | None, inner: dict[str, Any] | None) -> dict[s
     return out
 
 
+def merged_context(outer: Context | None, inner: Context | None) -> Context | None:
+    """`merged` for what apply reads of two contexts: inner wins field by field (a null
+    too), and traits that are objects on both sides merge."""
+    if outer is None:
+        return inner
+    if inner is None:
+        return outer
+    return Context(groupId=_under(outer.groupId, inner.groupId),
+                   traits=_under(outer.traits, inner.traits))
+
+
+def _under(outer: Any, inner: Any) -> Any:
+    if inner is msgspec.UNSET:
+        return outer
+    if isinstance(inner, dict) and isinstance(outer, dict):
+        return merged(outer, inner)
+    return inner
+
+
+def context_group(context: dict[str, Any] | Context | None) -> str | None:
+    """The account a (merged) context names, its `groupId`, as Accoil takes an id."""
+    if context is None:
+        return None
+    return id_str(context.get("groupId") if isinstance(context, dict) else context.groupId)
+
+
+def context_traits(context: dict[str, Any] | Context | None) -> dict[str, Any]:
+    """A (merged) context's `traits` when they are an object, else none."""
+    if context is None:
+        return {}
+    traits = context.get("traits") if isinstance(context, dict) else context.traits
+    return traits if isinstance(traits, dict) else {}
+
+
 def id_str(value: object) -> str | None:
     """An identifier as Accoil takes it: a non-empty string (integers stringified), or None."""
     if isinstance(value, bool):
@@ -621,11 +826,11 @@ def id_str(value: object) -> str | None:
     return None
 
 
-def user_id(msg: Message) -> str | None:
+def user_id(msg: AnyMessage) -> str | None:
     return id_str(msg.userId)
 
 
-def anonymous_id(msg: Message) -> str | None:
+def anonymous_id(msg: AnyMessage) -> str | None:
     return id_str(msg.anonymousId)
 
 

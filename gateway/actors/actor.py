@@ -21,7 +21,16 @@ from gateway.keys import group_key, identify_key
 from gateway.mapping import Call, Skip, counted, to_call, utc_day
 from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
-from gateway.segment import Message, Page, Screen, Track
+from gateway.segment import (
+    AnyMessage,
+    Context,
+    Page,
+    Screen,
+    StoredPage,
+    StoredScreen,
+    StoredTrack,
+    Track,
+)
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
@@ -34,9 +43,11 @@ class Envelope(msgspec.Struct, gc=False):
     """A message on its way to its account's actor, with what the router worked out."""
 
     key: bytes  # its dedupe key (`gateway.keys.dedupe_key`)
-    message: Message
+    # as apply reads it (`decode_stored`), or in full: from ingest in the same process, and
+    # whenever it may become a dead letter, which keeps the message in full
+    message: AnyMessage
     timestamp: datetime  # when it happened (`effective_timestamp`): timezone-aware UTC
-    context: dict[str, Any] | None
+    context: dict[str, Any] | Context | None  # the batch's merged under the message's
     integrations: dict[str, Any] | None  # the batch's merged under the message's
     user: str | None  # `user_id(message)`
 
@@ -107,7 +118,7 @@ class Actor:
             self.marks.append(env.key)
             metrics.skipped.labels(source.id, "integrations").inc()
             return
-        if isinstance(msg, (Track, Page, Screen)):
+        if isinstance(msg, (Track, Page, Screen, StoredTrack, StoredPage, StoredScreen)):
             # counted in the ledger: its call is built once per key, for the latest message
             hit = counted(msg, source.unnamed_pages, env.user)
             if isinstance(hit, Skip):
@@ -155,7 +166,7 @@ class Actor:
         source = self.source
         if skip.unsupported:
             self.marks.append(env.key)
-            metrics.unsupported.labels(source.id, type(env.message).__name__.lower()).inc()
+            metrics.unsupported.labels(source.id, str(env.message.__struct_config__.tag)).inc()
         elif skip.counted is not None:
             self.marks.append(env.key)
             metrics.skipped.labels(source.id, skip.counted).inc()

@@ -2,8 +2,9 @@
 
 When ingest runs in the same process it hands over what it already decoded (so the common
 case decodes once); otherwise (ingest in another process, after a restart, or when ingest
-runs far ahead) the router decodes the stored body. A record holds the request's invalid
-messages too: the router keeps them as dead letters, with the reason ingest gave.
+runs far ahead) the router decodes the stored body, building only what apply reads
+(`decode_stored`). A record holds the request's invalid messages too: the router keeps them
+as dead letters, with the reason ingest gave.
 
 The account of a message (DESIGN 4) is its groupId (group calls) or `context.groupId`;
 else the account last seen for that user in a group call; else the user itself.
@@ -11,7 +12,7 @@ else the account last seen for that user in a group call; else the user itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +22,21 @@ from gateway.actors.actor import Envelope
 from gateway.config import Source
 from gateway.keys import DedupeKeys, dedupe_prefix, generated_message_id, rejected_id
 from gateway.segment import (
+    AnyMessage,
+    Context,
     Decoded,
     Group,
     InvalidBody,
     Message,
+    Stored,
+    StoredGroup,
     anonymous_id,
+    context_group,
     decode_stored,
     effective_timestamp,
+    in_full,
     merged,
+    merged_context,
     user_id,
 )
 from gateway.store import DeadLetter, InboxRow
@@ -47,7 +55,7 @@ class Router:
         self.state = state
         self.sources = sources
         self._keys = {sid: DedupeKeys(dedupe_prefix(sid)) for sid in sources}
-        self._handoff: dict[int, Decoded] = {}
+        self._handoff: dict[int, Decoded | Stored] = {}
         self._row_users: dict[int, list[str | None]] = {}  # each message's user, from `prepare`
         # per source, user -> the account a group call put them in (None: none), least
         # recently learnt first
@@ -94,20 +102,27 @@ class Router:
         if source is None:
             # each kept: they are fine, and a replay after the source is back forwards them
             gone = [(msgspec.json.encode(m), "source is no longer configured", False)
-                    for m in decoded.messages]
+                    for m in _in_full(row, decoded, range(len(decoded.messages)))]
             return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
-        messages = decoded.messages
+        contexts = _contexts(decoded)
+        messages: Sequence[AnyMessage] = decoded.messages
         if users is None:
             users = [user_id(m) for m in messages]
+        if None in users and isinstance(decoded, Stored):
+            # only a message without a userId can become a mapping dead letter (the mapping
+            # forwards any other): it is read in full, as the dead letter keeps it
+            messages = list(messages)
+            anonymous = [i for i, user in enumerate(users) if user is None]
+            for i, full in zip(anonymous, _in_full(row, decoded, anonymous), strict=True):
+                messages[i] = full
         known = self._users.setdefault(source.id, {})
         await self._learn(source.id, known, users)
         key_of = self._keys[source.id]
-        batch_context, batch_integrations = decoded.context, decoded.integrations
+        batch_integrations = decoded.integrations
         sent_at = decoded.sent_at
-        for index, (msg, user) in enumerate(zip(messages, users, strict=True)):
-            # most batches carry no context or integrations of their own: no call then
-            context = msg.context if batch_context is None else merged(batch_context, msg.context)
+        for index, (msg, user, context) in enumerate(zip(messages, users, contexts, strict=True)):
+            # most batches carry no integrations of their own: no call then
             integrations = (msg.integrations if batch_integrations is None
                             else merged(batch_integrations, msg.integrations))
             mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
@@ -119,18 +134,17 @@ class Router:
         return self._dead(row, invalid)
 
     def _account(
-        self, known: dict[str, str | None], msg: Message, user: str | None,
-        context: dict[str, Any] | None,
+        self, known: dict[str, str | None], msg: AnyMessage, user: str | None,
+        context: dict[str, Any] | Context | None,
     ) -> str:
-        if isinstance(msg, Group):
+        if isinstance(msg, (Group, StoredGroup)):
             group = str(msg.groupId)
             if user is not None:
                 _remember(known, user, group)
             return group
-        if context is not None:
-            group_id = context.get("groupId")
-            if isinstance(group_id, (str, int)) and not isinstance(group_id, bool) and group_id != "":
-                return str(group_id)
+        group_id = context_group(context)
+        if group_id is not None:
+            return group_id
         if user is not None:
             return known.get(user) or user
         return anonymous_id(msg) or ""
@@ -162,6 +176,24 @@ class Router:
                        grouped=grouped)
             for i, (payload, reason, grouped) in enumerate(items)
         ]
+
+
+def _contexts(decoded: Decoded | Stored) -> Sequence[dict[str, Any] | Context | None]:
+    """Each message's context, the batch's merged under it (most batches carry none)."""
+    if isinstance(decoded, Stored):
+        if decoded.context is None:
+            return [m.context for m in decoded.messages]
+        return [merged_context(decoded.context, m.context) for m in decoded.messages]
+    if decoded.context is None:
+        return [m.context for m in decoded.messages]
+    return [merged(decoded.context, m.context) for m in decoded.messages]
+
+
+def _in_full(row: InboxRow, decoded: Decoded | Stored, positions: Sequence[int]) -> list[Message]:
+    """The messages at `positions` as `decode_batch` models them (what a dead letter keeps)."""
+    if isinstance(decoded, Decoded):
+        return [decoded.messages[i] for i in positions]
+    return in_full(row.body, decoded, positions)
 
 
 def _remember(known: dict[str, str | None], user: str, account: str | None) -> None:

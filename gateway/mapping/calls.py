@@ -16,7 +16,29 @@ import msgspec
 from gateway.config import Api, UnnamedPages
 from gateway.mapping.dialects import DIALECTS, Dialect, Kind, View
 from gateway.mapping.traits import iso, normalise_traits
-from gateway.segment import Alias, Group, Identify, Message, Page, Screen, Track, id_str, user_id
+from gateway.segment import (
+    Alias,
+    AnyMessage,
+    Context,
+    Group,
+    Identify,
+    Page,
+    Screen,
+    StoredAlias,
+    StoredGroup,
+    StoredIdentify,
+    StoredPage,
+    StoredScreen,
+    StoredTrack,
+    Track,
+    ViewProperties,
+    context_group,
+    context_traits,
+    id_str,
+    user_id,
+)
+
+Counted = Track | Page | Screen | StoredTrack | StoredPage | StoredScreen
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -39,21 +61,21 @@ class Skip(msgspec.Struct):
 
 
 def to_call(
-    msg: Message,
+    msg: AnyMessage,
     *,
     api: Api,
     timestamp: datetime,
-    context: dict[str, Any] | None,
+    context: dict[str, Any] | Context | None,
     unnamed_pages: UnnamedPages = "skip",
 ) -> Call | Skip:
-    if isinstance(msg, Alias):
+    if isinstance(msg, (Alias, StoredAlias)):
         return Skip("alias has no Accoil equivalent", unsupported=True)
     dialect = DIALECTS[api]
     user = user_id(msg)
-    context_group = id_str(context.get("groupId")) if context else None
+    group_of_context = context_group(context)
     when = iso(timestamp)
 
-    if isinstance(msg, Group):
+    if isinstance(msg, (Group, StoredGroup)):
         group = id_str(msg.groupId)
         if group is None:
             return Skip("groupId is required to forward a group call")
@@ -61,29 +83,29 @@ def to_call(
         body = dialect.group(msg, user, group, traits, when)
         return _call("group", dialect, body, user, group, None, traits)
 
-    if isinstance(msg, Identify):
+    if isinstance(msg, (Identify, StoredIdentify)):
         if user is None:
             return _no_user("identify")
-        traits = normalise_traits("identify", msg.traits or _traits_in(context))
-        body = dialect.identify(msg, user, traits, context_group, when)
-        return _call("identify", dialect, body, user, context_group, None, traits)
+        traits = normalise_traits("identify", msg.traits or context_traits(context))
+        body = dialect.identify(msg, user, traits, group_of_context, when)
+        return _call("identify", dialect, body, user, group_of_context, None, traits)
 
     hit = counted(msg, unnamed_pages)
     if isinstance(hit, Skip):
         return hit
     user, event = hit
-    if isinstance(msg, Track):
+    if isinstance(msg, (Track, StoredTrack)):
         body = dialect.track(msg, user, event, when)
     else:
         # page and screen stay page and screen, with the name they were counted under
-        kind: View = "page" if isinstance(msg, Page) else "screen"
+        kind: View = "page" if isinstance(msg, (Page, StoredPage)) else "screen"
         name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
         body = dialect.view(msg, kind, user, name, event, when)
-    return _call("track", dialect, body, user, context_group, event, None)
+    return _call("track", dialect, body, user, group_of_context, event, None)
 
 
 def counted(
-    msg: Track | Page | Screen, unnamed_pages: UnnamedPages = "skip", user: str | None = None
+    msg: Counted, unnamed_pages: UnnamedPages = "skip", user: str | None = None
 ) -> tuple[str, str] | Skip:
     """The (userId, event) a track, page or screen call is counted under (page and screen as
     "<Page|Screen> Viewed <name>"), or why it is not forwarded. What `to_call` decides for
@@ -91,13 +113,13 @@ def counted(
     `user`: the message's `user_id`, when the caller has it already."""
     if user is None:
         user = user_id(msg)
-    if isinstance(msg, Track):
+    if isinstance(msg, (Track, StoredTrack)):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
         return user, msg.event
-    kind: View = "page" if isinstance(msg, Page) else "screen"
+    kind: View = "page" if isinstance(msg, (Page, StoredPage)) else "screen"
     if user is None:
         return _no_user(kind)
     name = _view_name(msg, unnamed_pages)
@@ -131,16 +153,20 @@ def _no_user(kind: str) -> Skip:
     return Skip(f"userId is required to forward {'an' if kind == 'identify' else 'a'} {kind} call")
 
 
-def _traits_in(context: dict[str, Any] | None) -> dict[str, Any]:
-    traits = context.get("traits") if context else None
-    return traits if isinstance(traits, dict) else {}
-
-
-def _view_name(msg: Page | Screen, unnamed: UnnamedPages) -> str | None:
+def _view_name(
+    msg: Page | Screen | StoredPage | StoredScreen, unnamed: UnnamedPages
+) -> str | None:
     """`name`, else `properties.name`, else (when so configured) `properties.title` or
     `properties.path`."""
-    props = msg.properties or {}
-    for name in (msg.name, props.get("name"), None if unnamed == "skip" else props.get(unnamed)):
+    props = msg.properties
+    if isinstance(props, ViewProperties):
+        named = props.name
+        other = None if unnamed == "skip" else props.title if unnamed == "title" else props.path
+    else:
+        props = props or {}
+        named = props.get("name")
+        other = None if unnamed == "skip" else props.get(unnamed)
+    for name in (msg.name, named, other):
         if isinstance(name, str) and name.strip():
             return name
     return None

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.config import DEFAULT_BASE_URL, Api, Source
-from gateway.segment import Message, anonymous_id
+from gateway.segment import AnyMessage, anonymous_id
 
 STAGING_BASE_URL = "https://instaging.accoil.com"
 _STAGING_PREFIX = "stg_"
@@ -62,21 +62,21 @@ class Dialect(ABC):
 
     @abstractmethod
     def identify(
-        self, msg: Message, user: str, traits: dict[str, Any], group: str | None, when: str
+        self, msg: AnyMessage, user: str, traits: dict[str, Any], group: str | None, when: str
     ) -> dict[str, Any]:
         """`group` is the message's `context.groupId`, if any."""
 
     @abstractmethod
     def group(
-        self, msg: Message, user: str | None, group: str, traits: dict[str, Any], when: str
+        self, msg: AnyMessage, user: str | None, group: str, traits: dict[str, Any], when: str
     ) -> dict[str, Any]: ...
 
     @abstractmethod
-    def track(self, msg: Message, user: str, event: str, when: str) -> dict[str, Any]: ...
+    def track(self, msg: AnyMessage, user: str, event: str, when: str) -> dict[str, Any]: ...
 
     @abstractmethod
     def view(
-        self, msg: Message, kind: View, user: str, name: str, event: str, when: str
+        self, msg: AnyMessage, kind: View, user: str, name: str, event: str, when: str
     ) -> dict[str, Any]:
         """A page or screen call: `event` is "<Page|Screen> Viewed <name>"."""
 
@@ -102,22 +102,22 @@ class V2(Dialect):
         return _V2_PATHS[kind]
 
     def identify(
-        self, msg: Message, user: str, traits: dict[str, Any], group: str | None, when: str
+        self, msg: AnyMessage, user: str, traits: dict[str, Any], group: str | None, when: str
     ) -> dict[str, Any]:
         return _present(userId=user, traits=traits, groupId=group, timestamp=when)
 
     def group(
-        self, msg: Message, user: str | None, group: str, traits: dict[str, Any], when: str
+        self, msg: AnyMessage, user: str | None, group: str, traits: dict[str, Any], when: str
     ) -> dict[str, Any]:
         return _present(groupId=group, userId=user, traits=traits, timestamp=when)
 
-    def track(self, msg: Message, user: str, event: str, when: str) -> dict[str, Any]:
+    def track(self, msg: AnyMessage, user: str, event: str, when: str) -> dict[str, Any]:
         # Accoil's /v2/track documents userId, event and timestamp: nothing else goes (none
         # is None here: a literal, not `_present`, on the path every track call takes)
         return {"userId": user, "event": event, "timestamp": when}
 
     def view(
-        self, msg: Message, kind: View, user: str, name: str, event: str, when: str
+        self, msg: AnyMessage, kind: View, user: str, name: str, event: str, when: str
     ) -> dict[str, Any]:
         return {"userId": user, "event": event, "timestamp": when}
 
@@ -153,20 +153,20 @@ class SegmentApi(Dialect):
         return SEGMENT_PATH
 
     def identify(
-        self, msg: Message, user: str, traits: dict[str, Any], group: str | None, when: str
+        self, msg: AnyMessage, user: str, traits: dict[str, Any], group: str | None, when: str
     ) -> dict[str, Any]:
         return _segment("identify", msg, user, when, traits=traits)
 
     def group(
-        self, msg: Message, user: str | None, group: str, traits: dict[str, Any], when: str
+        self, msg: AnyMessage, user: str | None, group: str, traits: dict[str, Any], when: str
     ) -> dict[str, Any]:
         return _segment("group", msg, user, when, groupId=group, traits=traits)
 
-    def track(self, msg: Message, user: str, event: str, when: str) -> dict[str, Any]:
+    def track(self, msg: AnyMessage, user: str, event: str, when: str) -> dict[str, Any]:
         return _segment("track", msg, user, when, event=event)
 
     def view(
-        self, msg: Message, kind: View, user: str, name: str, event: str, when: str
+        self, msg: AnyMessage, kind: View, user: str, name: str, event: str, when: str
     ) -> dict[str, Any]:
         return _segment(kind, msg, user, when, name=name)
 
@@ -206,6 +206,6 @@ def _present(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _segment(type: str, msg: Message, user: str | None, when: str, **fields: Any) -> dict[str, Any]:
+def _segment(type: str, msg: AnyMessage, user: str | None, when: str, **fields: Any) -> dict[str, Any]:
     """The body Segment's own Accoil destination sends to `/segment`."""
     return _present(type=type, userId=user, anonymousId=anonymous_id(msg), timestamp=when, **fields)

@@ -16,7 +16,14 @@ from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source
 from gateway.observability.metrics import Metrics
-from gateway.segment import decode_batch
+from gateway.segment import (
+    Page,
+    StoredTrack,
+    Track,
+    context_group,
+    context_traits,
+    decode_batch,
+)
 from gateway.store import InboxRow, SqliteStore, Turn
 
 SOURCE = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main")
@@ -61,6 +68,68 @@ async def test_the_account_learnt_from_a_group_call_is_found_again_in_the_store(
 ) -> None:
     await store.transact(lambda tx: tx.state.put_accounts([("main", "u9", "g9")]))
     assert await accounts_of(store, [track("1", "u9")]) == ["g9"]
+
+
+ODD_BATCH = {
+    "batch": [
+        track("1", "u1", account="g1"),
+        {**track("2", "u2"), "context": {"groupId": None, "ip": "1.2.3.4"},
+         "properties": {"plan": "pro", "nested": {"a": [1, 2]}}},
+        {"type": "track", "messageId": "3", "anonymousId": "a1", "event": "E",
+         "properties": {"plan": "pro"}, "context": {"library": {"name": "js"}}, "extra": 1},
+        {"type": "page", "messageId": "4", "anonymousId": 5, "properties": {"path": "/p"}},
+        {"type": "identify", "messageId": "5", "userId": "u3",
+         "context": {"traits": {"plan": {"tier": 2}}}},
+        {"type": "alias", "messageId": "6", "userId": "u3", "previousId": 9},
+        {"type": "track", "messageId": "7", "event": "no ids: rejected"},
+    ],
+    "context": {"groupId": "batch", "traits": {"plan": {"seats": 3}}},
+    "integrations": {"All": True},
+    "sentAt": TS,
+}
+
+
+async def routed(
+    store: SqliteStore, body: bytes, handed_over: bool, sources: dict[str, Source]
+) -> tuple[list[tuple[Any, ...]], list[Envelope], list[tuple[str, bytes]]]:
+    router = Router(store, sources)
+    row = InboxRow(1, "main", 0.0, body, 7)
+    if handed_over:  # ingest in the same process
+        assert router.submitted(1, decode_batch(body))
+    envelopes: list[Envelope] = []
+    seen: list[tuple[Any, ...]] = []
+
+    def deliver(env: Envelope, source: Source, account: str) -> None:
+        envelopes.append(env)
+        seen.append((account, env.key, env.timestamp, env.user, env.integrations,
+                     context_group(env.context), context_traits(env.context)))
+
+    letters = await router.route(row, deliver)
+    return seen, envelopes, [(d.reason, d.payload) for d in letters]
+
+
+@pytest.mark.parametrize("sources", [{"main": SOURCE}, {}], ids=["source", "source gone"])
+async def test_a_stored_body_routes_as_the_body_ingest_hands_over(
+    store: SqliteStore, sources: dict[str, Source]
+) -> None:
+    body = msgspec.json.encode(ODD_BATCH)
+    stored = await routed(store, body, False, sources)
+    handed = await routed(store, body, True, sources)
+    assert stored[0] == handed[0]
+    # the dead letters keep each message as `decode_batch` models it, by either way
+    assert stored[2] == handed[2]
+    assert len(stored[2]) == (1 if sources else 7)
+    if not sources:
+        return
+    assert [a[0] for a in stored[0]] == ["g1", "u2", "batch", "batch", "batch", "batch"]
+    assert stored[0][1][5] is None  # the message's null hides the batch's groupId
+    assert stored[0][4][6] == {"plan": {"seats": 3, "tier": 2}}  # nested traits merge
+    # read as apply reads them, but those without a userId (they may become dead letters)
+    # in full, as the dead letter keeps them
+    kinds = [type(env.message) for env in stored[1]]
+    assert kinds[:4] == [StoredTrack, StoredTrack, Track, Page]
+    full = decode_batch(body).messages
+    assert msgspec.json.encode(stored[1][2].message) == msgspec.json.encode(full[2])
 
 
 class Harness:

@@ -11,10 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.mapping import Call, Skip, to_call
 from gateway.segment import (
     MAX_BATCH,
     MAX_MESSAGE_BYTES,
     Alias,
+    AnyMessage,
+    Context,
     Decoded,
     Group,
     Identify,
@@ -22,14 +25,19 @@ from gateway.segment import (
     Message,
     Page,
     Screen,
+    Stored,
     Track,
     anonymous_id,
     check_batch,
+    context_group,
+    context_traits,
     decode_batch,
     decode_single,
     decode_stored,
     effective_timestamp,
+    in_full,
     merged,
+    merged_context,
     user_id,
 )
 
@@ -719,22 +727,222 @@ def test_a_null_write_key_leaves_the_body_as_sent() -> None:
     assert decode_batch(body).body == check_batch(body).body == body
 
 
+# --- decode_stored: the stored body as apply reads it ---------------------------------
+
+
+def read_context(context: dict[str, Any] | Context | None) -> tuple[Any, Any]:
+    """(groupId, traits) of a merged context, UNSET where absent: all apply reads of it."""
+    if context is None:
+        return msgspec.UNSET, msgspec.UNSET
+    if isinstance(context, dict):
+        return context.get("groupId", msgspec.UNSET), context.get("traits", msgspec.UNSET)
+    return context.groupId, context.traits
+
+
+def calls(msg: AnyMessage, context: dict[str, Any] | Context | None) -> list[Call | Skip]:
+    """Every call the mapping makes of `msg`: both dialects, every unnamed-pages setting."""
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    return [
+        to_call(msg, api=api, timestamp=at, context=context, unnamed_pages=unnamed)
+        for api in ("v2", "segment") for unnamed in ("skip", "title", "path")
+    ]
+
+
+def same_as_decode_batch(body: bytes) -> Stored | None:
+    """`decode_stored` gives `decode_batch`'s verdict on `body` (the same `InvalidBody`, or
+    the same rejects, reasons and raws), and the same of every accepted message as far as
+    apply reads it: ids, timestamps, integrations, the batch's context merged under the
+    message's, and the calls the mapping makes of it."""
+    try:
+        full = decode_batch(body)
+    except InvalidBody as exc:
+        with pytest.raises(InvalidBody) as info:
+            decode_stored(body)
+        assert info.value.reason == exc.reason
+        return None
+    stored = decode_stored(body)
+    assert stored.rejected == full.rejected
+    assert (stored.integrations, stored.sent_at) == (full.integrations, full.sent_at)
+    assert len(stored.messages) == len(full.messages)
+    for slim, whole in zip(stored.messages, full.messages, strict=True):
+        assert slim.__struct_config__.tag == whole.__struct_config__.tag
+        for field in ("messageId", "userId", "anonymousId", "timestamp", "originalTimestamp",
+                      "sentAt", "integrations", "event", "groupId", "traits", "name",
+                      "category", "previousId"):
+            assert getattr(slim, field, None) == getattr(whole, field, None), field
+        context = merged_context(stored.context, slim.context)
+        whole_context = merged(full.context, whole.context)
+        assert read_context(context) == read_context(whole_context)
+        assert context_group(context) == context_group(whole_context)
+        assert context_traits(context) == context_traits(whole_context)
+        assert calls(slim, context) == calls(whole, whole_context)
+    # a dead letter keeps the message in full
+    assert in_full(body, stored, range(len(stored.messages))) == full.messages
+    return stored
+
+
+names = st.one_of(st.none(), ids, st.sampled_from(["", " ", "Home"]), json_value)
+traits_values = st.one_of(
+    st.none(), json_value, st.dictionaries(st.sampled_from(["a", "b", "c"]), json_value, max_size=3)
+)
+odd_objects = st.one_of(
+    # a context or a page's properties, the fields apply reads among others
+    st.fixed_dictionaries({}, optional={
+        "groupId": names, "traits": traits_values, "ip": json_value,
+        "name": names, "title": names, "path": names,
+    }),
+    json_object,
+)
+# escapes that spell the same names: msgspec reads them as the names
+ESCAPES = [(b'"groupId"', b'"group\\u0049d"'), (b'"traits"', b'"tr\\u0061its"'),
+           (b'"name"', b'"n\\u0061me"'), (b'"title"', b'"\\u0074itle"'),
+           (b'"track"', b'"tr\\u0061ck"'), (b'"userId"', b'"user\\u0049d"')]
+
+
+@st.composite
+def odd_messages(draw: st.DrawFn) -> Any:
+    """Messages with the contexts and properties apply reads part of, odd ones included:
+    objects or not, ids of either type, nulls, nested traits; some without ids, some not
+    messages at all."""
+    msg = draw(st.one_of(valid_messages(), json_value))
+    if not isinstance(msg, dict):
+        return msg
+    if draw(st.booleans()):
+        msg["context"] = draw(st.one_of(odd_objects, odd_objects, json_value))
+    if draw(st.booleans()):
+        msg["properties"] = draw(st.one_of(odd_objects, odd_objects, json_value))
+    if draw(st.booleans()):
+        msg["integrations"] = draw(st.one_of(odd_objects, st.just({"Accoil": False})))
+    if draw(st.integers(0, 7)) == 0:
+        msg.pop("userId", None)
+        msg.pop("anonymousId", None)
+    return msg
+
+
+@st.composite
+def odd_bodies(draw: st.DrawFn) -> bytes:
+    top: dict[str, Any] = {"batch": draw(st.lists(odd_messages(), max_size=8))}
+    if draw(st.booleans()):
+        top["context"] = draw(st.one_of(odd_objects, odd_objects, json_value))
+    if draw(st.booleans()):
+        top["integrations"] = draw(odd_objects)
+    if draw(st.booleans()):
+        top["sentAt"] = draw(moments)
+    body = msgspec.json.encode(top)
+    for name, escaped in ESCAPES:
+        if draw(st.booleans()):
+            body = body.replace(name, escaped)
+    return body
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=odd_bodies())
+def test_decode_stored_agrees_with_decode_batch(body: bytes) -> None:
+    same_as_decode_batch(body)
+
+
 @settings(max_examples=150, deadline=None)
 @given(body=bodies)
 def test_decode_stored_reads_a_stored_body_as_decode_batch_does(body: bytes) -> None:
     # the worker reads what ingest stored without searching it for write keys
+    same_as_decode_batch(body)
     try:
         stored = check_batch(body).body
     except InvalidBody:
         return
-    assert decode_stored(stored) == decode_batch(stored)
+    same_as_decode_batch(stored)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"), [case for case in INVALID if "out of range" not in case[1]]
+)
+def test_decode_stored_rejects_what_decode_batch_rejects(message: Any, reason: str) -> None:
+    bad = json.dumps(message).encode()
+    for body in (batch_of(dumps(TRACK), bad), batch_of(bad)):
+        stored = same_as_decode_batch(body)
+        assert stored is not None
+        assert len(stored.rejected) == 1
+        assert reason in stored.rejected[0].reason
+
+
+def test_a_number_out_of_range_where_apply_skips_is_taken_as_ingest_takes_it() -> None:
+    # A part skipped in C is not read as numbers, so 1e400 there is not found out of range:
+    # `decode_stored` then accepts the message, as `check_batch` (ingest's reply when the
+    # pipeline runs in its own process, the default) does; `decode_batch` builds the part
+    # and rejects it. Where apply reads the value, all three reject it.
+    skipped = batch_of(
+        b'{"type":"track","userId":"u","event":"E","properties":{"a":1e400},'
+        b'"context":{"ip":[1e400]}}'
+    )
+    assert "Number out of range" in decode_batch(skipped).rejected[0].reason
+    assert check_batch(skipped).valid == 1
+    stored = decode_stored(skipped)
+    assert stored.rejected == [] and len(stored.messages) == 1
+    skipped = batch_of(dumps(TRACK), context={"ip": "1"}).replace(b'"1"', b"1e400")
+    with pytest.raises(InvalidBody, match="Number out of range"):
+        decode_batch(skipped)
+    assert check_batch(skipped).valid == len(decode_stored(skipped).messages) == 1
+    for read in (
+        batch_of(b'{"type":"track","userId":"u","event":"E","context":{"groupId":1e400}}'),
+        batch_of(b'{"type":"page","userId":"u","properties":{"title":[1e400]}}'),
+        batch_of(b'{"type":"identify","userId":"u","context":{"traits":{"a":1e400}}}'),
+        batch_of(dumps(TRACK), context={"groupId": "1"}).replace(b'"1"', b"1e400"),
+    ):
+        same_as_decode_batch(read)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        batch_of(*[sized(1000, f"m{i}") for i in range(100)]),  # over 32 KB, each message not
+        batch_of(sized(200, "a"), sized(MAX_MESSAGE_BYTES + 1, "over"), sized(200, "b")),
+        batch_of(dumps(TRACK), dumps({**TRACK, "writeKey": "wk"}), dumps({"type": "track"})),
+        b'{"batch":[' + b",".join([dumps(TRACK)] * (MAX_BATCH + 1)) + b"]}",
+        b'{"batch":[' + b",".join([dumps(TRACK)] * MAX_BATCH) + b',{"type":1}]}',
+        batch_of(dumps(TRACK), b'{"type":"track","userId":"u","event":"E"'),  # not JSON
+        batch_of(dumps(TRACK), writeKey=7),
+        batch_of(dumps(TRACK), context="not an object"),
+        batch_of(dumps({**TRACK, "context": {"groupId": None}}), context={"groupId": "g"}),
+        batch_of(dumps({**TRACK, "context": {"traits": {"a": {"b": 1}}}}),
+                 context={"groupId": 5, "traits": {"a": {"c": 2}, "d": 3}}),
+        batch_of(dumps({"type": "page", "userId": "u", "properties": {"title": 5, "path": "/p"}})),
+        batch_of(dumps({"type": "screen", "userId": "u", "properties": {"name": " ", "path": 1}})),
+        batch_of(dumps({"type": "page", "userId": "u", "properties": []})),
+        batch_of(dumps({**TRACK, "properties": "text"})),
+        batch_of(dumps({**TRACK, "userId": 0, "context": {"groupId": True}})),
+    ],
+)
+def test_decode_stored_agrees_on_the_edges(body: bytes) -> None:
+    same_as_decode_batch(body)
 
 
 def test_decode_stored_keeps_rejects_and_their_reasons() -> None:
     body = batch_of(dumps(TRACK), dumps({"type": "track", "event": "E"}), dumps({"type": "page", "userId": 0}))
     decoded = decode_stored(check_batch(body).body)
-    assert [type(m).__name__ for m in decoded.messages] == ["Track", "Page"]
+    assert [type(m).__name__ for m in decoded.messages] == ["StoredTrack", "StoredPage"]
     assert [(r.index, r.reason) for r in decoded.rejected] == [(1, "userId or anonymousId is required")]
+    page = in_full(body, decoded, [1])
+    assert page == [Page(userId=0)]
+
+
+def test_decode_stored_builds_only_what_apply_reads() -> None:
+    body = batch_of(
+        dumps({**TRACK, "context": {"groupId": "g1", "ip": "1.2.3.4", "library": {"name": "x"}},
+               "properties": {"plan": "pro"}}),
+        dumps({"type": "page", "userId": "u", "properties": {"path": "/a", "url": "https://a"}}),
+        context={"traits": {"plan": "pro"}, "locale": "en"},
+    )
+    stored = decode_stored(body)
+    track, page = stored.messages
+    assert track.context == Context(groupId="g1")
+    assert getattr(track, "properties", None) is not None  # an object: validated, not built
+    assert stored.context == Context(traits={"plan": "pro"})
+    assert merged_context(stored.context, track.context) == Context(
+        groupId="g1", traits={"plan": "pro"})
+    assert getattr(page, "properties", None) is not None
+    assert calls(page, page.context)[2] == to_call(
+        Page(userId="u", properties={"path": "/a"}), api="v2",
+        timestamp=datetime(2026, 12, 1, tzinfo=UTC), context=None, unnamed_pages="path")
 
 
 def test_the_fast_type_takes_the_common_batch_and_nothing_outside_it() -> None:
