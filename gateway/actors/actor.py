@@ -118,7 +118,7 @@ class Actor:
             self.marks.append(env.key)
             metrics.skipped.labels(source.id, "integrations").inc()
             return
-        if isinstance(msg, (Track, Page, Screen, StoredTrack, StoredPage, StoredScreen)):
+        if isinstance(msg, (StoredTrack, StoredPage, StoredScreen, Track, Page, Screen)):
             # counted in the ledger: its call is built once per key, for the latest message
             hit = counted(msg, source.unnamed_pages, env.user)
             if isinstance(hit, Skip):

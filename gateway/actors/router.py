@@ -139,7 +139,9 @@ class Router:
         self, known: dict[str, str | None], msg: AnyMessage, user: str | None,
         context: dict[str, Any] | Context | None,
     ) -> str:
-        if isinstance(msg, (Group, StoredGroup)):
+        # by exact type: a failed isinstance against a msgspec type (most messages are not
+        # group calls) costs a lookup of `__instancecheck__`
+        if type(msg) is StoredGroup or type(msg) is Group:
             group = str(msg.groupId)
             if user is not None:
                 _remember(known, user, group)

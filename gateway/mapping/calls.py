@@ -21,12 +21,10 @@ from gateway.segment import (
     AnyMessage,
     Context,
     Group,
-    Identify,
     Page,
     Screen,
     StoredAlias,
     StoredGroup,
-    StoredIdentify,
     StoredPage,
     StoredScreen,
     StoredTrack,
@@ -38,7 +36,7 @@ from gateway.segment import (
     user_id,
 )
 
-Counted = Track | Page | Screen | StoredTrack | StoredPage | StoredScreen
+Counted = StoredTrack | StoredPage | StoredScreen | Track | Page | Screen
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -68,14 +66,31 @@ def to_call(
     context: dict[str, Any] | Context | None,
     unnamed_pages: UnnamedPages = "skip",
 ) -> Call | Skip:
-    if isinstance(msg, (Alias, StoredAlias)):
-        return Skip("alias has no Accoil equivalent", unsupported=True)
+    # counted kinds first, and the stored types before the model's: most messages are
+    # stored track calls, and a failed isinstance against a msgspec type costs a lookup of
+    # `__instancecheck__`
     dialect = DIALECTS[api]
+    if isinstance(msg, (StoredTrack, StoredPage, StoredScreen, Track, Page, Screen)):
+        hit = counted(msg, unnamed_pages)
+        if isinstance(hit, Skip):
+            return hit
+        hit_user, event = hit
+        when = iso(timestamp)
+        if isinstance(msg, (StoredTrack, Track)):
+            body = dialect.track(msg, hit_user, event, when)
+        else:
+            # page and screen stay page and screen, with the name they were counted under
+            kind: View = "page" if isinstance(msg, (StoredPage, Page)) else "screen"
+            name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
+            body = dialect.view(msg, kind, hit_user, name, event, when)
+        return _call("track", dialect, body, hit_user, context_group(context), event, None)
+
+    if isinstance(msg, (StoredAlias, Alias)):
+        return Skip("alias has no Accoil equivalent", unsupported=True)
     user = user_id(msg)
-    group_of_context = context_group(context)
     when = iso(timestamp)
 
-    if isinstance(msg, (Group, StoredGroup)):
+    if isinstance(msg, (StoredGroup, Group)):
         group = id_str(msg.groupId)
         if group is None:
             return Skip("groupId is required to forward a group call")
@@ -83,25 +98,13 @@ def to_call(
         body = dialect.group(msg, user, group, traits, when)
         return _call("group", dialect, body, user, group, None, traits)
 
-    if isinstance(msg, (Identify, StoredIdentify)):
-        if user is None:
-            return _no_user("identify")
-        traits = normalise_traits("identify", msg.traits or context_traits(context))
-        body = dialect.identify(msg, user, traits, group_of_context, when)
-        return _call("identify", dialect, body, user, group_of_context, None, traits)
-
-    hit = counted(msg, unnamed_pages)
-    if isinstance(hit, Skip):
-        return hit
-    user, event = hit
-    if isinstance(msg, (Track, StoredTrack)):
-        body = dialect.track(msg, user, event, when)
-    else:
-        # page and screen stay page and screen, with the name they were counted under
-        kind: View = "page" if isinstance(msg, (Page, StoredPage)) else "screen"
-        name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
-        body = dialect.view(msg, kind, user, name, event, when)
-    return _call("track", dialect, body, user, group_of_context, event, None)
+    # identify
+    if user is None:
+        return _no_user("identify")
+    group_of_context = context_group(context)
+    traits = normalise_traits("identify", msg.traits or context_traits(context))
+    body = dialect.identify(msg, user, traits, group_of_context, when)
+    return _call("identify", dialect, body, user, group_of_context, None, traits)
 
 
 def counted(
@@ -113,13 +116,13 @@ def counted(
     `user`: the message's `user_id`, when the caller has it already."""
     if user is None:
         user = user_id(msg)
-    if isinstance(msg, (Track, StoredTrack)):
+    if isinstance(msg, (StoredTrack, Track)):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
         return user, msg.event
-    kind: View = "page" if isinstance(msg, (Page, StoredPage)) else "screen"
+    kind: View = "page" if isinstance(msg, (StoredPage, Page)) else "screen"
     if user is None:
         return _no_user(kind)
     name = _view_name(msg, unnamed_pages)
