@@ -15,7 +15,7 @@ import operator
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeAlias, TypeVar
+from typing import Annotated, Any, TypeAlias, TypeVar, final
 
 import msgspec
 
@@ -48,6 +48,40 @@ class _Fields(msgspec.Struct, kw_only=True, gc=False):
         return self.userId in _MISSING and self.anonymousId in _MISSING
 
 
+# One plain class per call type, a base of both its model type and its stored type (below),
+# so that one isinstance finds a track call decoded either way. Plain, not msgspec, types:
+# an isinstance against a msgspec type that fails calls `__instancecheck__`, against a
+# plain class it walks the MRO in C.
+class CountedCall:
+    """Track, page and screen: counted in the ledger."""
+
+    __slots__ = ()
+
+
+class TrackCall(CountedCall):
+    __slots__ = ()
+
+
+class PageCall(CountedCall):
+    __slots__ = ()
+
+
+class ScreenCall(CountedCall):
+    __slots__ = ()
+
+
+class IdentifyCall:
+    __slots__ = ()
+
+
+class GroupCall:
+    __slots__ = ()
+
+
+class AliasCall:
+    __slots__ = ()
+
+
 class MessageBase(_Fields, kw_only=True, tag_field="type", gc=False):
     """Fields every Segment call has. Unknown fields are ignored, as Segment does.
 
@@ -58,33 +92,39 @@ class MessageBase(_Fields, kw_only=True, tag_field="type", gc=False):
     integrations: dict[str, Any] | None = None
 
 
-class Identify(MessageBase, kw_only=True, tag="identify"):
+@final
+class Identify(MessageBase, IdentifyCall, kw_only=True, tag="identify"):
     traits: dict[str, Any] | None = None
 
 
-class Group(MessageBase, kw_only=True, tag="group"):
+@final
+class Group(MessageBase, GroupCall, kw_only=True, tag="group"):
     groupId: NonEmpty | int
     traits: dict[str, Any] | None = None
 
 
-class Track(MessageBase, kw_only=True, tag="track"):
+@final
+class Track(MessageBase, TrackCall, kw_only=True, tag="track"):
     event: NonEmpty
     properties: dict[str, Any] | None = None
 
 
-class Page(MessageBase, kw_only=True, tag="page"):
+@final
+class Page(MessageBase, PageCall, kw_only=True, tag="page"):
     name: str | None = None
     category: str | None = None
     properties: dict[str, Any] | None = None
 
 
-class Screen(MessageBase, kw_only=True, tag="screen"):
+@final
+class Screen(MessageBase, ScreenCall, kw_only=True, tag="screen"):
     name: str | None = None
     category: str | None = None
     properties: dict[str, Any] | None = None
 
 
-class Alias(MessageBase, kw_only=True, tag="alias"):
+@final
+class Alias(MessageBase, AliasCall, kw_only=True, tag="alias"):
     previousId: NonEmpty | int
 
 
@@ -232,33 +272,39 @@ class _StoredBase(_Fields, kw_only=True, tag_field="type", gc=False):
     integrations: dict[str, Any] | None = None
 
 
-class StoredIdentify(_StoredBase, kw_only=True, tag="identify"):
+@final
+class StoredIdentify(_StoredBase, IdentifyCall, kw_only=True, tag="identify"):
     traits: dict[str, Any] | None = None
 
 
-class StoredGroup(_StoredBase, kw_only=True, tag="group"):
+@final
+class StoredGroup(_StoredBase, GroupCall, kw_only=True, tag="group"):
     groupId: NonEmpty | int
     traits: dict[str, Any] | None = None
 
 
-class StoredTrack(_StoredBase, kw_only=True, tag="track"):
+@final
+class StoredTrack(_StoredBase, TrackCall, kw_only=True, tag="track"):
     event: NonEmpty
     properties: _Object | None = None  # never forwarded
 
 
-class StoredPage(_StoredBase, kw_only=True, tag="page"):
+@final
+class StoredPage(_StoredBase, PageCall, kw_only=True, tag="page"):
     name: str | None = None
     category: str | None = None
     properties: ViewProperties | None = None
 
 
-class StoredScreen(_StoredBase, kw_only=True, tag="screen"):  # not a page: the mapping tells them apart
+@final
+class StoredScreen(_StoredBase, ScreenCall, kw_only=True, tag="screen"):
     name: str | None = None
     category: str | None = None
     properties: ViewProperties | None = None
 
 
-class StoredAlias(_StoredBase, kw_only=True, tag="alias"):
+@final
+class StoredAlias(_StoredBase, AliasCall, kw_only=True, tag="alias"):
     previousId: NonEmpty | int
 
 

@@ -21,16 +21,7 @@ from gateway.keys import group_key, identify_key
 from gateway.mapping import Call, Skip, counted, to_call, utc_day
 from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
-from gateway.segment import (
-    AnyMessage,
-    Context,
-    Page,
-    Screen,
-    StoredPage,
-    StoredScreen,
-    StoredTrack,
-    Track,
-)
+from gateway.segment import AnyMessage, Context, CountedCall
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
@@ -118,7 +109,7 @@ class Actor:
             self.marks.append(env.key)
             metrics.skipped.labels(source.id, "integrations").inc()
             return
-        if isinstance(msg, (StoredTrack, StoredPage, StoredScreen, Track, Page, Screen)):
+        if isinstance(msg, CountedCall):
             # counted in the ledger: its call is built once per key, for the latest message
             hit = counted(msg, source.unnamed_pages, env.user)
             if isinstance(hit, Skip):

@@ -26,11 +26,10 @@ from gateway.segment import (
     AnyMessage,
     Context,
     Decoded,
-    Group,
+    GroupCall,
     InvalidBody,
     Message,
     Stored,
-    StoredGroup,
     anonymous_id,
     context_group,
     decode_stored,
@@ -139,9 +138,7 @@ class Router:
         self, known: dict[str, str | None], msg: AnyMessage, user: str | None,
         context: dict[str, Any] | Context | None,
     ) -> str:
-        # by exact type: a failed isinstance against a msgspec type (most messages are not
-        # group calls) costs a lookup of `__instancecheck__`
-        if type(msg) is StoredGroup or type(msg) is Group:
+        if isinstance(msg, GroupCall):
             group = str(msg.groupId)
             if user is not None:
                 _remember(known, user, group)

@@ -17,18 +17,19 @@ from gateway.config import Api, UnnamedPages
 from gateway.mapping.dialects import DIALECTS, Dialect, Kind, View
 from gateway.mapping.traits import iso, normalise_traits
 from gateway.segment import (
-    Alias,
+    AliasCall,
     AnyMessage,
     Context,
-    Group,
+    CountedCall,
+    GroupCall,
     Page,
+    PageCall,
     Screen,
-    StoredAlias,
-    StoredGroup,
     StoredPage,
     StoredScreen,
     StoredTrack,
     Track,
+    TrackCall,
     ViewProperties,
     context_group,
     context_traits,
@@ -66,31 +67,28 @@ def to_call(
     context: dict[str, Any] | Context | None,
     unnamed_pages: UnnamedPages = "skip",
 ) -> Call | Skip:
-    # counted kinds first, and the stored types before the model's: most messages are
-    # stored track calls, and a failed isinstance against a msgspec type costs a lookup of
-    # `__instancecheck__`
     dialect = DIALECTS[api]
-    if isinstance(msg, (StoredTrack, StoredPage, StoredScreen, Track, Page, Screen)):
+    if isinstance(msg, CountedCall):
         hit = counted(msg, unnamed_pages)
         if isinstance(hit, Skip):
             return hit
         hit_user, event = hit
         when = iso(timestamp)
-        if isinstance(msg, (StoredTrack, Track)):
+        if isinstance(msg, TrackCall):
             body = dialect.track(msg, hit_user, event, when)
         else:
             # page and screen stay page and screen, with the name they were counted under
-            kind: View = "page" if isinstance(msg, (StoredPage, Page)) else "screen"
+            kind: View = "page" if isinstance(msg, PageCall) else "screen"
             name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
             body = dialect.view(msg, kind, hit_user, name, event, when)
         return _call("track", dialect, body, hit_user, context_group(context), event, None)
 
-    if isinstance(msg, (StoredAlias, Alias)):
+    if isinstance(msg, AliasCall):
         return Skip("alias has no Accoil equivalent", unsupported=True)
     user = user_id(msg)
     when = iso(timestamp)
 
-    if isinstance(msg, (StoredGroup, Group)):
+    if isinstance(msg, GroupCall):
         group = id_str(msg.groupId)
         if group is None:
             return Skip("groupId is required to forward a group call")
@@ -116,13 +114,13 @@ def counted(
     `user`: the message's `user_id`, when the caller has it already."""
     if user is None:
         user = user_id(msg)
-    if isinstance(msg, (StoredTrack, Track)):
+    if isinstance(msg, TrackCall):
         if user is None:
             return _no_user("track")
         if not msg.event:
             return Skip("event is required to forward a track call")
         return user, msg.event
-    kind: View = "page" if isinstance(msg, (StoredPage, Page)) else "screen"
+    kind: View = "page" if isinstance(msg, PageCall) else "screen"
     if user is None:
         return _no_user(kind)
     name = _view_name(msg, unnamed_pages)
