@@ -492,26 +492,26 @@ def _stored_envelope(body: bytes) -> _StoredEnvelope:
     """`_strict(_ENVELOPE, ...)` as apply reads the batch, with the model's reason."""
     try:
         return _STORED_ENVELOPE.decode(body)
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
         _strict(_ENVELOPE, body, "invalid batch")  # raises: the model rejects it too
-        raise
+        raise InvalidBody(f"invalid batch: {_relative(str(exc))}") from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _not_json(exc) from None
 
 
-def in_full(body: bytes, stored: Stored, positions: Sequence[int]) -> list[Message]:
+def in_full(body: bytes, stored: Stored, positions: Sequence[int]) -> list[AnyMessage]:
     """The messages at `positions` of `stored.messages` (read from `body`), as
     `decode_batch` models them: for a message apply may keep as a dead letter, which holds
-    the message as it always has."""
+    the message as it always has. One the model cannot build (a number out of range in a
+    part `decode_stored` skips) comes back as `decode_stored` read it."""
     raws = _ENVELOPE.decode(body).batch
     if stored.rejected:
         skip = {r.index for r in stored.rejected}
         raws = [raw for i, raw in enumerate(raws) if i not in skip]
-    out: list[Message] = []
+    out: list[AnyMessage] = []
     for position in positions:
         outcome = _decode_message(raws[position])
-        assert not isinstance(outcome, str), "decode_stored accepted it"
-        out.append(outcome)
+        out.append(_STORED_MESSAGE.decode(raws[position]) if isinstance(outcome, str) else outcome)
     return out
 
 

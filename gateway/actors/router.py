@@ -28,7 +28,6 @@ from gateway.segment import (
     Decoded,
     GroupCall,
     InvalidBody,
-    Message,
     Stored,
     anonymous_id,
     context_group,
@@ -188,7 +187,9 @@ def _contexts(decoded: Decoded | Stored) -> Sequence[dict[str, Any] | Context | 
     return [merged(decoded.context, m.context) for m in decoded.messages]
 
 
-def _in_full(row: InboxRow, decoded: Decoded | Stored, positions: Sequence[int]) -> list[Message]:
+def _in_full(
+    row: InboxRow, decoded: Decoded | Stored, positions: Sequence[int]
+) -> list[AnyMessage]:
     """The messages at `positions` as `decode_batch` models them (what a dead letter keeps)."""
     if isinstance(decoded, Decoded):
         return [decoded.messages[i] for i in positions]
