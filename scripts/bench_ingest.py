@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--latency-duration", type=float, default=10.0,
                    help="seconds of the half-rate latency run; 0 skips it")
+    p.add_argument("--latency-rate", type=float, metavar="EVENTS_PER_S",
+                   help="offer this rate in the latency run instead of half the gateway's "
+                        "measured one (to compare two gateways at the same rate)")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds the half-rate run waits, after its warm-up, for the backlog "
                         "to be applied before it measures (it measures anyway after that)")
@@ -285,6 +288,7 @@ def summary(args: argparse.Namespace, bench: Bench, results: dict[str, list[Run]
         out["half_rate"] = {
             "generator": latency.generator,
             "events_per_s_target": round(latency.extra["target_rps"] * bench.bodies.size, 1),
+            "rate_from": "--latency-rate" if args.latency_rate else "half the gateway's median",
             "events_per_s_achieved": round(latency.events_per_s, 1),
             "seconds": round(latency.seconds, 2),
             "latency_ms": latency.latency,
@@ -351,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                     run = bench.measure(target, last_round=r == args.rounds - 1)
                     results.setdefault(target, []).append(run)
                     print(f"  {run.events_per_s:,.0f} events/s", file=sys.stderr, flush=True)
-            if "gateway" in results:
-                gw = statistics.median(r.events_per_s for r in results["gateway"])
+            if "gateway" in results or args.latency_rate:
+                gw = (2 * args.latency_rate if args.latency_rate
+                      else statistics.median(r.events_per_s for r in results["gateway"]))
                 print("half-rate latency run ...", file=sys.stderr, flush=True)
                 latency = bench.half_rate_latency(gw)
         finally:
