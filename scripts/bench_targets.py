@@ -1,9 +1,15 @@
 """The baselines `bench_ingest.py` measures the gateway against, each run as its own process.
 
     python scripts/bench_targets.py noop --port 9001
+    python scripts/bench_targets.py noop_lean --port 9003
     python scripts/bench_targets.py naive --port 9002 --upstream http://127.0.0.1:8089 --api-key ak
 
-- `noop`: reads the body and answers 200: the ceiling of any aiohttp ingest on this machine.
+- `noop`: reads the body and answers 200, as the aiohttp app anyone would write does: an
+  `Application`, one route per path (`add_post`), no middleware. DESIGN.md section 8's
+  ceiling, and the baseline the ingest target (0.4 of it) is judged against.
+- `noop_lean`: the same handler, reached as the gateway reaches its ingest handlers
+  (`Gateway.dispatch`: straight from aiohttp's server, without the router): a stricter
+  ceiling, reported beside the first.
 - `naive`: the relay a team writes in an afternoon: parse the batch, POST each event to
   Accoil's v2 API one after the other, answer 200 once all went through (502 otherwise).
 """
@@ -108,7 +114,7 @@ def app_for(args: argparse.Namespace) -> tuple[web.Application, Handler]:
     app = web.Application(client_max_size=MAX_BODY)
     busy = app[BUSY] = Busy()
     app.router.add_get("/healthz", healthz)
-    if args.kind == "noop":
+    if args.kind in ("noop", "noop_lean"):
         batch: Handler = noop
     else:
         relay = Naive(args.upstream, args.api_key)
@@ -120,10 +126,11 @@ def app_for(args: argparse.Namespace) -> tuple[web.Application, Handler]:
     return app, batch
 
 
-async def serve(app: web.Application, batch: Handler, host: str, port: int) -> None:
-    """Serve `app` until SIGTERM or SIGINT, POST /v1/batch as the gateway serves its ingest
-    routes (`Gateway.dispatch`: straight to the handler, without aiohttp's router), so that
-    the ceiling pays for what the gateway pays for, no more and no less."""
+async def serve(app: web.Application, batch: Handler, host: str, port: int, *,
+                lean: bool) -> None:
+    """Serve `app` until SIGTERM or SIGINT. With `lean`, POST /v1/batch goes as the gateway
+    serves its ingest routes (`Gateway.dispatch`: straight to the handler, without aiohttp's
+    router), so that the ceiling pays for what the gateway pays for, no more and no less."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     assert runner.server is not None
@@ -134,7 +141,8 @@ async def serve(app: web.Application, batch: Handler, host: str, port: int) -> N
             return await batch(cast(web.Request, request))
         return await handle(request)
 
-    runner.server.request_handler = dispatch
+    if lean:
+        runner.server.request_handler = dispatch
     await web.TCPSite(runner, host, port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,7 +157,7 @@ async def serve(app: web.Application, batch: Handler, host: str, port: int) -> N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("noop", "naive"))
+    p.add_argument("kind", choices=("noop", "noop_lean", "naive"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001)
     p.add_argument("--upstream", help="naive: mock_accoil's URL")
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.kind == "naive" and not args.upstream:
         p.error("naive needs --upstream")
-    asyncio.run(serve(*app_for(args), args.host, args.port))
+    asyncio.run(serve(*app_for(args), args.host, args.port, lean=args.kind == "noop_lean"))
     return 0
 
 

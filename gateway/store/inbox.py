@@ -8,10 +8,16 @@ records of every request that arrived in the same turn of the loop go out togeth
 Durability follows `fsync`: "off" and "normal" write to the OS (a killed process loses
 nothing), "full" also waits for `fdatasync` (a power cut loses nothing).
 
-A record: a header (crc32, id, received_at, count, body length, source length), the source
+A record: a header (crc, id, received_at, count, body length, source length), the source
 id, then the body. The crc covers everything after itself, so a record torn by a crash is
 recognised: the next writer cuts it off; readers stop before a record that is not whole
 yet.
+
+A segment opens with `MAGIC`, and its records' crc is a CRC-32C (the CPU's own instruction,
+through google-crc32c: about 1 µs for a 20 KB body where zlib's CRC-32 takes 5). A segment
+without it was written before the magic existed, and its records carry zlib's CRC-32: it
+is read as it is, and a writer that finds one at the end of the log starts a new segment
+rather than mix the two in a file.
 """
 
 from __future__ import annotations
@@ -22,13 +28,21 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
+
+import google_crc32c
 
 from gateway.disk import out_of_space
 from gateway.store.base import InboxRow
 
-HEADER = struct.Struct("<IQdIIH")  # crc32, id, received_at, count, body length, source length
+HEADER = struct.Struct("<IQdIIH")  # crc, id, received_at, count, body length, source length
 _CRC = struct.Struct("<I")
+# opens a segment whose records carry a CRC-32C. A segment from before it starts with its
+# first record, whose first 8 bytes (a crc, then the low half of the segment's first id)
+# match these only by a 1 in 2**64 chance
+MAGIC = b"GWINBX\x00\x02"
 IOV_MAX = 1024  # pieces one writev takes
 SEGMENT_BYTES = 64 * 1024 * 1024
 SUFFIX = ".log"
@@ -38,13 +52,42 @@ def segment_name(first_id: int) -> str:
     return f"{first_id:020d}{SUFFIX}"
 
 
+def crc32c(data: bytes, value: int = 0) -> int:
+    """CRC-32C, chained as zlib.crc32 chains: crc32c(b, crc32c(a)) == crc32c(a + b)."""
+    crc: int = google_crc32c.extend(value, data)
+    return crc
+
+
+class Format(NamedTuple):
+    """How a segment's records are checked: what opens the segment, and the crc function."""
+
+    magic: bytes
+    crc: Callable[[bytes, int], int]
+
+
+LEGACY = Format(b"", zlib.crc32)  # segments written before MAGIC: read, never written
+CURRENT = Format(MAGIC, crc32c)
+
+
+def format_of(fd: int) -> Format | None:
+    """A segment's format, or None while its magic is not written yet (a file just created,
+    or one whose first write is under way: too short for a legacy record, so nothing in it
+    is whole either way)."""
+    start = os.pread(fd, len(MAGIC), 0)
+    if start == MAGIC:
+        return CURRENT
+    if len(start) < len(MAGIC) and MAGIC.startswith(start):
+        return None
+    return LEGACY
+
+
 def encode(
     row_id: int, source: str, received_at: float, count: int, body: bytes
 ) -> tuple[bytes, bytes, bytes]:
     """A record as the three pieces it is written from (no copy of the body)."""
     src = source.encode()
     head = HEADER.pack(0, row_id, received_at, count, len(body), len(src))[4:]
-    crc = zlib.crc32(body, zlib.crc32(src, zlib.crc32(head)))
+    crc = crc32c(body, crc32c(head + src))
     return _CRC.pack(crc) + head, src, body
 
 
@@ -74,10 +117,19 @@ class InboxLog:
         first = segments[-1] if segments else time.time_ns() // 1000
         path = self.dir / segment_name(first)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        end, last = _scan(fd, first)
+        found = format_of(fd)
+        end, last = _scan(fd, first, found or CURRENT)
         if end < os.fstat(fd).st_size:
             os.ftruncate(fd, end)
         self._fd, self._size, self._next_id = fd, end, last + 1
+        if found is not CURRENT:
+            if last >= first:
+                self._rotate()  # a legacy segment with records: leave it whole, as it was
+            else:
+                # nothing whole in it (a legacy file without a record, a torn magic): the
+                # next write starts it again, magic first
+                os.ftruncate(fd, 0)
+                self._size = 0
 
     def close(self) -> None:
         if self._fd is not None:
@@ -108,6 +160,10 @@ class InboxLog:
             assert fd is not None, "inbox closed with writes pending"
             if self._torn:
                 self._cut(fd)
+            if not self._size:
+                # in the segment's first write, not when it is created: a full disk has room
+                # for a new empty file, not always for a block of data
+                pieces.insert(0, MAGIC)
             self._size += _write_all(fd, pieces)
         except Exception as exc:
             # nothing of this group is acknowledged. What of it reached the file (a full disk
@@ -205,8 +261,9 @@ class InboxLog:
         except FileNotFoundError:
             return found
         try:
-            offset, size = 0, os.fstat(fd).st_size
-            while offset + HEADER.size <= size:
+            fmt = format_of(fd)
+            offset, size = len(fmt.magic) if fmt else 0, os.fstat(fd).st_size
+            while fmt is not None and offset + HEADER.size <= size:
                 _, row_id, _, count, body_len, src_len = HEADER.unpack(
                     os.pread(fd, HEADER.size, offset)
                 )
@@ -249,18 +306,20 @@ def _settle(waiting: list[tuple[asyncio.Future[int], int]], exc: BaseException |
             fut.set_exception(exc)
 
 
-def _scan(fd: int, first: int) -> tuple[int, int]:
+def _scan(fd: int, first: int, fmt: Format) -> tuple[int, int]:
     """The end of the last whole record of a segment, and its id (first - 1 if none)."""
-    offset, last, size = 0, first - 1, os.fstat(fd).st_size
+    offset, last, size = len(fmt.magic), first - 1, os.fstat(fd).st_size
     while True:
-        record = _record_at(fd, offset, size)
+        record = _record_at(fd, offset, size, fmt.crc)
         if record is None:
             return offset, last
         row, end = record
         offset, last = end, row.id
 
 
-def _record_at(fd: int, offset: int, size: int) -> tuple[InboxRow, int] | None:
+def _record_at(
+    fd: int, offset: int, size: int, crc32: Callable[[bytes, int], int]
+) -> tuple[InboxRow, int] | None:
     """The whole record at `offset` and where it ends, or None: not (yet) whole."""
     if offset + HEADER.size > size:
         return None
@@ -270,15 +329,19 @@ def _record_at(fd: int, offset: int, size: int) -> tuple[InboxRow, int] | None:
     if end > size:
         return None
     rest = os.pread(fd, src_len + body_len, offset + HEADER.size)
-    if len(rest) < src_len + body_len or zlib.crc32(rest, zlib.crc32(head[4:])) != crc:
+    if len(rest) < src_len + body_len or crc32(rest, crc32(head[4:], 0)) != crc:
         return None  # torn by a crash, or still being written
     return InboxRow(row_id, rest[:src_len].decode(), received_at, rest[src_len:], count), end
 
 
 def _read(fd: int, offset: int, cursor: int, limit: int, rows: list[InboxRow]) -> int:
+    fmt = format_of(fd)
+    if fmt is None:
+        return offset
+    offset = max(offset, len(fmt.magic))
     size = os.fstat(fd).st_size
     while len(rows) < limit:
-        record = _record_at(fd, offset, size)
+        record = _record_at(fd, offset, size, fmt.crc)
         if record is None:
             break
         row, end = record

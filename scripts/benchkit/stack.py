@@ -261,7 +261,7 @@ def start_gateway(
 
 
 def start_target(workdir: Path, kind: str, *args: str, port: int | None = None) -> Service:
-    """One of `bench_targets.py`'s servers: `noop` or `naive`."""
+    """One of `bench_targets.py`'s servers: `noop`, `noop_lean` or `naive`."""
 
     def argv(p: int) -> list[str]:
         return [sys.executable, str(SCRIPTS / "bench_targets.py"), kind, "--host", HOST,

@@ -346,3 +346,49 @@ def test_the_worker_runs_the_installed_package_not_the_working_directorys(
         assert proc.returncode == 0, out.decode()
     assert not marker.exists(), marker.read_text()
     assert "pipeline worker exited" not in out.decode()
+
+
+def _legacy_segment(inbox: Path, first: int, source: str, bodies: list[bytes]) -> None:
+    """Inbox records as the gateway wrote them before its segments had a magic (zlib's
+    CRC-32 over header, source and body): what an upgrade finds on disk."""
+    import struct
+    import zlib
+
+    from gateway.store.inbox import HEADER, segment_name
+
+    out = b""
+    for i, body in enumerate(bodies):
+        src = source.encode()
+        head = HEADER.pack(0, first + i, time.time(), 20, len(body), len(src))[4:]
+        crc = zlib.crc32(body, zlib.crc32(src, zlib.crc32(head)))
+        out += struct.pack("<I", crc) + head + src + body
+    inbox.mkdir(parents=True)
+    (inbox / segment_name(first)).write_bytes(out)
+
+
+def test_an_inbox_written_before_the_upgrade_is_replayed_in_full(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    from gateway.config import Source
+    from gateway.store.inbox import MAGIC
+
+    source = Source(write_key=WRITE_KEY, accoil_api_key=API_KEY).id
+    bodies = [json.dumps({"batch": [
+        {"type": "track", "messageId": f"old{n}-{i}", "userId": f"u{i % 4}", "event": "Before"}
+        for i in range(20)]}).encode() for n in range(5)]
+    first = time.time_ns() // 1000 - 10**9
+    _legacy_segment(tmp_path / "inbox", first, source, bodies)
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1") as (proc, url):
+        assert post_batch(url, [{"type": "track", "messageId": f"new{i}", "userId": "u9",
+                                 "event": "After"} for i in range(10)]) == 200
+        deadline = time.monotonic() + 20
+        while (sum(r["count"] for r in mock_accoil.counts(event="Before")) < 100
+               or mock_accoil.count("u9", "After") < 10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        segments = sorted((tmp_path / "inbox").iterdir())
+    assert [r["count"] for r in sorted(mock_accoil.counts(event="Before"),
+                                       key=lambda r: str(r["userId"]))] == [25, 25, 25, 25]
+    assert mock_accoil.count("u9", "After") == 10
+    # what came after the upgrade went to a segment of its own, in the new format
+    assert segments[-1].name > f"{first + 4:020d}.log"
+    assert segments[-1].read_bytes().startswith(MAGIC)

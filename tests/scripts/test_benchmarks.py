@@ -32,23 +32,31 @@ def test_bench_ingest_compares_gateway_with_both_baselines(tmp_path: Path) -> No
     )
     assert s["generator"] == ("wrk" if have_wrk() else "aiohttp")
     assert s["duration_s"] == 1 and s["connections"] == 4 and s["batch_events"] == 100
-    for target in ("noop", "naive", "gateway"):
+    for target in ("noop", "noop_lean", "naive", "gateway"):
         assert s[f"{target}_events_per_s"] > 0, target
         assert s.get(f"{target}_errors") is None, s.get(f"{target}_errors")
     # relative: the ratios come from unrounded rates, the rates are reported to 0.1 event/s,
     # and a ratio near 100 moves by more than 0.001 with that rounding
     assert s["gateway_vs_noop"] == pytest.approx(
         s["gateway_events_per_s"] / s["noop_events_per_s"], rel=2e-3, abs=1e-3)
+    assert s["gateway_vs_noop_lean"] == pytest.approx(
+        s["gateway_events_per_s"] / s["noop_lean_events_per_s"], rel=2e-3, abs=1e-3)
+    # which no-op is which is said in the report itself
+    assert set(s["baselines"]) == {"noop", "noop_lean"} and "DESIGN" in s["baselines"]["noop"]
     assert s["gateway_vs_naive"] == pytest.approx(
         s["gateway_events_per_s"] / s["naive_events_per_s"], rel=2e-3, abs=1e-3)
     # each server's own CPU per request, and the ratio of requests a core serves
-    for target in ("noop", "gateway"):
+    for target in ("noop", "noop_lean", "gateway"):
         assert s[f"{target}_cpu_us_per_request"] > 0 and 0 < s[f"{target}_core_busy"] <= 1.2
-    assert s["gateway_vs_noop_per_core"] == pytest.approx(
-        s["noop_cpu_us_per_request"] / s["gateway_cpu_us_per_request"], rel=0.01)
+    for name in ("noop", "noop_lean"):
+        assert s[f"gateway_vs_{name}_per_core"] == pytest.approx(
+            s[f"{name}_cpu_us_per_request"] / s["gateway_cpu_us_per_request"], rel=0.01)
     half = s["half_rate"]
     assert half["events_per_s_target"] == pytest.approx(s["gateway_events_per_s"] / 2, rel=0.01)
     assert half["errors"] == {}
+    # the measured run starts once what the warm-up left is applied (or the wait gave up)
+    assert half["backlog_start"] == 0 or half["drain_wait_s"] >= 300
+    assert half["backlog_after_warmup"] >= 0 and half["backlog_after"] >= 0
     assert s["half_rate_p99_ms"] == half["latency_ms"]["p99"] > 0
 
 
