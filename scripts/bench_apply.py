@@ -29,9 +29,11 @@ install's, and reports the file its router came from):
 The passes alternate the modes (pure, compiled, pure, compiled, ...), so that a load on the
 machine falls on both alike. Reported per store, workload and mode: each pass's CPU µs an
 event, their minimum and median, and the ratio of the medians (compiled or main over pure).
-Wall-clock CPU time is noisy on a shared machine: for a robust comparison, count
-instructions with callgrind on a child (`--child`, see `run_pass` for its arguments) at two
-sizes and take the difference. The last line of output is one JSON object.
+CPU time is noisy on a shared machine; `--callgrind` counts instructions instead, which a
+load does not change: each pass runs under callgrind twice, at `--events` and at three times
+as many (hash seed fixed), and reports the instructions per event between them (start-up and
+the reading of the bodies cancel out); about a minute a pass. The last line of output is
+one JSON object.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -84,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated sources (relative to the checkout) to compile")
     p.add_argument("--main", type=Path, metavar="PATH",
                    help="another checkout whose `gateway` runs as the mode `main`")
+    p.add_argument("--callgrind", action="store_true",
+                   help="count instructions instead (valgrind): each pass at --events and "
+                        "at 3 times that, the difference over the events between")
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--child", action="store_true",
                    help="one pass in this process (`--workload`, `--store`, `--bodies`)")
@@ -97,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for mode in args.mode_list:
         if mode not in ("pure", "compiled", "main"):
             p.error(f"--modes: unknown mode {mode!r}")
+    if args.callgrind and shutil.which("valgrind") is None:
+        p.error("--callgrind: valgrind is not installed")
     if "main" in args.mode_list and args.main is None:
         p.error("--modes main needs --main PATH")
     for w in args.workloads.split(",") + [args.workload]:
@@ -320,17 +328,39 @@ def compiled_copy(sources: list[str], dest: Path) -> Path:
 
 def run_pass(args: argparse.Namespace, first: Path, workload: str, store: str,
              stored: Path) -> dict[str, Any]:
+    if not args.callgrind:
+        result = run_child(args, first, workload, store, stored, args.events)
+    else:
+        small = run_child(args, first, workload, store, stored, args.events, callgrind=True)
+        result = run_child(args, first, workload, store, stored, 3 * args.events,
+                           callgrind=True)
+        events = result["events"] - small["events"]
+        result["instructions_per_event"] = round(
+            (result["instructions"] - small["instructions"]) / events)
+    if not Path(result["router_file"]).is_relative_to(first):
+        raise SystemExit(f"the pass imported {result['router_file']}, not from {first}")
+    return result
+
+
+def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, stored: Path,
+              events: int, callgrind: bool = False) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(first), str(SCRIPTS)])
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
-           "--workload", workload, "--store", store, "--events", str(args.events),
+           "--workload", workload, "--store", store, "--events", str(events),
            "--batch-size", str(args.batch_size), "--bodies", str(stored)]
+    if callgrind:
+        env["PYTHONHASHSEED"] = "0"
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"pass {first}/{workload}/{store} failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    if not Path(result["router_file"]).is_relative_to(first):
-        raise SystemExit(f"the pass imported {result['router_file']}, not from {first}")
+    if callgrind:
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"no instruction count from callgrind:\n{done.stderr}")
+        result["instructions"] = int(found.group(1))
     return result
 
 
@@ -342,8 +372,10 @@ def parent(args: argparse.Namespace) -> int:
             folders["compiled"] = compiled_copy(args.compile.split(","), Path(tmp) / "compiled")
         # made once: every pass applies the same bodies, and none spends its time making them
         stored = {w: Path(tmp) / f"{w}.msgpack" for w in args.workloads.split(",")}
+        made = argparse.Namespace(**vars(args))
+        made.events = args.events * (3 if args.callgrind else 1)
         for w, path in stored.items():
-            path.write_bytes(msgspec.msgpack.encode(bodies(args, w)))
+            path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
         for store in args.stores.split(","):
             for workload in args.workloads.split(","):
                 for _ in range(args.rounds):
@@ -352,8 +384,10 @@ def parent(args: argparse.Namespace) -> int:
                         r["load_average"] = round(os.getloadavg()[0], 2)
                         results.setdefault(store, {}).setdefault(workload, {}).setdefault(
                             mode, []).append(r)
+                        ins = r.get("instructions_per_event")
                         print(f"{store:6} {workload:5} {mode:8} {r['cpu_us_per_event']:6.2f} "
-                              f"µs an event (load {r['load_average']}, {r['router_file']})",
+                              f"µs an event" + (f", {ins} instructions" if ins else "")
+                              + f" (load {r['load_average']}, {r['router_file']})",
                               file=sys.stderr)
     return report(args, results)
 
@@ -365,7 +399,7 @@ def summary(passes: list[dict[str, Any]], field: str) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, results: Results) -> int:
     out: dict[str, Any] = {
-        "events": args.events, "batch_events": args.batch_size, "accounts": args.accounts,
+        "measure": "callgrind" if args.callgrind else "cpu", "events": args.events, "batch_events": args.batch_size, "accounts": args.accounts,
         "users": args.users, "rounds": args.rounds, "modes": args.mode_list,
     }
     if "compiled" in args.mode_list:
@@ -379,11 +413,14 @@ def report(args: argparse.Namespace, results: Results) -> int:
                 if store == "sqlite":
                     for field in ("dispatcher_thread_us_per_event", "writer_us_per_event"):
                         entry[mode][field] = summary(runs, field)
+                if args.callgrind:
+                    entry[mode]["instructions_per_event"] = summary(
+                        runs, "instructions_per_event")
+            measure = "instructions_per_event" if args.callgrind else "cpu_us_per_event"
             for mode in ("compiled", "main"):
                 if "pure" in entry and mode in entry:
                     entry[f"{mode}_vs_pure"] = round(
-                        entry[mode]["cpu_us_per_event"]["median"]
-                        / entry["pure"]["cpu_us_per_event"]["median"], 3)
+                        entry[mode][measure]["median"] / entry["pure"][measure]["median"], 3)
             out[f"{store}_{workload}"] = entry
     line = json.dumps(out)
     print(line)
