@@ -11,36 +11,24 @@ it is dropping it.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
+from gateway.actors.envelope import Envelope
 from gateway.actors.integrations import enabled
 from gateway.config import Source
 from gateway.keys import group_key, identify_key
 from gateway.mapping import Call, Skip, counted, to_call, utc_day
 from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
-from gateway.segment import AnyMessage, Context, CountedCall
+from gateway.segment import CountedCall
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
-    from datetime import date, datetime
+    from datetime import date
 
     from gateway.observability.metrics import Metrics
-
-
-class Envelope(msgspec.Struct, gc=False):
-    """A message on its way to its account's actor, with what the router worked out."""
-
-    key: bytes  # its dedupe key (`gateway.keys.dedupe_key`)
-    # as apply reads it (`decode_stored`), or in full: from ingest in the same process, and
-    # whenever it may become a dead letter, which keeps the message in full
-    message: AnyMessage
-    timestamp: datetime  # when it happened (`effective_timestamp`): timezone-aware UTC
-    context: dict[str, Any] | Context | None  # the batch's merged under the message's
-    integrations: dict[str, Any] | None  # the batch's merged under the message's
-    user: str | None  # `user_id(message)`
 
 
 class Actor:

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gateway.actors.actor import Actor, Envelope
+from gateway.actors.actor import Actor
+from gateway.actors.envelope import Envelope
 from gateway.actors.router import Router
 from gateway.actors.turn import Flush, Outcome, commit
 from gateway.config import Settings, Source

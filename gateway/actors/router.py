@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.actors.actor import Envelope
+from gateway.actors.envelope import Envelope
 from gateway.config import Source
 from gateway.keys import DedupeKeys, dedupe_prefix, generated_message_id, rejected_id
 from gateway.segment import (

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.actors.actor import Envelope
 from gateway.actors.dispatcher import Dispatcher
+from gateway.actors.envelope import Envelope
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source

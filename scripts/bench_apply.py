@@ -1,0 +1,438 @@
+"""The worker's apply in one process, no HTTP: CPU µs an event, pure Python or compiled.
+
+    python scripts/bench_apply.py                       # pure against compiled, alternated
+    python scripts/bench_apply.py --modes pure          # the apply's cost, this checkout
+    python scripts/bench_apply.py --modes pure,main --main /work/main
+    python scripts/bench_apply.py --events 200000 --rounds 5 --stores core
+
+The stored bodies are `bench_sustained.py`'s kind: 100-event batches from `Traffic`, 500
+accounts and 5,000 users, unique message ids, made once and applied by every pass. Two
+workloads: `track` (track events only, as the sustained benchmark sends) and `mix` (the
+load test's: track, page, screen, identify, group). Each pass is a child process that feeds
+them through the worker's real dispatcher, router, actors and turn, with one of two stores:
+
+- `core`: a store held in dicts (`MemoryStore`, no I/O), so that the figure is the apply's
+  Python, the stored bodies' decode included.
+- `sqlite`: the real `SqliteStore` in a temporary folder, the inbox filled before the clock
+  starts; the figure splits into the dispatcher's thread (decode, router, actors) and the
+  rest of the process (the store's writer thread: the turn's rules and SQLite).
+
+Modes (a child imports `gateway` from the first folder on its path, never the editable
+install's, and reports the file its router came from):
+- `pure`: this checkout's `gateway`;
+- `compiled`: a copy of it in a temporary folder, the modules of `--compile` compiled there
+  with mypyc (the venv's `mypyc`; about a minute). A module that defines a class with
+  keywords (`class A(Struct, gc=False)`) is refused: mypyc drops them without a word
+  (python/mypy#21938), and the compiled module would not be the one measured pure;
+- `main`: another checkout's `gateway` (`--main PATH`).
+
+The passes alternate the modes (pure, compiled, pure, compiled, ...), so that a load on the
+machine falls on both alike. Reported per store, workload and mode: each pass's CPU µs an
+event, their minimum and median, and the ratio of the medians (compiled or main over pure).
+CPU time is noisy on a shared machine; `--callgrind` counts instructions instead, which a
+load does not change: each pass runs under callgrind twice, at `--events` and at three times
+as many (hash seed fixed), and reports the instructions per event between them (start-up and
+the reading of the bodies cancel out); about a minute a pass. The last line of output is
+one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import gc
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import msgspec
+from benchkit.traffic import DEFAULT_MIX, Traffic, parse_mix
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent
+WORKLOADS = {"track": "track=1", "mix": DEFAULT_MIX}
+# the worker's hot modules that mypyc can compile as they are (`gateway.mapping.calls`,
+# `.dialects` and `gateway.rules.dead_letters` define Structs with class keywords)
+COMPILE = (
+    "gateway/actors/actor.py,gateway/actors/dispatcher.py,gateway/actors/integrations.py,"
+    "gateway/actors/router.py,gateway/actors/turn.py,gateway/keys.py,gateway/mapping/traits.py,"
+    "gateway/rules/dedupe.py,gateway/rules/ledger.py,gateway/rules/traits.py"
+)
+Results = dict[str, dict[str, dict[str, list[dict[str, Any]]]]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=100_000, help="events a pass applies")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--accounts", type=int, default=500)
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=3, help="passes of each mode and workload")
+    p.add_argument("--modes", default="pure,compiled",
+                   help="comma-separated: pure, compiled, main")
+    p.add_argument("--workloads", default="track,mix", help="comma-separated: track, mix")
+    p.add_argument("--stores", default="core,sqlite", help="comma-separated: core, sqlite")
+    p.add_argument("--compile", default=COMPILE, metavar="PATHS",
+                   help="comma-separated sources (relative to the checkout) to compile")
+    p.add_argument("--main", type=Path, metavar="PATH",
+                   help="another checkout whose `gateway` runs as the mode `main`")
+    p.add_argument("--callgrind", action="store_true",
+                   help="count instructions instead (valgrind): each pass at --events and "
+                        "at 3 times that, the difference over the events between")
+    p.add_argument("--json", type=Path, metavar="PATH")
+    p.add_argument("--child", action="store_true",
+                   help="one pass in this process (`--workload`, `--store`, `--bodies`)")
+    p.add_argument("--workload", default="track", help="--child: track or mix")
+    p.add_argument("--store", default="core", help="--child: core or sqlite")
+    p.add_argument("--bodies", type=Path, help="--child: the bodies (msgpack list of bytes)")
+    args = p.parse_args(argv)
+    if args.users < args.accounts:
+        p.error("--users must be at least --accounts")
+    args.mode_list = [m for m in args.modes.split(",") if m]
+    for mode in args.mode_list:
+        if mode not in ("pure", "compiled", "main"):
+            p.error(f"--modes: unknown mode {mode!r}")
+    if args.callgrind and shutil.which("valgrind") is None:
+        p.error("--callgrind: valgrind is not installed")
+    if "main" in args.mode_list and args.main is None:
+        p.error("--modes main needs --main PATH")
+    for w in args.workloads.split(",") + [args.workload]:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w!r}")
+    for s in args.stores.split(",") + [args.store]:
+        if s not in ("core", "sqlite"):
+            p.error(f"unknown store {s!r}")
+    return args
+
+
+def bodies(args: argparse.Namespace, workload: str) -> list[bytes]:
+    traffic = Traffic(accounts=args.accounts, users=args.users,
+                      mix=parse_mix(WORKLOADS[workload]), seed=1, id_prefix="ba")
+    return [traffic.batch(args.batch_size).body
+            for _ in range(max(1, args.events // args.batch_size))]
+
+
+# the child: one pass
+
+
+class MemoryTurn:
+    """A turn against `MemoryStore`'s dicts: every role of `Turn`, no I/O."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.s = store
+
+    @property
+    def now(self) -> float:
+        return time.time()
+
+    @property
+    def inbox(self) -> MemoryTurn:
+        return self
+
+    @property
+    def state(self) -> MemoryTurn:
+        return self
+
+    @property
+    def outbox(self) -> MemoryTurn:
+        return self
+
+    @property
+    def dead(self) -> MemoryTurn:
+        return self
+
+    # inbox
+    def applied(self, done: Mapping[int, int]) -> None:
+        for row_id, n in done.items():
+            self.s.applied[row_id] = self.s.applied.get(row_id, 0) + n
+
+    # state
+    def remember(self, keys: list[bytes]) -> set[bytes]:
+        seen = self.s.keys.intersection(keys)
+        self.s.keys.update(keys)
+        return seen
+
+    def ledger(self, keys: Iterable[Any]) -> dict[Any, Any]:
+        rows = self.s.ledger
+        return {k: rows[k] for k in keys if k in rows}
+
+    def put_ledger(self, rows: list[Any]) -> None:
+        for row in rows:
+            self.s.ledger[row.key] = row
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        known = self.s.known
+        return {k: known[k] for k in keys if k in known}
+
+    def put_known(self, rows: list[Any]) -> None:
+        for row in rows:
+            self.s.known[(row.source, row.key)] = row
+
+    def put_accounts(self, rows: list[tuple[str, str, str]]) -> None:
+        for source, user, account in rows:
+            self.s.accounts[(source, user)] = account
+
+    # outbox (`add` is the dead letters' too: both count what they are given)
+    def unsent(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        unsent = self.s.unsent
+        return {k: unsent[k] for k in keys if k in unsent}
+
+    def add(self, items: list[Any]) -> None:
+        for item in items:
+            self.s.queued += getattr(item, "repeat", 1)
+
+    def replace(self, calls: list[Any]) -> None:
+        for call in calls:
+            self.s.unsent[(call.source, call.key)] = call.body
+
+    # dead letters
+    def open_groups(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        return {}
+
+    def join(self, occurrences: Mapping[int, int]) -> None:
+        pass
+
+
+class MemoryStore:
+    """What a drain of the dispatcher calls of a store, in dicts."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows  # InboxRow, ids 1, 2, ...
+        self.applied: dict[int, int] = {}
+        self.keys: set[bytes] = set()
+        self.ledger: dict[Any, Any] = {}
+        self.known: dict[tuple[str, str], Any] = {}
+        self.unsent: dict[tuple[str, str], bytes] = {}
+        self.accounts: dict[tuple[str, str], str] = {}
+        self.queued = 0
+
+    async def inbox_after(self, cursor: int, limit: int) -> list[Any]:
+        return self.rows[cursor : cursor + limit]
+
+    def take(self, row_id: int, count: int) -> None:
+        return None  # as a store that keeps no takes
+
+    async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
+        accounts = self.accounts
+        return {u: a for u in users if (a := accounts.get((source, u))) is not None}
+
+    def transact(self, script: Callable[[Any], T], now: float | None = None,
+                 partition: int = 0) -> Awaitable[T]:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(script(MemoryTurn(self)))
+        return cast("Awaitable[T]", fut)
+
+
+async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    from gateway.actors import router as router_module
+    from gateway.actors.dispatcher import Dispatcher
+    from gateway.actors.router import Router
+    from gateway.backlog import Backlog
+    from gateway.config import Settings, Source
+    from gateway.observability.metrics import Metrics
+    from gateway.store import InboxRow, SqliteStore, Store
+
+    source = Source(write_key="wk_bench_apply", accoil_api_key="key_bench_apply", name="main")
+    settings = Settings(sources=[source], data_dir=str(folder))
+    made = (msgspec.msgpack.decode(args.bodies.read_bytes(), type=list[bytes]) if args.bodies
+            else bodies(args, args.workload))
+    batch = made[: max(1, args.events // args.batch_size)]
+    received = time.time()
+    sqlite: SqliteStore | None = None
+    memory: MemoryStore | None = None
+    if args.store == "sqlite":
+        sqlite = SqliteStore(folder / "gateway.db", fsync=settings.fsync)
+        await sqlite.open()
+        for body in batch:
+            await sqlite.accept(source.id, received, body, args.batch_size)
+        await sqlite.restart_inbox()
+        store: Any = sqlite
+    else:
+        store = memory = MemoryStore([InboxRow(i + 1, source.id, received, body, args.batch_size)
+                                      for i, body in enumerate(batch)])
+    dispatcher = Dispatcher(cast(Store, store), Router(store, {source.id: source}), settings,
+                            Metrics([source.id]), Backlog(10**9), lambda src: None)
+    # as the worker does (`gateway.worker`): start-up's objects left out of collections
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    dispatcher.stop()  # route what the inbox holds, commit, return
+    wall, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+    await dispatcher.run()
+    main_cpu = time.thread_time() - main_cpu
+    cpu = time.process_time() - cpu
+    wall = time.perf_counter() - wall
+    events = len(batch) * args.batch_size
+    if sqlite is not None:
+        counts = await sqlite.counts()
+        await sqlite.close()
+        if counts.inbox:
+            raise SystemExit(f"the inbox still holds {counts.inbox} messages")
+    elif memory is not None and sum(memory.applied.values()) != events:
+        raise SystemExit(f"{sum(memory.applied.values())} of {events} messages applied")
+    us = 1e6 / events
+    out: dict[str, Any] = {"router_file": router_module.__file__, "events": events,
+                           "wall_s": round(wall, 3), "cpu_us_per_event": round(cpu * us, 3)}
+    if sqlite is not None:
+        out["dispatcher_thread_us_per_event"] = round(main_cpu * us, 3)
+        out["writer_us_per_event"] = round((cpu - main_cpu) * us, 3)
+    return out
+
+
+def child(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-apply-") as tmp:
+        result = asyncio.run(one_pass(args, Path(tmp)))
+    print(json.dumps(result))
+    return 0
+
+
+# the parent: a compiled copy, then alternated passes
+
+
+def class_keywords(path: Path) -> list[str]:
+    """The classes of `path` defined with keywords (other than `metaclass`)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [f"{path.name}: class {node.name}({', '.join(k.arg or '**' for k in node.keywords)}=)"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            and any(k.arg != "metaclass" for k in node.keywords)]
+
+
+def compiled_copy(sources: list[str], dest: Path) -> Path:
+    """This checkout's `gateway` copied under `dest`, `sources` compiled there by mypyc."""
+    refused = [c for s in sources for c in class_keywords(ROOT / s)]
+    if refused:
+        raise SystemExit("mypyc would drop these class keywords (python/mypy#21938): "
+                         + "; ".join(refused))
+    shutil.copytree(ROOT / "gateway", dest / "gateway",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    mypyc = Path(sys.executable).with_name("mypyc")
+    print(f"compiling {len(sources)} modules with mypyc...", file=sys.stderr)
+    done = subprocess.run([str(mypyc), *sources], cwd=dest, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"mypyc failed:\n{done.stdout}\n{done.stderr}")
+    return dest
+
+
+def run_pass(args: argparse.Namespace, first: Path, workload: str, store: str,
+             stored: Path) -> dict[str, Any]:
+    if not args.callgrind:
+        result = run_child(args, first, workload, store, stored, args.events)
+    else:
+        small = run_child(args, first, workload, store, stored, args.events, callgrind=True)
+        result = run_child(args, first, workload, store, stored, 3 * args.events,
+                           callgrind=True)
+        events = result["events"] - small["events"]
+        result["instructions_per_event"] = round(
+            (result["instructions"] - small["instructions"]) / events)
+    if not Path(result["router_file"]).is_relative_to(first):
+        raise SystemExit(f"the pass imported {result['router_file']}, not from {first}")
+    return result
+
+
+def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, stored: Path,
+              events: int, callgrind: bool = False) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(first), str(SCRIPTS)])
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
+           "--workload", workload, "--store", store, "--events", str(events),
+           "--batch-size", str(args.batch_size), "--bodies", str(stored)]
+    if callgrind:
+        env["PYTHONHASHSEED"] = "0"
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"pass {first}/{workload}/{store} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if callgrind:
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if found is None:
+            raise SystemExit(f"no instruction count from callgrind:\n{done.stderr}")
+        result["instructions"] = int(found.group(1))
+    return result
+
+
+def parent(args: argparse.Namespace) -> int:
+    results: Results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-apply-") as tmp:
+        folders = {"pure": ROOT, "main": args.main.resolve() if args.main else ROOT}
+        if "compiled" in args.mode_list:
+            folders["compiled"] = compiled_copy(args.compile.split(","), Path(tmp) / "compiled")
+        # made once: every pass applies the same bodies, and none spends its time making them
+        stored = {w: Path(tmp) / f"{w}.msgpack" for w in args.workloads.split(",")}
+        made = argparse.Namespace(**vars(args))
+        made.events = args.events * (3 if args.callgrind else 1)
+        for w, path in stored.items():
+            path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
+        for store in args.stores.split(","):
+            for workload in args.workloads.split(","):
+                for _ in range(args.rounds):
+                    for mode in args.mode_list:
+                        r = run_pass(args, folders[mode], workload, store, stored[workload])
+                        r["load_average"] = round(os.getloadavg()[0], 2)
+                        results.setdefault(store, {}).setdefault(workload, {}).setdefault(
+                            mode, []).append(r)
+                        ins = r.get("instructions_per_event")
+                        print(f"{store:6} {workload:5} {mode:8} {r['cpu_us_per_event']:6.2f} "
+                              f"µs an event" + (f", {ins} instructions" if ins else "")
+                              + f" (load {r['load_average']}, {r['router_file']})",
+                              file=sys.stderr)
+    return report(args, results)
+
+
+def summary(passes: list[dict[str, Any]], field: str) -> dict[str, Any]:
+    values = [p[field] for p in passes]
+    return {"passes": values, "min": min(values), "median": round(statistics.median(values), 3)}
+
+
+def report(args: argparse.Namespace, results: Results) -> int:
+    out: dict[str, Any] = {
+        "measure": "callgrind" if args.callgrind else "cpu", "events": args.events, "batch_events": args.batch_size, "accounts": args.accounts,
+        "users": args.users, "rounds": args.rounds, "modes": args.mode_list,
+    }
+    if "compiled" in args.mode_list:
+        out["compiled"] = args.compile.split(",")
+    for store, by_workload in results.items():
+        for workload, by_mode in by_workload.items():
+            entry: dict[str, Any] = {}
+            for mode, runs in by_mode.items():
+                entry[mode] = {"cpu_us_per_event": summary(runs, "cpu_us_per_event"),
+                               "load_average": [r["load_average"] for r in runs]}
+                if store == "sqlite":
+                    for field in ("dispatcher_thread_us_per_event", "writer_us_per_event"):
+                        entry[mode][field] = summary(runs, field)
+                if args.callgrind:
+                    entry[mode]["instructions_per_event"] = summary(
+                        runs, "instructions_per_event")
+            measure = "instructions_per_event" if args.callgrind else "cpu_us_per_event"
+            for mode in ("compiled", "main"):
+                if "pure" in entry and mode in entry:
+                    entry[f"{mode}_vs_pure"] = round(
+                        entry[mode][measure]["median"] / entry["pure"][measure]["median"], 3)
+            out[f"{store}_{workload}"] = entry
+    line = json.dumps(out)
+    print(line)
+    if args.json:
+        args.json.write_text(line + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
