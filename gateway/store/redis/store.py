@@ -369,6 +369,10 @@ class RedisStore:
             for key, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
                 i = at[key]
                 found.append((owned[i], readings[i], entries))
+        read = sum(len(entries) for _, _, entries in found)
+        if self.metrics is not None and read:
+            self.metrics.reads.inc()
+            self.metrics.entries.inc(read)
         for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
@@ -460,6 +464,8 @@ class RedisStore:
                         time.sleep(UNANSWERED)
                 if not ok:
                     raise PartitionLost(partition)
+                if self.metrics is not None:
+                    self.metrics.commits.inc()
             return result, turn.rows, moved, turn.state.new_day
 
         assert self._pool is not None, "store is not open for applying"
