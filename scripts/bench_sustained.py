@@ -14,8 +14,10 @@
 
 Reported: acknowledged events/s (the burst), sustained events/s (the events applied over
 the time from the burst's start to the last one applied), both against the no-op ceiling
-of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM); the
-pipeline worker's CPU time per event (user + system, from /proc).
+of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM) and each
+one's own peak (`hwm_mb`); the pipeline worker's CPU time per event (user + system, from
+/proc); each process's CPU share (CPU seconds per second) in the burst and in the apply
+after it (`cpu_share`: below 1 for the worker, it waited, or the machine was busy).
 
 With `--store redis`, step 2 and 3 run twice on the same bodies, the same machine and the
 same load: SQLite mode, then one gateway in Redis mode on a fresh `redis-server` (AOF on,
@@ -23,7 +25,10 @@ same load: SQLite mode, then one gateway in Redis mode on a fresh `redis-server`
 Redis mode's rates over SQLite mode's (the target is a sustained ratio of at least 0.5),
 and, from Redis's INFO over the burst and its apply, Redis commands, network bytes in and
 out, Redis's own CPU time (user + system), `used_memory` growth and AOF growth, each per
-event applied. Accoil is unreachable in both runs, so the outbox keeps every call: the
+event applied, and the ten commands called most per event (`calls_per_event`, those run
+inside scripts included); from the worker's own counters (`/metrics`), its stream reads
+and the entries each brought, and its partition commits and the events each applied
+(`pipeline`). Accoil is unreachable in both runs, so the outbox keeps every call: the
 Redis figures include writing the outbox and the forwarder's retries, not draining it.
 
 The last line of output is one JSON object.

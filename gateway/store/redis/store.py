@@ -98,6 +98,9 @@ THREADS = 4  # partition turns committed at once
 UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
 
 
+_FIELDS = [b"s", b"t", b"n", b"b"]  # an inbox entry's fields, in the order ingest writes them
+
+
 def row_id(partition: int, entry: str) -> int:
     """An inbox row's id: its stream entry id and its partition, in one int that grows
     with the entry id within a partition."""
@@ -400,14 +403,25 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
+        # a few µs an entry, on the pipeline's loop: the fields by position when they come in
+        # the order ingest writes them, each source's name decoded once a read, `row_id` inline
+        append = self._buffer.append
+        sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
+                if fields[::2] == _FIELDS:
+                    s, t, n, b = fields[1::2]
+                else:
+                    f = dict(zip(fields[::2], fields[1::2], strict=True))
+                    s, t, n, b = f[b"s"], f[b"t"], f[b"n"], f[b"b"]
+                source = sources.get(s)
+                if source is None:
+                    source = sources[s] = s.decode()
+                ms, _, seq = entry.partition("-")
+                row = (((int(ms) << 20) | int(seq)) << ID_BITS) | p  # row_id(p, entry)
+                append((InboxRow(row, source, float(t), b, int(n), p), r))
                 r.after = entry
-                f = dict(zip(fields[::2], fields[1::2], strict=True))
-                self._buffer.append((InboxRow(
-                    row_id(p, entry), f[b"s"].decode(), float(f[b"t"]), f[b"b"], int(f[b"n"]), p,
-                ), r))
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
         """`commands` in one round trip, their replies raw: on one node packed in C on one
