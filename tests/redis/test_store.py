@@ -328,6 +328,23 @@ async def test_a_read_sent_ahead_under_a_lost_ownership_hands_nothing(store: Red
     assert again[0] == first[0].id
 
 
+async def test_an_entry_is_read_whatever_the_order_of_its_fields(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # ingest writes s, t, n, b and the read takes them by position; another order (a
+    # hand-made entry, a future writer) is read by name
+    p = partition_of(SOURCE.id, "u1", P)
+    await store.accept(SOURCE.id, NOW, batch(["u1"] * 2), 2)
+    body = batch(["u1"], 5)
+    redis_server.client().xadd(
+        f"{{p{p}}}:inbox", {"b": body, "n": 1, "t": repr(NOW + 1), "s": SOURCE.id})
+    rows = await store.inbox_after(0, 100)
+    assert [(r.source, r.received_at, r.count, r.partition) for r in rows] == [
+        (SOURCE.id, NOW, 2, p), (SOURCE.id, NOW + 1, 1, p)]
+    assert rows[1].body == body and rows[0].id < rows[1].id
+    assert rows[1].id == row_id(p, entry_of(rows[1].id))
+
+
 async def test_a_turn_is_freed_without_the_garbage_collector(store: RedisStore) -> None:
     # a turn holds every value it writes (its ops): in a reference cycle it would wait for the
     # collector's rare full passes, and the worker's memory would grow with the burst
