@@ -177,10 +177,10 @@ class Burst:
         processes = {"front": gw.child.pid} | ({} if worker is None else {"worker": worker})
         snapshots = [cpu_snapshot(processes, redis)]
 
-        def ledger_events() -> int:
+        def ledger_events(whole: bool = True) -> int:
             stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
             events: int = stats["ledger"]["events"]
-            return events if stats["inbox_messages"] == 0 else -1
+            return events if stats["inbox_messages"] == 0 or not whole else -1
 
         t0 = time.monotonic()
         run = self.load(gw.url)
@@ -189,6 +189,7 @@ class Burst:
         acked = run.ok * run.events_per_request
         burst_end = time.monotonic()
         snapshots.append(cpu_snapshot(processes, redis))
+        in_burst = ledger_events(whole=False)  # applied while the burst came in
         wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
                  what="every acknowledged event in the ledger")
         applied_at = time.monotonic()
@@ -213,6 +214,16 @@ class Burst:
             "vm_hwm_mb": round(sampler.hwm / MB, 1),
             # each process's own peak: which one grows with the burst
             "hwm_mb": {name: round(hwm_kb(pid) / MB, 1) for name, pid in processes.items()},
+            # the worker's cost an event differs between applying beside the burst (small
+            # reads and turns, the cores shared with ingest) and after it
+            "applied_in_burst": in_burst,
+            "worker_cpu_us_per_event_by_phase": {
+                phase: round((b["worker"] - a["worker"]) / n * 1e6, 2) if n > 0 else None
+                for phase, a, b, n in (
+                    ("burst", snapshots[0], snapshots[1], in_burst),
+                    ("apply", snapshots[1], snapshots[2], applied - in_burst),
+                ) if "worker" in a and "worker" in b
+            },
             # busy or waiting: CPU seconds per second of each process in each phase
             "cpu_share": {
                 "burst": cpu_shares(snapshots[0], snapshots[1]),

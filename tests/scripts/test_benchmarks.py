@@ -172,6 +172,8 @@ def test_bench_sustained_store_redis_runs_both_modes_side_by_side(tmp_path: Path
     assert pipeline["events_per_commit"] == pytest.approx(
         redis["ledger_events"] / pipeline["commits"], rel=2e-3, abs=0.1)
     for gw in (sqlite, redis):
+        assert 0 <= gw["applied_in_burst"] <= gw["ledger_events"]
+        assert set(gw["worker_cpu_us_per_event_by_phase"]) == {"burst", "apply"}
         assert gw["hwm_mb"]["front"] > 0 and gw["hwm_mb"]["worker"] > 0
         for phase in ("burst", "apply"):
             shares = gw["cpu_share"][phase]
