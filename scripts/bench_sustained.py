@@ -14,8 +14,10 @@
 
 Reported: acknowledged events/s (the burst), sustained events/s (the events applied over
 the time from the burst's start to the last one applied), both against the no-op ceiling
-of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM); the
-pipeline worker's CPU time per event (user + system, from /proc).
+of the same run; the peak RSS of both processes (sampled every 100 ms, and VmHWM) and each
+one's own peak (`hwm_mb`); the pipeline worker's CPU time per event (user + system, from
+/proc); each process's CPU share (CPU seconds per second) in the burst and in the apply
+after it (`cpu_share`: below 1 for the worker, it waited, or the machine was busy).
 
 With `--store redis`, step 2 and 3 run twice on the same bodies, the same machine and the
 same load: SQLite mode, then one gateway in Redis mode on a fresh `redis-server` (AOF on,
@@ -23,7 +25,10 @@ same load: SQLite mode, then one gateway in Redis mode on a fresh `redis-server`
 Redis mode's rates over SQLite mode's (the target is a sustained ratio of at least 0.5),
 and, from Redis's INFO over the burst and its apply, Redis commands, network bytes in and
 out, Redis's own CPU time (user + system), `used_memory` growth and AOF growth, each per
-event applied. Accoil is unreachable in both runs, so the outbox keeps every call: the
+event applied, and the ten commands called most per event (`calls_per_event`, those run
+inside scripts included); from the worker's own counters (`/metrics`), its stream reads
+and the entries each brought, and its partition commits and the events each applied
+(`pipeline`). Accoil is unreachable in both runs, so the outbox keeps every call: the
 Redis figures include writing the outbox and the forwarder's retries, not draining it.
 
 The last line of output is one JSON object.
@@ -36,6 +41,7 @@ import asyncio
 import secrets
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +150,14 @@ class Burst:
             sampler = Sampler(gw.child.pid)
             try:
                 before = None if redis is None else redis_counters(redis)
-                result = self._measure(gw, sampler)
-                if redis is not None and before is not None:
-                    result["redis"] = redis_figures(
-                        redis, before, redis_counters(redis), result["ledger_events"])
+                token = self.keys.admin_token
+                counted = None if redis is None else pipeline_counters(gw, token)
+                result = self._measure(gw, sampler, redis)
+                if redis is not None and before is not None and counted is not None:
+                    events = result["ledger_events"]
+                    result["redis"] = redis_figures(redis, before, redis_counters(redis), events)
+                    result["pipeline"] = pipeline_figures(
+                        counted, pipeline_counters(gw, token), events)
                 return result
             finally:
                 sampler.stop()
@@ -157,16 +167,20 @@ class Burst:
             if redis is not None:
                 redis.stop()
 
-    def _measure(self, gw: Service, sampler: Sampler) -> dict[str, Any]:
+    def _measure(
+        self, gw: Service, sampler: Sampler, redis: RedisServer | None = None
+    ) -> dict[str, Any]:
         workers = descendants(gw.child.pid)
         worker = workers[0] if workers else None
         cpu0 = cpu_seconds(worker) if worker is not None else None
         start = memory(gw.child.pid)
+        processes = {"front": gw.child.pid} | ({} if worker is None else {"worker": worker})
+        snapshots = [cpu_snapshot(processes, redis)]
 
-        def ledger_events() -> int:
+        def ledger_events(whole: bool = True) -> int:
             stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
             events: int = stats["ledger"]["events"]
-            return events if stats["inbox_messages"] == 0 else -1
+            return events if stats["inbox_messages"] == 0 or not whole else -1
 
         t0 = time.monotonic()
         run = self.load(gw.url)
@@ -174,10 +188,13 @@ class Burst:
         # when it stopped were acknowledged too, so the ledger may hold a few batches more
         acked = run.ok * run.events_per_request
         burst_end = time.monotonic()
+        snapshots.append(cpu_snapshot(processes, redis))
+        in_burst = ledger_events(whole=False)  # applied while the burst came in
         wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
                  what="every acknowledged event in the ledger")
         applied_at = time.monotonic()
         cpu1 = cpu_seconds(worker) if worker is not None else None
+        snapshots.append(cpu_snapshot(processes, redis))
         applied = ledger_events()
         worker_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
         return {
@@ -195,19 +212,88 @@ class Burst:
             "rss_start_mb": None if start is None else round(start.rss_kb / MB, 1),
             "peak_rss_mb": round(sampler.peak / MB, 1),
             "vm_hwm_mb": round(sampler.hwm / MB, 1),
+            # each process's own peak: which one grows with the burst
+            "hwm_mb": {name: round(hwm_kb(pid) / MB, 1) for name, pid in processes.items()},
+            # the worker's cost an event differs between applying beside the burst (small
+            # reads and turns, the cores shared with ingest) and after it
+            "applied_in_burst": in_burst,
+            "worker_cpu_us_per_event_by_phase": {
+                phase: round((b["worker"] - a["worker"]) / n * 1e6, 2) if n > 0 else None
+                for phase, a, b, n in (
+                    ("burst", snapshots[0], snapshots[1], in_burst),
+                    ("apply", snapshots[1], snapshots[2], applied - in_burst),
+                ) if "worker" in a and "worker" in b
+            },
+            # busy or waiting: CPU seconds per second of each process in each phase
+            "cpu_share": {
+                "burst": cpu_shares(snapshots[0], snapshots[1]),
+                "apply": cpu_shares(snapshots[1], snapshots[2]),
+            },
         }
+
+
+def cpu_snapshot(processes: dict[str, int], redis: RedisServer | None) -> dict[str, float]:
+    """Now (monotonic) and the CPU seconds each process has used so far."""
+    out = {"t": time.monotonic()}
+    for name, pid in processes.items():
+        used = cpu_seconds(pid)
+        if used is not None:
+            out[name] = used
+    if redis is not None:
+        with redis.client() as c:
+            info = c.info("cpu")
+        out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return out
+
+
+def cpu_shares(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Each process's CPU seconds per wall second between two snapshots (1.0: one core)."""
+    wall = max(b["t"] - a["t"], 1e-9)
+    return {k: round((b[k] - a[k]) / wall, 3) for k in a if k != "t" and k in b}
+
+
+def hwm_kb(pid: int) -> int:
+    """The process's own peak resident size (VmHWM), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pipeline_counters(gw: Service, token: str) -> dict[str, float]:
+    """The Redis-mode pipeline's own counters, from the gateway's /metrics."""
+    names = {
+        "accoil_gateway_inbox_reads_total": "reads",
+        "accoil_gateway_inbox_entries_read_total": "entries",
+        "accoil_gateway_partition_commits_total": "commits",
+    }
+    req = urllib.request.Request(gw.url + "/metrics")
+    req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            out[names[name]] = float(value)
+    return out
 
 
 def redis_counters(server: RedisServer) -> dict[str, float]:
     """Redis's running totals: commands, network bytes, CPU seconds, memory, AOF bytes."""
     with server.client() as c:
         info = c.info()
-        commands = sum(v["calls"] for k, v in c.info("commandstats").items()
-                       if k.startswith("cmdstat_"))
+        calls = {k.removeprefix("cmdstat_"): float(v["calls"])
+                 for k, v in c.info("commandstats").items() if k.startswith("cmdstat_")}
     folder = server.dir / "appendonlydir"
     aof = sum(f.stat().st_size for f in folder.iterdir()) if folder.exists() else 0
     return {
-        "commands": float(commands),
+        **{"calls:" + k: v for k, v in calls.items()},
+        "commands": sum(calls.values()),
         "net_in": float(info["total_net_input_bytes"]),
         "net_out": float(info["total_net_output_bytes"]),
         "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
@@ -220,8 +306,12 @@ def redis_figures(
     server: RedisServer, before: dict[str, float], after: dict[str, float], events: int
 ) -> dict[str, Any]:
     """What the burst and its apply cost Redis, per event applied."""
-    d = {k: after[k] - before[k] for k in before}
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
     n = max(events, 1)
+    # the commands that make most of an event's cost, per event (scripts' own commands
+    # counted too: XADD runs inside ingest's EVAL)
+    calls = sorted(((k.removeprefix("calls:"), v) for k, v in d.items()
+                    if k.startswith("calls:") and v), key=lambda kv: -kv[1])
     with server.client() as c:
         keys = int(c.dbsize())
     return {
@@ -235,6 +325,21 @@ def redis_figures(
         "aof_bytes_per_event": round(d["aof"] / n, 1),
         "keys": keys,
         "appendfsync": server.appendfsync,
+        "calls_per_event": {k: round(v / n, 3) for k, v in calls[:10]},
+    }
+
+
+def pipeline_figures(
+    before: dict[str, float], after: dict[str, float], events: int
+) -> dict[str, Any]:
+    """How the Redis-mode worker read and committed: entries a read brought, events a
+    partition commit applied."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("reads", "entries", "commits")}
+    return {
+        "reads": int(d["reads"]),
+        "entries_per_read": round(d["entries"] / d["reads"], 1) if d["reads"] else None,
+        "commits": int(d["commits"]),
+        "events_per_commit": round(events / d["commits"], 1) if d["commits"] else None,
     }
 
 
@@ -304,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
             ("Redis network bytes in / out per event",
              f"{rg['redis']['net_in_bytes_per_event']} / {rg['redis']['net_out_bytes_per_event']}"),
             ("Redis CPU (us/event)", rg["redis"]["cpu_us_per_event"]),
+            ("Redis mode, apply: CPU share of worker / front / Redis",
+             " / ".join(str(rg["cpu_share"]["apply"].get(k)) for k in ("worker", "front", "redis"))),
+            ("Redis mode: entries per read, events per partition commit",
+             f"{rg['pipeline']['entries_per_read']}, {rg['pipeline']['events_per_commit']}"),
+            ("Redis mode: peak RSS of front / worker (MB)",
+             f"{rg['hwm_mb'].get('front')} / {rg['hwm_mb'].get('worker')}"),
             ("Redis used_memory / AOF growth (bytes/event)",
              f"{rg['redis']['used_memory_bytes_per_event']} / "
              f"{rg['redis']['aof_bytes_per_event']}"),

@@ -37,6 +37,17 @@ async def owned(gw: Running) -> int:
     return int(float(found.group(1))) if found else -1
 
 
+async def counters(gw: Running) -> dict[str, float]:
+    """The pipeline's stream reads, entries read and partition commits, from /metrics."""
+    text = await (await gw.http.get(gw.url + "/metrics")).text()
+    out = {}
+    for name in ("inbox_reads", "inbox_entries_read", "partition_commits"):
+        found = re.search(rf"^accoil_gateway_{name}_total (\S+)$", text, re.M)
+        assert found, f"no accoil_gateway_{name}_total in /metrics"
+        out[name] = float(found.group(1))
+    return out
+
+
 async def test_two_gateways_divide_the_partitions_and_the_ledger_is_exact(
     mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -59,6 +70,12 @@ async def test_two_gateways_divide_the_partitions_and_the_ledger_is_exact(
         await b.idle(timeout=30)
         status, ledger = await b.admin("GET", "/admin/ledger")
         status_a, stats = await a.admin("GET", "/admin/stats")
+        # 20 users over 8 partitions: each gateway read entries of its 4 and committed them
+        # (the worker's counters, through the front's /metrics)
+        for gw in (a, b):
+            c = await counters(gw)
+            assert c["inbox_entries_read"] >= c["inbox_reads"] >= 1
+            assert c["partition_commits"] >= 1
     assert status == 200 and status_a == 200
     assert sum(r["count"] for r in ledger["ledger"]) == 500
     assert {r["userId"]: r["count"] for r in ledger["ledger"]} == {f"u{u}": 25 for u in range(20)}

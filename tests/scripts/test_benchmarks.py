@@ -170,3 +170,22 @@ def test_bench_sustained_store_redis_runs_both_modes_side_by_side(tmp_path: Path
     # every applied event went through Redis: at least its XADD share and its commit
     assert figures["commands"] > 0 and figures["commands_per_event"] > 0.1
     assert figures["cpu_us_per_event"] > 0 and figures["net_in_bytes_per_event"] > 50
+    # by command: each part of a request is an XADD (inside ingest's script), each
+    # partition turn a commit script
+    assert figures["calls_per_event"]["xadd"] > 0 and figures["calls_per_event"]["evalsha"] > 0
+    # how the worker read and committed, from its own counters
+    pipeline = redis["pipeline"]
+    assert pipeline["reads"] > 0 and pipeline["entries_per_read"] >= 1
+    assert pipeline["commits"] > 0
+    assert pipeline["events_per_commit"] == pytest.approx(
+        redis["ledger_events"] / pipeline["commits"], rel=2e-3, abs=0.1)
+    for gw in (sqlite, redis):
+        assert 0 <= gw["applied_in_burst"] <= gw["ledger_events"]
+        assert set(gw["worker_cpu_us_per_event_by_phase"]) == {"burst", "apply"}
+        assert gw["hwm_mb"]["front"] > 0 and gw["hwm_mb"]["worker"] > 0
+        for phase in ("burst", "apply"):
+            shares = gw["cpu_share"][phase]
+            assert set(shares) >= {"front", "worker"} and all(v >= 0 for v in shares.values())
+    # the front took the burst's requests; Redis's share is measured in Redis mode only
+    assert redis["cpu_share"]["burst"]["front"] > 0 and "redis" in redis["cpu_share"]["burst"]
+    assert "redis" not in sqlite["cpu_share"]["burst"]

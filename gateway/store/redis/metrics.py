@@ -22,6 +22,17 @@ class RedisMetrics:
             _P + "partition_lag",
             "Inbox entries of a partition not yet applied (stream length past the cursor), "
             "for the partitions this gateway owns.", ["partition"], registry=registry)
+        self.reads = Counter(
+            _P + "inbox_reads",
+            "Reads of the owned inbox streams that found entries (one XREAD on one node, a "
+            "pipeline of XRANGEs on a Cluster).", registry=registry)
+        self.entries = Counter(
+            _P + "inbox_entries_read", "Inbox stream entries read by this gateway's pipeline.",
+            registry=registry)
+        self.commits = Counter(
+            _P + "partition_commits",
+            "Partition turns committed (one fenced script each, with the partition's cursor).",
+            registry=registry)
         for change in CHANGES:
             self.lease_changes.labels(change)
         self._lagging: set[int] = set()

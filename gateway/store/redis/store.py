@@ -98,6 +98,9 @@ THREADS = 4  # partition turns committed at once
 UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
 
 
+_FIELDS = [b"s", b"t", b"n", b"b"]  # an inbox entry's fields, in the order ingest writes them
+
+
 def row_id(partition: int, entry: str) -> int:
     """An inbox row's id: its stream entry id and its partition, in one int that grows
     with the entry id within a partition."""
@@ -121,6 +124,16 @@ class _Reading:
         self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
 
 
+class _Applied:
+    """A turn's inbox side: the rows it applied (their entries move the cursor)."""
+
+    def __init__(self) -> None:
+        self.rows: set[int] = set()
+
+    def applied(self, done: Any) -> None:
+        self.rows.update(done)
+
+
 class _Turn:
     """One partition's turn: every role's transactional side."""
 
@@ -131,11 +144,13 @@ class _Turn:
         self.state = StateTurn(client, ops, now, window, days)
         self.outbox = OutboxTurn(client, ops, now)
         self.dead = DeadTurn(client, ops, now)
-        self.inbox = self
-        self.rows: set[int] = set()
+        # not the turn itself: a reference cycle would keep each turn's ops (every value
+        # it wrote) until the garbage collector's rare full passes, growing with the burst
+        self.inbox = _Applied()
 
-    def applied(self, done: Any) -> None:
-        self.rows.update(done)
+    @property
+    def rows(self) -> set[int]:
+        return self.inbox.rows
 
 
 class RedisStore:
@@ -155,6 +170,8 @@ class RedisStore:
         self.leases: Leases | None = None
         self._reading: dict[int, _Reading] = {}
         self._buffer: deque[tuple[InboxRow, _Reading]] = deque()
+        self._next: asyncio.Task[None] | None = None  # the read sent ahead, in flight
+        self._backlog = False  # the last read found many entries: more are waiting
         self._pool: ThreadPoolExecutor | None = None
         self._owning: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
@@ -212,12 +229,12 @@ class RedisStore:
         self._owning = asyncio.create_task(self._own(), name="leases")
 
     async def close(self) -> None:
-        for task in (self._owning, self._probe):
+        for task in (self._owning, self._probe, self._next):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._owning = self._probe = None
+        self._owning = self._probe = self._next = None
         if self.leases is not None:
             await self.leases.stop()
             self._reading.clear()
@@ -328,6 +345,9 @@ class RedisStore:
         return value
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
+        if self._next is not None and (not self._buffer or self._next.done()):
+            next_read, self._next = self._next, None
+            await next_read
         if not self._buffer:
             await self._answered("inbox", self._read_ahead, None)
         rows: list[InboxRow] = []
@@ -337,11 +357,20 @@ class RedisStore:
                 continue  # read under an ownership since lost
             reading.handed.append(row.id)
             rows.append(row)
+        if self._backlog and self._buffer and self._next is None:
+            # a backlog: send the next read now, so that Redis answers it while these rows
+            # are routed (one read in flight at a time: each starts after the entries the
+            # one before it read, `_Reading.after`). Not while entries trickle in: reads
+            # back to back would each bring a few
+            self._next = asyncio.create_task(
+                self._answered("inbox", self._read_ahead, None), name="inbox-read")
+            await asyncio.sleep(0)  # the task's first step: the read is on the wire
         return rows
 
     async def _read_ahead(self) -> None:
         owned = self._owned()
         if not owned:
+            self._backlog = False
             return
         each = max(1, READ // len(owned))
         readings = [self._reading[p] for p in owned]
@@ -369,14 +398,30 @@ class RedisStore:
             for key, entries in (reply.items() if isinstance(reply, dict) else reply or ()):
                 i = at[key]
                 found.append((owned[i], readings[i], entries))
+        read = sum(len(entries) for _, _, entries in found)
+        self._backlog = read >= READ // 2
+        if self.metrics is not None and read:
+            self.metrics.reads.inc()
+            self.metrics.entries.inc(read)
+        # a few µs an entry, on the pipeline's loop: the fields by position when they come in
+        # the order ingest writes them, each source's name decoded once a read, `row_id` inline
+        append = self._buffer.append
+        sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
+                if fields[::2] == _FIELDS:
+                    s, t, n, b = fields[1::2]
+                else:
+                    f = dict(zip(fields[::2], fields[1::2], strict=True))
+                    s, t, n, b = f[b"s"], f[b"t"], f[b"n"], f[b"b"]
+                source = sources.get(s)
+                if source is None:
+                    source = sources[s] = s.decode()
+                ms, _, seq = entry.partition("-")
+                row = (((int(ms) << 20) | int(seq)) << ID_BITS) | p  # row_id(p, entry)
+                append((InboxRow(row, source, float(t), b, int(n), p), r))
                 r.after = entry
-                f = dict(zip(fields[::2], fields[1::2], strict=True))
-                self._buffer.append((InboxRow(
-                    row_id(p, entry), f[b"s"].decode(), float(f[b"t"]), f[b"b"], int(f[b"n"]), p,
-                ), r))
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
         """`commands` in one round trip, their replies raw: on one node packed in C on one
@@ -460,6 +505,8 @@ class RedisStore:
                         time.sleep(UNANSWERED)
                 if not ok:
                     raise PartitionLost(partition)
+                if self.metrics is not None:
+                    self.metrics.commits.inc()
             return result, turn.rows, moved, turn.state.new_day
 
         assert self._pool is not None, "store is not open for applying"
