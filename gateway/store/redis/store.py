@@ -404,7 +404,7 @@ class RedisStore:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
         # a few µs an entry, on the pipeline's loop: the fields by position when they come in
-        # the order ingest writes them, each source's name decoded once a read, `row_id` inline
+        # the order ingest writes them, each source's name decoded once a read
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
@@ -418,9 +418,7 @@ class RedisStore:
                 source = sources.get(s)
                 if source is None:
                     source = sources[s] = s.decode()
-                ms, _, seq = entry.partition("-")
-                row = (((int(ms) << 20) | int(seq)) << ID_BITS) | p  # row_id(p, entry)
-                append((InboxRow(row, source, float(t), b, int(n), p), r))
+                append((InboxRow(row_id(p, entry), source, float(t), b, int(n), p), r))
                 r.after = entry
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
