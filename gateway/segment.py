@@ -11,6 +11,7 @@ needs userId or anonymousId) is checked after decoding, by both paths.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Iterable, Sequence
@@ -412,16 +413,32 @@ class _MessageId(msgspec.Struct):
     messageId: str | None = None
 
 
+def _double(text: str) -> float | None:
+    """A JSON number with a fraction or an exponent, where a message holds any value
+    (`float_hook`): beyond the double range (1e400, -1e400) it is null, as Segment's
+    JavaScript reads it (JSON.parse gives Infinity, JSON.stringify sends it on as null).
+    msgspec refuses such a number, but only where it builds a value: the check skips the
+    objects it does not read, so without this the verdicts would differ (DESIGN 2)."""
+    value = float(text)
+    return None if math.isinf(value) else value
+
+
 # Decoders and encoders hold no state between calls; building them once is the point.
-_BATCH = msgspec.json.Decoder(Batch)
+# Each that builds a value of any type reads numbers out of range as null (`_double`,
+# `_lenient`), so that the check, the model and the stored decode agree on them.
+_BATCH = msgspec.json.Decoder(Batch, float_hook=_double)
+# (not the check's: the one value it builds, a message's writeKey, out of range fails there,
+# and `_decode_each` decides as the model does)
 _CHECK = msgspec.json.Decoder(_CheckBatch)
 _FAST = msgspec.json.Decoder(_FastBatch)
-_ENVELOPE = msgspec.json.Decoder(_Envelope)
-_MESSAGE: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+_ENVELOPE = msgspec.json.Decoder(_Envelope, float_hook=_double)
+_MESSAGE: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message, float_hook=_double)
 _MESSAGE_ID = msgspec.json.Decoder(_MessageId)
-_STORED = msgspec.json.Decoder(_StoredBatch)
-_STORED_ENVELOPE = msgspec.json.Decoder(_StoredEnvelope)
-_STORED_MESSAGE: msgspec.json.Decoder[StoredMessage] = msgspec.json.Decoder(StoredMessage)
+_STORED = msgspec.json.Decoder(_StoredBatch, float_hook=_double)
+_STORED_ENVELOPE = msgspec.json.Decoder(_StoredEnvelope, float_hook=_double)
+_STORED_MESSAGE: msgspec.json.Decoder[StoredMessage] = msgspec.json.Decoder(
+    StoredMessage, float_hook=_double
+)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _STR = msgspec.json.Decoder(str)
 _ENCODER = msgspec.json.Encoder()
@@ -453,7 +470,7 @@ def decode_stored(body: bytes) -> Stored:
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _not_json(exc) from None
     if len(body) > MAX_MESSAGE_BYTES:
-        envelope = _STORED_ENVELOPE.decode(body)
+        envelope = _lenient(_STORED_ENVELOPE, body)
         if any(len(raw) > MAX_MESSAGE_BYTES for raw in envelope.batch):
             return _stored_each(body, envelope)
     if _some_anonymous(parsed.batch):
@@ -491,7 +508,7 @@ def _stored_each(body: bytes, envelope: _StoredEnvelope | None) -> Stored:
 def _stored_envelope(body: bytes) -> _StoredEnvelope:
     """`_strict(_ENVELOPE, ...)` as apply reads the batch, with the model's reason."""
     try:
-        return _STORED_ENVELOPE.decode(body)
+        return _lenient(_STORED_ENVELOPE, body)
     except msgspec.ValidationError as exc:
         _strict(_ENVELOPE, body, "invalid batch")  # raises: the model rejects it too
         raise InvalidBody(f"invalid batch: {_relative(str(exc))}") from None
@@ -502,16 +519,17 @@ def _stored_envelope(body: bytes) -> _StoredEnvelope:
 def in_full(body: bytes, stored: Stored, positions: Sequence[int]) -> list[AnyMessage]:
     """The messages at `positions` of `stored.messages` (read from `body`), as
     `decode_batch` models them: for a message apply may keep as a dead letter, which holds
-    the message as it always has. One the model cannot build (a number out of range in a
-    part `decode_stored` skips) comes back as `decode_stored` read it."""
-    raws = _ENVELOPE.decode(body).batch
+    the message as it always has."""
+    raws = _lenient(_ENVELOPE, body).batch
     if stored.rejected:
         skip = {r.index for r in stored.rejected}
         raws = [raw for i, raw in enumerate(raws) if i not in skip]
     out: list[AnyMessage] = []
     for position in positions:
         outcome = _decode_message(raws[position])
-        out.append(_STORED_MESSAGE.decode(raws[position]) if isinstance(outcome, str) else outcome)
+        # the model accepts every message `decode_stored` accepts (tests/unit/test_messages.py)
+        assert not isinstance(outcome, str), outcome
+        out.append(outcome)
     return out
 
 
@@ -577,7 +595,7 @@ def _stored(parsed: _B, body: bytes, keyed: bool) -> tuple[_B | Decoded, bytes]:
     """`parsed` and the body to store, without its write keys (`keyed`: it may hold some);
     or, when a message is too large, each message decoded on its own."""
     if len(body) > MAX_MESSAGE_BYTES or keyed:
-        envelope = _ENVELOPE.decode(body)
+        envelope = _lenient(_ENVELOPE, body)
         if len(body) > MAX_MESSAGE_BYTES and any(
             len(raw) > MAX_MESSAGE_BYTES for raw in envelope.batch
         ):
@@ -662,7 +680,7 @@ def _read_message(raw: bytes | msgspec.Raw, decoder: msgspec.json.Decoder[_M]) -
             f"message is {size:,} bytes, over the limit of 32 KB ({MAX_MESSAGE_BYTES:,} bytes)"
         )
     try:
-        message = decoder.decode(raw)
+        message = _lenient(decoder, raw)
     except msgspec.ValidationError as exc:
         return _relative(str(exc))
     except RecursionError:
@@ -760,11 +778,60 @@ def _check_utf8(body: bytes) -> None:
 def _strict(decoder: msgspec.json.Decoder[_T], body: bytes, invalid: str) -> _T:
     """`body` decoded, or the `InvalidBody` the client is told: `invalid` and msgspec's reason."""
     try:
-        return decoder.decode(body)
+        return _lenient(decoder, body)
     except msgspec.ValidationError as exc:
         raise InvalidBody(f"{invalid}: {_relative(str(exc))}") from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _not_json(exc) from None
+
+
+def _lenient(decoder: msgspec.json.Decoder[_T], data: bytes | msgspec.Raw) -> _T:
+    """`decoder.decode(data)`, where an integer too long for msgspec (over 4,300 characters,
+    far beyond a double) inside an object or array reads as null, as `_double` reads a
+    number beyond the double range: the check skips those objects without reading their
+    numbers, so it accepts such a message, and so must every decode that builds it."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "Integer value out of range" not in str(exc):
+            raise
+        nulled = _nulled(data)
+        if nulled is None:
+            raise
+    return decoder.decode(nulled)
+
+
+# A JSON string, or an integer (not a float's part) longer than msgspec reads: 4,300
+# characters, its sign included.
+_STRING_OR_LONG_INT = re.compile(
+    rb'"[^"\\]*(?:\\.[^"\\]*)*"|(?<![0-9.eE+-])(-[0-9]{4300,}|[0-9]{4301,})(?![0-9.eE])',
+    re.DOTALL,
+)
+
+
+def _nulled(data: bytes | msgspec.Raw) -> bytes | None:
+    """The JSON object `data` with every integer longer than msgspec reads inside the objects
+    and arrays its fields hold (but a batch's messages) made null; None when there is none
+    or `data` is not an object. Its fields' own values are left as they are: where a type
+    reads them, the type decides."""
+    try:
+        fields = _FIELDS.decode(data)
+    except msgspec.ValidationError:
+        return None
+    changed = False
+    for name, value in fields.items():
+        text = bytes(value)
+        if name == "batch" or text[:1] not in (b"{", b"["):
+            continue
+        nulled = _STRING_OR_LONG_INT.sub(_null_long_int, text)
+        if nulled != text:
+            fields[name] = msgspec.Raw(nulled)
+            changed = True
+    return _ENCODER.encode(fields) if changed else None
+
+
+def _null_long_int(match: re.Match[bytes]) -> bytes:
+    return match.group(0) if match.group(1) is None else b"null"
 
 
 def _not_json(exc: Exception) -> InvalidBody:

@@ -11,7 +11,15 @@ import pytest
 
 from gateway.config import Source
 from mock_accoil.server import MockAccoilServer
-from tests.contract.harness import API_KEY, WRITE_KEY, basic, running, settings_for
+from tests.contract import out_of_range
+from tests.contract.harness import (
+    ADMIN,
+    API_KEY,
+    WRITE_KEY,
+    basic,
+    running,
+    settings_for,
+)
 
 TS = "2026-11-20T10:00:00.000Z"
 
@@ -387,3 +395,23 @@ async def test_more_accounts_than_live_actors(mock_accoil: MockAccoilServer, tmp
         (_, ledger) = await gw.admin("GET", "/admin/ledger")
     assert len({row["account"] for row in ledger["ledger"]}) == 60
     assert sum(r["count"] for r in mock_accoil.counts(event="Report Built")) == 120
+
+
+async def test_numbers_out_of_range_forward_as_null_and_an_id_is_rejected(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # the same reply and the same calls whichever pipeline runs (inline or the worker's)
+    async with running(settings_for(mock_accoil.url, tmp_path, admin_token=ADMIN)) as gw:
+        status, reply = await gw.post("/v1/batch", data=out_of_range.BATCH,
+                                      headers={"Content-Type": "application/json"})
+        assert (status, reply) == (200, {"success": True, "rejected": out_of_range.REJECTED})
+        await gw.idle()
+        _, listing = await gw.admin("GET", "/admin/dead-letters")
+    calls = out_of_range.forwarded(mock_accoil.calls())
+    calls["/v2/track"].sort(key=lambda b: b["event"])
+    assert calls == out_of_range.EXPECTED
+    # the rejected message is a dead letter, as sent: the listing shows its text, as it
+    # shows any payload JSON cannot hold as a value
+    (letter,) = listing["dead_letters"]
+    assert (letter["stage"], letter["reason"]) == ("ingest", out_of_range.REJECTED[0]["reason"])
+    assert letter["payload"] == out_of_range.REJECTED_RAW

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mock_accoil.server import MockAccoilServer
+from tests.contract import out_of_range
 from tests.net import basic
 from tests.net import free_port as free_port
 
@@ -392,3 +393,28 @@ def test_an_inbox_written_before_the_upgrade_is_replayed_in_full(
     # what came after the upgrade went to a segment of its own, in the new format
     assert segments[-1].name > f"{first + 4:020d}.log"
     assert segments[-1].read_bytes().startswith(MAGIC)
+
+
+def test_numbers_out_of_range_through_the_worker_process(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # `python -m gateway serve`: ingest's check answers, the worker's decode applies; both
+    # take 1e400 as Segment does (tests/contract/out_of_range.py), as the inline pipeline does
+    with gateway_process(mock_accoil.url, tmp_path, "--flush-interval", "0.1",
+                         env_extra={"GATEWAY_ADMIN_TOKEN": ADMIN}) as (_, url):
+        req = urllib.request.Request(
+            url + "/v1/batch", data=out_of_range.BATCH,
+            headers={"Content-Type": "text/plain", "Authorization": basic(WRITE_KEY)})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert (resp.status, json.loads(resp.read())) == (
+                200, {"success": True, "rejected": out_of_range.REJECTED})
+
+        def dead() -> list[dict[str, object]]:
+            return list(json.loads(admin_get(url, "/admin/dead-letters"))["dead_letters"])
+
+        wait_until(lambda: len(mock_accoil.calls()) == 4 and len(dead()) == 1)
+        (letter,) = dead()
+        assert (letter["stage"], letter["reason"]) == ("ingest", out_of_range.REJECTED[0]["reason"])
+    calls = out_of_range.forwarded(mock_accoil.calls())
+    calls["/v2/track"].sort(key=lambda b: str(b["event"]))
+    assert calls == out_of_range.EXPECTED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -169,8 +170,10 @@ INVALID = [
      "at `timestamp`"),
     ({"type": "track", "userId": "u", "event": "E", "context": "web"},
      "Expected `object | null`, got `str` - at `context`"),
-    ({"type": "track", "userId": "u", "event": "E", "properties": {"a": {"b": [1e400]}}},
-     "Number out of range - at `properties"),
+    # an id beyond the double range: not an id (docs/ingest.md), as a fraction is not
+    ({"type": "track", "userId": 1e400, "anonymousId": "a", "event": "E"},
+     "Number out of range - at `userId`"),
+    ({"type": "group", "userId": "u", "groupId": -1e400}, "Number out of range - at `groupId`"),
     (3, "Expected `object`, got `int`"),
     ("track", "Expected `object`, got `str`"),
     ([TRACK], "Expected `object`, got `array`"),
@@ -853,11 +856,9 @@ def test_decode_stored_reads_a_stored_body_as_decode_batch_does(body: bytes) -> 
     same_as_decode_batch(stored)
 
 
-@pytest.mark.parametrize(
-    ("message", "reason"), [case for case in INVALID if "out of range" not in case[1]]
-)
+@pytest.mark.parametrize(("message", "reason"), INVALID)
 def test_decode_stored_rejects_what_decode_batch_rejects(message: Any, reason: str) -> None:
-    bad = json.dumps(message).encode()
+    bad = json.dumps(message).replace("Infinity", "1e400").encode()
     for body in (batch_of(dumps(TRACK), bad), batch_of(bad)):
         stored = same_as_decode_batch(body)
         assert stored is not None
@@ -865,30 +866,184 @@ def test_decode_stored_rejects_what_decode_batch_rejects(message: Any, reason: s
         assert reason in stored.rejected[0].reason
 
 
-def test_a_number_out_of_range_where_apply_skips_is_taken_as_ingest_takes_it() -> None:
-    # A part skipped in C is not read as numbers, so 1e400 there is not found out of range:
-    # `decode_stored` then accepts the message, as `check_batch` (ingest's reply when the
-    # pipeline runs in its own process, the default) does; `decode_batch` builds the part
-    # and rejects it. Where apply reads the value, all three reject it.
-    skipped = batch_of(
-        b'{"type":"track","userId":"u","event":"E","properties":{"a":1e400},'
-        b'"context":{"ip":[1e400]}}'
-    )
-    assert "Number out of range" in decode_batch(skipped).rejected[0].reason
-    assert check_batch(skipped).valid == 1
-    stored = decode_stored(skipped)
-    assert stored.rejected == [] and len(stored.messages) == 1
-    skipped = batch_of(dumps(TRACK), context={"ip": "1"}).replace(b'"1"', b"1e400")
-    with pytest.raises(InvalidBody, match="Number out of range"):
-        decode_batch(skipped)
-    assert check_batch(skipped).valid == len(decode_stored(skipped).messages) == 1
-    for read in (
-        batch_of(b'{"type":"track","userId":"u","event":"E","context":{"groupId":1e400}}'),
-        batch_of(b'{"type":"page","userId":"u","properties":{"title":[1e400]}}'),
+# --- numbers out of range: read as Segment's JavaScript reads them ---------------------
+
+LONGEST_INT = 4300  # characters of an integer msgspec reads, its sign included
+
+
+def number_as_js_forwards(text: str) -> Any:
+    """A JSON number as the decoders read it where any value goes: a float beyond the double
+    range is null (JSON.parse gives Infinity, JSON.stringify sends null), as is an integer
+    too long for msgspec; other integers stay exact."""
+    if any(c in text for c in ".eE"):
+        value = float(text)
+        return None if value in (float("inf"), float("-inf")) else value
+    return int(text) if len(text) <= LONGEST_INT else None
+
+
+def test_numbers_out_of_range_where_any_value_goes_read_as_null() -> None:
+    # Where the check skips an object (properties, a context's other fields), the model and
+    # the stored decode build it: all three accept the message, the value read as null.
+    huge = "9" * (LONGEST_INT + 1)
+    body = batch_of(
+        b'{"type":"track","userId":"u","event":"E","properties":{"a":1e400,"b":[-1e400],'
+        b'"c":1e-400,"d":' + huge.encode() + b',"e":"1e400"},"context":{"ip":[1e400]}}',
+        b'{"type":"identify","userId":"u","traits":{"a":1e400,"big":18446744073709551616},'
+        b'"context":{"traits":{"b":-' + huge.encode() + b'}}}',
+        b'{"type":"page","userId":"u","properties":{"title":1e400,"path":"/p"}}',
+    ).replace(b'"batch"', b'"context":{"groupId":"g","n":1e400},"batch"')
+    assert check_batch(body).valid == 3
+    track, identify, page = decode_batch(body).messages
+    assert isinstance(track, Track) and track.properties == {
+        "a": None, "b": [None], "c": 0.0, "d": None, "e": "1e400"}
+    assert isinstance(identify, Identify) and identify.traits == {
+        "a": None, "big": 2**64}
+    assert identify.context == {"traits": {"b": None}}
+    assert decode_batch(body).context == {"groupId": "g", "n": None}
+    stored = same_as_decode_batch(body)
+    assert stored is not None and stored.context == Context(groupId="g")
+    # what is forwarded: JSON's null, as Segment sends such a value on
+    assert msgspec.json.encode(identify.traits) == b'{"a":null,"big":18446744073709551616}'
+    assert calls(page, None) == calls(decode_batch(body).messages[2], None)
+
+
+def test_a_number_out_of_range_where_apply_reads_it() -> None:
+    # context.groupId beyond the double range names no account: a null (which hides the
+    # batch's groupId, as a message's own null does)
+    for body in (
+        batch_of(b'{"type":"track","userId":"u","event":"E","context":{"groupId":1e400}}',
+                 context={"groupId": "g"}),
+        batch_of(b'{"type":"page","userId":"u","properties":{"title":[1e400],"name":1e400}}'),
         batch_of(b'{"type":"identify","userId":"u","context":{"traits":{"a":1e400}}}'),
         batch_of(dumps(TRACK), context={"groupId": "1"}).replace(b'"1"', b"1e400"),
+        batch_of(dumps(TRACK), context={"groupId": "1"}).replace(b'"1"', b"-" + b"9" * 5000),
     ):
-        same_as_decode_batch(read)
+        same_verdict(body)
+        stored = same_as_decode_batch(body)
+        assert stored is not None and stored.rejected == []
+        (message,) = stored.messages
+        assert context_group(merged_context(stored.context, message.context)) is None
+
+
+def test_an_id_out_of_range_is_rejected_by_every_decode() -> None:
+    # An id must be a string or an integer: 1e400 is neither (nor would Segment's null be an
+    # id), so the message is rejected with its reason, listed in the reply, a dead letter.
+    for field, value in (("userId", b"1e400"), ("anonymousId", b"-1e400"),
+                         ("userId", b"9" * (LONGEST_INT + 1))):
+        message = (b'{"type":"track","userId":"u","anonymousId":"a","event":"E"}'
+                   .replace(b'"' + field.encode() + b'":"' + field[0].encode() + b'"',
+                            b'"' + field.encode() + b'":' + value))
+        assert value in message
+        body = batch_of(dumps(TRACK), message)
+        same_verdict(body)
+        stored = same_as_decode_batch(body)
+        assert stored is not None
+        assert [(r.index, r.raw) for r in stored.rejected] == [(1, message)]
+        assert "out of range - at `" + field + "`" in stored.rejected[0].reason
+    for message in (b'{"type":"group","userId":"u","groupId":1e400}',
+                    b'{"type":"alias","userId":"u","previousId":-1e400}'):
+        checked = check_batch(batch_of(message))
+        assert checked.valid == 0 and "Number out of range" in checked.rejected[0].reason
+
+
+def test_a_batch_with_a_write_key_and_a_number_out_of_range_is_checked() -> None:
+    # the body to store is re-encoded without the key: the batch's context with it
+    body = batch_of(b'{"type":"track","userId":"u","event":"E","writeKey":"wk_1"}',
+                    context={"n": 1, "m": [2]}).replace(b"1,", b"1e400,").replace(
+                        b"[2]", b"[-" + b"9" * 4400 + b"]")
+    checked = check_batch(body)
+    assert checked.valid == 1 and b"wk_1" not in checked.body
+    assert decode_batch(checked.body).context == {"n": None, "m": [None]}
+    same_verdict(body)
+    same_as_decode_batch(body)
+
+
+digits = st.integers(1, 30).flatmap(lambda n: st.text("0123456789", min_size=n, max_size=n))
+numbers = st.one_of(
+    # integers: of 64 bits, beyond, and longer than msgspec reads
+    st.integers(-(2**63), 2**63 - 1).map(str),
+    st.integers(-(10**40), 10**40).map(str),
+    st.sampled_from([2**64, -(2**64) - 1, 10**308, 10**309]).map(str),
+    st.tuples(st.sampled_from(["", "-"]), st.integers(LONGEST_INT - 2, LONGEST_INT + 2)).map(
+        lambda t: t[0] + "9" * t[1]),
+    # fractions and exponents: in range, beyond it (1e400, -1e400) and below it (1e-400)
+    st.tuples(st.sampled_from(["", "-"]), st.integers(0, 10**6), digits,
+              st.sampled_from(["e", "E", "e+", "e-"]),
+              st.one_of(st.integers(0, 400), st.integers(0, 10**5))).map(
+        lambda t: f"{t[0]}{t[1]}.{t[2]}{t[3]}{t[4]}"),
+    st.tuples(st.sampled_from(["", "-"]), st.integers(1, 9), st.integers(290, 330)).map(
+        lambda t: f"{t[0]}{t[1]}e{t[2]}"),
+    st.sampled_from(["1e400", "-1e400", "1e-400", "-1e-400", "1.7976931348623157e308",
+                     "1.7976931348623159e308", "4.9e-324", "2e-324", "0.0", "-0.0"]),
+)
+# Where a number goes (each `@` is replaced by it): inside an object or array where any value
+# goes, with where the model holds it, ...
+ANYWHERE: dict[bytes, Callable[[Any], Any]] = {
+    b'{"type":"track","userId":"u","event":"E","properties":{"n":@}}':
+        lambda m: m.properties["n"],
+    b'{"type":"track","userId":"u","event":"E","properties":{"a":[1,{"n":@}]}}':
+        lambda m: m.properties["a"][1]["n"],
+    b'{"type":"track","userId":"u","event":"E","context":{"ip":@,"groupId":"g"}}':
+        lambda m: m.context["ip"],
+    b'{"type":"track","userId":"u","event":"E","context":{"groupId":@}}':
+        lambda m: m.context["groupId"],
+    b'{"type":"identify","userId":"u","context":{"traits":{"n":@}}}':
+        lambda m: m.context["traits"]["n"],
+    b'{"type":"identify","userId":"u","traits":{"n":[@,"@"]}}': lambda m: m.traits["n"][0],
+    b'{"type":"group","userId":"u","groupId":"g","traits":{"n":@}}': lambda m: m.traits["n"],
+    b'{"type":"page","userId":"u","properties":{"title":@,"path":"/p"}}':
+        lambda m: m.properties["title"],
+    b'{"type":"screen","userId":"u","properties":{"name":{"n":@}}}':
+        lambda m: m.properties["name"]["n"],
+    b'{"type":"track","userId":"u","event":"E","integrations":{"n":@}}':
+        lambda m: m.integrations["n"],
+}
+# ... and where a type reads it (ids, names, timestamps) or nothing does (an unknown field)
+ELSEWHERE = [
+    b'{"type":"track","userId":"u","event":"E","unknown":@}',
+    b'{"type":"track","userId":"u","event":"E","writeKey":@}',
+    b'{"type":"track","userId":@,"event":"E"}',
+    b'{"type":"track","userId":"","anonymousId":@,"event":"E"}',
+    b'{"type":"group","userId":"u","groupId":@}',
+    b'{"type":"alias","userId":"u","previousId":@}',
+    b'{"type":"track","userId":"u","event":@}',
+    b'{"type":"page","userId":"u","name":@}',
+    b'{"type":"track","userId":"u","event":"E","timestamp":@}',
+    b'{"type":"track","userId":"u","event":"E","messageId":@}',
+    b'{"type":"track","userId":"u","event":"E","context":@}',
+]
+# the batch's own fields, and where `decode_batch` holds the number
+TOPS: dict[bytes, Callable[[Decoded], Any] | None] = {
+    b"": None,
+    b',"context":{"n":@}': lambda d: d.context and d.context["n"],
+    b',"context":{"groupId":@}': lambda d: d.context and d.context["groupId"],
+    b',"integrations":{"n":[@]}': lambda d: d.integrations and d.integrations["n"][0],
+    b',"writeKey":"wk_2"': None,
+}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(number=numbers, place=st.sampled_from([*ANYWHERE, *ELSEWHERE]),
+       top=st.sampled_from(list(TOPS)), neighbour=st.booleans())
+def test_check_and_every_decode_agree_on_numbers(
+    number: str, place: bytes, top: bytes, neighbour: bool
+) -> None:
+    literal = number.encode()
+    message = place.replace(b"@", literal)
+    body = b'{"batch":[' + (dumps(TRACK) + b"," if neighbour else b"") + message + b"]"
+    body += top.replace(b"@", literal) + b"}"
+    same_verdict(body)
+    same_as_decode_batch(body)
+    stored_body = check_batch(body).body
+    same_as_decode_batch(stored_body)
+    if place in ANYWHERE:
+        # never a reason to reject a message; the value as Segment forwards it
+        decoded = decode_batch(body)
+        assert decoded.rejected == []
+        assert ANYWHERE[place](decoded.messages[-1]) == number_as_js_forwards(number)
+    read = TOPS[top]
+    if read is not None:
+        assert read(decode_batch(body)) == number_as_js_forwards(number)
 
 
 @pytest.mark.parametrize(

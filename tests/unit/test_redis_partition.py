@@ -118,3 +118,14 @@ def test_invalid_messages_go_with_the_rest_and_without_ids_to_partition_0() -> N
     assert sum(n for _, n in parts.values()) == 3
     rejected = decode_batch(parts[0][0]).rejected
     assert sorted(r.messageId or "" for r in rejected) == ["bad", "odd"]
+
+
+def test_messages_whose_ids_cannot_be_read_go_to_partition_0() -> None:
+    # not objects, or ids out of msgspec's range: rejected by ingest, kept as dead letters
+    odd = [b"17", b'"text"', b'{"type":"track","userId":1e400,"anonymousId":"a1"}',
+           b'{"type":"track","userId":"u2","anonymousId":[-1e400]}',
+           b'{"type":"track","userId":' + b"9" * 4400 + b"}"]
+    body = b'{"batch":[' + b",".join([json.dumps(track(1, userId="u1")).encode(), *odd]) + b"]}"
+    parts = split("web", body, 64)
+    assert parts[0][1] == len(odd) and sum(n for _, n in parts.values()) == len(odd) + 1
+    assert [r.raw for r in decode_batch(parts[0][0]).rejected] == odd

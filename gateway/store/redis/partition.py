@@ -173,6 +173,7 @@ class _IdsBatch(msgspec.Struct, gc=False):
 
 _BODY = msgspec.json.Decoder(_Body)
 _IDS = msgspec.json.Decoder(_IdsBatch)
+_ID = msgspec.json.Decoder(_Ids)
 _ENCODE = msgspec.json.Encoder().encode
 
 
@@ -197,14 +198,29 @@ def _partitions(ids: list[_Ids], seed: int, partitions: int) -> list[int]:
     return out
 
 
+def _ids(body: bytes) -> list[_Ids]:
+    """Each message's ids; none for a message that is not an object or whose ids msgspec
+    cannot read (a number out of range: 1e400), which ingest rejected."""
+    try:
+        return _IDS.decode(body).batch
+    except msgspec.ValidationError:
+        return [_ids_of(raw) for raw in _BODY.decode(body).batch]
+
+
+def _ids_of(raw: msgspec.Raw) -> _Ids:
+    try:
+        return _ID.decode(raw)
+    except msgspec.ValidationError:
+        return _Ids()
+
+
 def split(source: str, body: bytes, partitions: int) -> dict[int, tuple[bytes, int]]:
     """A stored batch body as one body per partition, with how many messages each holds.
 
     Order within a partition is kept; the batch's context, integrations and sentAt go with
     every part. A body whose messages all fall in one partition is returned as it is.
     """
-    ids = _IDS.decode(body).batch
-    where = _partitions(ids, _seed(source), partitions)
+    where = _partitions(_ids(body), _seed(source), partitions)
     first = where[0] if where else NO_USER_PARTITION
     if all(p == first for p in where):
         return {first: (body, len(where))}
