@@ -1,21 +1,35 @@
-"""The worker's decode of stored bodies: `decode_stored` on the sustained benchmark's bodies.
+"""The decodes of `gateway/segment.py` on the benchmarks' bodies: by default the worker's
+`decode_stored`; with `--decode check` ingest's `check_batch` (the front's verdict in the
+default two-process mode), with `--decode batch` the inline pipeline's `decode_batch`.
 
     python scripts/bench_decode.py                                       # this tree only
     python scripts/bench_decode.py --baseline /path/to/other/gateway/segment.py
+    python scripts/bench_decode.py --decode check --callgrind --baseline /work/main/gateway/segment.py
 
 Bodies: `--bodies` batches of 100 messages as `bench_sustained.py` sends them (unique track
-calls), and as many of the load test's default call mix. Each round times `--passes` passes
+calls), as many of the load test's default call mix, and as many as `bench_ingest.py` sends
+(its accounts, users and mix). Each round times `--passes` passes
 over the bodies with each module in turn (this tree's `gateway/segment.py`, then the baseline's, loaded from
 its file side by side in this process), so that both see the same machine in the same
 moments; the CPU time of this thread, per message, freeing what the decode built included.
 Reported: the fastest round and the median, per module and traffic, and the ratio of the
 medians (this tree's over the baseline's). The last line is JSON.
+
+`--callgrind` counts instructions instead, which a loaded machine does not change: each
+module and traffic runs under valgrind's callgrind twice, at `--passes` and at three times as
+many (hash seed fixed), and the instructions per message are the difference over the
+messages between (start-up, imports and the making of the bodies cancel out).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,10 +37,16 @@ from pathlib import Path
 from types import ModuleType
 
 import msgspec
-from benchkit.traffic import Traffic
+from benchkit.traffic import DEFAULT_MIX, Traffic, parse_mix
 
 HERE = Path(__file__).resolve().parent.parent / "gateway" / "segment.py"
-MIXES: dict[str, dict[str, float] | None] = {"track": {"track": 1.0}, "mixed": None}
+# traffic: (accounts, users, mix); "ingest" as `bench_ingest.py` sends it by default
+MIXES: dict[str, tuple[int, int, dict[str, float] | None]] = {
+    "track": (500, 5000, {"track": 1.0}),
+    "mixed": (500, 5000, None),
+    "ingest": (1000, 10000, parse_mix(DEFAULT_MIX)),
+}
+DECODES = {"stored": "decode_stored", "check": "check_batch", "batch": "decode_batch"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--passes", type=int, default=5, help="over the bodies, per round and module")
     p.add_argument("--bodies", type=int, default=20, help="100-message batches per traffic")
-    return p.parse_args(argv)
+    p.add_argument("--decode", choices=sorted(DECODES), default="stored")
+    p.add_argument("--traffic", default=",".join(MIXES), help=f"of {', '.join(MIXES)}")
+    p.add_argument("--callgrind", action="store_true",
+                   help="count instructions (valgrind) instead of timing: one run per module "
+                        "and traffic at --passes and at three times as many")
+    p.add_argument("--child", nargs=2, metavar=("SEGMENT_PY", "TRAFFIC"),
+                   help=argparse.SUPPRESS)  # one counted run: --passes over the bodies
+    args = p.parse_args(argv)
+    args.traffics = [t for t in args.traffic.split(",") if t]
+    for t in args.traffics:
+        if t not in MIXES:
+            p.error(f"--traffic: unknown traffic {t!r}")
+    if args.callgrind and shutil.which("valgrind") is None:
+        p.error("--callgrind: valgrind is not installed")
+    return args
 
 
 def load(name: str, path: Path) -> ModuleType:
@@ -58,23 +92,96 @@ def per_message(
     return (time.thread_time_ns() - start) / (messages * passes)
 
 
+def make_bodies(mix_name: str, count: int) -> list[bytes]:
+    accounts, users, mix = MIXES[mix_name]
+    traffic = Traffic(accounts=accounts, users=users, mix=mix, seed=1)
+    return [traffic.batch(100).body for _ in range(count)]
+
+
+def decoder(module: ModuleType, decode: str) -> Callable[[bytes], object]:
+    function: Callable[[bytes], object] = getattr(module, DECODES[decode])
+    return function
+
+
+def accepted(module: ModuleType, decode: str, bodies: list[bytes]) -> int:
+    """The messages `decode` accepts in `bodies`: what the modules must agree on."""
+    read = decoder(module, decode)
+    total = 0
+    for body in bodies:
+        out = read(body)
+        total += int(getattr(out, "valid", None) or len(getattr(out, "messages", [])))
+    return total
+
+
+def child(args: argparse.Namespace) -> None:
+    """One counted run (under callgrind): `--passes` over the bodies with one module."""
+    path, mix_name = args.child
+    module = load("segment_counted", Path(path))
+    bodies = make_bodies(mix_name, args.bodies)
+    read = decoder(module, args.decode)
+    for _ in range(args.passes):
+        for body in bodies:
+            read(body)
+    print(json.dumps({"messages": accepted(module, args.decode, bodies) * args.passes}))
+
+
+def counted(args: argparse.Namespace, path: Path, mix_name: str, passes: int) -> tuple[int, int]:
+    """(instructions, messages) of one `child` run under callgrind."""
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           str(Path(__file__).resolve()), "--child", str(path), mix_name,
+           "--decode", args.decode, "--passes", str(passes), "--bodies", str(args.bodies)]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"the counted run of {path} failed:\n{done.stderr}")
+    return int(found.group(1)), int(json.loads(done.stdout.strip().splitlines()[-1])["messages"])
+
+
+def count_instructions(args: argparse.Namespace, paths: dict[str, Path]) -> None:
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    for mix_name in args.traffics:
+        report[mix_name] = {}
+        for name, path in paths.items():
+            small, few = counted(args, path, mix_name, args.passes)
+            large, many = counted(args, path, mix_name, 3 * args.passes)
+            per = (large - small) / (many - few)
+            report[mix_name][name] = {"instructions_per_message": round(per, 1),
+                                      "instructions_per_100": round(per * 100)}
+            print(f"{mix_name:6} {name:8} {per:9.1f} instructions a message "
+                  f"(load {os.getloadavg()[0]:.2f})")
+        if "baseline" in paths:
+            ratio = (report[mix_name]["this"]["instructions_per_message"]
+                     / report[mix_name]["baseline"]["instructions_per_message"])
+            report[mix_name]["this"]["vs_baseline"] = round(ratio, 3)
+            print(f"{mix_name:6} this / baseline: {ratio:.3f}")
+    print(msgspec.json.encode({"decode": args.decode, "callgrind": report}).decode())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    paths = {"this": HERE}
+    if args.baseline is not None:
+        paths["baseline"] = args.baseline.resolve()
+    if args.callgrind:
+        count_instructions(args, paths)
+        return
     modules = {"this": load("segment_this", HERE)}
     if args.baseline is not None:
         modules["baseline"] = load("segment_baseline", args.baseline)
     report: dict[str, dict[str, dict[str, float]]] = {}
-    for mix_name, mix in MIXES.items():
-        traffic = Traffic(accounts=500, users=5000, mix=mix, seed=1)
-        bodies = [traffic.batch(100).body for _ in range(args.bodies)]
-        counts = {name: sum(len(m.decode_stored(b).messages) for b in bodies)
-                  for name, m in modules.items()}
+    for mix_name in args.traffics:
+        bodies = make_bodies(mix_name, args.bodies)
+        counts = {name: accepted(m, args.decode, bodies) for name, m in modules.items()}
         assert len(set(counts.values())) == 1, f"the modules disagree: {counts}"
         samples: dict[str, list[float]] = {name: [] for name in modules}
         for _ in range(args.rounds):
             for name, module in modules.items():
                 samples[name].append(
-                    per_message(module.decode_stored, bodies, counts[name], args.passes)
+                    per_message(decoder(module, args.decode), bodies, counts[name], args.passes)
                 )
         report[mix_name] = {}
         for name, got in samples.items():
@@ -88,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 "baseline"]["median_ns_per_message"]
             report[mix_name]["this"]["median_vs_baseline"] = round(ratio, 3)
             print(f"{mix_name:6} this / baseline, medians: {ratio:.3f}")
-    print(msgspec.json.encode(report).decode())
+    print(msgspec.json.encode({"decode": args.decode, **report}).decode())
 
 
 if __name__ == "__main__":

@@ -189,3 +189,28 @@ def test_bench_sustained_store_redis_runs_both_modes_side_by_side(tmp_path: Path
     # the front took the burst's requests; Redis's share is measured in Redis mode only
     assert redis["cpu_share"]["burst"]["front"] > 0 and "redis" in redis["cpu_share"]["burst"]
     assert "redis" not in sqlite["cpu_share"]["burst"]
+
+
+def test_bench_decode_times_each_decode_against_a_baseline() -> None:
+    # this tree's module against itself as the baseline: both count the same messages
+    segment = str(SCRIPTS.parent / "gateway" / "segment.py")
+    for decode in ("check", "stored", "batch"):
+        s = last_json_line(str(SCRIPTS / "bench_decode.py"), "--decode", decode,
+                           "--traffic", "ingest,track", "--rounds", "2", "--passes", "1",
+                           "--bodies", "2", "--baseline", segment)
+        assert s["decode"] == decode
+        for traffic in ("ingest", "track"):
+            this, baseline = s[traffic]["this"], s[traffic]["baseline"]
+            assert 0 < this["min_ns_per_message"] <= this["median_ns_per_message"]
+            assert 0 < baseline["min_ns_per_message"] <= baseline["median_ns_per_message"]
+            assert this["median_vs_baseline"] > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_bench_decode_counts_instructions_under_callgrind() -> None:
+    s = last_json_line(str(SCRIPTS / "bench_decode.py"), "--decode", "check", "--callgrind",
+                       "--traffic", "ingest", "--passes", "1", "--bodies", "2", timeout=300)
+    counted = s["callgrind"]["ingest"]["this"]
+    # a message of the ingest benchmark's batch costs thousands of instructions to check
+    assert 500 < counted["instructions_per_message"] < 100_000
+    assert abs(counted["instructions_per_100"] - counted["instructions_per_message"] * 100) <= 5
