@@ -407,6 +407,15 @@ async def test_numbers_out_of_range_forward_as_null_and_an_id_is_rejected(
         assert (status, reply) == (200, {"success": True, "rejected": out_of_range.REJECTED})
         await gw.idle()
         _, listing = await gw.admin("GET", "/admin/dead-letters")
+        # a replay takes it (it is JSON), and the pipeline rejects it again for its id
+        (first,) = listing["dead_letters"]
+        status, replay = await gw.admin("POST", "/admin/dead-letters/replay",
+                                        json={"ids": [first["id"]]})
+        assert (status, replay) == (200, {"replayed": 1})
+        await gw.idle()
+        _, again = await gw.admin("GET", "/admin/dead-letters")
+        assert [(d["reason"], d["payload"]) for d in again["dead_letters"]] == [
+            (out_of_range.REJECTED[0]["reason"], out_of_range.REJECTED_RAW)]
     calls = out_of_range.forwarded(mock_accoil.calls())
     calls["/v2/track"].sort(key=lambda b: b["event"])
     assert calls == out_of_range.EXPECTED
