@@ -424,3 +424,21 @@ async def test_numbers_out_of_range_forward_as_null_and_an_id_is_rejected(
     (letter,) = listing["dead_letters"]
     assert (letter["stage"], letter["reason"]) == ("ingest", out_of_range.REJECTED[0]["reason"])
     assert letter["payload"] == out_of_range.REJECTED_RAW
+
+
+async def test_messages_that_are_not_objects_are_rejected_and_the_rest_applied(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # a batch's entry that is no JSON object (a number, a string, a list): listed and kept,
+    # in every mode (the Redis split reads each message's ids, and must not fail on these)
+    batch: list[Any] = [track("ok", user="u7"), 17, "text", [1], track("ok2", user="u8")]
+    async with running(settings_for(mock_accoil.url, tmp_path, admin_token=ADMIN)) as gw:
+        status, reply = await gw.post("/v1/batch", {"batch": batch})
+        assert status == 200, reply
+        assert [r["index"] for r in reply["rejected"]] == [1, 2, 3]
+        assert all("object" in r["reason"] for r in reply["rejected"]), reply
+        await gw.idle()
+        _, listing = await gw.admin("GET", "/admin/dead-letters")
+        assert sorted(str(d["payload"]) for d in listing["dead_letters"]) == ["17", "[1]", "text"]
+    assert mock_accoil.count("u7", "Report Built") == 1
+    assert mock_accoil.count("u8", "Report Built") == 1
