@@ -688,12 +688,16 @@ class _Dedupe:
                 self._large[today] = self._large[today] or [f"dedupe_{today}"]
                 self._new = _count(conn, f"dedupe_{today}_new")
                 self._rows = _count(conn, self._large[today][-1])
-                # a filter kept through a rolled-back turn holds more bits than keys: safe
-                if self._filter is None or self._filter.day != today:
-                    self._filter = _Filter(today)
-                    for table in [*self._large[today], f"dedupe_{today}_new"]:
-                        self._filter.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
         return self._days
+
+    def _filter_of(self, conn: sqlite3.Connection, day: str) -> _Filter:
+        """The filter of `day`, the newest: made from its tables unless this process has it
+        (one kept through a rolled-back turn holds more bits than keys: safe)."""
+        if self._filter is None or self._filter.day != day:
+            self._filter = _Filter(day)
+            for table in [*self._large[day], f"dedupe_{day}_new"]:
+                self._filter.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
+        return self._filter
 
     def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
         """Store `keys` under `day`; those already stored (in any day's tables)."""
@@ -706,14 +710,13 @@ class _Dedupe:
             self._filter = _Filter(day)
         elif day != days[0]:  # the clock went back: file it under the newest day
             day = days[0]
-        assert self._filter is not None and self._filter.day == day
         new = f"dedupe_{day}_new"
         # in key order, each page of a table is visited once; the keys go to SQLite packed
         # in one blob that a statement splits itself: a bound parameter per key costs more
         # in Python than the B-tree does in C
         rest = sorted(set(keys))
         found: set[bytes] = set()
-        maybe = self._filter.maybe(rest)
+        maybe = self._filter_of(conn, day).maybe(rest)
         for table in self._large[day]:
             if maybe:
                 found.update(_probe(conn, table, maybe))
