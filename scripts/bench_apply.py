@@ -4,6 +4,8 @@
     python scripts/bench_apply.py --modes pure          # the apply's cost, this checkout
     python scripts/bench_apply.py --modes pure,main --main /work/main
     python scripts/bench_apply.py --events 200000 --rounds 5 --stores core
+    python scripts/bench_apply.py --modes pure,main --main /work/main --stores sqlite \
+        --workloads track --rounds 1 --events 3000000 --windows 500000
 
 The stored bodies are `bench_sustained.py`'s kind: 100-event batches from `Traffic`, 500
 accounts and 5,000 users, unique message ids, made once and applied by every pass. Two
@@ -32,8 +34,12 @@ event, their minimum and median, and the ratio of the medians (compiled or main 
 CPU time is noisy on a shared machine; `--callgrind` counts instructions instead, which a
 load does not change: each pass runs under callgrind twice, at `--events` and at three times
 as many (hash seed fixed), and reports the instructions per event between them (start-up and
-the reading of the bodies cancel out); about a minute a pass. The last line of output is
-one JSON object.
+the reading of the bodies cancel out); about a minute a pass. `--windows EVENTS` (sqlite
+store) asks where a long apply's cost goes as it proceeds: each stage's thread CPU (the
+dispatcher's thread; on the writer's, the turn, its dedupe split into probe, insert and
+merge, the ledger's read and write, the outbox, the transaction around the turn), the
+collector's time, the tables' rows, the SQLite log's size and the process's `read` calls,
+per window of EVENTS applied events. The last line of output is one JSON object.
 """
 from __future__ import annotations
 
@@ -90,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--callgrind", action="store_true",
                    help="count instructions instead (valgrind): each pass at --events and "
                         "at 3 times that, the difference over the events between")
+    p.add_argument("--windows", type=int, default=0, metavar="EVENTS",
+                   help="one pass per mode on the sqlite store, its bodies made in the pass "
+                        "(so that a 3M-event pass fits in memory), the CPU of each stage "
+                        "reported per window of EVENTS applied events")
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--child", action="store_true",
                    help="one pass in this process (`--workload`, `--store`, `--bodies`)")
@@ -105,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--modes: unknown mode {mode!r}")
     if args.callgrind and shutil.which("valgrind") is None:
         p.error("--callgrind: valgrind is not installed")
+    if args.windows < 0:
+        p.error("--windows must be >= 0")
+    if args.windows and (args.callgrind or args.stores != "sqlite" and not args.child):
+        p.error("--windows takes --stores sqlite, without --callgrind")
     if "main" in args.mode_list and args.main is None:
         p.error("--modes main needs --main PATH")
     for w in args.workloads.split(",") + [args.workload]:
@@ -234,6 +248,150 @@ class MemoryStore:
         return cast("Awaitable[T]", fut)
 
 
+# the stages `--windows` times: (module, class or None, attribute), each wrapped to add its
+# thread CPU to its stage (nested stages overlap: `turn` holds the others); a stage the
+# checkout does not have is left out
+STAGES = {
+    "turn": ("gateway.actors.dispatcher", None, "commit"),
+    "dedupe": ("gateway.store.sqlite", "_Dedupe", "add"),
+    "dedupe_probe": ("gateway.store.sqlite", None, "_probe"),
+    "dedupe_insert": ("gateway.store.sqlite", None, "_insert"),
+    "dedupe_merge": ("gateway.store.sqlite", "_Dedupe", "_merge"),
+    "ledger_read": ("gateway.store.sqlite", "SqliteTurn", "ledger"),
+    "ledger_write": ("gateway.store.sqlite", "SqliteTurn", "put_ledger"),
+    "outbox": ("gateway.store.sqlite", "_OutboxTurn", "add"),
+    "progress": ("gateway.store.sqlite", "SqliteTurn", "applied"),
+}
+
+
+class Windows:
+    """The CPU of each stage of the apply, per window of `size` applied events.
+
+    A window closes at the end of the turn that crosses its bound (on the writer thread,
+    from the wrapped `commit`); what it reads then (table sizes, the log's size) is left out of the
+    stages' CPU."""
+
+    def __init__(self, size: int, db: Path, writer: int) -> None:
+        import importlib
+        import threading
+
+        self.size = size
+        self.db = db
+        self.main = threading.get_ident()
+        self.writer = writer  # the writer thread's ident
+        self.spent = dict.fromkeys(STAGES, 0.0)
+        self.events = 0
+        self.merges = 0
+        self.gc_s = 0.0
+        self._gc_start = 0.0
+        self.rows: list[dict[str, Any]] = []
+        self._last: dict[str, float] = {}
+        for stage, (module, owner, attr) in STAGES.items():
+            target: Any = importlib.import_module(module)
+            if owner is not None:
+                target = getattr(target, owner, None)
+            if target is None or not hasattr(target, attr):
+                del self.spent[stage]
+                continue
+            setattr(target, attr, self._timed(stage, getattr(target, attr)))
+        gc.callbacks.append(self._gc)
+
+    def _timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
+        spent = self.spent
+        clock = time.thread_time
+
+        def timed(*a: Any, **kw: Any) -> T:
+            start = clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[stage] += clock() - start
+                if stage == "dedupe" and getattr(a[0], "_new", 1) == 0:
+                    self.merges += 1
+                if stage == "progress":
+                    self.events += sum(a[1].values())
+                elif stage == "turn":  # a window closes between turns
+                    self._close(a[1].conn)
+
+        return timed
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_start
+
+    def _cpu(self) -> dict[str, float]:
+        return {
+            "writer": time.clock_gettime(time.pthread_getcpuclockid(self.writer)),
+            "dispatcher": time.clock_gettime(time.pthread_getcpuclockid(self.main)),
+            "gc": self.gc_s, **self.spent,
+        }
+
+    def start(self) -> None:
+        self._last = self._cpu()
+        self._reads = reads()
+        self._last_events = 0
+        self._last_merges = 0
+
+    def _close(self, conn: Any) -> None:
+        if self.events - self._last_events < self.size:
+            return
+        now = self._cpu()
+        n = self.events - self._last_events
+        us = {k: round((now[k] - self._last.get(k, 0.0)) * 1e6 / n, 3) for k in now}
+        # what the turn does besides the store's calls, and the transaction around it
+        us["rules"] = round(us["turn"] - sum(us.get(k, 0.0) for k in (
+            "dedupe", "ledger_read", "ledger_write", "outbox", "progress")), 3)
+        us["transaction"] = round(us["writer"] - us["turn"], 3)
+        us["dedupe_rest"] = round(us["dedupe"] - sum(us.get(k, 0.0) for k in (
+            "dedupe_probe", "dedupe_insert", "dedupe_merge")), 3)
+        tables = [t for (t,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'dedupe_*'")]
+        wal = self.db.with_name(self.db.name + "-wal")
+        self.rows.append({
+            "events": self.events, "window_events": n, "us_per_event": us,
+            "merges": self.merges - self._last_merges,
+            "dedupe_rows": {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                            for t in tables},
+            "outbox_rows": conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
+            "ledger_rows": conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0],
+            "wal_mb": round(wal.stat().st_size / 1e6, 1) if wal.exists() else 0.0,
+            "db_mb": round(self.db.stat().st_size / 1e6, 1),
+            "gc_collections": [g["collections"] for g in gc.get_stats()],
+            # `read` calls (the OS's page cache: pages SQLite's own cache did not hold)
+            "reads_per_event": round((reads() - self._reads) / n, 3),
+            "rss_mb": rss_mb(),
+        })
+        print(f"{self.events:>9} events: " + " ".join(
+            f"{k} {v}" for k, v in us.items()), file=sys.stderr, flush=True)
+        self._last_events = self.events
+        self._last_merges = self.merges
+        self._last = self._cpu()  # the reads above left out
+        self._reads = reads()
+
+
+def reads() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def stream_bodies(args: argparse.Namespace) -> Iterable[bytes]:
+    traffic = Traffic(accounts=args.accounts, users=args.users,
+                      mix=parse_mix(WORKLOADS[args.workload]), seed=1, id_prefix="ba")
+    for _ in range(max(1, args.events // args.batch_size)):
+        yield traffic.batch(args.batch_size).body
+
+
 async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from gateway.actors import router as router_module
     from gateway.actors.dispatcher import Dispatcher
@@ -245,20 +403,28 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     source = Source(write_key="wk_bench_apply", accoil_api_key="key_bench_apply", name="main")
     settings = Settings(sources=[source], data_dir=str(folder))
-    made = (msgspec.msgpack.decode(args.bodies.read_bytes(), type=list[bytes]) if args.bodies
-            else bodies(args, args.workload))
-    batch = made[: max(1, args.events // args.batch_size)]
+    made: Iterable[bytes]
+    if args.bodies:
+        made = msgspec.msgpack.decode(args.bodies.read_bytes(), type=list[bytes])[
+            : max(1, args.events // args.batch_size)]
+    elif args.windows:
+        made = stream_bodies(args)  # never all in memory at once
+    else:
+        made = bodies(args, args.workload)
+    batch: list[bytes] = []
     received = time.time()
     sqlite: SqliteStore | None = None
     memory: MemoryStore | None = None
     if args.store == "sqlite":
         sqlite = SqliteStore(folder / "gateway.db", fsync=settings.fsync)
         await sqlite.open()
-        for body in batch:
-            await sqlite.accept(source.id, received, body, args.batch_size)
+        fed = len([await sqlite.accept(source.id, received, body, args.batch_size)
+                   for body in made])
         await sqlite.restart_inbox()
         store: Any = sqlite
     else:
+        batch = list(made)
+        fed = len(batch)
         store = memory = MemoryStore([InboxRow(i + 1, source.id, received, body, args.batch_size)
                                       for i, body in enumerate(batch)])
     dispatcher = Dispatcher(cast(Store, store), Router(store, {source.id: source}), settings,
@@ -267,13 +433,20 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    windows = None
+    if args.windows:
+        if sqlite is None:
+            raise SystemExit("--windows needs the sqlite store")
+        assert sqlite._writer is not None and sqlite._writer.ident is not None
+        windows = Windows(args.windows, folder / "gateway.db", sqlite._writer.ident)
+        windows.start()
     dispatcher.stop()  # route what the inbox holds, commit, return
     wall, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
     await dispatcher.run()
     main_cpu = time.thread_time() - main_cpu
     cpu = time.process_time() - cpu
     wall = time.perf_counter() - wall
-    events = len(batch) * args.batch_size
+    events = fed * args.batch_size
     if sqlite is not None:
         counts = await sqlite.counts()
         await sqlite.close()
@@ -287,6 +460,8 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     if sqlite is not None:
         out["dispatcher_thread_us_per_event"] = round(main_cpu * us, 3)
         out["writer_us_per_event"] = round((cpu - main_cpu) * us, 3)
+    if windows is not None:
+        out["windows"] = windows.rows
     return out
 
 
@@ -348,7 +523,9 @@ def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, 
     env["PYTHONPATH"] = os.pathsep.join([str(first), str(SCRIPTS)])
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
            "--workload", workload, "--store", store, "--events", str(events),
-           "--batch-size", str(args.batch_size), "--bodies", str(stored)]
+           "--batch-size", str(args.batch_size)]
+    # with --windows the pass makes its bodies as it feeds them: a 3M-event list is 600 MB
+    cmd += ["--windows", str(args.windows)] if args.windows else ["--bodies", str(stored)]
     if callgrind:
         env["PYTHONHASHSEED"] = "0"
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
@@ -375,7 +552,8 @@ def parent(args: argparse.Namespace) -> int:
         made = argparse.Namespace(**vars(args))
         made.events = args.events * (3 if args.callgrind else 1)
         for w, path in stored.items():
-            path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
+            if not args.windows:
+                path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
         for store in args.stores.split(","):
             for workload in args.workloads.split(","):
                 for _ in range(args.rounds):
@@ -416,6 +594,8 @@ def report(args: argparse.Namespace, results: Results) -> int:
                 if args.callgrind:
                     entry[mode]["instructions_per_event"] = summary(
                         runs, "instructions_per_event")
+                if args.windows:
+                    entry[mode]["windows"] = [r["windows"] for r in runs]
             measure = "instructions_per_event" if args.callgrind else "cpu_us_per_event"
             for mode in ("compiled", "main"):
                 if "pure" in entry and mode in entry:

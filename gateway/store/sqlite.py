@@ -608,34 +608,96 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+class _Filter:
+    """The newest day's dedupe keys as bits (16 MB, whatever the day's size), exact the way
+    that matters: a key whose bit is clear is certainly not stored that day, so it needs no
+    probe of the day's large tables. A set bit (a key stored, or another sharing its bit:
+    about 2 % of keys at 3M keys a day) sends the key to the probe. Bits are only ever set:
+    a rolled-back turn leaves bits of keys it never stored, which cost a probe, never a
+    missed duplicate. Made again from the tables when the process starts (Python's hash of
+    bytes is salted per process)."""
+
+    BITS = 1 << 27
+
+    def __init__(self, day: str) -> None:
+        self.day = day
+        self._bits = bytearray(self.BITS >> 3)
+
+    def add(self, keys: Iterable[bytes]) -> None:
+        bits, mask = self._bits, self.BITS - 1
+        for key in keys:
+            h = hash(key) & mask
+            bits[h >> 3] |= 1 << (h & 7)
+
+    def maybe(self, keys: list[bytes]) -> list[bytes]:
+        """The keys that may be stored (their bit set); the bits of the others are set."""
+        bits, mask = self._bits, self.BITS - 1
+        maybe: list[bytes] = []
+        for key in keys:
+            h = hash(key) & mask
+            bit = 1 << (h & 7)
+            if bits[h >> 3] & bit:
+                maybe.append(key)
+            else:
+                bits[h >> 3] |= bit
+        return maybe
+
+
 class _Dedupe:
-    """Dedupe keys, a pair of tables per UTC day they were stored (the writer thread's).
+    """Dedupe keys, in tables per UTC day they were stored (the writer thread's).
 
     Random 16-byte keys land all over a B-tree: inserted straight into a table of millions,
     each turn would rewrite most of its pages. So a turn inserts into the day's small
     table (`dedupe_YYYYMMDD_new`, which stays in the page cache), and once that holds
-    `MERGE` keys they move, in key order, into the day's large table (`dedupe_YYYYMMDD`)
-    in one pass: a page of the large table is written once per merge, not once per turn.
-    A lookup probes both tables of each day in the window; pruning drops a day's two.
+    `MERGE` keys they move, in key order, into the day's newest large table in one pass.
+    A merge rewrites most pages of the table it goes into, so a large table takes `CAP`
+    keys and the day then starts another (`dedupe_YYYYMMDD`, then `_1`, `_2`, ...): a
+    merge costs the same at the day's 3 millionth key as at its first million.
+
+    A lookup probes every table of the older days in the window, and the newest day's
+    large tables only for the keys its `_Filter` may hold; the small table tells by what
+    its insert took. Pruning drops a day's tables.
     """
 
     MERGE = 200_000
+    CAP = 1_000_000
 
     def __init__(self) -> None:
         self._days: list[str] | None = None  # newest first
-        self._new = 0  # keys in today's small table
+        self._large: dict[str, list[str]] = {}  # a day's large tables, the merges' last
+        self._new = 0  # keys in the newest day's small table
+        self._rows = 0  # keys in the newest day's last large table
+        self._filter: _Filter | None = None  # the newest day's keys
 
     def days(self, conn: sqlite3.Connection) -> list[str]:
         if self._days is None:
-            names = {n for (n,) in conn.execute(
+            large: dict[str, list[str]] = {}
+            for (name,) in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'dedupe_*'"
-            )}
-            self._days = sorted({n[7:15] for n in names}, reverse=True)
+            ):
+                tables = large.setdefault(name[7:15], [])
+                if not name.endswith("_new"):
+                    tables.append(name)
+            for tables in large.values():
+                tables.sort(key=_level)
+            self._large = large
+            self._days = sorted(large, reverse=True)
             if self._days:
                 today = self._days[0]
                 self._ensure(conn, today)
-                self._new = _one(conn.execute(f"SELECT COUNT(*) FROM dedupe_{today}_new"))[0]
+                self._large[today] = self._large[today] or [f"dedupe_{today}"]
+                self._new = _count(conn, f"dedupe_{today}_new")
+                self._rows = _count(conn, self._large[today][-1])
         return self._days
+
+    def _filter_of(self, conn: sqlite3.Connection, day: str) -> _Filter:
+        """The filter of `day`, the newest: made from its tables unless this process has it
+        (one kept through a rolled-back turn holds more bits than keys: safe)."""
+        if self._filter is None or self._filter.day != day:
+            self._filter = _Filter(day)
+            for table in [*self._large[day], f"dedupe_{day}_new"]:
+                self._filter.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
+        return self._filter
 
     def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
         """Store `keys` under `day`; those already stored (in any day's tables)."""
@@ -643,7 +705,9 @@ class _Dedupe:
         if not days or day > days[0]:
             self._ensure(conn, day)
             days.insert(0, day)
-            self._new = 0
+            self._large[day] = [f"dedupe_{day}"]
+            self._new = self._rows = 0
+            self._filter = _Filter(day)
         elif day != days[0]:  # the clock went back: file it under the newest day
             day = days[0]
         new = f"dedupe_{day}_new"
@@ -652,9 +716,14 @@ class _Dedupe:
         # in Python than the B-tree does in C
         rest = sorted(set(keys))
         found: set[bytes] = set()
-        for table in [t for d in days for t in (f"dedupe_{d}_new", f"dedupe_{d}")]:
-            if table != new and rest:
-                found.update(_probe(conn, table, rest))
+        maybe = self._filter_of(conn, day).maybe(rest)
+        for table in self._large[day]:
+            if maybe:
+                found.update(_probe(conn, table, maybe))
+        for d in days[1:]:
+            for table in [*self._large[d], f"dedupe_{d}_new"]:
+                if rest:
+                    found.update(_probe(conn, table, rest))
         if found:
             rest = [k for k in rest if k not in found]
         if rest:
@@ -671,20 +740,33 @@ class _Dedupe:
             conn.execute("RELEASE dedupe")
             self._new += taken
         if self._new >= self.MERGE:
-            conn.execute(
-                f"INSERT OR IGNORE INTO dedupe_{day} SELECT key FROM {new} ORDER BY key"
-            )
-            conn.execute(f"DELETE FROM {new}")
-            self._new = 0
+            self._merge(conn, day)
         return found
+
+    def _merge(self, conn: sqlite3.Connection, day: str) -> None:
+        """Move the small table's keys into the day's last large table, or a new one."""
+        large = self._large[day]
+        if self._rows >= self.CAP:
+            large.append(f"dedupe_{day}_{_level(large[-1]) + 1}")
+            self._ensure(conn, day, large[-1])
+            self._rows = 0
+        before = conn.total_changes
+        conn.execute(
+            f"INSERT OR IGNORE INTO {large[-1]} SELECT key FROM dedupe_{day}_new ORDER BY key"
+        )
+        self._rows += conn.total_changes - before
+        conn.execute(f"DELETE FROM dedupe_{day}_new")
+        self._new = 0
 
     def drop_before(self, conn: sqlite3.Connection, oldest: str) -> int:
         days = self.days(conn)
         gone = [d for d in days if d < oldest]
         for day in gone:
-            conn.execute(f"DROP TABLE IF EXISTS dedupe_{day}_new")
-            conn.execute(f"DROP TABLE IF EXISTS dedupe_{day}")
+            for table in [*self._large.pop(day, []), f"dedupe_{day}_new"]:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
             days.remove(day)
+            if self._filter is not None and self._filter.day == day:
+                self._filter = None
         return len(gone)
 
     def forget(self) -> None:
@@ -692,9 +774,19 @@ class _Dedupe:
         self._days = None
 
     @staticmethod
-    def _ensure(conn: sqlite3.Connection, day: str) -> None:
-        for table in (f"dedupe_{day}", f"dedupe_{day}_new"):
+    def _ensure(conn: sqlite3.Connection, day: str, *tables: str) -> None:
+        for table in tables or (f"dedupe_{day}", f"dedupe_{day}_new"):
             conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key BLOB PRIMARY KEY) WITHOUT ROWID")
+
+
+def _level(table: str) -> int:
+    """A large dedupe table's place in its day: `dedupe_YYYYMMDD` 0, `dedupe_YYYYMMDD_2` 2."""
+    return int(table[16:] or 0)
+
+
+def _count(conn: sqlite3.Connection, table: str) -> int:
+    count: int = _one(conn.execute(f"SELECT COUNT(*) FROM {table}"))[0]
+    return count
 
 
 # Splits the blob ?1 of ?2 bytes into its 16-byte dedupe keys, as rows of `k` (offset i)

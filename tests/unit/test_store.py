@@ -408,8 +408,101 @@ async def test_dedupe_keys_survive_the_move_to_the_large_table(store: SqliteStor
     assert await remember(store, keys) == set(keys)
 
 
-async def remember(store: SqliteStore, keys: list[bytes]) -> set[bytes]:
-    return await store.transact(lambda tx: tx.state.remember(keys))
+async def remember(store: SqliteStore, keys: list[bytes], now: float | None = None) -> set[bytes]:
+    return await store.transact(lambda tx: tx.state.remember(keys), now)
+
+
+DAY = 20000 * 86400.0  # 2024-10-04, UTC
+
+
+def dedupe_tables(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        names = [n for (n,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE name GLOB 'dedupe_*' ORDER BY name")]
+        return {n: conn.execute(f"SELECT COUNT(*) FROM {n}").fetchone()[0] for n in names}
+    finally:
+        conn.close()
+
+
+async def test_a_full_large_table_makes_the_day_start_another(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path)
+    await store.open()
+    store._dedupe.MERGE, store._dedupe.CAP = 50, 100
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(420)]
+    for i in range(0, 420, 30):
+        assert await remember(store, keys[i : i + 30], DAY) == set()
+    assert await remember(store, keys[::7], DAY) == set(keys[::7])
+    await store.close()
+    # every large table holds CAP keys and at most one merge more; the small one the rest
+    assert dedupe_tables(path) == {
+        "dedupe_20241004": 120, "dedupe_20241004_1": 120, "dedupe_20241004_2": 120,
+        "dedupe_20241004_3": 60, "dedupe_20241004_new": 0,
+    }
+    again = SqliteStore(path)  # the filter made again from the tables
+    await again.open()
+    fresh = [dedupe_key(b"s", f"n{i}") for i in range(5)]
+    assert await remember(again, keys + fresh, DAY) == set(keys)
+    assert await remember(again, fresh, DAY) == set(fresh)
+    await again.close()
+
+
+async def test_a_data_folder_of_the_two_table_layout_still_dedupes(tmp_path: Path) -> None:
+    # the layout before a day had more than one large table: `dedupe_D` and `dedupe_D_new`
+    path = tmp_path / "gateway.db"
+    old, today = [dedupe_key(b"s", f"old{i}") for i in range(40)], []
+    large = [dedupe_key(b"s", f"large{i}") for i in range(150)]
+    small = [dedupe_key(b"s", f"small{i}") for i in range(30)]
+    conn = sqlite3.connect(path)
+    for table, keys in (("dedupe_20241003", old), ("dedupe_20241003_new", []),
+                        ("dedupe_20241004", large), ("dedupe_20241004_new", small)):
+        conn.execute(f"CREATE TABLE {table} (key BLOB PRIMARY KEY) WITHOUT ROWID")
+        conn.executemany(f"INSERT INTO {table} VALUES (?)", [(k,) for k in keys])
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    store._dedupe.MERGE, store._dedupe.CAP = 50, 100
+    today = [dedupe_key(b"s", f"today{i}") for i in range(60)]
+    assert await remember(store, old + large + small + today, DAY) == set(old + large + small)
+    await store.close()
+    # the large table was over CAP: the merge went to a new one
+    assert dedupe_tables(path) == {
+        "dedupe_20241003": 40, "dedupe_20241003_new": 0, "dedupe_20241004": 150,
+        "dedupe_20241004_1": 90, "dedupe_20241004_new": 0,
+    }
+    again = SqliteStore(path)
+    await again.open()
+    every = old + large + small + today
+    assert await remember(again, every, DAY) == set(every)
+    await again.close()
+
+
+async def test_keys_sharing_a_filter_bit_are_still_told_apart(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store._Filter, "BITS", 8)  # every key shares a bit with others
+    store._dedupe.MERGE, store._dedupe.CAP = 50, 100
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(300)]
+    for i in range(0, 300, 40):
+        assert await remember(store, keys[i : i + 40], DAY) == set()
+    assert await remember(store, keys[::3], DAY) == set(keys[::3])
+
+
+async def test_keys_of_a_rolled_back_turn_are_not_remembered(store: SqliteStore) -> None:
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(20)]
+
+    def fails(tx: Turn) -> None:
+        tx.state.remember(keys)
+        raise RuntimeError("the turn fails after its dedupe")
+
+    assert await remember(store, keys[:5], DAY) == set()
+    with pytest.raises(RuntimeError):
+        await store.transact(fails, DAY)
+    # their filter bits stay set: they are probed, and not found
+    assert await remember(store, keys, DAY) == set(keys[:5])
+    assert await remember(store, keys, DAY) == set(keys)
 
 
 async def test_remember_refuses_keys_of_another_size(store: SqliteStore) -> None:
