@@ -47,6 +47,7 @@ from typing import Any
 
 import msgspec
 from benchkit.redis_server import RedisServer
+from benchkit.redis_watch import Watch
 from benchkit.stack import (
     Keys,
     Sampler,
@@ -152,7 +153,7 @@ class Burst:
                 before = None if redis is None else redis_counters(redis)
                 token = self.keys.admin_token
                 counted = None if redis is None else pipeline_counters(gw, token)
-                result = self._measure(gw, sampler, redis)
+                result = self._measure(gw, sampler, redis, folder / "gateway-data" / "backlog")
                 if redis is not None and before is not None and counted is not None:
                     events = result["ledger_events"]
                     result["redis"] = redis_figures(redis, before, redis_counters(redis), events)
@@ -168,7 +169,8 @@ class Burst:
                 redis.stop()
 
     def _measure(
-        self, gw: Service, sampler: Sampler, redis: RedisServer | None = None
+        self, gw: Service, sampler: Sampler, redis: RedisServer | None = None,
+        backlog: Path | None = None,
     ) -> dict[str, Any]:
         workers = descendants(gw.child.pid)
         worker = workers[0] if workers else None
@@ -176,6 +178,8 @@ class Burst:
         start = memory(gw.child.pid)
         processes = {"front": gw.child.pid} | ({} if worker is None else {"worker": worker})
         snapshots = [cpu_snapshot(processes, redis)]
+        # Redis mode: forks, AOF rewrites and the apply, sampled through the run
+        watch = None if redis is None or backlog is None else Watch(redis, backlog, processes)
 
         def ledger_events(whole: bool = True) -> int:
             stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
@@ -183,11 +187,15 @@ class Burst:
             return events if stats["inbox_messages"] == 0 or not whole else -1
 
         t0 = time.monotonic()
+        if watch is not None:
+            watch.phase("burst")
         run = self.load(gw.url)
         # wrk counts the replies that came within its duration; the requests still on the wire
         # when it stopped were acknowledged too, so the ledger may hold a few batches more
         acked = run.ok * run.events_per_request
         burst_end = time.monotonic()
+        if watch is not None:
+            watch.phase("apply")
         snapshots.append(cpu_snapshot(processes, redis))
         in_burst = ledger_events(whole=False)  # applied while the burst came in
         wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
@@ -197,6 +205,10 @@ class Burst:
         snapshots.append(cpu_snapshot(processes, redis))
         applied = ledger_events()
         worker_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+        watched: dict[str, Any] = {}
+        if watch is not None and redis is not None:
+            watch.stop()
+            watched = {"watch": watch.report(redis.dir / "redis.log")}
         return {
             "acknowledged_events": acked,
             "ledger_events": applied,
@@ -229,7 +241,7 @@ class Burst:
                 "burst": cpu_shares(snapshots[0], snapshots[1]),
                 "apply": cpu_shares(snapshots[1], snapshots[2]),
             },
-        }
+        } | watched
 
 
 def cpu_snapshot(processes: dict[str, int], redis: RedisServer | None) -> dict[str, float]:
@@ -270,6 +282,8 @@ def pipeline_counters(gw: Service, token: str) -> dict[str, float]:
         "accoil_gateway_inbox_reads_total": "reads",
         "accoil_gateway_inbox_entries_read_total": "entries",
         "accoil_gateway_partition_commits_total": "commits",
+        "accoil_gateway_partitions_owned": "owned",
+        'accoil_gateway_lease_changes_total{change="acquired"}': "acquired",
     }
     req = urllib.request.Request(gw.url + "/metrics")
     req.add_header("Authorization", f"Bearer {token}")
@@ -334,8 +348,12 @@ def pipeline_figures(
 ) -> dict[str, Any]:
     """How the Redis-mode worker read and committed: entries a read brought, events a
     partition commit applied."""
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("reads", "entries", "commits")}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0)
+         for k in ("reads", "entries", "commits", "acquired")}
     return {
+        # all 64 (the default) held from the start, or leases still being taken in the burst
+        "partitions_owned": [int(before.get("owned", 0)), int(after.get("owned", 0))],
+        "leases_acquired": int(d["acquired"]),
         "reads": int(d["reads"]),
         "entries_per_read": round(d["entries"] / d["reads"], 1) if d["reads"] else None,
         "commits": int(d["commits"]),
