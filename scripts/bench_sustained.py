@@ -28,7 +28,13 @@ out, Redis's own CPU time (user + system), `used_memory` growth and AOF growth, 
 event applied, and the ten commands called most per event (`calls_per_event`, those run
 inside scripts included); from the worker's own counters (`/metrics`), its stream reads
 and the entries each brought, and its partition commits and the events each applied
-(`pipeline`). Accoil is unreachable in both runs, so the outbox keeps every call: the
+(`pipeline`: with the leases held at the start and at the end). `watch`, sampled every
+0.1 s through the Redis-mode run: per phase (the burst, the apply after it) Redis's forks,
+AOF rewrites and RDB saves, the seconds a forked child ran and its CPU, and the messages
+applied; a timeline every half second (acknowledged and applied so far, from the backlog
+file both gateway processes map; AOF size; forks; the worker's, the front's and Redis's CPU
+share), where a turn shows as a step of the applied count; and Redis's log lines on what it
+forked for. Accoil is unreachable in both runs, so the outbox keeps every call: the
 Redis figures include writing the outbox and the forwarder's retries, not draining it.
 
 The last line of output is one JSON object.
