@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from benchkit.backlog_file import backlog_counters
 from benchkit.redis_server import RedisServer
 from benchkit.redis_watch import Watch
 from benchkit.stack import (
@@ -187,10 +188,23 @@ class Burst:
         # Redis mode: forks, AOF rewrites and the apply, sampled through the run
         watch = None if redis is None or backlog is None else Watch(redis, backlog, processes)
 
+        polls = 0
+
         def ledger_events(whole: bool = True) -> int:
+            nonlocal polls
+            polls += 1
             stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
             events: int = stats["ledger"]["events"]
             return events if stats["inbox_messages"] == 0 or not whole else -1
+
+        def applied_all() -> bool:
+            # the backlog file first, free to read (each /admin/stats costs the store a count
+            # of the whole outbox and ledger: polled every 0.2 s, it was part of what the
+            # apply was measured at), then the ledger once the inbox looks drained
+            counters = None if backlog is None else backlog_counters(backlog)
+            if counters is not None and counters[1] < counters[0]:
+                return False
+            return ledger_events() >= acked
 
         t0 = time.monotonic()
         if watch is not None:
@@ -204,17 +218,21 @@ class Burst:
             watch.phase("apply")
         snapshots.append(cpu_snapshot(processes, redis))
         in_burst = ledger_events(whole=False)  # applied while the burst came in
-        wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
+        wait_for(applied_all, timeout=self.args.timeout, every=0.05,
                  what="every acknowledged event in the ledger")
         applied_at = time.monotonic()
         cpu1 = cpu_seconds(worker) if worker is not None else None
         snapshots.append(cpu_snapshot(processes, redis))
         applied = ledger_events()
         worker_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
-        watched: dict[str, Any] = {}
+        # the bench's own /admin/stats calls in the run, and what one costs at its end
+        watched: dict[str, Any] = {
+            "stats_polls": polls,
+            "stats_cost": stats_cost(gw, self.keys.admin_token, worker, redis),
+        }
         if watch is not None and redis is not None:
             watch.stop()
-            watched = {"watch": watch.report(redis.dir / "redis.log")}
+            watched["watch"] = watch.report(redis.dir / "redis.log")
         return {
             "acknowledged_events": acked,
             "ledger_events": applied,
@@ -248,6 +266,23 @@ class Burst:
                 "apply": cpu_shares(snapshots[1], snapshots[2]),
             },
         } | watched
+
+
+def stats_cost(
+    gw: Service, token: str, worker: int | None, redis: RedisServer | None, n: int = 5
+) -> dict[str, float | None]:
+    """What one `/admin/stats` costs at the run's end (the outbox and ledger full): the
+    worker's and Redis's CPU ms, and the wall ms, averaged over `n` calls."""
+    processes = {} if worker is None else {"worker": worker}
+    a = cpu_snapshot(processes, redis)
+    for _ in range(n):
+        get_json(gw.url + "/admin/stats", token=token, timeout=120)
+    b = cpu_snapshot(processes, redis)
+    return {
+        "wall_ms": round((b["t"] - a["t"]) / n * 1000, 1),
+        **{f"{k}_cpu_ms": round((b[k] - a[k]) / n * 1000, 1) if k in a and k in b else None
+           for k in ("worker", "redis")},
+    }
 
 
 def cpu_snapshot(processes: dict[str, int], redis: RedisServer | None) -> dict[str, float]:

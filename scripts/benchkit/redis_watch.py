@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchkit.backlog_file import backlog_counters
 from benchkit.redis_server import RedisServer
 from benchkit.stack import cpu_seconds
-
-ACCEPTED, APPLIED = 0, 1  # gateway.backlog's slots (ingest's and the pipeline's counters)
 
 
 class Sample:
@@ -70,24 +69,14 @@ class Watch:
         self._thread = threading.Thread(target=self._run, name="redis-watch", daemon=True)
         self._thread.start()
 
-    def _counters(self) -> tuple[int, int]:
-        try:
-            raw = self.backlog.read_bytes()[:16]
-        except OSError:
-            return 0, 0
-        if len(raw) < 16:
-            return 0, 0
-        return (int.from_bytes(raw[0:8], "little", signed=True),
-                int.from_bytes(raw[8:16], "little", signed=True))
-
     def sample(self) -> Sample:
-        accepted, applied = self._counters()
-        cpu = {name: used for name, pid in self.processes.items()
-               if (used := cpu_seconds(pid)) is not None}
-        with self._lock:
+        with self._lock:  # the thread's and the caller's (`phase`, `stop`), one at a time
+            accepted, applied = backlog_counters(self.backlog) or (0, 0)
+            cpu = {name: used for name, pid in self.processes.items()
+                   if (used := cpu_seconds(pid)) is not None}
             state = redis_state(self._client)
-        s = Sample(time.monotonic() - self._t0, accepted, applied, cpu, state)
-        self.samples.append(s)
+            s = Sample(time.monotonic() - self._t0, accepted, applied, cpu, state)
+            self.samples.append(s)
         return s
 
     def _run(self) -> None:
@@ -99,11 +88,14 @@ class Watch:
             self._stop.wait(self.every)
 
     def phase(self, name: str) -> None:
-        self.marks.append((name, time.monotonic() - self._t0))
+        """A phase begins: sampled now, so that each phase has a first and a last sample
+        (the next phase's first, or the one `stop` takes), however short it is."""
+        self.marks.append((name, self.sample().t))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
         self._client.close()
 
     def report(self, log: Path | None = None) -> dict[str, Any]:
