@@ -269,7 +269,7 @@ class Burst:
 
 
 def stats_cost(
-    gw: Service, token: str, worker: int | None, redis: RedisServer | None, n: int = 5
+    gw: Service, token: str, worker: int | None, redis: RedisServer | None, n: int = 20
 ) -> dict[str, float | None]:
     """What one `/admin/stats` costs at the run's end (the outbox and ledger full): the
     worker's and Redis's CPU ms, and the wall ms, averaged over `n` calls."""
