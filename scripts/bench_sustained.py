@@ -28,7 +28,13 @@ out, Redis's own CPU time (user + system), `used_memory` growth and AOF growth, 
 event applied, and the ten commands called most per event (`calls_per_event`, those run
 inside scripts included); from the worker's own counters (`/metrics`), its stream reads
 and the entries each brought, and its partition commits and the events each applied
-(`pipeline`). Accoil is unreachable in both runs, so the outbox keeps every call: the
+(`pipeline`: with the leases held at the start and at the end). `watch`, sampled every
+0.1 s through the Redis-mode run: per phase (the burst, the apply after it) Redis's forks,
+AOF rewrites and RDB saves, the seconds a forked child ran and its CPU, and the messages
+applied; a timeline every half second (acknowledged and applied so far, from the backlog
+file both gateway processes map; AOF size; forks; the worker's, the front's and Redis's CPU
+share), where a turn shows as a step of the applied count; and Redis's log lines on what it
+forked for. Accoil is unreachable in both runs, so the outbox keeps every call: the
 Redis figures include writing the outbox and the forwarder's retries, not draining it.
 
 The last line of output is one JSON object.
@@ -46,7 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from benchkit.backlog_file import backlog_counters
 from benchkit.redis_server import RedisServer
+from benchkit.redis_watch import Watch
 from benchkit.stack import (
     Keys,
     Sampler,
@@ -152,7 +160,7 @@ class Burst:
                 before = None if redis is None else redis_counters(redis)
                 token = self.keys.admin_token
                 counted = None if redis is None else pipeline_counters(gw, token)
-                result = self._measure(gw, sampler, redis)
+                result = self._measure(gw, sampler, redis, folder / "gateway-data" / "backlog")
                 if redis is not None and before is not None and counted is not None:
                     events = result["ledger_events"]
                     result["redis"] = redis_figures(redis, before, redis_counters(redis), events)
@@ -168,7 +176,8 @@ class Burst:
                 redis.stop()
 
     def _measure(
-        self, gw: Service, sampler: Sampler, redis: RedisServer | None = None
+        self, gw: Service, sampler: Sampler, redis: RedisServer | None = None,
+        backlog: Path | None = None,
     ) -> dict[str, Any]:
         workers = descendants(gw.child.pid)
         worker = workers[0] if workers else None
@@ -176,27 +185,54 @@ class Burst:
         start = memory(gw.child.pid)
         processes = {"front": gw.child.pid} | ({} if worker is None else {"worker": worker})
         snapshots = [cpu_snapshot(processes, redis)]
+        # Redis mode: forks, AOF rewrites and the apply, sampled through the run
+        watch = None if redis is None or backlog is None else Watch(redis, backlog, processes)
+
+        polls = 0
 
         def ledger_events(whole: bool = True) -> int:
+            nonlocal polls
+            polls += 1
             stats = get_json(gw.url + "/admin/stats", token=self.keys.admin_token, timeout=120)
             events: int = stats["ledger"]["events"]
             return events if stats["inbox_messages"] == 0 or not whole else -1
 
+        def applied_all() -> bool:
+            # the backlog file first, free to read (each /admin/stats costs the store a count
+            # of the whole outbox and ledger: polled every 0.2 s, it was part of what the
+            # apply was measured at), then the ledger once the inbox looks drained
+            counters = None if backlog is None else backlog_counters(backlog)
+            if counters is not None and counters[1] < counters[0]:
+                return False
+            return ledger_events() >= acked
+
         t0 = time.monotonic()
+        if watch is not None:
+            watch.phase("burst")
         run = self.load(gw.url)
         # wrk counts the replies that came within its duration; the requests still on the wire
         # when it stopped were acknowledged too, so the ledger may hold a few batches more
         acked = run.ok * run.events_per_request
         burst_end = time.monotonic()
+        if watch is not None:
+            watch.phase("apply")
         snapshots.append(cpu_snapshot(processes, redis))
         in_burst = ledger_events(whole=False)  # applied while the burst came in
-        wait_for(lambda: ledger_events() >= acked, timeout=self.args.timeout, every=0.2,
+        wait_for(applied_all, timeout=self.args.timeout, every=0.05,
                  what="every acknowledged event in the ledger")
         applied_at = time.monotonic()
         cpu1 = cpu_seconds(worker) if worker is not None else None
         snapshots.append(cpu_snapshot(processes, redis))
         applied = ledger_events()
         worker_cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+        # the bench's own /admin/stats calls in the run, and what one costs at its end
+        watched: dict[str, Any] = {
+            "stats_polls": polls,
+            "stats_cost": stats_cost(gw, self.keys.admin_token, worker, redis),
+        }
+        if watch is not None and redis is not None:
+            watch.stop()
+            watched["watch"] = watch.report(redis.dir / "redis.log")
         return {
             "acknowledged_events": acked,
             "ledger_events": applied,
@@ -229,7 +265,24 @@ class Burst:
                 "burst": cpu_shares(snapshots[0], snapshots[1]),
                 "apply": cpu_shares(snapshots[1], snapshots[2]),
             },
-        }
+        } | watched
+
+
+def stats_cost(
+    gw: Service, token: str, worker: int | None, redis: RedisServer | None, n: int = 20
+) -> dict[str, float | None]:
+    """What one `/admin/stats` costs at the run's end (the outbox and ledger full): the
+    worker's and Redis's CPU ms, and the wall ms, averaged over `n` calls."""
+    processes = {} if worker is None else {"worker": worker}
+    a = cpu_snapshot(processes, redis)
+    for _ in range(n):
+        get_json(gw.url + "/admin/stats", token=token, timeout=120)
+    b = cpu_snapshot(processes, redis)
+    return {
+        "wall_ms": round((b["t"] - a["t"]) / n * 1000, 1),
+        **{f"{k}_cpu_ms": round((b[k] - a[k]) / n * 1000, 1) if k in a and k in b else None
+           for k in ("worker", "redis")},
+    }
 
 
 def cpu_snapshot(processes: dict[str, int], redis: RedisServer | None) -> dict[str, float]:
@@ -270,6 +323,8 @@ def pipeline_counters(gw: Service, token: str) -> dict[str, float]:
         "accoil_gateway_inbox_reads_total": "reads",
         "accoil_gateway_inbox_entries_read_total": "entries",
         "accoil_gateway_partition_commits_total": "commits",
+        "accoil_gateway_partitions_owned": "owned",
+        'accoil_gateway_lease_changes_total{change="acquired"}': "acquired",
     }
     req = urllib.request.Request(gw.url + "/metrics")
     req.add_header("Authorization", f"Bearer {token}")
@@ -334,8 +389,12 @@ def pipeline_figures(
 ) -> dict[str, Any]:
     """How the Redis-mode worker read and committed: entries a read brought, events a
     partition commit applied."""
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("reads", "entries", "commits")}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0)
+         for k in ("reads", "entries", "commits", "acquired")}
     return {
+        # all 64 (the default) held from the start, or leases still being taken in the burst
+        "partitions_owned": [int(before.get("owned", 0)), int(after.get("owned", 0))],
+        "leases_acquired": int(d["acquired"]),
         "reads": int(d["reads"]),
         "entries_per_read": round(d["entries"] / d["reads"], 1) if d["reads"] else None,
         "commits": int(d["commits"]),

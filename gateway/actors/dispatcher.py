@@ -50,6 +50,9 @@ RETRY = 1.0  # seconds before a turn whose commit failed is tried again
 RETAKE = 1.0  # seconds between attempts to record takes the store refused
 SPARE = 1000  # passivated actors kept for reuse: activation allocates nothing
 LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all together
+# a partitioned store's turn, while the inbox has more ready, may wait this many flush
+# intervals to fill (`_due`)
+BEHIND = 5
 
 
 class Dispatcher:
@@ -71,6 +74,7 @@ class Dispatcher:
         self._on_calls = on_calls
         self._disk_full = disk_full  # the data folder is full: turns wait
         self._modes = {s.id: s.track_mode for s in settings.sources}
+        self._partitioned = settings.store == "redis"
         # live actors, least recently given mail first; one per (source, account, partition):
         # a partitioned store (Redis) commits each partition's state apart
         self._live: dict[tuple[str, str, int], Actor] = {}
@@ -142,7 +146,7 @@ class Dispatcher:
                     self._passivate()
                 elif self._pending >= turn:
                     await self._commit()
-            if self._pending and (self._due() or (self._stopping and not rows)):
+            if self._pending and (self._due(len(rows)) or (self._stopping and not rows)):
                 await self._commit()
             if not rows:
                 if self._stopping and not self._pending:
@@ -156,11 +160,20 @@ class Dispatcher:
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
 
-    def _due(self) -> bool:
-        return (
-            self._started is not None
-            and time.monotonic() - self._started >= self.settings.flush_interval
-        )
+    def _due(self, read: int = 0) -> bool:
+        """The oldest message held has waited `flush_interval`; `read`: rows the last read
+        brought. In a partitioned store a turn commits each partition it touches apart, so
+        a small turn costs more per event (each partition's ledger rows, known traits and
+        fenced script), and the worker, slowed, cuts the next one smaller still: while the
+        inbox has more ready (the read brought all it asked for) such a turn waits to fill
+        to `max_in_flight / 2`, for at most `BEHIND` intervals. Caught up, the interval
+        holds as it is."""
+        if self._started is None:
+            return False
+        interval = self.settings.flush_interval
+        if self._partitioned and read >= READ_AHEAD:
+            interval *= BEHIND
+        return time.monotonic() - self._started >= interval
 
     async def _route(self, row: InboxRow) -> None:
         self.cursor = row.id

@@ -288,13 +288,18 @@ def one_user_per_partition() -> list[str]:
     raise AssertionError("no user for some partition")
 
 
-async def test_reads_sent_ahead_hand_every_entry_once_and_in_order(store: RedisStore) -> None:
-    # a backlog of 400 entries, 100 a partition: each read brings 256, and the next is sent
-    # while the rows handed are routed
+async def a_backlog(store: RedisStore) -> None:
+    """400 entries of one message, 100 a partition."""
     users = one_user_per_partition()
     for i in range(100):
         for j, u in enumerate(users):
             await store.accept(SOURCE.id, NOW, batch([u], i * P + j), 1)
+
+
+async def test_reads_sent_ahead_hand_every_entry_once_and_in_order(store: RedisStore) -> None:
+    # a backlog of 400 entries, 100 a partition: each read brings 256, and the next is sent
+    # while the rows handed are routed
+    await a_backlog(store)
     handed: list[int] = []
     ahead = 0
     while rows := await store.inbox_after(0, 16):
@@ -307,11 +312,22 @@ async def test_reads_sent_ahead_hand_every_entry_once_and_in_order(store: RedisS
         assert len(mine) == 100 and mine == sorted(mine)
 
 
+async def test_a_short_answer_means_the_streams_had_no_more(store: RedisStore) -> None:
+    # 400 entries, read 256 at a time and handed 24 at a time: where a read's rows run out
+    # with the next read on the wire, the answer is topped up from it, so that only the
+    # last answer is short (the dispatcher lets a turn fill while answers are full)
+    await a_backlog(store)
+    sizes: list[int] = []
+    handed: list[int] = []
+    while rows := await store.inbox_after(0, 24):
+        sizes.append(len(rows))
+        handed += [r.id for r in rows]
+    assert sizes == [24] * 16 + [16]
+    assert len(handed) == len(set(handed)) == 400
+
+
 async def test_a_read_sent_ahead_under_a_lost_ownership_hands_nothing(store: RedisStore) -> None:
-    users = one_user_per_partition()
-    for i in range(100):
-        for j, u in enumerate(users):
-            await store.accept(SOURCE.id, NOW, batch([u], i * P + j), 1)
+    await a_backlog(store)
     first = await store.inbox_after(0, 16)
     assert store._next is not None  # the next read is on the wire
     p = first[0].partition

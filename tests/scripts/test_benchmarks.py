@@ -200,16 +200,27 @@ def test_bench_sustained_store_redis_runs_both_modes_side_by_side(tmp_path: Path
     assert pipeline["commits"] > 0
     assert pipeline["events_per_commit"] == pytest.approx(
         redis["ledger_events"] / pipeline["commits"], rel=2e-3, abs=0.1)
+    assert pipeline["partitions_owned"][1] == 64  # every partition held at the end
     for gw in (sqlite, redis):
         assert 0 <= gw["applied_in_burst"] <= gw["ledger_events"]
         assert set(gw["worker_cpu_us_per_event_by_phase"]) == {"burst", "apply"}
         assert gw["hwm_mb"]["front"] > 0 and gw["hwm_mb"]["worker"] > 0
+        # the ledger read at least after the burst and once the inbox looked drained
+        assert gw["stats_polls"] >= 2 and gw["stats_cost"]["wall_ms"] > 0
         for phase in ("burst", "apply"):
             shares = gw["cpu_share"][phase]
             assert set(shares) >= {"front", "worker"} and all(v >= 0 for v in shares.values())
     # the front took the burst's requests; Redis's share is measured in Redis mode only
     assert redis["cpu_share"]["burst"]["front"] > 0 and "redis" in redis["cpu_share"]["burst"]
     assert "redis" not in sqlite["cpu_share"]["burst"]
+    # what Redis forked for and when, and the apply's timeline from the backlog file
+    watch = redis["watch"]
+    assert set(watch["phases"]) == {"burst", "apply"}
+    for phase in watch["phases"].values():
+        assert phase["forks"] >= phase["aof_rewrites"] + phase["rdb_saves"] >= 0
+    assert watch["timeline_columns"][:3] == ["t", "accepted", "applied"]
+    last = watch["timeline"][-1]
+    assert last[1] >= redis["acknowledged_events"] and last[2] == last[1]
 
 
 def test_bench_decode_times_each_decode_against_a_baseline() -> None:

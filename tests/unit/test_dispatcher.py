@@ -4,17 +4,18 @@ passivation, and a turn the store refuses."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
 
-from gateway.actors.dispatcher import Dispatcher
+from gateway.actors.dispatcher import BEHIND, READ_AHEAD, Dispatcher
 from gateway.actors.envelope import Envelope
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
-from gateway.config import Settings, Source
+from gateway.config import Settings, Source, StoreKind
 from gateway.observability.metrics import Metrics
 from gateway.segment import (
     Page,
@@ -250,3 +251,22 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
     assert len(refused) == 2
     # the refused turns left nothing behind (their writes rolled back): counted once
     assert (counts.ledger_events, counts.outbox, counts.inbox) == (10, 10, 0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_partitioned_turn_behind_a_backlog_waits_to_fill_for_a_while(
+    store: SqliteStore, kind: StoreKind
+) -> None:
+    # a turn of a partitioned store commits each partition apart: cut at every interval
+    # while the worker is behind, it got smaller and dearer an event, turn after turn
+    settings = Settings(sources=[SOURCE], store=kind, flush_interval=1.0)
+    d = Dispatcher(store, Router(store, {"main": SOURCE}), settings, Metrics(["main"]),
+                   Backlog(10**9), lambda source: None)
+    assert not d._due(READ_AHEAD)  # nothing held
+    d._started = time.monotonic() - 1.5
+    assert d._due(READ_AHEAD - 1)  # the last read was short: caught up, the interval holds
+    assert d._due(0)
+    # the last read brought all it asked for: more is ready
+    assert d._due(READ_AHEAD) is (kind == "sqlite")
+    d._started = time.monotonic() - BEHIND * 1.0
+    assert d._due(READ_AHEAD)  # but not for ever

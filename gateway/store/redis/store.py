@@ -345,18 +345,24 @@ class RedisStore:
         return value
 
     async def inbox_after(self, cursor: int, limit: int) -> list[InboxRow]:
-        if self._next is not None and (not self._buffer or self._next.done()):
-            next_read, self._next = self._next, None
-            await next_read
-        if not self._buffer:
-            await self._answered("inbox", self._read_ahead, None)
         rows: list[InboxRow] = []
-        while self._buffer and len(rows) < limit:
-            row, reading = self._buffer.popleft()
-            if self._reading.get(row.partition) is not reading:
-                continue  # read under an ownership since lost
-            reading.handed.append(row.id)
-            rows.append(row)
+        while True:
+            if self._next is not None and (not self._buffer or self._next.done()):
+                next_read, self._next = self._next, None
+                await next_read
+            if not self._buffer and not rows:
+                await self._answered("inbox", self._read_ahead, None)
+            while self._buffer and len(rows) < limit:
+                row, reading = self._buffer.popleft()
+                if self._reading.get(row.partition) is not reading:
+                    continue  # read under an ownership since lost
+                reading.handed.append(row.id)
+                rows.append(row)
+            # the buffer ran out with the next read on the wire: top up from it, so that a
+            # short answer means the streams had no more (the dispatcher lets a turn fill
+            # while the inbox has more ready, `Dispatcher._due`)
+            if len(rows) >= limit or self._next is None:
+                break
         if self._backlog and self._buffer and self._next is None:
             # a backlog: send the next read now, so that Redis answers it while these rows
             # are routed (one read in flight at a time: each starts after the entries the
