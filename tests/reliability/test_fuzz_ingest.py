@@ -296,6 +296,26 @@ def test_nesting_at_the_decoders_limit(fuzz: Fuzz) -> None:
     assert outcomes[200] and outcomes[400], outcomes
 
 
+def test_nesting_at_the_decoders_limit_one_message(fuzz: Fuzz) -> None:
+    """As above, on a single-message route, whose message is stored two levels deeper (in a
+    batch) than the client sent it."""
+    stamp = time.monotonic_ns()
+    outcomes: Counter[int] = Counter()
+    for depth in range(960, 1010):
+        mid = f"deep1-{stamp}-{depth}"
+        body = b'{"userId":"deep","event":"%s","messageId":"%s","x":%s}' % (
+            mid.encode(), mid.encode(), b"[" * depth + b"]" * depth)
+        resp = fuzz.post("/v1/track", body)
+        outcomes[resp.status_code] += 1
+        if resp.status_code == 400:
+            assert resp.json()["message"] in (
+                "body is nested too deeply", "message is nested too deeply"), (depth, resp.text)
+            continue
+        assert resp.status_code == 200, (depth, resp.text)
+        fuzz.expected.add(mid)
+    assert outcomes[200] and outcomes[400], outcomes
+
+
 # -- schemathesis: every operation of the served OpenAPI document -----------------------
 
 
