@@ -183,6 +183,11 @@ class Ingest:
         if count:
             try:
                 row_id = await self.store.accept(src, received_at, decoded.body, count)
+            except InvalidBody as exc:
+                # the store's own read of the body (Redis mode's split by partition) failed
+                # where ingest's did not: the client's body, not the store, is at fault
+                self.metrics.rejected.labels(src, "invalid").inc()
+                return _error(400, exc.reason)
             except Exception as exc:
                 if not out_of_space(exc):  # a full disk is reported once, not per request
                     log.exception("commit failed", source_id=src)

@@ -18,7 +18,7 @@ from gateway.backlog import Backlog
 from gateway.config import Settings, Source
 from gateway.ingest.routes import Ingest
 from gateway.observability.metrics import Metrics
-from gateway.segment import decode_batch
+from gateway.segment import InvalidBody, decode_batch
 from gateway.store.redis.connect import (
     Client,
     PartitionCountMismatch,
@@ -28,7 +28,7 @@ from gateway.store.redis.connect import (
 )
 from gateway.store.redis.inbox import START, InboxUnavailable, RedisInbox
 from gateway.store.redis.lease import Leases
-from gateway.store.redis.partition import inbox_key, partition_of, progress_key
+from gateway.store.redis.partition import inbox_key, partition_of, progress_key, split
 from tests.redis.redis_support import RedisClusterNodes, RedisServer
 
 P = 64
@@ -241,6 +241,17 @@ async def test_ingest_answers_200_when_written_and_503_when_redis_is_down(
     redis_server.start()
     resp = await ingest.post("/v1/batch", data=body(50, 9, start=100), headers=auth)
     assert resp.status == 200
+
+
+def test_a_body_too_deep_to_split_is_invalid_not_unavailable() -> None:
+    """msgspec's depth limit moves with the caller's stack, so a body ingest's check read may
+    be too deep for the split a few frames further down: that is the body's fault (a 400),
+    never a store failure (a 503 the SDK would retry for ever)."""
+    nested = b"[" * 5000 + b"]" * 5000
+    deep = b'{"batch":[{"type":"track","userId":"a","event":"e","x":%s},' \
+           b'{"type":"track","userId":"b","event":"e"}]}' % nested
+    with pytest.raises(InvalidBody, match="^body is nested too deeply$"):
+        split("web", deep, P)
 
 
 # -- the Cluster ---------------------------------------------------------------------------

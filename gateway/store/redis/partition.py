@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.segment import id_str
+from gateway.segment import InvalidBody, id_str
 
 NO_USER_PARTITION = 0
 
@@ -219,7 +219,18 @@ def split(source: str, body: bytes, partitions: int) -> dict[int, tuple[bytes, i
 
     Order within a partition is kept; the batch's context, integrations and sentAt go with
     every part. A body whose messages all fall in one partition is returned as it is.
+
+    Raises `InvalidBody` (a 400, not a store failure) for a body nested too deeply to read
+    here: msgspec's depth limit is Python's recursion limit less the frames already on the
+    stack, and this runs a few frames deeper than ingest's check, which read the body.
     """
+    try:
+        return _split(source, body, partitions)
+    except RecursionError:
+        raise InvalidBody("body is nested too deeply") from None
+
+
+def _split(source: str, body: bytes, partitions: int) -> dict[int, tuple[bytes, int]]:
     where = _partitions(_ids(body), _seed(source), partitions)
     first = where[0] if where else NO_USER_PARTITION
     if all(p == first for p in where):
