@@ -116,7 +116,8 @@ class RedisInbox:
 
     async def append(self, source: str, received_at: float, body: bytes) -> dict[int, str]:
         """Write a request's messages, split by partition; the entry id of each part.
-        Raises `InboxUnavailable` unless every part is written (and WAITed)."""
+        Raises `InboxUnavailable` unless every part is written (and WAITed), and
+        `InvalidBody` for a body too deeply nested to split (nothing written: a 400)."""
         split_parts = split(source, body, self.partitions)
         try:
             if isinstance(self.client, RedisCluster):
