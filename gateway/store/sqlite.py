@@ -653,11 +653,17 @@ class _Filter:
         bits, mask = self._bits, self.size - 1
         return [k for k in keys if bits[(h := hash(k) & mask) >> 3] & (1 << (h & 7))]
 
-    def folded(self, keys: int) -> _Filter:
-        """This filter at the smallest size of at least `BITS_A_KEY` bits for each of `keys`."""
-        size = self.size
-        while size > 8 and size // 2 >= self.BITS_A_KEY * keys:
+    @classmethod
+    def fitting(cls, keys: int) -> int:
+        """The smallest size of at least `BITS_A_KEY` bits for each of `keys`, at most `BITS`."""
+        size = cls.BITS
+        while size > 8 and size // 2 >= cls.BITS_A_KEY * keys:
             size //= 2
+        return size
+
+    def folded(self, keys: int) -> _Filter:
+        """This filter at the size `fitting` `keys`."""
+        size = min(self.fitting(keys), self.size)
         bits = int.from_bytes(self._bits, "little")
         for half in (self.size >> 1 >> n for n in range((self.size // size).bit_length() - 1)):
             bits = (bits & ((1 << half) - 1)) | (bits >> half)  # the bit of `h & (half - 1)`
@@ -727,11 +733,12 @@ class _Dedupe:
         """The filter of `day`, an older day (its keys final): made from its tables unless
         this process kept it when the day stopped being the newest."""
         if day not in self._older:
-            made, keys = _Filter(day), 0
-            for table in [*self._large[day], f"dedupe_{day}_new"]:
+            tables = [*self._large[day], f"dedupe_{day}_new"]
+            # made at its size, not folded: a 16 MB filter per day would raise the peak RSS
+            made = _Filter(day, _Filter.fitting(sum(_count(conn, t) for t in tables)))
+            for table in tables:
                 made.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
-                keys += _count(conn, table)
-            self._older[day] = made.folded(keys)
+            self._older[day] = made
         return self._older[day]
 
     def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
