@@ -663,12 +663,21 @@ class _Filter:
 
     def folded(self, keys: int) -> _Filter:
         """This filter at the size `fitting` `keys`."""
-        size = min(self.fitting(keys), self.size)
-        bits = int.from_bytes(self._bits, "little")
-        for half in (self.size >> 1 >> n for n in range((self.size // size).bit_length() - 1)):
-            bits = (bits & ((1 << half) - 1)) | (bits >> half)  # the bit of `h & (half - 1)`
-        folded = _Filter(self.day, size)
-        folded._bits[:] = bits.to_bytes(size >> 3, "little")
+        folded = _Filter(self.day, min(self.fitting(keys), self.size))
+        # halved until it fits: bit `h` is in byte `h >> 3`, and `h & (size // 2 - 1)` in
+        # that byte of the first half. ORed 64 KB at a time: the whole filter as one int
+        # would leave tens of MB in the heap, not given back
+        bits = self._bits
+        while len(bits) > len(folded._bits):
+            half = len(bits) // 2
+            piece = min(half, 1 << 16)
+            halved = bytearray(half)
+            for at in range(0, half, piece):
+                ored = int.from_bytes(bits[at : at + piece], "little") | int.from_bytes(
+                    bits[half + at : half + at + piece], "little")
+                halved[at : at + piece] = ored.to_bytes(piece, "little")
+            bits = halved
+        folded._bits[:] = bits
         return folded
 
 
