@@ -39,7 +39,13 @@ store) asks where a long apply's cost goes as it proceeds: each stage's thread C
 dispatcher's thread; on the writer's, the turn, its dedupe split into probe, insert and
 merge, the ledger's read and write, the outbox, the transaction around the turn), the
 collector's time, the tables' rows, the SQLite log's size and the process's `read` calls,
-per window of EVENTS applied events. The last line of output is one JSON object.
+per window of EVENTS applied events. `--older-days N --older-keys K` (sqlite store) asks what
+the older days of the dedupe window cost a gateway after its first day: before the clock
+starts, the pass fills the N UTC days before today with K random keys each, in the tables
+the store itself makes (`dedupe_YYYYMMDD`, `_1`, `_2`, ... of the store's `CAP` keys each, and
+`dedupe_YYYYMMDD_new` with what a day's last merge leaves); every key the apply stores is
+then probed against them (the fill untimed, its seconds reported). The last line of output is
+one JSON object.
 """
 from __future__ import annotations
 
@@ -100,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one pass per mode on the sqlite store, its bodies made in the pass "
                         "(so that a 3M-event pass fits in memory), the CPU of each stage "
                         "reported per window of EVENTS applied events")
+    p.add_argument("--older-days", type=int, default=0, metavar="N",
+                   help="sqlite store: N older days' dedupe tables made before the clock starts")
+    p.add_argument("--older-keys", type=int, default=3_000_000, metavar="K",
+                   help="random keys in each older day (default 3,000,000)")
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--child", action="store_true",
                    help="one pass in this process (`--workload`, `--store`, `--bodies`)")
@@ -119,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--windows must be >= 0")
     if args.windows and (args.callgrind or args.stores != "sqlite" and not args.child):
         p.error("--windows takes --stores sqlite, without --callgrind")
+    if args.older_days < 0 or args.older_keys < 0:
+        p.error("--older-days and --older-keys must be >= 0")
+    if args.older_days and (args.stores != "sqlite" and not args.child or args.callgrind):
+        p.error("--older-days takes --stores sqlite, without --callgrind")
     if "main" in args.mode_list and args.main is None:
         p.error("--modes main needs --main PATH")
     for w in args.workloads.split(",") + [args.workload]:
@@ -392,6 +406,46 @@ def stream_bodies(args: argparse.Namespace) -> Iterable[bytes]:
         yield traffic.batch(args.batch_size).body
 
 
+def fill_older_days(db: Path, days: int, keys: int, now: float) -> dict[str, Any]:
+    """`days` UTC days before `now`'s, `keys` random dedupe keys each, in the tables and
+    the split the store's `_Dedupe` makes (a checkout without `CAP` keeps a day in one
+    large table; one without `MERGE` leaves the small table empty)."""
+    import random
+    import sqlite3
+
+    from gateway.keys import DEDUPE_BYTES
+    from gateway.store import sqlite as store
+
+    dedupe: Any = store._Dedupe
+    cap: int = getattr(dedupe, "CAP", 0) or max(keys, 1)
+    merge: int = getattr(dedupe, "MERGE", 0) or max(keys, 1)
+    rng = random.Random(9)
+    start = time.perf_counter()
+    tables: dict[str, int] = {}
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for back in range(1, days + 1):
+            day = time.strftime("%Y%m%d", time.gmtime(now - back * 86400))
+            blob = rng.randbytes(keys * DEDUPE_BYTES)
+            made = [blob[i : i + DEDUPE_BYTES] for i in range(0, len(blob), DEDUPE_BYTES)]
+            small = keys % merge  # the keys since the day's last merge
+            large = sorted(made[: keys - small])
+            parts = [large[i : i + cap] for i in range(0, len(large), cap)] or [[]]
+            names = [f"dedupe_{day}"] + [f"dedupe_{day}_{i}" for i in range(1, len(parts))]
+            for name, part in [*zip(names, parts, strict=True),
+                                (f"dedupe_{day}_new", made[keys - small :])]:
+                conn.execute(f"CREATE TABLE {name} (key BLOB PRIMARY KEY) WITHOUT ROWID")
+                conn.execute("BEGIN")
+                conn.executemany(f"INSERT INTO {name} VALUES (?)", ((k,) for k in sorted(part)))
+                conn.execute("COMMIT")
+                tables[name] = len(part)
+    finally:
+        conn.close()
+    return {"older_days": days, "older_keys": keys, "older_tables": tables,
+            "older_fill_s": round(time.perf_counter() - start, 1),
+            "db_mb_before": round(db.stat().st_size / 1e6, 1) if db.exists() else 0.0}
+
+
 async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from gateway.actors import router as router_module
     from gateway.actors.dispatcher import Dispatcher
@@ -415,6 +469,12 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     received = time.time()
     sqlite: SqliteStore | None = None
     memory: MemoryStore | None = None
+    older: dict[str, Any] = {}
+    if args.older_days:
+        if args.store != "sqlite":
+            raise SystemExit("--older-days needs the sqlite store")
+        older = fill_older_days(folder / "gateway.db", args.older_days, args.older_keys,
+                                received)
     if args.store == "sqlite":
         sqlite = SqliteStore(folder / "gateway.db", fsync=settings.fsync)
         await sqlite.open()
@@ -462,7 +522,7 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         out["writer_us_per_event"] = round((cpu - main_cpu) * us, 3)
     if windows is not None:
         out["windows"] = windows.rows
-    return out
+    return out | older
 
 
 def child(args: argparse.Namespace) -> int:
@@ -524,6 +584,8 @@ def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, 
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
            "--workload", workload, "--store", store, "--events", str(events),
            "--batch-size", str(args.batch_size)]
+    if args.older_days:
+        cmd += ["--older-days", str(args.older_days), "--older-keys", str(args.older_keys)]
     # with --windows the pass makes its bodies as it feeds them: a 3M-event list is 600 MB
     cmd += ["--windows", str(args.windows)] if args.windows else ["--bodies", str(stored)]
     if callgrind:
@@ -580,6 +642,8 @@ def report(args: argparse.Namespace, results: Results) -> int:
         "measure": "callgrind" if args.callgrind else "cpu", "events": args.events, "batch_events": args.batch_size, "accounts": args.accounts,
         "users": args.users, "rounds": args.rounds, "modes": args.mode_list,
     }
+    if args.older_days:
+        out["older_days"], out["older_keys"] = args.older_days, args.older_keys
     if "compiled" in args.mode_list:
         out["compiled"] = args.compile.split(",")
     for store, by_workload in results.items():
@@ -591,6 +655,9 @@ def report(args: argparse.Namespace, results: Results) -> int:
                 if store == "sqlite":
                     for field in ("dispatcher_thread_us_per_event", "writer_us_per_event"):
                         entry[mode][field] = summary(runs, field)
+                if args.older_days:
+                    entry[mode]["older_fill_s"] = [r["older_fill_s"] for r in runs]
+                    entry[mode]["older_tables"] = runs[0]["older_tables"]
                 if args.callgrind:
                     entry[mode]["instructions_per_event"] = summary(
                         runs, "instructions_per_event")

@@ -615,23 +615,29 @@ class _Filter:
     about 2 % of keys at 3M keys a day) sends the key to the probe. Bits are only ever set:
     a rolled-back turn leaves bits of keys it never stored, which cost a probe, never a
     missed duplicate. Made again from the tables when the process starts (Python's hash of
-    bytes is salted per process)."""
+    bytes is salted per process).
+
+    Once the day is no longer the newest its keys are final, and its filter is kept
+    `folded` to a size fitting them: each bit the OR of the bits whose indexes agree in
+    their low bits, so a clear bit still means certainly absent."""
 
     BITS = 1 << 27
+    BITS_A_KEY = 8  # at least, in a folded filter: about 6 to 12 % of absent keys probed
 
-    def __init__(self, day: str) -> None:
+    def __init__(self, day: str, size: int = 0) -> None:
         self.day = day
-        self._bits = bytearray(self.BITS >> 3)
+        self.size = size or self.BITS  # a power of two, at least 8
+        self._bits = bytearray(self.size >> 3)
 
     def add(self, keys: Iterable[bytes]) -> None:
-        bits, mask = self._bits, self.BITS - 1
+        bits, mask = self._bits, self.size - 1
         for key in keys:
             h = hash(key) & mask
             bits[h >> 3] |= 1 << (h & 7)
 
     def maybe(self, keys: list[bytes]) -> list[bytes]:
         """The keys that may be stored (their bit set); the bits of the others are set."""
-        bits, mask = self._bits, self.BITS - 1
+        bits, mask = self._bits, self.size - 1
         maybe: list[bytes] = []
         for key in keys:
             h = hash(key) & mask
@@ -641,6 +647,38 @@ class _Filter:
             else:
                 bits[h >> 3] |= bit
         return maybe
+
+    def holds(self, keys: list[bytes]) -> list[bytes]:
+        """The keys that may be stored (their bit set), no bit changed."""
+        bits, mask = self._bits, self.size - 1
+        return [k for k in keys if bits[(h := hash(k) & mask) >> 3] & (1 << (h & 7))]
+
+    @classmethod
+    def fitting(cls, keys: int) -> int:
+        """The smallest size of at least `BITS_A_KEY` bits for each of `keys`, at most `BITS`."""
+        size = cls.BITS
+        while size > 8 and size // 2 >= cls.BITS_A_KEY * keys:
+            size //= 2
+        return size
+
+    def folded(self, keys: int) -> _Filter:
+        """This filter at the size `fitting` `keys`."""
+        folded = _Filter(self.day, min(self.fitting(keys), self.size))
+        # halved until it fits: bit `h` is in byte `h >> 3`, and `h & (size // 2 - 1)` in
+        # that byte of the first half. ORed 64 KB at a time: the whole filter as one int
+        # would leave tens of MB in the heap, not given back
+        bits = self._bits
+        while len(bits) > len(folded._bits):
+            half = len(bits) // 2
+            piece = min(half, 1 << 16)
+            halved = bytearray(half)
+            for at in range(0, half, piece):
+                ored = int.from_bytes(bits[at : at + piece], "little") | int.from_bytes(
+                    bits[half + at : half + at + piece], "little")
+                halved[at : at + piece] = ored.to_bytes(piece, "little")
+            bits = halved
+        folded._bits[:] = bits
+        return folded
 
 
 class _Dedupe:
@@ -654,9 +692,9 @@ class _Dedupe:
     keys and the day then starts another (`dedupe_YYYYMMDD`, then `_1`, `_2`, ...): a
     merge costs the same at the day's 3 millionth key as at its first million.
 
-    A lookup probes every table of the older days in the window, and the newest day's
-    large tables only for the keys its `_Filter` may hold; the small table tells by what
-    its insert took. Pruning drops a day's tables.
+    A lookup probes the newest day's large tables, and every table of an older day in the
+    window, only for the keys the day's `_Filter` may hold; the newest day's small table
+    tells by what its insert took. Pruning drops a day's tables.
     """
 
     MERGE = 200_000
@@ -668,6 +706,7 @@ class _Dedupe:
         self._new = 0  # keys in the newest day's small table
         self._rows = 0  # keys in the newest day's last large table
         self._filter: _Filter | None = None  # the newest day's keys
+        self._older: dict[str, _Filter] = {}  # older days' keys, folded
 
     def days(self, conn: sqlite3.Connection) -> list[str]:
         if self._days is None:
@@ -699,10 +738,24 @@ class _Dedupe:
                 self._filter.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
         return self._filter
 
+    def _older_filter(self, conn: sqlite3.Connection, day: str) -> _Filter:
+        """The filter of `day`, an older day (its keys final): made from its tables unless
+        this process kept it when the day stopped being the newest."""
+        if day not in self._older:
+            tables = [*self._large[day], f"dedupe_{day}_new"]
+            # made at its size, not folded: a 16 MB filter per day would raise the peak RSS
+            made = _Filter(day, _Filter.fitting(sum(_count(conn, t) for t in tables)))
+            for table in tables:
+                made.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
+            self._older[day] = made
+        return self._older[day]
+
     def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
         """Store `keys` under `day`; those already stored (in any day's tables)."""
         days = self.days(conn)
         if not days or day > days[0]:
+            if days:
+                self._retire(days[0])
             self._ensure(conn, day)
             days.insert(0, day)
             self._large[day] = [f"dedupe_{day}"]
@@ -721,9 +774,10 @@ class _Dedupe:
             if maybe:
                 found.update(_probe(conn, table, maybe))
         for d in days[1:]:
+            held = self._older_filter(conn, d).holds(rest)
             for table in [*self._large[d], f"dedupe_{d}_new"]:
-                if rest:
-                    found.update(_probe(conn, table, rest))
+                if held:
+                    found.update(_probe(conn, table, held))
         if found:
             rest = [k for k in rest if k not in found]
         if rest:
@@ -742,6 +796,16 @@ class _Dedupe:
         if self._new >= self.MERGE:
             self._merge(conn, day)
         return found
+
+    def _retire(self, day: str) -> None:
+        """`day` stops being the newest, its keys final: its filter kept folded, if this
+        process has it (else made from the tables when first needed)."""
+        self._older.pop(day, None)
+        last = self._filter
+        if last is not None and last.day == day:
+            # the count sizes the filter only: the first table of an older layout may hold more
+            count = self.CAP * (len(self._large[day]) - 1) + self._rows + self._new
+            self._older[day] = last.folded(count)
 
     def _merge(self, conn: sqlite3.Connection, day: str) -> None:
         """Move the small table's keys into the day's last large table, or a new one."""
@@ -765,6 +829,7 @@ class _Dedupe:
             for table in [*self._large.pop(day, []), f"dedupe_{day}_new"]:
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
             days.remove(day)
+            self._older.pop(day, None)
             if self._filter is not None and self._filter.day == day:
                 self._filter = None
         return len(gone)

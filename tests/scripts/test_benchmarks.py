@@ -125,6 +125,39 @@ def test_bench_apply_windows_say_where_a_long_apply_spends(tmp_path: Path) -> No
     assert json.loads((tmp_path / "apply.json").read_text()) == s
 
 
+def test_bench_apply_older_days_fill_the_store_s_tables_before_the_clock(tmp_path: Path) -> None:
+    from gateway.store.sqlite import _Dedupe
+
+    keys = _Dedupe.MERGE + 3  # a day's merged keys in its large table, 3 left in the small one
+    s = last_json_line(
+        str(SCRIPTS / "bench_apply.py"), "--modes", "pure", "--stores", "sqlite",
+        "--workloads", "track", "--rounds", "1", "--events", "20000", "--windows", "10000",
+        "--older-days", "2", "--older-keys", str(keys),
+    )
+    assert (s["older_days"], s["older_keys"]) == (2, keys)
+    run = s["sqlite_track"]["pure"]
+    tables = run["older_tables"]
+    days = sorted({t[7:15] for t in tables}, reverse=True)
+    assert len(days) == 2 and run["older_fill_s"][0] >= 0
+    for day in days:
+        assert tables[f"dedupe_{day}"] == _Dedupe.MERGE and tables[f"dedupe_{day}_new"] == 3
+    [windows] = run["windows"]
+    for w in windows:
+        rows = w["dedupe_rows"]
+        today = {t: n for t, n in rows.items() if t[7:15] not in days}
+        # the older days are left as filled (their keys are other than the apply's), every
+        # key of the apply is stored under today, after the older days
+        assert {t: rows[t] for t in tables} == tables
+        assert sum(today.values()) == w["events"] and min(today)[7:15] > days[0]
+        assert w["us_per_event"]["dedupe_probe"] > 0  # each turn probes the older tables
+
+
+def test_bench_apply_older_days_need_the_sqlite_store() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_apply.py"), "--stores", "core",
+                           "--older-days", "1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--older-days takes --stores sqlite" in proc.stderr
+
+
 def test_bench_forward_capacity_scenario_reports_every_phase(tmp_path: Path) -> None:
     s = last_json_line(
         str(SCRIPTS / "bench_forward.py"), "--scenario", "capacity",

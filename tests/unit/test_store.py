@@ -490,6 +490,65 @@ async def test_keys_sharing_a_filter_bit_are_still_told_apart(
     assert await remember(store, keys[::3], DAY) == set(keys[::3])
 
 
+def test_a_folded_filter_still_holds_every_key_it_held() -> None:
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(1000)]
+    whole = sqlite_store._Filter("20241004")
+    whole.add(keys)
+    for keys_of_day, size in ((1000, 8192), (3, 32), (0, 8)):
+        folded = whole.folded(keys_of_day)
+        assert folded.size == size and folded.day == "20241004"
+        assert folded.holds(keys) == keys  # a clear bit is still certainly absent
+    others = [dedupe_key(b"t", f"m{i}") for i in range(1000)]
+    # at 8 to 16 bits a key, most absent keys have their bit clear
+    assert len(whole.folded(1000).holds(others)) < 150
+    assert whole.folded(3).holds(others) == others  # 32 bits for 1000 keys: all set
+
+
+@pytest.mark.parametrize("bits", [1 << 27, 256])
+async def test_older_days_are_probed_for_the_keys_their_filter_may_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    # at 256 bits, the older day's folded filter has most bits set: many keys probed
+    monkeypatch.setattr(sqlite_store._Filter, "BITS", bits)
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path)
+    await store.open()
+    store._dedupe.MERGE, store._dedupe.CAP = 50, 100
+    first = [dedupe_key(b"s", f"a{i}") for i in range(230)]  # 2 large tables and a small one
+    for i in range(0, 230, 40):
+        assert await remember(store, first[i : i + 40], DAY) == set()
+    second = [dedupe_key(b"s", f"b{i}") for i in range(60)]
+    # the day turns: the first day's filter folded, in this process
+    assert await remember(store, first[::5] + second, DAY + 86400) == set(first[::5])
+    assert await remember(store, first + second, DAY + 86400) == set(first + second)
+    await store.close()
+    again = SqliteStore(path)  # each older day's filter made again from its tables
+    await again.open()
+    third = [dedupe_key(b"s", f"c{i}") for i in range(20)]
+    every = first + second + third
+    assert await remember(again, every, DAY + 2 * 86400) == set(first + second)
+    assert await remember(again, every, DAY + 2 * 86400) == set(every)
+    await again.close()
+
+
+async def test_a_day_that_turns_in_a_rolled_back_turn_is_still_filtered_whole(
+    store: SqliteStore,
+) -> None:
+    before = [dedupe_key(b"s", f"m{i}") for i in range(10)]
+    after = [dedupe_key(b"s", f"n{i}") for i in range(10)]
+
+    def fails(tx: Turn) -> None:
+        tx.state.remember(after)
+        raise RuntimeError("the turn that starts a day fails")
+
+    assert await remember(store, before, DAY) == set()
+    with pytest.raises(RuntimeError):
+        await store.transact(fails, DAY + 86400)
+    # the first day is the newest again, and takes keys after its filter was folded once
+    assert await remember(store, after, DAY) == set()
+    assert await remember(store, before + after, DAY + 86400) == set(before + after)
+
+
 async def test_keys_of_a_rolled_back_turn_are_not_remembered(store: SqliteStore) -> None:
     keys = [dedupe_key(b"s", f"m{i}") for i in range(20)]
 
