@@ -733,22 +733,27 @@ class _Dedupe:
         """The filter of `day`, the newest: made from its tables unless this process has it
         (one kept through a rolled-back turn holds more bits than keys: safe)."""
         if self._filter is None or self._filter.day != day:
-            self._filter = _Filter(day)
-            for table in [*self._large[day], f"dedupe_{day}_new"]:
-                self._filter.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
+            self._filter = self._filled(conn, _Filter(day))
         return self._filter
 
     def _older_filter(self, conn: sqlite3.Connection, day: str) -> _Filter:
         """The filter of `day`, an older day (its keys final): made from its tables unless
         this process kept it when the day stopped being the newest."""
         if day not in self._older:
-            tables = [*self._large[day], f"dedupe_{day}_new"]
+            keys = sum(_count(conn, t) for t in self._tables(day))
             # made at its size, not folded: a 16 MB filter per day would raise the peak RSS
-            made = _Filter(day, _Filter.fitting(sum(_count(conn, t) for t in tables)))
-            for table in tables:
-                made.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
-            self._older[day] = made
+            self._older[day] = self._filled(conn, _Filter(day, _Filter.fitting(keys)))
         return self._older[day]
+
+    def _tables(self, day: str) -> list[str]:
+        """Every dedupe table of `day`: its large ones, then its small one."""
+        return [*self._large[day], f"dedupe_{day}_new"]
+
+    def _filled(self, conn: sqlite3.Connection, made: _Filter) -> _Filter:
+        """`made` with the bits of every key its day's tables hold."""
+        for table in self._tables(made.day):
+            made.add(k for (k,) in conn.execute(f"SELECT key FROM {table}"))
+        return made
 
     def add(self, conn: sqlite3.Connection, day: str, keys: list[bytes]) -> set[bytes]:
         """Store `keys` under `day`; those already stored (in any day's tables)."""
@@ -775,7 +780,7 @@ class _Dedupe:
                 found.update(_probe(conn, table, maybe))
         for d in days[1:]:
             held = self._older_filter(conn, d).holds(rest)
-            for table in [*self._large[d], f"dedupe_{d}_new"]:
+            for table in self._tables(d):
                 if held:
                     found.update(_probe(conn, table, held))
         if found:
