@@ -48,7 +48,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     await store.open()
     while len(store._owned()) < args.partitions:  # noqa: ASYNC110 (the leases' first round)
         await asyncio.sleep(0.05)
-    traffic = Traffic(accounts=args.accounts, users=args.users, seed=1)
+    traffic = Traffic(accounts=args.accounts, users=args.users, seed=1,
+                      **({"mix": {"track": 1.0}} if args.track_only else {}))
     sent = 0
     while sent < args.events:
         b = traffic.batch(min(args.batch, args.events - sent))
@@ -60,7 +61,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     backlog.accepted(sent)
     dispatcher = Dispatcher(store, Router(store, {SOURCE.id: SOURCE}), settings,
                             Metrics([SOURCE.id]), backlog, lambda _: None)
-    started, cpu0 = time.monotonic(), time.process_time()
+    started, cpu0, redis0 = time.monotonic(), time.process_time(), redis_cpu(c)
     task = asyncio.create_task(dispatcher.run())
     inboxes = [f"{{p{p}}}:inbox" for p in range(args.partitions)]
     left, still = sum(c.xlen(k) for k in inboxes), time.monotonic()
@@ -73,6 +74,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
             print(json.dumps(stall_report(dispatcher, task, store, c, args.partitions)))
             raise SystemExit(f"stalled: {left} entries left, none applied for {args.stall} s")
     apply_s, apply_cpu = time.monotonic() - started, time.process_time() - cpu0
+    apply_redis = redis_cpu(c) - redis0
     dispatcher.stop()
     await task
     stats = c.info("commandstats")
@@ -104,12 +106,19 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "python_cpu_usec_per_event_apply": round(apply_cpu / sent * 1e6, 1),
         "redis_commands_per_event_apply": round(commands / sent, 3),
         "redis_usec_per_event_apply": round(redis_usec / sent, 2),
+        # Redis's CPU (user + system, its threads), less moved by the load than its usec
+        "redis_cpu_usec_per_event_apply": round(apply_redis / sent * 1e6, 2),
         "redis_usec_by_command": dict(sorted(busy.items(), key=lambda kv: -kv[1])[:6]),
         "bytes_per_event": {k: round(v / sent, 1) for k, v in sorted(by_structure.items())},
         "keys": dict(sorted(keys.items())),
         "bytes_per_ledger_row": round(
             (by_structure.get("lc", 0) + by_structure.get("lt", 0)) / max(1, counts.ledger_rows), 1),
     }
+
+
+def redis_cpu(c: Any) -> float:
+    info = c.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def stall_report(
@@ -168,6 +177,8 @@ def main() -> None:
     ap.add_argument("--accounts", type=int, default=500)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--partitions", type=int, default=64)
+    ap.add_argument("--track-only", action="store_true",
+                    help="track events only (bench_sustained's traffic), not the Segment mix")
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--stall", type=float, default=60.0,
                     help="seconds without an entry applied before the run is called stalled "

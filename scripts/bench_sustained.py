@@ -260,6 +260,9 @@ class Burst:
                     ("apply", snapshots[1], snapshots[2], applied - in_burst),
                 ) if "worker" in a and "worker" in b
             },
+            # every process's CPU over the burst and its apply, per event applied: where the
+            # modes differ (Redis mode adds redis-server's)
+            "cpu_us_per_event": cpu_per_event(snapshots[0], snapshots[2], applied),
             # busy or waiting: CPU seconds per second of each process in each phase
             "cpu_share": {
                 "burst": cpu_shares(snapshots[0], snapshots[1]),
@@ -296,7 +299,17 @@ def cpu_snapshot(processes: dict[str, int], redis: RedisServer | None) -> dict[s
         with redis.client() as c:
             info = c.info("cpu")
         out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        # its forked children (AOF rewrites): the machine's CPU too, not in Redis's own
+        out["redis_children"] = (
+            float(info["used_cpu_user_children"]) + float(info["used_cpu_sys_children"]))
     return out
+
+
+def cpu_per_event(a: dict[str, float], b: dict[str, float], events: int) -> dict[str, float]:
+    """Each process's CPU µs per event between two snapshots, and their total."""
+    n = max(events, 1)
+    used = {k: (b[k] - a[k]) / n * 1e6 for k in a if k != "t" and k in b}
+    return {k: round(v, 2) for k, v in (used | {"total": sum(used.values())}).items()}
 
 
 def cpu_shares(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -342,12 +355,15 @@ def redis_counters(server: RedisServer) -> dict[str, float]:
     """Redis's running totals: commands, network bytes, CPU seconds, memory, AOF bytes."""
     with server.client() as c:
         info = c.info()
-        calls = {k.removeprefix("cmdstat_"): float(v["calls"])
+        stats = {k.removeprefix("cmdstat_"): v
                  for k, v in c.info("commandstats").items() if k.startswith("cmdstat_")}
+    calls = {k: float(v["calls"]) for k, v in stats.items()}
+    usec = {k: float(v["usec"]) for k, v in stats.items()}
     folder = server.dir / "appendonlydir"
     aof = sum(f.stat().st_size for f in folder.iterdir()) if folder.exists() else 0
     return {
         **{"calls:" + k: v for k, v in calls.items()},
+        **{"usec:" + k: v for k, v in usec.items()},
         "commands": sum(calls.values()),
         "net_in": float(info["total_net_input_bytes"]),
         "net_out": float(info["total_net_output_bytes"]),
@@ -367,6 +383,8 @@ def redis_figures(
     # counted too: XADD runs inside ingest's EVAL)
     calls = sorted(((k.removeprefix("calls:"), v) for k, v in d.items()
                     if k.startswith("calls:") and v), key=lambda kv: -kv[1])
+    usec = sorted(((k.removeprefix("usec:"), v) for k, v in d.items()
+                   if k.startswith("usec:") and v), key=lambda kv: -kv[1])
     with server.client() as c:
         keys = int(c.dbsize())
     return {
@@ -381,6 +399,12 @@ def redis_figures(
         "keys": keys,
         "appendfsync": server.appendfsync,
         "calls_per_event": {k: round(v / n, 3) for k, v in calls[:10]},
+        # where Redis's time goes: each command's µs per event applied and per call (a
+        # script's commands are counted both in it and in their own rows)
+        "usec_per_event": {k: round(v / n, 3) for k, v in usec[:10]},
+        "usec_per_call": {
+            k: round(d["usec:" + k] / d["calls:" + k], 2) for k, _ in usec[:10]
+            if d.get("calls:" + k)},
     }
 
 
@@ -468,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
             ("Redis network bytes in / out per event",
              f"{rg['redis']['net_in_bytes_per_event']} / {rg['redis']['net_out_bytes_per_event']}"),
             ("Redis CPU (us/event)", rg["redis"]["cpu_us_per_event"]),
+            *((f"{mode} mode: CPU us/event, {' / '.join(split)}",
+               " / ".join(str(split[k]) for k in split))
+              for mode, split in (("SQLite", gw["cpu_us_per_event"]),
+                                  ("Redis", rg["cpu_us_per_event"]))),
             ("Redis mode, apply: CPU share of worker / front / Redis",
              " / ".join(str(rg["cpu_share"]["apply"].get(k)) for k in ("worker", "front", "redis"))),
             ("Redis mode: entries per read, events per partition commit",
