@@ -415,7 +415,7 @@ async def test_a_script_sent_again_with_its_token_changes_nothing_twice(
         [Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 3)])
     once = ops.key(once_key(p, "commit-1"))
     for _ in range(2):
-        assert store._sync_commit(keys=ops.keys, args=[member, epoch, "", p, once, *ops.args()],
+        assert store._sync_commit(keys=ops.keys, args=[member, epoch, "", p, once, 0, *ops.args()],
                                   client=store.sync)
     c = redis_server.client()
     (item,) = await store.due(SOURCE.id, time.time(), 10)

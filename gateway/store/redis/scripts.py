@@ -93,46 +93,49 @@ end
 """
 
 # ARGV: owner, epoch, cursor (an entry id, or ''), partition, the index in KEYS of the
-# run's token (`once_key`), then the ops, each as its code, its number of arguments and
-# those (binary-safe strings: Redis's cmsgpack has no bytes type). One turn of one
-# partition, or nothing: refused (0) unless fenced.
+# run's token (`once_key`), the messages of the entries the cursor moves past (the owner
+# read them: it knows their counts, and Redis need not read them back), then the ops, each
+# as its code, its number of arguments and those (binary-safe strings: Redis's cmsgpack has
+# no bytes type). One turn of one partition, or nothing: refused (0) unless fenced.
 COMMIT = FENCE_LUA + _PRELUDE + "local ONCE = tonumber(ARGV[5])" + _ONCE + """
 local partition = tonumber(ARGV[4])
-local i = 6
-while i <= #ARGV do
-  local code, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  local op = {code, unpack(ARGV, i + 2, i + 1 + n)}
-  i = i + 2 + n
+local last = #ARGV
+local i = 7
+while i <= last do
+  -- an op's arguments are ARGV[a .. i - 1], read in place (no table an op)
+  local code, a = tonumber(ARGV[i]), i + 2
+  i = a + tonumber(ARGV[i + 1])
   if code == 1 then
-    redis.call('SADD', KEYS[tonumber(op[2])], unpack(op, 3))
+    redis.call('SADD', KEYS[tonumber(ARGV[a])], unpack(ARGV, a + 1, i - 1))
   elseif code == 2 then
-    redis.call('HSET', KEYS[tonumber(op[2])], unpack(op, 3))
+    redis.call('HSET', KEYS[tonumber(ARGV[a])], unpack(ARGV, a + 1, i - 1))
   elseif code == 3 then
-    redis.call('ZADD', KEYS[tonumber(op[2])], 'GT', op[3], op[4])
+    redis.call('ZADD', KEYS[tonumber(ARGV[a])], 'GT', ARGV[a + 1], ARGV[a + 2])
   elseif code == 4 or code == 5 then
-    -- op: code, due key, (source, key), meta, path, body, repeat, now
-    local id = redis.call('HGET', KEYS[OB_KEYS], op[3])
+    -- args: due key, (source, key), meta, path, body, repeat, now
+    local id = redis.call('HGET', KEYS[OB_KEYS], ARGV[a + 1])
     if not id then
-      outbox_insert(partition, KEYS[tonumber(op[2])], op[3], op[4], op[5], op[6], op[7], op[8])
+      outbox_insert(partition, KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+                    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
     elseif code == 4 then
       -- more occurrences of a ledger row's call: the body of the latest
-      redis.call('HINCRBY', KEYS[OB_N], id, op[7])
-      redis.call('HSET', KEYS[OB_BODY], id, op[6])
+      redis.call('HINCRBY', KEYS[OB_N], id, ARGV[a + 5])
+      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
       redis.call('HINCRBY', KEYS[OB_V], id, 1)
     else
       -- an identify or group call merged again: the unsent one replaced
-      redis.call('HSET', KEYS[OB_BODY], id, op[6])
-      redis.call('HSET', KEYS[OB_PATH], id, op[5])
+      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
+      redis.call('HSET', KEYS[OB_PATH], id, ARGV[a + 3])
       redis.call('HINCRBY', KEYS[OB_V], id, 1)
     end
   elseif code == 6 then
-    -- op: code, meta, body, repeat, now, group field ('' when not grouped)
-    dead_add(partition, op[2], op[3], op[4], op[5], op[6])
+    -- args: meta, body, repeat, now, group field ('' when not grouped)
+    dead_add(partition, ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
   elseif code == 7 then
-    -- op: code, letter id, occurrences, now
-    if redis.call('HEXISTS', KEYS[DL_N], op[2]) == 1 then
-      redis.call('HINCRBY', KEYS[DL_N], op[2], op[3])
-      redis.call('HSET', KEYS[DL_LAST], op[2], op[4])
+    -- args: letter id, occurrences, now
+    if redis.call('HEXISTS', KEYS[DL_N], ARGV[a]) == 1 then
+      redis.call('HINCRBY', KEYS[DL_N], ARGV[a], ARGV[a + 1])
+      redis.call('HSET', KEYS[DL_LAST], ARGV[a], ARGV[a + 2])
     end
   end
 end
@@ -151,13 +154,7 @@ if ARGV[3] ~= '' then
   if not behind then
     redis.call('SET', KEYS[K_PROGRESS], ARGV[3])
     -- what the trim drops leaves the partition's count of waiting messages
-    local gone = 0
-    for _, entry in ipairs(redis.call('XRANGE', KEYS[K_INBOX], '-', ARGV[3])) do
-      local fields = entry[2]
-      for f = 1, #fields, 2 do
-        if fields[f] == 'n' then gone = gone + tonumber(fields[f + 1]) end
-      end
-    end
+    local gone = tonumber(ARGV[6])
     if gone > 0 then redis.call('DECRBY', KEYS[K_WAITING], gone) end
     redis.call('XTRIM', KEYS[K_INBOX], 'MINID', string.format('%d-%d', ms, seq + 1))
   end

@@ -120,7 +120,9 @@ class _Reading:
         self.epoch = epoch
         self.after = after  # the last entry read
         self.days = days  # the days with a dedupe set (this owner is their only writer)
-        self.handed: deque[int] = deque()  # rows read, not yet committed, in order
+        # rows read, not yet committed, in order, with their messages (a commit's count of
+        # what leaves the stream)
+        self.handed: deque[tuple[int, int]] = deque()
         self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
 
 
@@ -356,7 +358,7 @@ class RedisStore:
                 row, reading = self._buffer.popleft()
                 if self._reading.get(row.partition) is not reading:
                     continue  # read under an ownership since lost
-                reading.handed.append(row.id)
+                reading.handed.append((row.id, row.count))
                 rows.append(row)
             # the buffer ran out with the next read on the wire: top up from it, so that a
             # short answer means the streams had no more (the dispatcher lets a turn fill
@@ -477,20 +479,21 @@ class RedisStore:
             ops = Ops(partition)
             turn = _Turn(self.sync, ops, at, self.window, days)
             result = script(cast(Turn, turn))
-            if not turn.rows <= set(handed):
+            if not turn.rows <= {row for row, _ in handed}:
                 raise PartitionLost(partition)  # rows of an earlier ownership
             done = done_before | turn.rows
-            moved = 0
-            for row in handed:
+            moved = gone = 0
+            for row, count in handed:
                 if row not in done:
                     break
                 moved += 1
-            cursor = entry_of(handed[moved - 1]) if moved else ""
+                gone += count
+            cursor = entry_of(handed[moved - 1][0]) if moved else ""
             if ops or cursor:
                 # the client resends a command whose connection dropped: the token makes a
                 # second run of an outbox upsert (an increment) change nothing
                 once = ops.key(once_key(partition, secrets.token_hex(8)))
-                args = [member, epoch, cursor, partition, once, *ops.args()]
+                args = [member, epoch, cursor, partition, once, gone, *ops.args()]
                 told = False
                 while True:
                     try:
@@ -525,7 +528,7 @@ class RedisStore:
                 reading.days.add(new_day)
             reading.done |= rows
             for _ in range(moved):
-                reading.done.discard(reading.handed.popleft())
+                reading.done.discard(reading.handed.popleft()[0])
         return result
 
     def _drop(self, partition: int, reading: _Reading | None) -> None:
