@@ -118,6 +118,24 @@ async def test_a_turn_commits_its_writes_and_moves_the_cursor_past_applied_entri
         "count": 2, "lastTimestamp": "2025-11-24T00:00:00.000Z"}]
 
 
+async def test_the_inbox_count_leaves_with_the_entries_the_cursor_passes(
+    store: RedisStore,
+) -> None:
+    # the commit is told the messages of the entries its cursor moves past (the owner read
+    # them): an entry applied out of order is counted until the cursor passes it
+    p = partition_of(SOURCE.id, "u1", P)
+    for start, n in ((0, 2), (10, 3), (20, 4)):
+        await store.accept(SOURCE.id, NOW, batch(["u1"] * n, start), n)
+    rows = await store.inbox_after(0, 100)
+    assert [r.count for r in rows] == [2, 3, 4] and (await store.counts()).inbox == 9
+    await store.transact(applying({rows[2].id: 4}), NOW, p)
+    assert (await store.counts()).inbox == 9  # the first two hold the cursor
+    await store.transact(applying({rows[0].id: 2}), NOW, p)
+    assert (await store.counts()).inbox == 7
+    await store.transact(applying({rows[1].id: 3}), NOW, p)
+    assert (await store.counts()).inbox == 0
+
+
 async def test_a_lost_partition_refuses_the_whole_turn(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
