@@ -48,8 +48,8 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     await store.open()
     while len(store._owned()) < args.partitions:  # noqa: ASYNC110 (the leases' first round)
         await asyncio.sleep(0.05)
-    traffic = Traffic(accounts=args.accounts, users=args.users, seed=1,
-                      **({"mix": {"track": 1.0}} if args.track_only else {}))
+    traffic = (Traffic(accounts=args.accounts, users=args.users, seed=1, mix={"track": 1.0})
+               if args.track_only else Traffic(accounts=args.accounts, users=args.users, seed=1))
     sent = 0
     while sent < args.events:
         b = traffic.batch(min(args.batch, args.events - sent))
@@ -141,7 +141,7 @@ def stall_report(
             "holds": leases.holds(p), "owned": leases.owned.get(p),
             "reading": None if r is None else {
                 "epoch": r.epoch, "after": r.after, "handed": len(r.handed),
-                "handed_first": entry_of(r.handed[0]) if r.handed else None,
+                "handed_first": entry_of(r.handed[0][0]) if r.handed else None,
                 "done": len(r.done)},
         }
     landing = dispatcher._landing
