@@ -631,7 +631,8 @@ class _Window:
 
     def __init__(self) -> None:
         self.slots = self.SLOTS
-        self._bits = bytearray(self.slots)
+        self._bits = bytearray()  # made for the first day: a process that never dedupes
+        # (the front, which only appends to the inbox) holds none of it
         self._planes: list[str | None] = [None] * self.PLANES  # each plane's day
         self._apart: dict[str, _Apart] = {}  # days without a plane
 
@@ -640,6 +641,7 @@ class _Window:
 
     def start(self, day: str) -> None:
         """`day` takes a plane (empty): the oldest day's, copied apart, if none is free."""
+        self._bits = self._bits or bytearray(self.slots)
         if None not in self._planes:
             oldest = min(d for d in self._planes if d is not None)
             plane = self._planes.index(oldest)
@@ -651,6 +653,7 @@ class _Window:
     def fill(self, day: str, keys: Iterable[bytes]) -> None:
         """Mark `keys` in `day`'s bits, made here if it has none: a plane if one is free,
         else apart."""
+        self._bits = self._bits or bytearray(self.slots)
         if day not in self.days():
             if None in self._planes:
                 self._planes[self._planes.index(None)] = day

@@ -675,3 +675,13 @@ async def test_outbox_bodies_are_stored_byte_for_byte(store: SqliteStore, user: 
         {"userId": user, "event": "Clicked", "timestamp": "2026-11-28T10:00:00.000Z"}
     )
     assert isinstance(item.body, bytes)
+
+
+async def test_a_store_that_never_dedupes_holds_no_window(tmp_path: Path) -> None:
+    # the front opens the store to append to the inbox: the window's 32 MB are the worker's
+    store = SqliteStore(tmp_path / "gateway.db")
+    await store.open()
+    assert len(store._dedupe._window._bits) == 0
+    await remember(store, [dedupe_key(b"s", "m1")], DAY)
+    assert len(store._dedupe._window._bits) == sqlite_store._Window.SLOTS
+    await store.close()
