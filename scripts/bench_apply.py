@@ -33,7 +33,8 @@ machine falls on both alike. Reported per store, workload and mode: each pass's 
 event, their minimum and median, and the ratio of the medians (compiled or main over pure).
 CPU time is noisy on a shared machine; `--callgrind` counts instructions instead, which a
 load does not change: each pass runs under callgrind twice, at `--events` and at three times
-as many (hash seed fixed), and reports the instructions per event between them (start-up and
+as many (hash seed fixed, and `flush_interval` an hour: turns cut by their count, not by the
+clock callgrind slows), and reports the instructions per event between them (start-up and
 the reading of the bodies cancel out); about a minute a pass. `--windows EVENTS` (sqlite
 store) asks where a long apply's cost goes as it proceeds: each stage's thread CPU (the
 dispatcher's thread; on the writer's, the turn, its dedupe split into probe, insert and
@@ -114,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sqlite store: N older days' dedupe tables made before the clock starts")
     p.add_argument("--older-keys", type=int, default=3_000_000, metavar="K",
                    help="random keys in each older day (default 3,000,000)")
+    p.add_argument("--flush-interval", type=float, metavar="S",
+                   help="--child: the settings' flush_interval (callgrind's passes: an hour)")
     p.add_argument("--older-db", type=Path, metavar="PATH",
                    help="--child: start from a copy of this gateway.db (the parent's fill)")
     p.add_argument("--json", type=Path, metavar="PATH")
@@ -467,6 +470,9 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     source = Source(write_key="wk_bench_apply", accoil_api_key="key_bench_apply", name="main")
     settings = Settings(sources=[source], data_dir=str(folder))
+    if args.flush_interval:
+        settings = Settings(sources=[source], data_dir=str(folder),
+                            flush_interval=args.flush_interval)
     made: Iterable[bytes]
     if args.bodies:
         made = msgspec.msgpack.decode(args.bodies.read_bytes(), type=list[bytes])[
@@ -604,6 +610,9 @@ def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, 
     cmd += ["--windows", str(args.windows)] if args.windows else ["--bodies", str(stored)]
     if callgrind:
         env["PYTHONHASHSEED"] = "0"
+        # turns cut by their count only, not by the clock, which callgrind slows 50 times:
+        # the same turns in every run, so the same instructions
+        cmd += ["--flush-interval", "3600"]
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
