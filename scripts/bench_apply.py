@@ -33,7 +33,8 @@ machine falls on both alike. Reported per store, workload and mode: each pass's 
 event, their minimum and median, and the ratio of the medians (compiled or main over pure).
 CPU time is noisy on a shared machine; `--callgrind` counts instructions instead, which a
 load does not change: each pass runs under callgrind twice, at `--events` and at three times
-as many (hash seed fixed), and reports the instructions per event between them (start-up and
+as many (hash seed fixed, and `flush_interval` an hour: turns cut by their count, not by the
+clock callgrind slows), and reports the instructions per event between them (start-up and
 the reading of the bodies cancel out); about a minute a pass. `--windows EVENTS` (sqlite
 store) asks where a long apply's cost goes as it proceeds: each stage's thread CPU (the
 dispatcher's thread; on the writer's, the turn, its dedupe split into probe, insert and
@@ -41,11 +42,15 @@ merge, the ledger's read and write, the outbox, the transaction around the turn)
 collector's time, the tables' rows, the SQLite log's size and the process's `read` calls,
 per window of EVENTS applied events. `--older-days N --older-keys K` (sqlite store) asks what
 the older days of the dedupe window cost a gateway after its first day: before the clock
-starts, the pass fills the N UTC days before today with K random keys each, in the tables
-the store itself makes (`dedupe_YYYYMMDD`, `_1`, `_2`, ... of the store's `CAP` keys each, and
-`dedupe_YYYYMMDD_new` with what a day's last merge leaves); every key the apply stores is
-then probed against them (the fill untimed, its seconds reported). The last line of output is
-one JSON object.
+starts, the pass finds the N UTC days before today filled with K random keys each, in the
+tables the store itself makes (`dedupe_YYYYMMDD`, `_1`, `_2`, ... of the store's `CAP` keys
+each, and `dedupe_YYYYMMDD_new` with what a day's last merge leaves); every key the apply
+stores is then checked against them. The parent fills them once for each N (untimed, its
+seconds reported) and each pass starts from a copy, so `--callgrind` takes them too (the
+store's first turn makes its filters from them, in both of callgrind's runs: that cancels
+out). `--older-days 0,3,6` runs the passes for each N in turn within a round (each mode
+beside the other for the same N), reported as `STORE_WORKLOAD_olderN`. The last line of
+output is one JSON object.
 """
 from __future__ import annotations
 
@@ -106,10 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one pass per mode on the sqlite store, its bodies made in the pass "
                         "(so that a 3M-event pass fits in memory), the CPU of each stage "
                         "reported per window of EVENTS applied events")
-    p.add_argument("--older-days", type=int, default=0, metavar="N",
+    p.add_argument("--older-days", default="0", metavar="N[,N...]",
                    help="sqlite store: N older days' dedupe tables made before the clock starts")
     p.add_argument("--older-keys", type=int, default=3_000_000, metavar="K",
                    help="random keys in each older day (default 3,000,000)")
+    p.add_argument("--flush-interval", type=float, metavar="S",
+                   help="--child: the settings' flush_interval (callgrind's passes: an hour)")
+    p.add_argument("--older-db", type=Path, metavar="PATH",
+                   help="--child: start from a copy of this gateway.db (the parent's fill)")
     p.add_argument("--json", type=Path, metavar="PATH")
     p.add_argument("--child", action="store_true",
                    help="one pass in this process (`--workload`, `--store`, `--bodies`)")
@@ -129,10 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--windows must be >= 0")
     if args.windows and (args.callgrind or args.stores != "sqlite" and not args.child):
         p.error("--windows takes --stores sqlite, without --callgrind")
-    if args.older_days < 0 or args.older_keys < 0:
+    try:
+        args.older_list = [int(n) for n in args.older_days.split(",")]
+    except ValueError:
+        p.error(f"--older-days: not a number or a list of numbers: {args.older_days!r}")
+    if min(args.older_list) < 0 or args.older_keys < 0:
         p.error("--older-days and --older-keys must be >= 0")
-    if args.older_days and (args.stores != "sqlite" and not args.child or args.callgrind):
-        p.error("--older-days takes --stores sqlite, without --callgrind")
+    if max(args.older_list) and args.stores != "sqlite" and not args.child:
+        p.error("--older-days takes --stores sqlite")
     if "main" in args.mode_list and args.main is None:
         p.error("--modes main needs --main PATH")
     for w in args.workloads.split(",") + [args.workload]:
@@ -457,6 +470,9 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     source = Source(write_key="wk_bench_apply", accoil_api_key="key_bench_apply", name="main")
     settings = Settings(sources=[source], data_dir=str(folder))
+    if args.flush_interval:
+        settings = Settings(sources=[source], data_dir=str(folder),
+                            flush_interval=args.flush_interval)
     made: Iterable[bytes]
     if args.bodies:
         made = msgspec.msgpack.decode(args.bodies.read_bytes(), type=list[bytes])[
@@ -470,10 +486,13 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     sqlite: SqliteStore | None = None
     memory: MemoryStore | None = None
     older: dict[str, Any] = {}
-    if args.older_days:
+    if args.older_db:
+        shutil.copyfile(args.older_db, folder / "gateway.db")
+        older = json.loads(args.older_db.with_suffix(".json").read_text())
+    elif max(args.older_list):
         if args.store != "sqlite":
             raise SystemExit("--older-days needs the sqlite store")
-        older = fill_older_days(folder / "gateway.db", args.older_days, args.older_keys,
+        older = fill_older_days(folder / "gateway.db", max(args.older_list), args.older_keys,
                                 received)
     if args.store == "sqlite":
         sqlite = SqliteStore(folder / "gateway.db", fsync=settings.fsync)
@@ -562,13 +581,14 @@ def compiled_copy(sources: list[str], dest: Path) -> Path:
 
 
 def run_pass(args: argparse.Namespace, first: Path, workload: str, store: str,
-             stored: Path) -> dict[str, Any]:
+             stored: Path, older: Path | None = None) -> dict[str, Any]:
     if not args.callgrind:
-        result = run_child(args, first, workload, store, stored, args.events)
+        result = run_child(args, first, workload, store, stored, args.events, older=older)
     else:
-        small = run_child(args, first, workload, store, stored, args.events, callgrind=True)
+        small = run_child(args, first, workload, store, stored, args.events, callgrind=True,
+                          older=older)
         result = run_child(args, first, workload, store, stored, 3 * args.events,
-                           callgrind=True)
+                           callgrind=True, older=older)
         events = result["events"] - small["events"]
         result["instructions_per_event"] = round(
             (result["instructions"] - small["instructions"]) / events)
@@ -578,18 +598,21 @@ def run_pass(args: argparse.Namespace, first: Path, workload: str, store: str,
 
 
 def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, stored: Path,
-              events: int, callgrind: bool = False) -> dict[str, Any]:
+              events: int, callgrind: bool = False, older: Path | None = None) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(first), str(SCRIPTS)])
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
            "--workload", workload, "--store", store, "--events", str(events),
            "--batch-size", str(args.batch_size)]
-    if args.older_days:
-        cmd += ["--older-days", str(args.older_days), "--older-keys", str(args.older_keys)]
+    if older is not None:
+        cmd += ["--older-db", str(older)]
     # with --windows the pass makes its bodies as it feeds them: a 3M-event list is 600 MB
     cmd += ["--windows", str(args.windows)] if args.windows else ["--bodies", str(stored)]
     if callgrind:
         env["PYTHONHASHSEED"] = "0"
+        # turns cut by their count only, not by the clock, which callgrind slows 50 times:
+        # the same turns in every run, so the same instructions
+        cmd += ["--flush-interval", "3600"]
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -616,19 +639,32 @@ def parent(args: argparse.Namespace) -> int:
         for w, path in stored.items():
             if not args.windows:
                 path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
+        # the older days filled once for each N, before any pass: each pass starts from a copy
+        older: dict[int, Path | None] = {}
+        for n in args.older_list:
+            older[n] = None
+            if n:
+                db = Path(tmp) / f"older{n}" / "gateway.db"
+                db.parent.mkdir()
+                db.with_suffix(".json").write_text(json.dumps(
+                    fill_older_days(db, n, args.older_keys, time.time())))
+                older[n] = db
         for store in args.stores.split(","):
             for workload in args.workloads.split(","):
                 for _ in range(args.rounds):
-                    for mode in args.mode_list:
-                        r = run_pass(args, folders[mode], workload, store, stored[workload])
-                        r["load_average"] = round(os.getloadavg()[0], 2)
-                        results.setdefault(store, {}).setdefault(workload, {}).setdefault(
-                            mode, []).append(r)
-                        ins = r.get("instructions_per_event")
-                        print(f"{store:6} {workload:5} {mode:8} {r['cpu_us_per_event']:6.2f} "
-                              f"µs an event" + (f", {ins} instructions" if ins else "")
-                              + f" (load {r['load_average']}, {r['router_file']})",
-                              file=sys.stderr)
+                    for n in args.older_list:
+                        key = f"{workload}_older{n}" if len(args.older_list) > 1 else workload
+                        for mode in args.mode_list:
+                            r = run_pass(args, folders[mode], workload, store, stored[workload],
+                                         older[n])
+                            r["load_average"] = round(os.getloadavg()[0], 2)
+                            results.setdefault(store, {}).setdefault(key, {}).setdefault(
+                                mode, []).append(r)
+                            ins = r.get("instructions_per_event")
+                            print(f"{store:6} {key:5} {mode:8} {r['cpu_us_per_event']:6.2f} "
+                                  f"µs an event" + (f", {ins} instructions" if ins else "")
+                                  + f" (load {r['load_average']}, {r['router_file']})",
+                                  file=sys.stderr)
     return report(args, results)
 
 
@@ -642,8 +678,9 @@ def report(args: argparse.Namespace, results: Results) -> int:
         "measure": "callgrind" if args.callgrind else "cpu", "events": args.events, "batch_events": args.batch_size, "accounts": args.accounts,
         "users": args.users, "rounds": args.rounds, "modes": args.mode_list,
     }
-    if args.older_days:
-        out["older_days"], out["older_keys"] = args.older_days, args.older_keys
+    if max(args.older_list):
+        out["older_days"] = args.older_list if len(args.older_list) > 1 else args.older_list[0]
+        out["older_keys"] = args.older_keys
     if "compiled" in args.mode_list:
         out["compiled"] = args.compile.split(",")
     for store, by_workload in results.items():
@@ -655,7 +692,7 @@ def report(args: argparse.Namespace, results: Results) -> int:
                 if store == "sqlite":
                     for field in ("dispatcher_thread_us_per_event", "writer_us_per_event"):
                         entry[mode][field] = summary(runs, field)
-                if args.older_days:
+                if "older_tables" in runs[0]:
                     entry[mode]["older_fill_s"] = [r["older_fill_s"] for r in runs]
                     entry[mode]["older_tables"] = runs[0]["older_tables"]
                 if args.callgrind:

@@ -149,7 +149,19 @@ def test_bench_apply_older_days_fill_the_store_s_tables_before_the_clock(tmp_pat
         # key of the apply is stored under today, after the older days
         assert {t: rows[t] for t in tables} == tables
         assert sum(today.values()) == w["events"] and min(today)[7:15] > days[0]
-        assert w["us_per_event"]["dedupe_probe"] > 0  # each turn probes the older tables
+
+
+def test_bench_apply_older_days_run_side_by_side_for_each_number_of_days() -> None:
+    s = last_json_line(
+        str(SCRIPTS / "bench_apply.py"), "--modes", "pure", "--stores", "sqlite",
+        "--workloads", "track", "--rounds", "1", "--events", "2000",
+        "--older-days", "0,2", "--older-keys", "700",
+    )
+    assert (s["older_days"], s["older_keys"]) == ([0, 2], 700)
+    none, two = s["sqlite_track_older0"]["pure"], s["sqlite_track_older2"]["pure"]
+    assert "older_tables" not in none and none["cpu_us_per_event"]["min"] > 0
+    # the parent's fill, copied into the pass: two days of 700 keys
+    assert sum(two["older_tables"].values()) == 1400 and two["cpu_us_per_event"]["min"] > 0
 
 
 def test_bench_apply_older_days_need_the_sqlite_store() -> None:

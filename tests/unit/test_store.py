@@ -479,37 +479,91 @@ async def test_a_data_folder_of_the_two_table_layout_still_dedupes(tmp_path: Pat
     await again.close()
 
 
-async def test_keys_sharing_a_filter_bit_are_still_told_apart(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+async def test_keys_sharing_their_slots_are_still_told_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store._Filter, "BITS", 8)  # every key shares a bit with others
+    monkeypatch.setattr(sqlite_store._Window, "SLOTS", 64)  # every key shares slots with others
+    store = SqliteStore(tmp_path / "gateway.db")
+    await store.open()
     store._dedupe.MERGE, store._dedupe.CAP = 50, 100
     keys = [dedupe_key(b"s", f"m{i}") for i in range(300)]
     for i in range(0, 300, 40):
         assert await remember(store, keys[i : i + 40], DAY) == set()
-    assert await remember(store, keys[::3], DAY) == set(keys[::3])
+    # a false positive is probed, and found absent: the fresh keys are new, once
+    fresh = [dedupe_key(b"s", f"n{i}") for i in range(30)]
+    window = store._dedupe._window
+    assert set(window.check("20241004", sorted(fresh))["20241004"]) == set(fresh)
+    assert await remember(store, keys[::3] + fresh, DAY) == set(keys[::3])
+    assert await remember(store, fresh, DAY) == set(fresh)
+    await store.close()
 
 
-def test_a_folded_filter_still_holds_every_key_it_held() -> None:
-    keys = [dedupe_key(b"s", f"m{i}") for i in range(1000)]
-    whole = sqlite_store._Filter("20241004")
-    whole.add(keys)
-    for keys_of_day, size in ((1000, 8192), (3, 32), (0, 8)):
-        folded = whole.folded(keys_of_day)
-        assert folded.size == size and folded.day == "20241004"
-        assert folded.holds(keys) == keys  # a clear bit is still certainly absent
-    others = [dedupe_key(b"t", f"m{i}") for i in range(1000)]
-    # at 8 to 16 bits a key, most absent keys have their bit clear
-    assert len(whole.folded(1000).holds(others)) < 150
-    assert whole.folded(3).holds(others) == others  # 32 bits for 1000 keys: all set
+def window_of(slots: int, days: dict[str, list[bytes]]) -> sqlite_store._Window:
+    """A window whose days (oldest first) each stored `days[day]`, as the turns make it."""
+    window = sqlite_store._Window()
+    window.slots, window._bits = slots, bytearray(slots)
+    for day, keys in days.items():
+        window.start(day)
+        window.check(day, keys)
+    return window
 
 
-@pytest.mark.parametrize("bits", [1 << 27, 256])
-async def test_older_days_are_probed_for_the_keys_their_filter_may_hold(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+def test_the_window_names_every_day_that_holds_a_key() -> None:
+    days = {f"202410{d:02}": [dedupe_key(b"s", f"{d}-{i}") for i in range(300)]
+            for d in range(1, 11)}
+    window = window_of(1 << 16, days)
+    # ten days in eight planes: the two oldest were copied apart when a day found none free
+    assert window.days() == set(days)
+    assert sorted(window._apart) == ["20241001", "20241002"]
+    for day, keys in days.items():
+        assert set(window.check("20241010", keys).get(day, [])) == set(keys), day
+    absent = [dedupe_key(b"t", str(i)) for i in range(2000)]
+    held = window.check("20241010", absent)
+    # 300 keys a day in 65,536 slots: an absent key rarely finds a day's 3 slots set
+    assert all(len(keys) < 20 for day, keys in held.items() if day != "20241010")
+
+
+def test_a_dropped_day_leaves_no_bits_and_its_plane_is_taken_again() -> None:
+    first = [dedupe_key(b"s", f"a{i}") for i in range(500)]
+    second = [dedupe_key(b"s", f"b{i}") for i in range(500)]
+    window = window_of(1 << 16, {"20241001": first, "20241002": second})
+    plane = window._planes.index("20241001")
+    window.drop("20241001")
+    assert window.days() == {"20241002"}
+    assert not any(v >> plane & 1 for v in window._bits)
+    window.start("20241003")
+    assert window._planes.index("20241003") == plane
+    held = window.check("20241003", first + second)
+    # the first day's keys are gone but for the few that find the second's slots set
+    assert "20241001" not in held and set(second) <= set(held["20241002"])
+    assert len(held["20241002"]) < len(second) + 10
+    # a day copied apart is dropped too
+    window = window_of(1 << 12, {f"202410{d:02}": first[d::10] for d in range(1, 10)})
+    assert list(window._apart) == ["20241001"]
+    window.drop("20241001")
+    assert window.days() == {f"202410{d:02}" for d in range(2, 10)}
+    assert "20241001" not in window.check("20241009", first)
+
+
+def test_a_plane_copied_apart_holds_what_the_plane_held() -> None:
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(3000)]
+    window = window_of(1 << 15, {"20241001": keys})
+    for plane in range(8):
+        apart = sqlite_store._Apart.of_plane(window._bits, plane, 1 << 12)
+        assert all(
+            (apart._bits[i >> 3] >> (i & 7) & 1) == (window._bits[i] >> plane & 1)
+            for i in range(window.slots)
+        )
+    apart = sqlite_store._Apart.of_plane(window._bits, window._planes.index("20241001"), 64)
+    assert apart.holds(keys) == keys
+
+
+@pytest.mark.parametrize("slots", [1 << 25, 64])
+async def test_older_days_are_probed_for_the_keys_their_bits_may_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int
 ) -> None:
-    # at 256 bits, the older day's folded filter has most bits set: many keys probed
-    monkeypatch.setattr(sqlite_store._Filter, "BITS", bits)
+    # at 64 slots, every day's plane has every slot set: every key is probed everywhere
+    monkeypatch.setattr(sqlite_store._Window, "SLOTS", slots)
     path = tmp_path / "gateway.db"
     store = SqliteStore(path)
     await store.open()
@@ -518,16 +572,48 @@ async def test_older_days_are_probed_for_the_keys_their_filter_may_hold(
     for i in range(0, 230, 40):
         assert await remember(store, first[i : i + 40], DAY) == set()
     second = [dedupe_key(b"s", f"b{i}") for i in range(60)]
-    # the day turns: the first day's filter folded, in this process
+    # the day turns, in this process
     assert await remember(store, first[::5] + second, DAY + 86400) == set(first[::5])
     assert await remember(store, first + second, DAY + 86400) == set(first + second)
     await store.close()
-    again = SqliteStore(path)  # each older day's filter made again from its tables
+    again = SqliteStore(path)  # the window's bits made again from the tables
     await again.open()
     third = [dedupe_key(b"s", f"c{i}") for i in range(20)]
     every = first + second + third
     assert await remember(again, every, DAY + 2 * 86400) == set(first + second)
     assert await remember(again, every, DAY + 2 * 86400) == set(every)
+    await again.close()
+
+
+async def test_a_key_of_any_day_of_a_long_window_is_deduped_across_turns_and_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # eleven days: more than the window's planes, so the oldest days are held apart, in
+    # the process that saw the days turn and in one that made the bits from the tables
+    monkeypatch.setattr(sqlite_store._Window, "SLOTS", 1 << 12)
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path)
+    await store.open()
+    store._dedupe.MERGE, store._dedupe.CAP = 20, 40
+    by_day = [[dedupe_key(b"s", f"{d}-{i}") for i in range(50)] for d in range(11)]
+    for d, keys in enumerate(by_day):
+        assert await remember(store, keys, DAY + d * 86400) == set()
+        # every earlier day's keys, and the day's own, are still known
+        seen = [k for day in by_day[: d + 1] for k in day[::7]]
+        assert await remember(store, seen, DAY + d * 86400) == set(seen)
+    assert len(store._dedupe._window._apart) == 3
+    await store.close()
+    again = SqliteStore(path)
+    await again.open()
+    last = DAY + 10 * 86400
+    every = [k for day in by_day for k in day]
+    fresh = [dedupe_key(b"s", f"new{i}") for i in range(40)]
+    assert await remember(again, every + fresh, last) == set(every)
+    assert sorted(again._dedupe._window._apart) == ["20241004", "20241005", "20241006"]
+    # pruning the three oldest frees no plane (they had none) and forgets their keys
+    assert await again.prune(DAY + 3 * 86400) >= 3
+    assert again._dedupe._window._apart == {}
+    assert await remember(again, every, last) == set(every[150:])
     await again.close()
 
 
@@ -589,3 +675,13 @@ async def test_outbox_bodies_are_stored_byte_for_byte(store: SqliteStore, user: 
         {"userId": user, "event": "Clicked", "timestamp": "2026-11-28T10:00:00.000Z"}
     )
     assert isinstance(item.body, bytes)
+
+
+async def test_a_store_that_never_dedupes_holds_no_window(tmp_path: Path) -> None:
+    # the front opens the store to append to the inbox: the window's 32 MB are the worker's
+    store = SqliteStore(tmp_path / "gateway.db")
+    await store.open()
+    assert len(store._dedupe._window._bits) == 0
+    await remember(store, [dedupe_key(b"s", "m1")], DAY)
+    assert len(store._dedupe._window._bits) == sqlite_store._Window.SLOTS
+    await store.close()
