@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +23,8 @@ import redis.asyncio as aioredis
 from gateway.config import Settings, Source
 from gateway.store.redis.store import RedisStore
 from gateway.tasks import stop_tasks
-from tests.contract.harness import bounded
+from mock_accoil.server import MockAccoilServer
+from tests.contract.harness import bounded, running, settings_for
 from tests.redis.redis_support import RedisServer
 
 SOURCE = Source(write_key="wk_redis_close_1", accoil_api_key="ak_redis_close_1", name="main")
@@ -56,6 +58,25 @@ async def test_close_ends_a_probe_whose_cancellation_was_swallowed(
     await bounded("RedisStore.close() with the probe's cancellation swallowed", store.close(),
                   BOUND)
     assert store.client is None
+
+
+@pytest.mark.parametrize("pipeline", ["process", "inline"])
+async def test_a_gateway_stops_when_its_probe_lost_the_cancellation(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch, pipeline: str,
+) -> None:
+    """The stop that hung in CI, made certain: the front's probe (in `inline`, the store
+    the pipeline shares) answers its ping after the stop cancelled it."""
+    settings = settings_for(mock_accoil.url, tmp_path, pipeline=pipeline, store="redis",
+                            redis_url=redis_server.url, partitions=8)
+    entered = asyncio.Event()
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/track", {"userId": "u1", "event": "E", "messageId": "m1"}))[0] == 200
+        await gw.idle(timeout=30)
+        monkeypatch.setattr(gw.gateway.store.client, "ping", swallowing(entered))  # type: ignore[attr-defined]
+        await asyncio.wait_for(entered.wait(), 10)
+    # `running` bounds the stop: before the fix it failed there, naming runner.cleanup()
+    assert mock_accoil.count("u1", "E") == 1
 
 
 async def test_stop_tasks_ends_redis_loops_cancelled_at_any_moment(
