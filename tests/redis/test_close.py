@@ -79,6 +79,28 @@ async def test_a_gateway_stops_when_its_probe_lost_the_cancellation(
     assert mock_accoil.count("u1", "E") == 1
 
 
+@pytest.mark.parametrize("pipeline", ["process", "inline"])
+async def test_a_gateway_stops_whole_while_redis_is_down(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer, pipeline: str,
+) -> None:
+    """Found killing Redis at odd moments: the stop read the store's counts for its last
+    log line, and with Redis down that raised out of the stop before the store closed and
+    the data folder's lock was released (its probe pinging on; a restart in the same
+    process waiting for the lock)."""
+    settings = settings_for(mock_accoil.url, tmp_path, pipeline=pipeline, store="redis",
+                            redis_url=redis_server.url, partitions=8)
+    async with running(settings) as gw:
+        assert (await gw.post("/v1/track", {"userId": "u1", "event": "E", "messageId": "m1"}))[0] == 200
+        await gw.idle(timeout=30)
+        redis_server.kill()
+    assert gw.gateway.store.client is None  # type: ignore[attr-defined]
+    redis_server.start()
+    async with running(settings) as again:  # the lock was released: it starts at once
+        assert (await again.post("/v1/track", {"userId": "u2", "event": "E", "messageId": "m2"}))[0] == 200
+        await again.idle(timeout=30)
+    assert mock_accoil.count("u1", "E") == 1 and mock_accoil.count("u2", "E") == 1
+
+
 async def test_stop_tasks_ends_redis_loops_cancelled_at_any_moment(
     redis_server: RedisServer,
 ) -> None:
