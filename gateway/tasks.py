@@ -19,17 +19,22 @@ import structlog
 
 log = structlog.get_logger("gateway.tasks")
 
-AGAIN = 0.1  # seconds between cancellations of a task still running
+# a task still running is cancelled again at each of the loop's next QUICK turns (a loop
+# of back-to-back commands is in a send, where the cancellation is lost, most of the time:
+# the next lands in the reply's read), then every AGAIN seconds
+QUICK = 20
+AGAIN = 0.1
 WITHIN = 10.0  # seconds a stop waits for its tasks: a loop ends at its next await
 
 
 async def stop_tasks(tasks: Iterable[asyncio.Task[Any] | None], within: float = WITHIN) -> None:
-    """Cancel `tasks` (None: none) and wait until they have ended, cancelling again every
-    `AGAIN` seconds those that carry on; after `within` seconds, log the ones still running
-    and return, so that a stop is never held for ever. A task's own failure is logged."""
+    """Cancel `tasks` (None: none) and wait until they have ended, cancelling again those
+    that carry on (`QUICK`, `AGAIN`); after `within` seconds, log the ones still running and
+    return, so that a stop is never held for ever. A task's own failure is logged."""
     pending = {t for t in tasks if t is not None}
     ended = set(pending)
     deadline = time.monotonic() + within
+    turns = 0
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -39,8 +44,11 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any] | None], within: float = 
             break
         for task in pending:
             task.cancel()
-        # `wait` neither raises a task's cancellation nor absorbs this one's own
-        _, pending = await asyncio.wait(pending, timeout=min(AGAIN, left))
+        # `wait` neither raises a task's cancellation nor absorbs this one's own; a timeout
+        # of 0 still waits for the loop's next turn
+        pause = 0.0 if turns < QUICK else min(AGAIN, left)
+        turns += 1
+        _, pending = await asyncio.wait(pending, timeout=pause)
     for task in ended:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("background task failed", task=task.get_name(), error=repr(exc),

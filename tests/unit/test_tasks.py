@@ -66,8 +66,10 @@ async def test_a_failed_task_is_logged_not_raised_and_done_ones_are_fine() -> No
 
 
 async def test_the_callers_own_cancellation_is_not_absorbed() -> None:
+    release = asyncio.Event()
+
     async def stubborn() -> None:
-        for _ in range(3):
+        while not release.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(3600)
 
@@ -77,5 +79,6 @@ async def test_the_callers_own_cancellation_is_not_absorbed() -> None:
     stopping.cancel()
     done, _ = await asyncio.wait({stopping}, timeout=5)
     assert stopping in done and stopping.cancelled()
+    release.set()
     await asyncio.wait_for(stop_tasks([task]), 5)
     assert task.done()
