@@ -115,7 +115,7 @@ async def test_stop_tasks_ends_redis_loops_cancelled_at_any_moment(
             await client.get("k")
 
     try:
-        for _ in range(40):
+        for _ in range(200):
             task = asyncio.create_task(commands())
             await asyncio.sleep(rng.random() * 0.003)
             await bounded("stop_tasks on a loop of Redis commands", stop_tasks([task]), 5.0)
