@@ -178,16 +178,21 @@ class Gateway:
         if self._disk_task is not None:
             self._disk_task.cancel()
             self._disk_task = None
-        counts = await self.store.counts()
+        try:
+            counts = await self.store.counts()
+        except Exception as exc:
+            # Redis down at the stop: what it holds stays there; the stop goes on all the
+            # same (the store closed, the lock released), or a restart would wait for it
+            log.warning("stop: the store's counts could not be read", error=str(exc))
+            counts = None
         await self.store.close()
         self.backlog.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # the lock goes with it
             self._lock_fd = None
-        log.info(
-            "gateway stopped", inbox=counts.inbox, outbox=counts.outbox,
-            dead_letters=counts.dead_letters,
-        )
+        log.info("gateway stopped", **({} if counts is None else {
+            "inbox": counts.inbox, "outbox": counts.outbox,
+            "dead_letters": counts.dead_letters}))
 
     async def replay(self, ids: list[int] | None, source: str | None) -> int:
         """Give dead letters another go: messages back into the inbox (here: ingest owns it),

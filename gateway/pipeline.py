@@ -27,6 +27,7 @@ from gateway.observability.metrics import Metrics
 from gateway.segment import Decoded
 from gateway.store import Counts, Store
 from gateway.store.redis.store import RedisStore
+from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.pipeline")
 
@@ -182,11 +183,8 @@ class Pipeline:
         for fwd in self.forwarders.values():
             await fwd.drain(max(0.0, left() - on_wire))
         await asyncio.gather(*(fwd.stop(max(left(), on_wire)) for fwd in self.forwarders.values()))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # the resync and housekeeping loops talk to the store: see `gateway.tasks`
+        await stop_tasks(self._tasks)
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.store.reap(self.actors.cursor)

@@ -39,11 +39,16 @@ import structlog
 from gateway.backlog import Backlog
 from gateway.config import Settings
 from gateway.store import Counts
+from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.worker")
 
 LIMIT = 64 * 1024 * 1024  # longest line: a metrics exposition fits many times over
 RESTART = 1.0  # seconds before a worker that died is started again
+# seconds the front waits for the worker's answer to a request (a stop: its drain and this
+# much): far beyond a busy worker's (it runs at a lower priority), so only a wedged one fails
+ANSWER = 20.0
+STOP_MARGIN = 5.0
 
 _encode = msgspec.json.encode
 
@@ -168,14 +173,25 @@ class RemotePipeline:
         self._next += 1
         return self._next
 
-    async def _call(self, request: Request, within: float = 30.0) -> Any:
+    async def _call(self, request: Request, within: float | None = None) -> Any:
+        """The worker's answer to `request`; `WorkerError` naming the request when the
+        worker is not running, is gone, or has not answered within `within` seconds
+        (`ANSWER` by default)."""
+        name = type(request).__name__
+        within = ANSWER if within is None else within
         if self._writer is None or self._writer.is_closing():
-            raise WorkerError("the pipeline worker is not running")
+            raise WorkerError(f"the pipeline worker is not running ({name} not sent)")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request.id] = fut
         self._writer.write(_encode(request) + b"\n")
-        async with asyncio.timeout(within):
-            return await fut
+        try:
+            async with asyncio.timeout(within):
+                return await fut
+        except TimeoutError:
+            raise WorkerError(
+                f"the pipeline worker did not answer {name} within {within:g} s") from None
+        finally:
+            self._pending.pop(request.id, None)
 
     async def stop(self, within: float) -> None:
         self._stopping = True
@@ -183,8 +199,8 @@ class RemotePipeline:
         if proc is None:
             return
         try:
-            await self._call(Stop(self._id(), within), within=within + 5.0)
-        except (WorkerError, TimeoutError) as exc:
+            await self._call(Stop(self._id(), within), within=within + STOP_MARGIN)
+        except WorkerError as exc:
             log.warning("pipeline worker did not drain", error=str(exc))
         try:
             async with asyncio.timeout(5.0):
@@ -194,17 +210,14 @@ class RemotePipeline:
             await proc.wait()
         if self._writer is not None:
             self._writer.close()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await stop_tasks([self._watch])
 
     async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(Stats(self._id()), within=5.0)
+        result: dict[str, Any] = await self._call(Stats(self._id()))
         return result
 
     async def metrics_text(self) -> bytes:
-        text: str = await self._call(MetricsText(self._id()), within=5.0)
+        text: str = await self._call(MetricsText(self._id()))
         return text.encode()
 
     async def requeue(self, ids: list[int]) -> int:

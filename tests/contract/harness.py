@@ -91,8 +91,8 @@ class Running:
         gw = self.gateway
 
         async def settled() -> bool:
-            counts = await gw.store.counts()
-            busy = (await gw.pipeline.stats())["busy"]
+            counts = await bounded("store.counts()", gw.store.counts(), CALL)
+            busy = (await bounded("pipeline.stats()", gw.pipeline.stats(), CALL))["busy"]
             return counts.inbox == 0 and counts.outbox == 0 and not busy
 
         await eventually(settled, timeout)
@@ -101,24 +101,52 @@ class Running:
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Running]:
     gw = Gateway(settings)
-    runner = await gw.runner()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    async with aiohttp.ClientSession() as http:
-        try:
+    runner = await bounded("the gateway's start (runner.setup())", gw.runner(), START)
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await bounded("site.start()", site.start(), CALL)
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        # a request to a hung gateway fails after REQUEST seconds, not aiohttp's default 300
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST)) as http:
             yield Running(gw, f"http://127.0.0.1:{port}", http)
-        finally:
-            await runner.cleanup()
+    finally:
+        await bounded("the gateway's stop (runner.cleanup())", runner.cleanup(),
+                      settings.shutdown_timeout + STOP)
+
+
+# seconds a test waits on one call of the gateway before it fails naming the call: tens of
+# seconds (far beyond a loaded 2-core machine's worst), well under pytest-timeout's 600
+CALL = 30.0
+START = 60.0  # a start: the store, the worker process and its first answer
+REQUEST = 120.0  # one HTTP request to the gateway, its body sent and its reply read
+STOP = 60.0  # a stop, beyond its drain (`shutdown_timeout`): the worker's exit, the store's
+
+
+async def bounded(what: str, work: Awaitable[T], within: float) -> T:
+    """`work`'s result; AssertionError naming `what` if it has not come within `within`
+    seconds. It runs as a task of its own and is waited on with `asyncio.wait`, so the
+    bound holds even where the work swallows a cancellation (`gateway.tasks`)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if task not in done:
+        task.cancel()
+        raise AssertionError(f"{what} did not return within {within:g} s: hung")
+    return task.result()
 
 
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02  # noqa: ASYNC109
 ) -> None:
+    """Until `check()` is true; AssertionError after `timeout` seconds, also when a call of
+    the check itself hangs (its name in the message)."""
     deadline = time.monotonic() + timeout
+    name = getattr(check, "__qualname__", repr(check))
     while True:
-        if await check():
+        left = max(deadline - time.monotonic(), 0.0)
+        # a check that hangs fails at the deadline (with a floor, so a check begun just
+        # before it can still answer), naming itself
+        if await bounded(f"check {name}", check(), max(left, CALL)):
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition {name} not met within {timeout} s")
         await asyncio.sleep(interval)

@@ -88,6 +88,7 @@ from gateway.store.redis.scripts import (
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
 from gateway.store.redis.wire import exchange, pack
+from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.store.redis")
 
@@ -231,11 +232,8 @@ class RedisStore:
         self._owning = asyncio.create_task(self._own(), name="leases")
 
     async def close(self) -> None:
-        for task in (self._owning, self._probe, self._next):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # each loop talks to Redis: a cancellation may be lost in redis-py (`gateway.tasks`)
+        await stop_tasks((self._owning, self._probe, self._next))
         self._owning = self._probe = self._next = None
         if self.leases is not None:
             await self.leases.stop()
