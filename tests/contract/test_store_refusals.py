@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gateway import disk
 from gateway.store import OutboxItem, SqliteStore
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import WRITE_KEY, basic, running, settings_for
@@ -74,8 +75,14 @@ async def test_refused_outcome_writes_are_kept_not_resent(
 
 
 async def test_inline_full_data_folder_refuses_ingest_and_says_why(
-    mock_accoil: MockAccoilServer, tmp_path: Path
+    mock_accoil: MockAccoilServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the disk monitor looks for room every 0.1 s, and this disk has room: until the checks of
+    # the full state are done it is shown none, or on a loaded machine it can make the reserve
+    # again between two of them
+    room = False
+    real_free_bytes = disk.free_bytes
+    monkeypatch.setattr(disk, "free_bytes", lambda d: real_free_bytes(d) if room else 0)
     settings = settings_for(mock_accoil.url, tmp_path, disk_reserve=1 << 20)
     async with running(settings) as gw:
         assert (tmp_path / "reserve").stat().st_size == 1 << 20
@@ -97,6 +104,7 @@ async def test_inline_full_data_folder_refuses_ingest_and_says_why(
         status, stats = await gw.admin("GET", "/admin/stats")
         assert (status, stats["data_folder_full"]) == (200, True)
         # this disk has room: the reserve is made again and ingest resumes by itself
+        room = True
         for _ in range(100):
             async with gw.http.get(gw.url + "/readyz") as resp:
                 if resp.status == 200:

@@ -313,11 +313,12 @@ def test_a_sources_rate_cap_holds_across_three_gateways(
         lost, doubled = settle(mock_accoil, msgs, fleet)
         calls = sorted(_seconds(c["time"]) for c in mock_accoil.calls() if c["status"] == 202)
     assert (lost, doubled) == (0, 0)
-    # within any second, at most the cap and its one burst (a tenth of a second's worth),
-    # and a few more: the mock stamps a call when its loop gets to it, so on a loaded CI
-    # machine calls sent apart can be stamped together (47 against 46 seen once)
+    # within any second, the cap and its one burst (a tenth of a second's worth: 44), where
+    # three gateways each taking the whole cap would send 120. The bound leaves room over 44:
+    # the mock stamps a call when its loop gets to it, and on a loaded machine calls sent
+    # apart are stamped together (47 and 53 seen at load 5 to 9)
     busiest = max(bisect.bisect_right(calls, t + 1.0) - i for i, t in enumerate(calls))
-    assert busiest <= rate + rate * 0.1 + 6, busiest
+    assert busiest <= rate * 1.5, busiest
     # and the whole took as long as the cap makes it
     assert calls[-1] - calls[0] >= (len(calls) - rate * 0.1) / rate * 0.9
 
