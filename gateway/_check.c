@@ -2,11 +2,12 @@
  * `check_batch`; docs/internals.md "The compiled check").
  *
  * fast_check(body) returns the message count when `body` is a batch that `_FAST.decode`
- * accepts and that is valid UTF-8 (`_check_utf8`), with no write key to strip and no message
- * over the size limit: then `check_batch` returns Checked(n, n, [], None, body). It returns
- * None for anything else, and `check_batch` decides in Python as it always has. So the rule
- * is one way only: an accept here must be an accept there with the identical verdict; a
- * refusal costs only time. Whatever is rare or subtle is refused rather than matched: escapes
+ * accepts and that is valid UTF-8 (`_check_utf8`), with no message over the size limit: then
+ * every message is valid, and `check_batch` returns Checked(n, n, [], None, body), or, when
+ * the body names a "writeKey", reads the key and strips it in Python as its own path does.
+ * It returns None for anything else, and `check_batch` decides in Python as it always has.
+ * So the rule is one way only: an accept here must be an accept there with the identical
+ * verdict; a refusal costs only time. Whatever is rare or subtle is refused rather than matched: escapes
  * in keys, duplicate known fields, integers over 18 digits, `\u` escapes outside the
  * timestamp- and id-free strings that are not a well-formed surrogate pair, datetimes outside
  * a strict RFC 3339 subset, nesting deeper than MAX_DEPTH.
@@ -562,10 +563,14 @@ static Py_ssize_t body_count(ptr p, ptr end) {
             seen_sent_at = 1;
             p = datetime_or_null(p, end);
         } else if (KEY("writeKey")) {
-            /* a write key to strip from the stored body: Python's */
-            if (seen_write_key) return -1;
+            /* a string or null; Python reads the key and strips it from the stored body */
+            if (seen_write_key || p >= end) return -1;
             seen_write_key = 1;
-            p = literal(p, end, "null", 4);
+            if (*p == '"') {
+                p = scan_string(p + 1, end, &chars, &escaped);
+            } else {
+                p = literal(p, end, "null", 4);
+            }
         } else {
             p = skip_value(p, end, 1, &kind);
         }
@@ -598,9 +603,8 @@ static PyObject *fast_check(PyObject *module, PyObject *body) {
 static PyMethodDef methods[] = {
     {"fast_check", fast_check, METH_O,
      "fast_check(body: bytes) -> int | None\n\n"
-     "The message count when `body` is a batch that check_batch accepts in full, with\n"
-     "nothing to strip: its verdict is then Checked(n, n, [], None, body). None: let\n"
-     "check_batch decide."},
+     "The message count when `body` is a batch whose every message check_batch accepts\n"
+     "(a top-level writeKey left for it to read and strip). None: let check_batch decide."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -55,14 +55,17 @@ def pure_verdict(body: bytes) -> Checked | str:
 
 
 def holds(body: bytes) -> int | None:
-    """The property: an accept is the pure path's accept, the identical verdict."""
+    """The property: an accept is the pure path's accept, the identical verdict, every
+    message valid; with no write key named, the body stored as sent."""
     assert fast_check is not None
     n = fast_check(body)
     if n is not None:
-        expected = Checked(n, n, [], None, body)
-        assert pure_verdict(body) == expected
-        assert segment.decode_batch(body).checked() == expected
-        assert segment.check_batch(body) == expected
+        got = segment.check_batch(body)
+        assert isinstance(got, Checked)
+        assert got == pure_verdict(body) == segment.decode_batch(body).checked()
+        assert (got.count, got.valid, got.rejected) == (n, n, [])
+        if b'"writeKey"' not in body:
+            assert got == Checked(n, n, [], None, body)
     return n
 
 
@@ -243,7 +246,7 @@ def bodies(draw: st.DrawFn) -> bytes:
     extra = {"context": st.one_of(objects, st.just("null"), json_text),
              "integrations": st.one_of(objects, json_text),
              "sentAt": st.one_of(good_datetimes(), odd_datetimes()),
-             "writeKey": st.sampled_from(["null", "null", '"wk"', "1"]),
+             "writeKey": st.one_of(st.sampled_from(["null", '"wk"', '""', "1"]), strings),
              "extra": st.one_of(good_json, json_text)}
     for key, strategy in extra.items():
         if draw(st.integers(0, 3)) == 0:
@@ -315,10 +318,9 @@ def sdk_messages() -> list[dict[str, Any]]:
 
 
 def sdk_body(messages: list[dict[str, Any]], *, ensure_ascii: bool) -> bytes:
-    """As `segment.analytics.request.post` writes a body (json.dumps, datetimes as
-    isoformat), less the writeKey it adds at the top, which the compiled check leaves to
-    the pure path (the stored body is written anew without it)."""
-    body = {"batch": messages, "sentAt": datetime.now(UTC).isoformat()}
+    """As `segment.analytics.request.post` writes a body: json.dumps, datetimes as isoformat,
+    the write key at the top (as @segment/analytics-node does too)."""
+    body = {"batch": messages, "sentAt": datetime.now(UTC).isoformat(), "writeKey": "wk_sdk"}
     return json.dumps(body, default=lambda o: o.isoformat(), ensure_ascii=ensure_ascii).encode()
 
 
@@ -328,11 +330,15 @@ def test_the_sdks_batches_are_taken() -> None:
     sent = sdk_messages()
     assert len(sent) == 7
     for ensure_ascii in (True, False):
-        assert holds(sdk_body(sent, ensure_ascii=ensure_ascii)) == 7
-        # spaces, escapes, a top-level null key, fields in another order: still taken
-        pretty = json.dumps({"writeKey": None, **json.loads(sdk_body(sent, ensure_ascii=True))},
+        body = sdk_body(sent, ensure_ascii=ensure_ascii)
+        assert holds(body) == 7
+        checked = segment.check_batch(body)
+        assert checked.write_key == "wk_sdk" and b"wk_sdk" not in checked.body
+        # spaces, the fields in another order, no key: still taken
+        pretty = json.dumps({"writeKey": None, **json.loads(body)} | {"writeKey": None},
                             indent=2, ensure_ascii=ensure_ascii).encode()
         assert holds(pretty) == 7
+        assert segment.check_batch(pretty).body == pretty
 
 
 @needs_module
@@ -340,7 +346,8 @@ def test_the_sdks_batches_are_taken() -> None:
     "body",
     [
         # left to the pure path: a key to strip, a message it decides one by one, errors
-        b'{"batch":[],"writeKey":"wk"}',
+        b'{"batch":[],"writeKey":1}',
+        b'{"batch":[],"w\\u0072iteKey":"wk"}',
         b'{"batch":[{"type":"track","userId":"u","event":"e","writeKey":"wk"}]}',
         b'{"batch":[{"type":"track","anonymousId":"a","event":"e"}]}',
         b'{"batch":[{"type":"track","userId":"","event":"e"}]}',
@@ -405,3 +412,30 @@ def test_every_cut_of_a_real_batch_is_refused(cut: int, seed: int) -> None:
     body = Traffic(accounts=10, users=100, mix=parse_mix(DEFAULT_MIX), seed=seed).batch(90).body
     cut = min(cut, len(body) - 1)
     assert holds(body[:cut]) is None
+
+
+@needs_module
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"writeKey":"wk_1","batch":[{"type":"track","userId":"u","event":"e"}]}', "wk_1"),
+        (b'{"batch":[{"type":"track","userId":"u","event":"e","writeKey":null}],'
+         b'"writeKey":"wk_2","context":{"ip":"1.2.3.4","n":1e400},"sentAt":"2026-12-01T00:00:00Z",'
+         b'"extra":[1,2]}', "wk_2"),
+        (b'{"batch":[{"type":"track","userId":"u","event":"e","context":{"writeKey":"x"}}],'
+         b'"writeKey":"w\\u006b_3"}', "wk_3"),
+        # "writeKey" named, but no key to strip: the body stays as sent
+        (b'{"batch":[{"type":"page","userId":"u","name":"\\"writeKey\\"","writeKey":null}]}', None),
+        (b'{"batch":[{"type":"page","userId":"u","properties":{"writeKey":"x"}}],'
+         b'"writeKey":null}', None),
+    ],
+)
+def test_a_key_named_in_the_body_is_read_and_stripped_as_the_pure_path_does(
+    body: bytes, key: str | None
+) -> None:
+    assert holds(body) == 1
+    checked = segment.check_batch(body)
+    assert checked.write_key == key
+    assert (checked.body == body) is (key is None)
+    if key is not None:
+        assert key.encode() not in checked.body
