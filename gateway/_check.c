@@ -1,10 +1,11 @@
 /* The common batch's verdict without a Python object per message (gateway/segment.py,
  * `check_batch`; docs/internals.md "The compiled check").
  *
- * fast_check(body) returns the message count when `body` is a batch that `_FAST.decode`
+ * fast_check(body) returns the message count n when `body` is a batch that `_FAST.decode`
  * accepts and that is valid UTF-8 (`_check_utf8`), with no message over the size limit: then
- * every message is valid, and `check_batch` returns Checked(n, n, [], None, body), or, when
- * the body names a "writeKey", reads the key and strips it in Python as its own path does.
+ * every message is valid, and `check_batch` returns Checked(n, n, [], None, body). When the
+ * batch carries a write key at the top (a string, as the SDKs send it), it returns ~n (below
+ * zero), and `check_batch` reads the key and strips it in Python as its own path does.
  * It returns None for anything else, and `check_batch` decides in Python as it always has.
  * So the rule is one way only: an accept here must be an accept there with the identical
  * verdict; a refusal costs only time. Whatever is rare or subtle is refused rather than matched: escapes
@@ -531,9 +532,10 @@ static ptr batch(ptr p, ptr end, Py_ssize_t *count) {
     }
 }
 
-/* The whole body: the batch's size, or -1. */
-static Py_ssize_t body_count(ptr p, ptr end) {
+/* The whole body: the batch's size, or -1. *keyed: whether it holds a write key (a string). */
+static Py_ssize_t body_count(ptr p, ptr end, int *keyed_out) {
     Py_ssize_t count = -1;
+    int keyed = 0;
     int seen_context = 0, seen_integrations = 0, seen_sent_at = 0, seen_write_key = 0;
     p = skip_ws(p, end);
     if (p >= end || *p != '{') return -1;
@@ -567,6 +569,7 @@ static Py_ssize_t body_count(ptr p, ptr end) {
             if (seen_write_key || p >= end) return -1;
             seen_write_key = 1;
             if (*p == '"') {
+                keyed = 1;
                 p = scan_string(p + 1, end, &chars, &escaped);
             } else {
                 p = literal(p, end, "null", 4);
@@ -582,6 +585,7 @@ static Py_ssize_t body_count(ptr p, ptr end) {
         p = skip_ws(p + 1, end);
     }
     if (skip_ws(p + 1, end) != end) return -1;  /* trailing content */
+    *keyed_out = keyed;
     return count;
 }
 
@@ -595,16 +599,18 @@ static PyObject *fast_check(PyObject *module, PyObject *body) {
         return NULL;
     }
     ptr start = (ptr)PyBytes_AS_STRING(body);
-    Py_ssize_t count = body_count(start, start + PyBytes_GET_SIZE(body));
+    int keyed = 0;
+    Py_ssize_t count = body_count(start, start + PyBytes_GET_SIZE(body), &keyed);
     if (count < 0) Py_RETURN_NONE;
-    return PyLong_FromSsize_t(count);
+    return PyLong_FromSsize_t(keyed ? ~count : count);
 }
 
 static PyMethodDef methods[] = {
     {"fast_check", fast_check, METH_O,
      "fast_check(body: bytes) -> int | None\n\n"
-     "The message count when `body` is a batch whose every message check_batch accepts\n"
-     "(a top-level writeKey left for it to read and strip). None: let check_batch decide."},
+     "The message count n when `body` is a batch whose every message check_batch\n"
+     "accepts; ~n (below zero) when it also has a write key at the top, for check_batch to\n"
+     "read and strip. None: let check_batch decide."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -574,11 +574,13 @@ def check_batch(body: bytes) -> Checked:
         # a common batch, every message valid: see `COMPILED_CHECK`
         n = _fast_check(body)
         if n is not None:
-            if _KEY_FIELD not in body:
+            if n >= 0:
                 return Checked(n, n, [], None, body)
-            # an SDK's batch names its key at the top: read it and strip it as below
+            # ~n messages and a key at the top, as the SDKs send it: the body stored without
+            # it, as `_without_keys` writes it (no message has a key of its own: fast_check
+            # takes none but a null)
             envelope = _lenient(_ENVELOPE, body)
-            return Checked(n, n, [], envelope.writeKey, _without_keys(body, envelope))
+            return Checked(~n, ~n, [], envelope.writeKey, _persisted(envelope.batch, envelope))
     _check_utf8(body)
     parsed: _FastBatch | _CheckBatch | Decoded
     try:
