@@ -8,9 +8,9 @@
  * zero), and `check_batch` reads the key and strips it in Python as its own path does.
  * It returns None for anything else, and `check_batch` decides in Python as it always has.
  * So the rule is one way only: an accept here must be an accept there with the identical
- * verdict; a refusal costs only time. Whatever is rare or subtle is refused rather than matched: escapes
- * in keys, duplicate known fields, integers over 18 digits, `\u` escapes outside the
- * timestamp- and id-free strings that are not a well-formed surrogate pair, datetimes outside
+ * verdict; a refusal costs only time. Whatever is rare or subtle is refused rather than
+ * matched: escapes in keys, in the type tag or in a timestamp, a known field given twice,
+ * integers over 18 digits, a `\u` escape that is half of a surrogate pair, datetimes outside
  * a strict RFC 3339 subset, nesting deeper than MAX_DEPTH.
  *
  * The input is untrusted: every read is bounded by `end`.
