@@ -4,8 +4,9 @@
  * fast_check(body) returns the message count n when `body` is a batch that `_FAST.decode`
  * accepts and that is valid UTF-8 (`_check_utf8`), with no message over the size limit: then
  * every message is valid, and `check_batch` returns Checked(n, n, [], None, body). When the
- * batch carries a write key at the top (a string, as the SDKs send it), it returns ~n (below
- * zero), and `check_batch` reads the key and strips it in Python as its own path does.
+ * batch carries a write key at the top (a string, as the SDKs send it), it returns
+ * (n, array, top) (`keyed_parts`), from which `check_batch` reads the key and writes the
+ * stored body without it, as its own path does.
  * It returns None for anything else, and `check_batch` decides in Python as it always has.
  * So the rule is one way only: an accept here must be an accept there with the identical
  * verdict; a refusal costs only time. Whatever is rare or subtle is refused rather than
@@ -534,7 +535,7 @@ static ptr message(ptr p, ptr end) {
 }
 
 /* The batch's array, whose '[' is at p: the byte after its ']', or NULL. *count: its size. */
-static ptr batch(ptr p, ptr end, Py_ssize_t *count) {
+static ptr batch(ptr p, ptr end, Py_ssize_t *count, ptr *spans) {
     Py_ssize_t n = 0;
     p = skip_ws(p + 1, end);
     if (p < end && *p == ']') {
@@ -543,8 +544,12 @@ static ptr batch(ptr p, ptr end, Py_ssize_t *count) {
     }
     for (;;) {
         if (p >= end || *p != '{') return NULL;
+        if (n == MAX_BATCH) return NULL;
+        spans[2 * n] = p;
         p = message(p, end);
-        if (p == NULL || ++n > MAX_BATCH) return NULL;
+        if (p == NULL) return NULL;
+        spans[2 * n + 1] = p;
+        n++;
         p = skip_ws(p, end);
         if (p >= end) return NULL;
         if (*p == ']') {
@@ -556,8 +561,16 @@ static ptr batch(ptr p, ptr end, Py_ssize_t *count) {
     }
 }
 
-/* The whole body: the batch's size, or -1. *keyed: whether it holds a write key (a string). */
-static Py_ssize_t body_count(ptr p, ptr end, int *keyed_out) {
+/* What `body_count` found besides the count: whether the body holds a write key (a string),
+ * where its batch array is, and where each message starts and ends. */
+typedef struct {
+    int keyed;
+    ptr array_start, array_end;
+    ptr spans[2 * MAX_BATCH];
+} Found;
+
+/* The whole body: the batch's size, or -1. */
+static Py_ssize_t body_count(ptr p, ptr end, Found *found) {
     Py_ssize_t count = -1;
     int keyed = 0;
     int seen_context = 0, seen_integrations = 0, seen_sent_at = 0, seen_write_key = 0;
@@ -578,7 +591,9 @@ static Py_ssize_t body_count(ptr p, ptr end, int *keyed_out) {
         p = skip_ws(p + 1, end);
         if (KEY("batch")) {
             if (count >= 0 || p >= end || *p != '[') return -1;
-            p = batch(p, end, &count);
+            found->array_start = p;
+            p = batch(p, end, &count, found->spans);
+            found->array_end = p;
         } else if (KEY("context") || KEY("integrations")) {
             int *seen = KEY("context") ? &seen_context : &seen_integrations;
             if (*seen) return -1;
@@ -609,11 +624,41 @@ static Py_ssize_t body_count(ptr p, ptr end, int *keyed_out) {
         p = skip_ws(p + 1, end);
     }
     if (skip_ws(p + 1, end) != end) return -1;  /* trailing content */
-    *keyed_out = keyed;
+    found->keyed = keyed;
     return count;
 }
 
 #undef KEY
+
+/* For a body with a write key at the top: (count, array, top), `array` the batch's messages
+ * as msgspec writes a list of them ("[m1,m2]", no whitespace), `top` the body with its batch
+ * array emptied ("[]"), for Python to read the key from and write the stored body. */
+static PyObject *keyed_parts(Py_ssize_t count, ptr start, ptr end, const Found *found) {
+    Py_ssize_t size = 2 + (count > 0 ? count - 1 : 0);
+    for (Py_ssize_t i = 0; i < count; i++) size += found->spans[2 * i + 1] - found->spans[2 * i];
+    PyObject *array = PyBytes_FromStringAndSize(NULL, size);
+    if (array == NULL) return NULL;
+    char *w = PyBytes_AS_STRING(array);
+    *w++ = '[';
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i > 0) *w++ = ',';
+        Py_ssize_t length = found->spans[2 * i + 1] - found->spans[2 * i];
+        memcpy(w, found->spans[2 * i], length);
+        w += length;
+    }
+    *w = ']';
+    Py_ssize_t head = found->array_start - start, tail = end - found->array_end;
+    PyObject *top = PyBytes_FromStringAndSize(NULL, head + 2 + tail);
+    if (top == NULL) {
+        Py_DECREF(array);
+        return NULL;
+    }
+    w = PyBytes_AS_STRING(top);
+    memcpy(w, start, head);
+    memcpy(w + head, "[]", 2);
+    memcpy(w + head + 2, found->array_end, tail);
+    return Py_BuildValue("(nNN)", count, array, top);
+}
 
 static PyObject *fast_check(PyObject *module, PyObject *body) {
     (void)module;
@@ -623,18 +668,28 @@ static PyObject *fast_check(PyObject *module, PyObject *body) {
         return NULL;
     }
     ptr start = (ptr)PyBytes_AS_STRING(body);
-    int keyed = 0;
-    Py_ssize_t count = body_count(start, start + PyBytes_GET_SIZE(body), &keyed);
-    if (count < 0) Py_RETURN_NONE;
-    return PyLong_FromSsize_t(keyed ? ~count : count);
+    ptr end = start + PyBytes_GET_SIZE(body);
+    Found *found = PyMem_Malloc(sizeof(Found));
+    if (found == NULL) return PyErr_NoMemory();
+    PyObject *out = NULL;
+    Py_ssize_t count = body_count(start, end, found);
+    if (count < 0) {
+        out = Py_NewRef(Py_None);
+    } else if (!found->keyed) {
+        out = PyLong_FromSsize_t(count);
+    } else {
+        out = keyed_parts(count, start, end, found);
+    }
+    PyMem_Free(found);
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"fast_check", fast_check, METH_O,
-     "fast_check(body: bytes) -> int | None\n\n"
+     "fast_check(body: bytes) -> int | tuple[int, bytes, bytes] | None\n\n"
      "The message count n when `body` is a batch whose every message check_batch\n"
-     "accepts; ~n (below zero) when it also has a write key at the top, for check_batch to\n"
-     "read and strip. None: let check_batch decide."},
+     "accepts; (n, array, top) when it also has a write key at the top, for check_batch\n"
+     "to read and strip. None: let check_batch decide."},
     {NULL, NULL, 0, NULL},
 };
 

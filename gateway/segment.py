@@ -446,6 +446,9 @@ _ENCODER = msgspec.json.Encoder()
 _B = TypeVar("_B", Batch, _CheckBatch, _FastBatch)
 _T = TypeVar("_T")
 _KEY_FIELD = b'"writeKey"'
+# how `_persisted` starts: the batch first, as `_Persisted` lists it
+_STORED_HEAD = b'{"batch":'
+_NO_MESSAGES = _STORED_HEAD + b"[]"
 _USER_ID = operator.attrgetter("userId")
 _WRITE_KEY = operator.attrgetter("writeKey")
 
@@ -453,7 +456,7 @@ ANONYMOUS = "userId or anonymousId is required"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def _compiled() -> Callable[[bytes], int | None] | None:
+def _compiled() -> Callable[[bytes], int | tuple[int, bytes, bytes] | None] | None:
     """gateway/_check.c's `fast_check`, or None where it was not built (setup.py: no C
     compiler at install); `check_batch` gives the same verdicts either way."""
     try:
@@ -572,15 +575,17 @@ def check_batch(body: bytes) -> Checked:
     messages are validated, not built. Raises `InvalidBody`."""
     if _fast_check is not None:
         # a common batch, every message valid: see `COMPILED_CHECK`
-        n = _fast_check(body)
-        if n is not None:
-            if n >= 0:
-                return Checked(n, n, [], None, body)
-            # ~n messages and a key at the top, as the SDKs send it: the body stored without
-            # it, as `_without_keys` writes it (no message has a key of its own: fast_check
-            # takes none but a null)
-            envelope = _lenient(_ENVELOPE, body)
-            return Checked(~n, ~n, [], envelope.writeKey, _persisted(envelope.batch, envelope))
+        found = _fast_check(body)
+        if isinstance(found, int):
+            return Checked(found, found, [], None, body)
+        if found is not None:
+            # a key at the top, as the SDKs send it: the body stored without it, as
+            # `_without_keys` writes it (no message has a key of its own: fast_check takes
+            # none but a null), the messages spliced in where its encoding lists none
+            n, messages, top = found
+            envelope = _lenient(_ENVELOPE, top)
+            rest = _persisted([], envelope).removeprefix(_NO_MESSAGES)
+            return Checked(n, n, [], envelope.writeKey, _STORED_HEAD + messages + rest)
     _check_utf8(body)
     parsed: _FastBatch | _CheckBatch | Decoded
     try:
