@@ -4,8 +4,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run run-redis test lint install reliability bench clean
 
-$(STAMP): pyproject.toml
+# the compiled check (setup.py) is built by the editable install: an edit to it reinstalls
+$(STAMP): pyproject.toml setup.py gateway/_check.c
 	test -x $(PY) || python3 -m venv $(VENV)
+	bash scripts/ensure_cc.sh
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
@@ -42,4 +44,4 @@ run-redis: $(STAMP)
 	$(PY) scripts/run_demo.py --store redis
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build gateway/_check.*.so

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.app import Gateway, StartupError
 from gateway.config import Settings
+from gateway.segment import COMPILED_CHECK
 
 log = structlog.get_logger("gateway.server")
 
@@ -40,7 +41,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         # generation less often, and leave what start-up built out of every collection
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        log.info("listening", url=f"http://{settings.host}:{_port(runner, settings.port)}")
+        log.info("listening", url=f"http://{settings.host}:{_port(runner, settings.port)}",
+                 batch_check="compiled" if COMPILED_CHECK else "pure")
         if ready is not None:
             ready.set()
         await stop.wait()

@@ -273,10 +273,10 @@ def test_bench_decode_times_each_decode_against_a_baseline() -> None:
     segment = str(SCRIPTS.parent / "gateway" / "segment.py")
     for decode in ("check", "stored", "batch"):
         s = last_json_line(str(SCRIPTS / "bench_decode.py"), "--decode", decode,
-                           "--traffic", "ingest,track", "--rounds", "2", "--passes", "1",
+                           "--traffic", "ingest,track,sdk", "--rounds", "2", "--passes", "1",
                            "--bodies", "2", "--baseline", segment)
         assert s["decode"] == decode
-        for traffic in ("ingest", "track"):
+        for traffic in ("ingest", "track", "sdk"):
             this, baseline = s[traffic]["this"], s[traffic]["baseline"]
             assert 0 < this["min_ns_per_message"] <= this["median_ns_per_message"]
             assert 0 < baseline["min_ns_per_message"] <= baseline["median_ns_per_message"]

@@ -1,0 +1,3 @@
+# n: every message valid; (n, messages, body without them): and a write key at the top;
+# None: not decided (gateway/_check.c)
+def fast_check(body: bytes) -> int | tuple[int, bytes, bytes] | None: ...
