@@ -558,7 +558,7 @@ def test_a_plane_copied_apart_holds_what_the_plane_held() -> None:
     assert apart.holds(keys) == keys
 
 
-@pytest.mark.parametrize("slots", [1 << 25, 64])
+@pytest.mark.parametrize("slots", [1 << 24, 64])
 async def test_older_days_are_probed_for_the_keys_their_bits_may_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int
 ) -> None:
@@ -678,7 +678,7 @@ async def test_outbox_bodies_are_stored_byte_for_byte(store: SqliteStore, user: 
 
 
 async def test_a_store_that_never_dedupes_holds_no_window(tmp_path: Path) -> None:
-    # the front opens the store to append to the inbox: the window's 32 MB are the worker's
+    # the front opens the store to append to the inbox: the window's 16 MB are the worker's
     store = SqliteStore(tmp_path / "gateway.db")
     await store.open()
     assert len(store._dedupe._window._bits) == 0
