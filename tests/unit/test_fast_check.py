@@ -130,26 +130,25 @@ def join_object(pairs: list[tuple[str, str]], space: str) -> str:
     return "{" + space + ",".join(f"{k}{space}:{space}{v}" for k, v in pairs) + space + "}"
 
 
-json_text = st.recursive(
-    st.one_of(literals, numbers, strings),
-    lambda inner: st.one_of(
-        st.tuples(st.lists(inner, max_size=3), ws).map(
-            lambda t: "[" + t[1] + ",".join(t[0]) + "]"),
-        st.tuples(st.lists(st.tuples(strings, inner), max_size=3), ws).map(
-            lambda t: join_object(t[0], t[1])),
-    ),
-    max_leaves=6,
-)
-good_json = st.recursive(
-    st.one_of(st.sampled_from(["null", "true", "false"]), good_numbers, good_strings),
-    lambda inner: st.one_of(
-        st.tuples(st.lists(inner, max_size=3), ws).map(
-            lambda t: "[" + t[1] + ",".join(t[0]) + "]"),
-        st.tuples(st.lists(st.tuples(good_strings, inner), max_size=3), ws).map(
-            lambda t: join_object(t[0], t[1])),
-    ),
-    max_leaves=6,
-)
+def json_values(
+    leaves: st.SearchStrategy[str], keys: st.SearchStrategy[str]
+) -> st.SearchStrategy[str]:
+    """JSON text of arrays and objects nested over `leaves`, objects keyed by `keys`."""
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.tuples(st.lists(inner, max_size=3), ws).map(
+                lambda t: "[" + t[1] + ",".join(t[0]) + "]"),
+            st.tuples(st.lists(st.tuples(keys, inner), max_size=3), ws).map(
+                lambda t: join_object(t[0], t[1])),
+        ),
+        max_leaves=6,
+    )
+
+
+json_text = json_values(st.one_of(literals, numbers, strings), strings)
+good_json = json_values(
+    st.one_of(st.sampled_from(["null", "true", "false"]), good_numbers, good_strings), good_strings)
 objects = st.tuples(st.lists(st.tuples(good_strings, good_json), max_size=3), ws).map(
     lambda t: join_object(t[0], t[1]))
 deep = st.integers(1, 40).map(lambda n: '{"a":' * n + "1" + "}" * n)
