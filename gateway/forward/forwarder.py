@@ -31,6 +31,7 @@ from gateway.forward.recorder import OutcomeRecorder
 from gateway.mapping.dialects import spoken_at
 from gateway.store import OutboxItem, Store
 from gateway.store.redis.partition import id_partition
+from gateway.tasks import stop_tasks
 
 if TYPE_CHECKING:
     from gateway.backlog import Backlog
@@ -252,9 +253,8 @@ class Forwarder:
         self._wake.set()
         if self._tasks and within > 0:
             await asyncio.wait(list(self._tasks), timeout=within)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a call's outcome is recorded in the store, Redis in Redis mode: see `gateway.tasks`
+        await stop_tasks(self._tasks)
         await self.client.close()
 
 

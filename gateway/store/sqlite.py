@@ -870,8 +870,9 @@ class _Dedupe:
         days = self.days(conn)
         gone = [d for d in days if d < oldest]
         for day in gone:
-            for table in [*self._large.pop(day, []), f"dedupe_{day}_new"]:
+            for table in self._tables(day):
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
+            del self._large[day]
             days.remove(day)
             self._window.drop(day)
         return len(gone)
