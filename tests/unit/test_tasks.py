@@ -32,15 +32,17 @@ async def test_a_loop_that_swallowed_its_cancellation_is_cancelled_again() -> No
     assert task.cancelled() and rounds >= 1
 
 
+async def _stubborn(release: asyncio.Event) -> None:
+    """Absorbs every cancellation until `release` is set."""
+    while not release.is_set():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+
+
 async def test_a_task_that_never_ends_is_named_and_left_behind_after_the_bound() -> None:
     release = asyncio.Event()
 
-    async def stubborn() -> None:
-        while not release.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(3600)
-
-    task = asyncio.create_task(stubborn(), name="stubborn")
+    task = asyncio.create_task(_stubborn(release), name="stubborn")
     await asyncio.sleep(0)
     with capture_logs() as logs:
         await asyncio.wait_for(stop_tasks([task], within=0.3), 5)
@@ -68,12 +70,7 @@ async def test_a_failed_task_is_logged_not_raised_and_done_ones_are_fine() -> No
 async def test_the_callers_own_cancellation_is_not_absorbed() -> None:
     release = asyncio.Event()
 
-    async def stubborn() -> None:
-        while not release.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(3600)
-
-    task = asyncio.create_task(stubborn())
+    task = asyncio.create_task(_stubborn(release))
     stopping = asyncio.create_task(stop_tasks([task], within=60))
     await asyncio.sleep(0.05)
     stopping.cancel()
