@@ -22,7 +22,7 @@ from gateway.keys import group_key, identify_key
 from gateway.mapping import Call, Skip, counted, to_call, utc_day
 from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
-from gateway.segment import CountedCall
+from gateway.segment import AnyMessage, CountedCall
 from gateway.store import DeadLetter
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ class Actor:
         self.hit_keys: list[bytes] = []
         self.hit_refs: list[LedgerKey] = []
         # keyed by (UTC date, user, event), a plain tuple: the LedgerKey (and its day's text)
-        # is made once per key, not per message
-        self.hits: dict[tuple[date, str, str], tuple[LedgerKey, Latest[Envelope]]] = {}
+        # is made once per key, not per message. The latest is the envelope, or the message
+        # itself where the C take took it (its context is its own, its timestamp the latest's)
+        self.hits: dict[tuple[date, str, str], tuple[LedgerKey, Latest[Envelope | AnyMessage]]] = {}
         self.marks: list[bytes] = []  # dedupe keys of the messages that are not hits
         self.pending: dict[str, Pending] = {}
         self.accounts: list[tuple[str, str]] = []  # (user, account) from group calls
@@ -161,9 +162,10 @@ class Actor:
         source = self.source
         out: dict[LedgerKey, Tally] = {}
         for key, latest in self.hits.values():
-            env = latest.item
+            item = latest.item
+            msg = item.message if isinstance(item, Envelope) else item
             call = to_call(
-                env.message, api=source.api, timestamp=env.timestamp, context=env.context,
+                msg, api=source.api, timestamp=latest.at, context=item.context,
                 unnamed_pages=source.unnamed_pages,
             )
             assert isinstance(call, Call), "a message counted when taken maps to a call"

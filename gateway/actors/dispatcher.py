@@ -21,12 +21,13 @@ import contextlib
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gateway.actors.actor import Actor
 from gateway.actors.envelope import Envelope
+from gateway.actors.fast import TAKE
 from gateway.actors.router import Router
 from gateway.actors.turn import Flush, Outcome, commit
 from gateway.config import Settings, Source
@@ -94,6 +95,7 @@ class Dispatcher:
         self._stopping = False
         self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
         self._retake_at = 0.0
+        self._compiled = TAKE  # None: every message goes through `_deliver`
         self.cursor = 0  # the last inbox record routed
 
     def __len__(self) -> int:
@@ -185,7 +187,7 @@ class Dispatcher:
         self._take(row.id, row.count)
         self._partition = row.partition
         try:
-            dead = await self.router.route(row, self._deliver)
+            dead = await self.router.route(row, self._deliver, self._counted)
         except Exception:
             # leave the record pending in the inbox: the next start routes it again
             log.exception("routing failed", source_id=row.source, inbox_id=row.id)
@@ -234,16 +236,34 @@ class Dispatcher:
         if actor is None or not actor.mail:
             # first mail of this record: to the end of the registry, most recently used
             if actor is None:
-                actor = self._spare.pop().become(source, account) if self._spare else Actor(
-                    source, account
-                )
-                actor.partition = self._partition
+                actor = self._activate(source, account)
             else:
                 del self._live[key]
-            self._live[key] = actor
+                self._live[key] = actor
+                actor.last = self._clock
             self._ready.append(actor)
-            actor.last = self._clock
         actor.mail.append(env)
+
+    def _counted(
+        self, source: Source, prefix: bytes, known: dict[str, str | None], messages: list[Any]
+    ) -> list[int] | None:
+        """The record's ledger hits taken in C, as `_deliver` and the actors' `_take` would
+        (`gateway.actors.fast`); None where it was not built, or when it took none."""
+        if self._compiled is None:
+            return None
+        return self._compiled(messages, prefix, known, source.id, self._partition, self._live,
+                              self._holding, self._clock, partial(self._activate, source))
+
+    def _activate(self, source: Source, account: str) -> Actor:
+        """An actor for the account that has none live, at the end of the registry (the C
+        take's `_deliver` when the account's actor is not live)."""
+        actor = self._spare.pop().become(source, account) if self._spare else Actor(
+            source, account
+        )
+        actor.partition = self._partition
+        actor.last = self._clock
+        self._live[(source.id, account, self._partition)] = actor
+        return actor
 
     async def _commit(self) -> None:
         """End the turn: its state leaves the actors and commits in the background while

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway.actors.envelope import Envelope
+from gateway.actors.fast import user_ids
 from gateway.config import Source
 from gateway.keys import DedupeKeys, dedupe_prefix, generated_message_id, rejected_id
 from gateway.segment import (
@@ -36,7 +37,6 @@ from gateway.segment import (
     in_full,
     merged,
     merged_context,
-    user_id,
 )
 from gateway.store import DeadLetter, InboxRow
 
@@ -47,6 +47,10 @@ HANDOFF = 64  # decoded requests kept in memory for the router; past it, it deco
 USERS = 200_000  # user -> account entries remembered, per source
 
 Deliver = Callable[[Envelope, Source, str], None]
+# the dispatcher's compiled take (`gateway.actors.fast`): a record's ledger hits taken into
+# their actors, given (source, dedupe prefix, users' known accounts, messages); the positions
+# of the messages left to `deliver`, or None when it took none
+TakeCounted = Callable[[Source, bytes, dict[str, str | None], list[Any]], list[int] | None]
 _CONTEXT = operator.attrgetter("context")
 
 
@@ -54,7 +58,8 @@ class Router:
     def __init__(self, state: ActorState, sources: dict[str, Source]) -> None:
         self.state = state
         self.sources = sources
-        self._keys = {sid: DedupeKeys(dedupe_prefix(sid)) for sid in sources}
+        self._prefixes = {sid: dedupe_prefix(sid) for sid in sources}
+        self._keys = {sid: DedupeKeys(prefix) for sid, prefix in self._prefixes.items()}
         self._handoff: dict[int, Decoded | Stored] = {}
         self._row_users: dict[int, list[str | None]] = {}  # each message's user, from `prepare`
         # per source, user -> the account a group call put them in (None: none), least
@@ -81,14 +86,17 @@ class Router:
             except InvalidBody:
                 continue  # `route` keeps it as a dead letter
             self._handoff[row.id] = decoded
-            row_users = self._row_users[row.id] = [user_id(m) for m in decoded.messages]
+            row_users = self._row_users[row.id] = user_ids(decoded.messages)
             users.setdefault(row.source, set()).update(row_users)
         for source, wanted in users.items():
             await self._learn(source, self._users.setdefault(source, {}), list(wanted))
 
-    async def route(self, row: InboxRow, deliver: Deliver) -> list[DeadLetter]:
-        """Hand each message of `row` to `deliver`; the dead letters of those that cannot be
-        taken (rejected by ingest, replayed dead letters still invalid, unreadable)."""
+    async def route(
+        self, row: InboxRow, deliver: Deliver, take: TakeCounted | None = None
+    ) -> list[DeadLetter]:
+        """Hand each message of `row` to `deliver` (its ledger hits to `take` first, when
+        given and it takes them); the dead letters of those that cannot be taken (rejected by
+        ingest, replayed dead letters still invalid, unreadable)."""
         source = self.sources.get(row.source)
         decoded = self._handoff.pop(row.id, None)
         users = self._row_users.pop(row.id, None)
@@ -105,10 +113,9 @@ class Router:
                     for m in _in_full(row, decoded, range(len(decoded.messages)))]
             return self._dead(row, gone + invalid)
         received = datetime.fromtimestamp(row.received_at, UTC)
-        contexts = _contexts(decoded)
         messages: Sequence[AnyMessage] = decoded.messages
         if users is None:
-            users = [user_id(m) for m in messages]
+            users = user_ids(messages)
         if None in users and isinstance(decoded, Stored):
             # only a message without a userId can become a mapping dead letter (the mapping
             # forwards any other): it is read in full, as the dead letter keeps it
@@ -118,10 +125,21 @@ class Router:
                 messages[i] = full
         known = self._users.setdefault(source.id, {})
         await self._learn(source.id, known, users)
-        key_of = self._keys[source.id]
         batch_integrations = decoded.integrations
+        left: Sequence[int] | None = None
+        if (take is not None and isinstance(decoded, Stored) and decoded.context is None
+                and batch_integrations is None):
+            # a message's own context and integrations are all there is: the common record
+            left = take(source, self._prefixes[source.id], known, list(messages))
+            if left is not None and not left:
+                return self._dead(row, invalid)
+        if left is None:
+            left = range(len(messages))
+        key_of = self._keys[source.id]
+        contexts = _contexts(decoded)
         sent_at = decoded.sent_at
-        for index, (msg, user, context) in enumerate(zip(messages, users, contexts, strict=True)):
+        for index in left:
+            msg, user, context = messages[index], users[index], contexts[index]
             # most batches carry no integrations of their own: no call then
             integrations = (msg.integrations if batch_integrations is None
                             else merged(batch_integrations, msg.integrations))
