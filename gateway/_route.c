@@ -527,9 +527,11 @@ static int take_hit(Hit *h, PyObject *entry, PyObject *key, PyObject *source_id)
         Py_DECREF(shortkey);
         return -1;
     }
-    char day[16];
-    snprintf(day, sizeof day, "%04d-%02d-%02d", y, m, d);
-    PyObject *day_text = PyUnicode_FromString(day);
+    /* `utc_day(at)`: date.isoformat(), "%04d-%02d-%02d" (years 1 to 9999) */
+    char day[10] = {(char)('0' + y / 1000), (char)('0' + y / 100 % 10), (char)('0' + y / 10 % 10),
+                    (char)('0' + y % 10), '-', (char)('0' + m / 10), (char)('0' + m % 10), '-',
+                    (char)('0' + d / 10), (char)('0' + d % 10)};
+    PyObject *day_text = PyUnicode_FromStringAndSize(day, 10);
     if (day_text == NULL) {
         Py_DECREF(shortkey);
         return -1;

@@ -19,7 +19,9 @@ from gateway.actors.envelope import Envelope
 from gateway.actors.integrations import enabled
 from gateway.config import Source
 from gateway.keys import group_key, identify_key
-from gateway.mapping import Call, Skip, counted, to_call, utc_day
+from gateway.mapping import Skip, counted, iso, to_call, utc_day
+from gateway.mapping.calls import counted_body
+from gateway.mapping.dialects import DIALECTS
 from gateway.rules.ledger import Latest, LedgerKey, Row, Tally
 from gateway.rules.traits import Pending
 from gateway.segment import AnyMessage, CountedCall
@@ -158,16 +160,18 @@ class Actor:
             ))
 
     def tallies(self) -> dict[LedgerKey, Tally]:
-        """The occurrences taken per ledger key, each with the call of its latest message."""
+        """The occurrences taken per ledger key, each with the call of its latest message
+        (`to_call`'s, built from what the key already holds: its user and event)."""
         source = self.source
+        dialect = DIALECTS[source.api]
+        path = dialect.path("track")
+        unnamed = source.unnamed_pages
         out: dict[LedgerKey, Tally] = {}
         for key, latest in self.hits.values():
             item = latest.item
             msg = item.message if isinstance(item, Envelope) else item
-            call = to_call(
-                msg, api=source.api, timestamp=latest.at, context=item.context,
-                unnamed_pages=source.unnamed_pages,
-            )
-            assert isinstance(call, Call), "a message counted when taken maps to a call"
-            out[key] = Tally(call.body["timestamp"], call.path, call.body, latest.count)
+            assert isinstance(msg, CountedCall), "only counted calls are hits"
+            when = iso(latest.at)
+            body = counted_body(dialect, msg, key.user, key.event, when, unnamed)  # type: ignore[arg-type]
+            out[key] = Tally(when, path, body, latest.count)
         return out

@@ -73,14 +73,7 @@ def to_call(
         if isinstance(hit, Skip):
             return hit
         hit_user, event = hit
-        when = iso(timestamp)
-        if isinstance(msg, TrackCall):
-            body = dialect.track(msg, hit_user, event, when)
-        else:
-            # page and screen stay page and screen, with the name they were counted under
-            kind: View = "page" if isinstance(msg, PageCall) else "screen"
-            name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
-            body = dialect.view(msg, kind, hit_user, name, event, when)
+        body = counted_body(dialect, msg, hit_user, event, iso(timestamp), unnamed_pages)
         return _call("track", dialect, body, hit_user, context_group(context), event, None)
 
     if isinstance(msg, AliasCall):
@@ -128,6 +121,20 @@ def counted(
         # analytics.js's default page() has no name: routine, so counted, not a dead letter
         return Skip(f"{kind} call without a name", counted="unnamed")
     return user, f"{kind.capitalize()} Viewed {name}"
+
+
+def counted_body(
+    dialect: Dialect, msg: Counted, user: str, event: str, when: str,
+    unnamed_pages: UnnamedPages = "skip",
+) -> dict[str, Any]:
+    """The body of a call `counted` counts under (`user`, `event`), at `when` (`iso`): what
+    `to_call` builds for it, for an actor that has the two already (its ledger key)."""
+    if isinstance(msg, TrackCall):
+        return dialect.track(msg, user, event, when)
+    # page and screen stay page and screen, with the name they were counted under
+    kind: View = "page" if isinstance(msg, PageCall) else "screen"
+    name = _view_name(msg, unnamed_pages) or ""  # `counted` found one
+    return dialect.view(msg, kind, user, name, event, when)
 
 
 def _call(

@@ -22,8 +22,9 @@ from gateway.actors.dispatcher import Dispatcher
 from gateway.actors.envelope import Envelope
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
-from gateway.config import Settings, Source, UnnamedPages
+from gateway.config import Api, Settings, Source, UnnamedPages
 from gateway.keys import dedupe_key, dedupe_prefix
+from gateway.mapping import Call, to_call
 from gateway.observability.metrics import Metrics
 from gateway.segment import decode_stored, user_id
 from gateway.store import InboxRow
@@ -190,7 +191,7 @@ def _dispatcher(source: Source, compiled: bool, taken: list[bool]) -> Dispatcher
 def _state(d: Dispatcher) -> dict[str, Any]:
     """Everything the record's routing left: per live actor its state, the dispatcher's
     bookkeeping, the router's known accounts."""
-    actors = {}
+    actors: dict[tuple[str, str, int], dict[str, Any]] = {}
     for key, a in d._live.items():
         hits = {}
         for short, (ledger_key, latest) in a.hits.items():
@@ -203,9 +204,16 @@ def _state(d: Dispatcher) -> dict[str, Any]:
             "marks": list(a.marks), "accounts": list(a.accounts), "dead": list(a.dead),
             "pending": {k: (p.kind, p.path, p.body, p.ts, p.traits)
                         for k, p in a.pending.items()},
-            "tallies": {k: (t.timestamp, t.path, t.body, t.count)
-                        for k, t in a.tallies().items()},
         }
+        tallies = actors[key]["tallies"] = {k: (t.timestamp, t.path, t.body, t.count)
+                                            for k, t in a.tallies().items()}
+        for ledger_key, count, at, msg, context in hits.values():
+            # the tally's call is `to_call`'s for its latest message
+            call = to_call(msg, api=a.source.api, timestamp=at, context=context,
+                           unnamed_pages=a.source.unnamed_pages)
+            assert isinstance(call, Call)
+            assert tallies[ledger_key] == (
+                call.body["timestamp"], call.path, call.body, count)
     flushes = {p: (f.dead, f.inbox, f.messages) for p, f in d._flushes.items()}
     return {"actors": actors, "holding": sorted(id_of(a) for a in d._holding),
             "ready": len(d._ready), "flushes": flushes, "pending": d._pending,
@@ -224,9 +232,11 @@ def _count(body: bytes) -> int:
     return len(stored.messages) + len(stored.rejected)
 
 
-async def _both(bodies: list[bytes], unnamed: UnnamedPages = "skip") -> list[bool]:
+async def _both(
+    bodies: list[bytes], unnamed: UnnamedPages = "skip", api: Api = "v2"
+) -> list[bool]:
     source = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main",
-                    unnamed_pages=unnamed)
+                    unnamed_pages=unnamed, api=api)
     taken: list[bool] = []
     compiled = _dispatcher(source, True, taken)
     pure = _dispatcher(source, False, [])
@@ -254,12 +264,13 @@ TRACKS = [msgspec.json.encode({"batch": [
 
 @needs_module
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bodies=records(), unnamed=st.sampled_from(["skip", "title", "path"]))
-@example(bodies=TRACKS, unnamed="skip")
+@given(bodies=records(), unnamed=st.sampled_from(["skip", "title", "path"]),
+       api=st.sampled_from(["v2", "segment"]))
+@example(bodies=TRACKS, unnamed="skip", api="v2")
 async def test_a_taken_record_leaves_the_state_the_pure_path_leaves(
-    bodies: list[bytes], unnamed: UnnamedPages
+    bodies: list[bytes], unnamed: UnnamedPages, api: Api
 ) -> None:
-    await _both(bodies, unnamed)
+    await _both(bodies, unnamed, api)
 
 
 def _body(*batch: dict[str, Any]) -> bytes:
