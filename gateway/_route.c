@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <datetime.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -168,6 +169,13 @@ static PyObject *py_blake2b_16(PyObject *self, PyObject *arg)
 
 /* ---- what the kernel is set up with (`setup`, once, from gateway/actors/fast.py) -------- */
 
+/* Fields are read and written at their slots' offsets, as their member descriptors do
+ * (msgspec Structs and classes with __slots__ keep each field in a slot): a GetAttr
+ * looks the name up in the type first, several times a message. */
+typedef struct {
+    Py_ssize_t user, mid, at, integrations, context, event, name, properties;
+} MessageSlots;
+
 static struct {
     PyObject *track, *page, *screen;  /* StoredTrack, StoredPage, StoredScreen: exact types */
     PyObject *counted, *group;        /* the plain classes CountedCall and GroupCall */
@@ -175,21 +183,62 @@ static struct {
     PyObject *utc;                    /* datetime.UTC */
     PyObject *unset;                  /* msgspec.UNSET */
     PyObject *ledger_key, *latest;    /* LedgerKey (a tuple subclass), Latest */
+    PyObject *actor;                  /* Actor */
+    MessageSlots slots[3];            /* of track, page, screen */
+    Py_ssize_t group_id, props_name;  /* Context.groupId, ViewProperties.name */
+    Py_ssize_t held, last, hits, hit_keys, hit_refs;  /* Actor's */
+    Py_ssize_t count, at, item;       /* Latest's */
     int ready;
 } K;
 
-static PyObject *s_userId, *s_messageId, *s_timestamp, *s_integrations, *s_context,
-    *s_groupId, *s_event, *s_name, *s_properties, *s_hits, *s_hit_keys, *s_hit_refs, *s_held,
-    *s_last, *s_count, *s_at, *s_item, *one;
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+
+static PyObject *s_userId, *one;
+
+/* The offset of `type`'s field `name`: its member descriptor's; -1 with an error when it is
+ * not an object slot. */
+static Py_ssize_t slot_of(PyObject *type, const char *name)
+{
+    PyObject *d = PyObject_GetAttrString(type, name);
+    if (d == NULL)
+        return -1;
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if ((m->type == T_OBJECT_EX || m->type == T_OBJECT) && !(m->flags & READONLY))
+            offset = m->offset;
+    }
+    Py_DECREF(d);
+    if (offset < 0)
+        PyErr_Format(PyExc_TypeError, "setup: %R.%s is not a writable object slot", type, name);
+    return offset;
+}
+
+static int message_slots(PyObject *type, MessageSlots *out, int view)
+{
+    out->event = out->name = out->properties = -1;
+    if ((out->user = slot_of(type, "userId")) < 0 ||
+        (out->mid = slot_of(type, "messageId")) < 0 ||
+        (out->at = slot_of(type, "timestamp")) < 0 ||
+        (out->integrations = slot_of(type, "integrations")) < 0 ||
+        (out->context = slot_of(type, "context")) < 0)
+        return -1;
+    if (!view)
+        return (out->event = slot_of(type, "event")) < 0 ? -1 : 0;
+    if ((out->name = slot_of(type, "name")) < 0 ||
+        (out->properties = slot_of(type, "properties")) < 0)
+        return -1;
+    return 0;
+}
 
 static PyObject *py_setup(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *v[11];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
-                          &v[6], &v[7], &v[8], &v[9], &v[10]))
+    PyObject *v[12];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                          &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]))
         return NULL;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < 12; i++) {
         if (i != 7 && i != 8 && !PyType_Check(v[i])) {
             PyErr_Format(PyExc_TypeError, "setup: argument %d is not a type", i + 1);
             return NULL;
@@ -199,13 +248,50 @@ static PyObject *py_setup(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "setup: the ledger key must be a tuple subclass");
         return NULL;
     }
-    for (int i = 0; i < 11; i++)
+    if (message_slots(v[0], &K.slots[0], 0) < 0 || message_slots(v[1], &K.slots[1], 1) < 0 ||
+        message_slots(v[2], &K.slots[2], 1) < 0 ||
+        (K.group_id = slot_of(v[5], "groupId")) < 0 ||
+        (K.props_name = slot_of(v[6], "name")) < 0 ||
+        (K.held = slot_of(v[11], "held")) < 0 || (K.last = slot_of(v[11], "last")) < 0 ||
+        (K.hits = slot_of(v[11], "hits")) < 0 || (K.hit_keys = slot_of(v[11], "hit_keys")) < 0 ||
+        (K.hit_refs = slot_of(v[11], "hit_refs")) < 0 ||
+        (K.count = slot_of(v[10], "count")) < 0 || (K.at = slot_of(v[10], "at")) < 0 ||
+        (K.item = slot_of(v[10], "item")) < 0)
+        return NULL;
+    for (int i = 0; i < 12; i++)
         Py_INCREF(v[i]);
     K.track = v[0], K.page = v[1], K.screen = v[2], K.counted = v[3], K.group = v[4];
     K.context = v[5], K.view_props = v[6], K.utc = v[7], K.unset = v[8], K.ledger_key = v[9];
-    K.latest = v[10];
+    K.latest = v[10], K.actor = v[11];
     K.ready = 1;
     Py_RETURN_NONE;
+}
+
+/* A slot's value (borrowed), NULL with AttributeError when it was never set. */
+static PyObject *slot(PyObject *obj, Py_ssize_t offset)
+{
+    PyObject *v = SLOT(obj, offset);
+    if (v == NULL)
+        PyErr_SetString(PyExc_AttributeError, "take_counted: a field is not set");
+    return v;
+}
+
+static void set_slot(PyObject *obj, Py_ssize_t offset, PyObject *value)
+{
+    Py_XSETREF(SLOT(obj, offset), Py_NewRef(value));
+}
+
+/* obj.<slot> += 1 */
+static int add_one(PyObject *obj, Py_ssize_t offset)
+{
+    PyObject *v = slot(obj, offset);
+    if (v == NULL)
+        return -1;
+    PyObject *more = PyNumber_Add(v, one);
+    if (more == NULL)
+        return -1;
+    Py_XSETREF(SLOT(obj, offset), more);
+    return 0;
 }
 
 /* ---- the Segment model's rules, as gateway/segment.py and gateway/mapping/calls.py say -- */
@@ -295,99 +381,82 @@ static void release(Hit *hits, Py_ssize_t n)
     }
 }
 
-/* 1: `h` filled for the counted call `msg` of exact type `type`; 0: not handled (no error);
- * -1: an error. `*own_group` says whether its account came from its context. */
-static int check_counted(PyObject *msg, PyObject *type, PyObject *known, Hit *h, int *own_group)
+/* 1: `h` filled for the counted call `msg` (its fields' slots `at`); 0: not handled (no
+ * error); -1: an error. `*own_group` says whether its account came from its context. */
+static int check_counted(PyObject *msg, const MessageSlots *at, int view, PyObject *known, Hit *h,
+                         int *own_group)
 {
-    PyObject *v = PyObject_GetAttr(msg, s_integrations);
-    if (v == NULL)
+    PyObject *v;
+    if ((v = slot(msg, at->integrations)) == NULL)
         return -1;
-    int plain = v == Py_None;
-    Py_DECREF(v);
-    if (!plain)
+    if (v != Py_None)
         return 0;
 
-    h->mid = PyObject_GetAttr(msg, s_messageId);
-    if (h->mid == NULL)
+    if ((v = slot(msg, at->mid)) == NULL)
         return -1;
-    if (!PyUnicode_Check(h->mid) || PyUnicode_GET_LENGTH(h->mid) == 0)
+    if (!PyUnicode_Check(v) || PyUnicode_GET_LENGTH(v) == 0)
         return 0;
     Py_ssize_t len;
-    if (PyUnicode_AsUTF8AndSize(h->mid, &len) == NULL) {
+    if (PyUnicode_AsUTF8AndSize(v, &len) == NULL) {
         PyErr_Clear(); /* a lone surrogate: Python's path decides */
         return 0;
     }
+    h->mid = Py_NewRef(v);
 
-    h->user = PyObject_GetAttr(msg, s_userId);
-    if (h->user == NULL)
+    if ((v = slot(msg, at->user)) == NULL)
         return -1;
-    if (!PyUnicode_Check(h->user) || PyUnicode_GET_LENGTH(h->user) == 0)
+    if (!PyUnicode_Check(v) || PyUnicode_GET_LENGTH(v) == 0)
         return 0;
+    h->user = Py_NewRef(v);
 
-    h->at = PyObject_GetAttr(msg, s_timestamp);
-    if (h->at == NULL)
+    if ((v = slot(msg, at->at)) == NULL)
         return -1;
-    if (!PyDateTime_Check(h->at) || PyDateTime_DATE_GET_TZINFO(h->at) != K.utc)
+    if (!PyDateTime_Check(v) || PyDateTime_DATE_GET_TZINFO(v) != K.utc)
         return 0;
+    h->at = Py_NewRef(v);
 
-    if (type == K.track) {
-        h->event = PyObject_GetAttr(msg, s_event);
-        if (h->event == NULL)
+    if (!view) {
+        if ((v = slot(msg, at->event)) == NULL)
             return -1;
-        if (!PyUnicode_Check(h->event) || PyUnicode_GET_LENGTH(h->event) == 0)
+        if (!PyUnicode_Check(v) || PyUnicode_GET_LENGTH(v) == 0)
             return 0;
+        h->event = Py_NewRef(v);
     } else {
-        PyObject *name = PyObject_GetAttr(msg, s_name);
+        PyObject *name = slot(msg, at->name);
         if (name == NULL)
             return -1;
         if (!plain_name(name)) {
-            Py_DECREF(name);
-            PyObject *props = PyObject_GetAttr(msg, s_properties);
+            PyObject *props = slot(msg, at->properties);
             if (props == NULL)
                 return -1;
-            if ((PyObject *)Py_TYPE(props) != K.view_props) {
-                Py_DECREF(props);
+            if ((PyObject *)Py_TYPE(props) != K.view_props)
                 return 0; /* none, or not named: `unnamed_pages` decides, in Python */
-            }
-            name = PyObject_GetAttr(props, s_name);
-            Py_DECREF(props);
-            if (name == NULL)
+            if ((name = slot(props, K.props_name)) == NULL)
                 return -1;
-            if (!plain_name(name)) {
-                Py_DECREF(name);
+            if (!plain_name(name))
                 return 0;
-            }
         }
-        h->event = PyUnicode_FromFormat(type == K.page ? "Page Viewed %U" : "Screen Viewed %U",
-                                        name);
-        Py_DECREF(name);
+        h->event = PyUnicode_FromFormat(
+            (PyObject *)Py_TYPE(msg) == K.page ? "Page Viewed %U" : "Screen Viewed %U", name);
         if (h->event == NULL)
             return -1;
     }
 
-    PyObject *context = PyObject_GetAttr(msg, s_context);
+    PyObject *context = slot(msg, at->context);
     if (context == NULL)
         return -1;
     PyObject *group = NULL;
     if (context != Py_None) {
-        if ((PyObject *)Py_TYPE(context) != K.context) {
-            Py_DECREF(context);
+        if ((PyObject *)Py_TYPE(context) != K.context)
             return 0;
-        }
-        PyObject *raw = PyObject_GetAttr(context, s_groupId);
-        Py_DECREF(context);
+        PyObject *raw = slot(context, K.group_id);
         if (raw == NULL)
             return -1;
         if (raw != K.unset && raw != Py_None) {
             group = id_str(raw);
-            if (group == NULL && PyErr_Occurred()) {
-                Py_DECREF(raw);
+            if (group == NULL && PyErr_Occurred())
                 return -1;
-            }
         }
-        Py_DECREF(raw);
-    } else {
-        Py_DECREF(context);
     }
     *own_group = group != NULL;
     if (group != NULL) {
@@ -405,29 +474,29 @@ static int check_counted(PyObject *msg, PyObject *type, PyObject *known, Hit *h,
     return 1;
 }
 
-/* The account's actor for this record, in `touched` (account -> (actor, hits, hit_keys,
- * hit_refs)): on its first hit of the record, found live or activated, moved to the end of
- * the live registry, `last` set, and held from now on. A borrowed reference. */
+/* The account's actor for this record, in `touched` (account -> actor): on its first hit of
+ * the record, found live or activated, moved to the end of the live registry, `last` set,
+ * and held from now on. A borrowed reference. */
 static PyObject *actor_of(PyObject *account, PyObject *touched, PyObject *live,
                           PyObject *source_id, PyObject *partition, PyObject *clock,
                           PyObject *holding, PyObject *activate)
 {
-    PyObject *entry = PyDict_GetItemWithError(touched, account);
-    if (entry != NULL || PyErr_Occurred())
-        return entry;
+    PyObject *actor = PyDict_GetItemWithError(touched, account);
+    if (actor != NULL || PyErr_Occurred())
+        return actor;
     PyObject *key = PyTuple_Pack(3, source_id, account, partition);
     if (key == NULL)
         return NULL;
-    PyObject *actor = PyDict_GetItemWithError(live, key);
+    actor = PyDict_GetItemWithError(live, key);
     if (actor != NULL) {
         /* as `_deliver`: to the end of the registry, most recently used */
         Py_INCREF(actor);
-        if (PyDict_DelItem(live, key) < 0 || PyDict_SetItem(live, key, actor) < 0 ||
-            PyObject_SetAttr(actor, s_last, clock) < 0) {
+        if (PyDict_DelItem(live, key) < 0 || PyDict_SetItem(live, key, actor) < 0) {
             Py_DECREF(actor);
             Py_DECREF(key);
             return NULL;
         }
+        set_slot(actor, K.last, clock);
     } else if (PyErr_Occurred()) {
         Py_DECREF(key);
         return NULL;
@@ -437,52 +506,34 @@ static PyObject *actor_of(PyObject *account, PyObject *touched, PyObject *live,
             Py_DECREF(key);
             return NULL;
         }
+        if ((PyObject *)Py_TYPE(actor) != K.actor) {
+            PyErr_SetString(PyExc_TypeError, "take_counted: activate did not return an Actor");
+            Py_DECREF(actor);
+            Py_DECREF(key);
+            return NULL;
+        }
     }
     Py_DECREF(key);
-    PyObject *held = PyObject_GetAttr(actor, s_held);
+    PyObject *held = slot(actor, K.held);
     int idle = held == NULL ? -1 : PyObject_Not(held);
-    Py_XDECREF(held);
-    if (idle < 0 || (idle && PyList_Append(holding, actor) < 0)) {
-        Py_DECREF(actor);
-        return NULL;
-    }
-    PyObject *hits = PyObject_GetAttr(actor, s_hits);
-    PyObject *keys = PyObject_GetAttr(actor, s_hit_keys);
-    PyObject *refs = PyObject_GetAttr(actor, s_hit_refs);
-    entry = NULL;
-    if (hits != NULL && keys != NULL && refs != NULL)
-        entry = PyTuple_Pack(4, actor, hits, keys, refs);
-    Py_DECREF(actor);
-    Py_XDECREF(hits);
-    Py_XDECREF(keys);
-    Py_XDECREF(refs);
-    if (entry == NULL)
-        return NULL;
-    int err = PyDict_SetItem(touched, account, entry);
-    Py_DECREF(entry);
-    return err < 0 ? NULL : entry;
-}
-
-static int add_held(PyObject *actor)
-{
-    PyObject *held = PyObject_GetAttr(actor, s_held);
-    if (held == NULL)
-        return -1;
-    PyObject *more = PyNumber_Add(held, one);
-    Py_DECREF(held);
-    if (more == NULL)
-        return -1;
-    int err = PyObject_SetAttr(actor, s_held, more);
-    Py_DECREF(more);
-    return err;
+    int err = idle < 0 || (idle && PyList_Append(holding, actor) < 0) ||
+              PyDict_SetItem(touched, account, actor) < 0;
+    Py_DECREF(actor); /* `touched` holds it */
+    return err ? NULL : actor;
 }
 
 /* One more occurrence in the actor's tally: `Actor._take` for a hit. */
-static int take_hit(Hit *h, PyObject *entry, PyObject *key, PyObject *source_id)
+static int take_hit(Hit *h, PyObject *actor, PyObject *key, PyObject *source_id)
 {
-    PyObject *actor = PyTuple_GET_ITEM(entry, 0), *hits = PyTuple_GET_ITEM(entry, 1);
-    PyObject *hit_keys = PyTuple_GET_ITEM(entry, 2), *hit_refs = PyTuple_GET_ITEM(entry, 3);
-    if (add_held(actor) < 0 || PyList_Append(hit_keys, key) < 0)
+    PyObject *hits = slot(actor, K.hits), *hit_keys = slot(actor, K.hit_keys);
+    PyObject *hit_refs = slot(actor, K.hit_refs);
+    if (hits == NULL || hit_keys == NULL || hit_refs == NULL || !PyDict_Check(hits) ||
+        !PyList_Check(hit_keys) || !PyList_Check(hit_refs)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "take_counted: an actor's hits are not as built");
+        return -1;
+    }
+    if (add_one(actor, K.held) < 0 || PyList_Append(hit_keys, key) < 0)
         return -1;
     int y = PyDateTime_GET_YEAR(h->at), m = PyDateTime_GET_MONTH(h->at),
         d = PyDateTime_GET_DAY(h->at);
@@ -496,31 +547,30 @@ static int take_hit(Hit *h, PyObject *entry, PyObject *key, PyObject *source_id)
     PyObject *found = PyDict_GetItemWithError(hits, shortkey);
     if (found != NULL) {
         Py_DECREF(shortkey);
+        if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
+            PyErr_SetString(PyExc_TypeError, "take_counted: a hit is not (key, latest)");
+            return -1;
+        }
         if (PyList_Append(hit_refs, PyTuple_GET_ITEM(found, 0)) < 0)
             return -1;
         /* `Latest.add`: the later taken among equal times */
         PyObject *latest = PyTuple_GET_ITEM(found, 1);
-        PyObject *count = PyObject_GetAttr(latest, s_count);
-        if (count == NULL)
+        if ((PyObject *)Py_TYPE(latest) != K.latest) {
+            PyErr_SetString(PyExc_TypeError, "take_counted: a hit's latest is not a Latest");
             return -1;
-        PyObject *more = PyNumber_Add(count, one);
-        Py_DECREF(count);
-        if (more == NULL)
+        }
+        if (add_one(latest, K.count) < 0)
             return -1;
-        int err = PyObject_SetAttr(latest, s_count, more);
-        Py_DECREF(more);
-        if (err < 0)
-            return -1;
-        PyObject *at = PyObject_GetAttr(latest, s_at);
+        PyObject *at = slot(latest, K.at);
         if (at == NULL)
             return -1;
         int later = PyObject_RichCompareBool(h->at, at, Py_GE);
-        Py_DECREF(at);
         if (later < 0)
             return -1;
-        if (later && (PyObject_SetAttr(latest, s_at, h->at) < 0 ||
-                      PyObject_SetAttr(latest, s_item, h->msg) < 0))
-            return -1;
+        if (later) {
+            set_slot(latest, K.at, h->at);
+            set_slot(latest, K.item, h->msg);
+        }
         return 0;
     }
     if (PyErr_Occurred()) {
@@ -595,11 +645,12 @@ static PyObject *py_take_counted(PyObject *self, PyObject *const *args, Py_ssize
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *msg = PyList_GET_ITEM(messages, i);
         PyObject *type = (PyObject *)Py_TYPE(msg);
-        if (type == K.track || type == K.page || type == K.screen) {
+        int which = type == K.track ? 0 : type == K.page ? 1 : type == K.screen ? 2 : -1;
+        if (which >= 0) {
             Hit *h = &hits[taken++];
             h->msg = msg;
             int own_group = 0;
-            int ok = check_counted(msg, type, known, h, &own_group);
+            int ok = check_counted(msg, &K.slots[which], which > 0, known, h, &own_group);
             if (ok < 0)
                 goto done;
             if (ok == 0)
@@ -635,9 +686,9 @@ static PyObject *py_take_counted(PyObject *self, PyObject *const *args, Py_ssize
         PyObject *key = dedupe_bytes(pfx, plen, id, len);
         if (key == NULL)
             goto done;
-        PyObject *entry = actor_of(h->account, touched, live, source_id, partition, clock,
+        PyObject *actor = actor_of(h->account, touched, live, source_id, partition, clock,
                                    holding, activate);
-        int err = entry == NULL || take_hit(h, entry, key, source_id) < 0;
+        int err = actor == NULL || take_hit(h, actor, key, source_id) < 0;
         Py_DECREF(key);
         if (err)
             goto done;
@@ -689,22 +740,6 @@ PyMODINIT_FUNC PyInit__route(void)
     if ((var = PyUnicode_InternFromString(text)) == NULL)  \
         return NULL;
     INTERN(s_userId, "userId");
-    INTERN(s_messageId, "messageId");
-    INTERN(s_timestamp, "timestamp");
-    INTERN(s_integrations, "integrations");
-    INTERN(s_context, "context");
-    INTERN(s_groupId, "groupId");
-    INTERN(s_event, "event");
-    INTERN(s_name, "name");
-    INTERN(s_properties, "properties");
-    INTERN(s_hits, "hits");
-    INTERN(s_hit_keys, "hit_keys");
-    INTERN(s_hit_refs, "hit_refs");
-    INTERN(s_held, "held");
-    INTERN(s_last, "last");
-    INTERN(s_count, "count");
-    INTERN(s_at, "at");
-    INTERN(s_item, "item");
 #undef INTERN
     if ((one = PyLong_FromLong(1)) == NULL)
         return NULL;

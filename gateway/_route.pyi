@@ -4,7 +4,7 @@ from typing import Any
 
 def setup(
     track: type, page: type, screen: type, counted: type, group: type, context: type,
-    view_properties: type, utc: Any, unset: Any, ledger_key: type, latest: type,
+    view_properties: type, utc: Any, unset: Any, ledger_key: type, latest: type, actor: type,
 ) -> None: ...
 # the positions of the messages left to Python, or None: nothing taken
 def take_counted(

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
+from gateway.actors.actor import Actor
 from gateway.rules.ledger import Latest, LedgerKey
 from gateway.segment import (
     AnyMessage,
@@ -29,14 +30,11 @@ from gateway.segment import (
     user_id,
 )
 
-if TYPE_CHECKING:
-    from gateway.actors.actor import Actor
-
 # (messages, dedupe prefix, known accounts, source id, partition, live actors, actors
 # holding state, clock, activate) -> the positions left to Python, or None
 Take = Callable[
-    [list[Any], bytes, dict[str, str | None], str, int, dict[tuple[str, str, int], "Actor"],
-     list["Actor"], float, Callable[[str], "Actor"]],
+    [list[Any], bytes, dict[str, str | None], str, int, dict[tuple[str, str, int], Actor],
+     list[Actor], float, Callable[[str], Actor]],
     list[int] | None,
 ]
 
@@ -48,7 +46,7 @@ def _compiled() -> tuple[Take, Callable[[list[Any]], list[str | None]]] | None:
     except ImportError:
         return None
     setup(StoredTrack, StoredPage, StoredScreen, CountedCall, GroupCall, Context,
-          ViewProperties, UTC, msgspec.UNSET, LedgerKey, Latest)
+          ViewProperties, UTC, msgspec.UNSET, LedgerKey, Latest, Actor)
     return take_counted, compiled_user_ids
 
 
