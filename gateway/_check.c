@@ -14,6 +14,9 @@
  * integers over 18 digits, a `\u` escape that is half of a surrogate pair, datetimes outside
  * a strict RFC 3339 subset, nesting deeper than MAX_DEPTH.
  *
+ * split(body, seed, partitions), below, splits a stored batch body by partition for Redis
+ * mode's ingest (gateway/store/redis/partition.py, `split`), by the same one-way rule.
+ *
  * The input is untrusted: every read is bounded by `end`.
  */
 #define PY_SSIZE_T_CLEAN
@@ -430,6 +433,35 @@ static int message_type(ptr text, Py_ssize_t size) {
 #define OBJECT_OR_NULL (V_OBJECT | V_NULL)
 #define STRING_OR_NULL (V_STRING | V_EMPTY | V_NULL)
 
+/* An object's member at p, from its key's '"': the start of its value (whitespace skipped),
+ * or NULL. *key, *size: the key's bytes; a key with an escape is refused. */
+static inline ptr member_key(ptr p, ptr end, ptr *key, Py_ssize_t *size) {
+    Py_ssize_t chars;
+    int escaped;
+    if (p >= end || *p != '"') return NULL;
+    *key = p + 1;
+    p = scan_string(p + 1, end, &chars, &escaped);
+    if (p == NULL || escaped) return NULL;
+    *size = p - 1 - *key;
+    p = skip_ws(p, end);
+    if (p >= end || *p != ':') return NULL;
+    return skip_ws(p + 1, end);
+}
+
+/* After a member's value (p; NULL where it failed): the next member's key, or at the
+ * object's end the byte after its '}' with *closed set; NULL for anything else. */
+static inline ptr member_next(ptr p, ptr end, int *closed) {
+    if (p == NULL) return NULL;
+    p = skip_ws(p, end);
+    if (p >= end) return NULL;
+    if (*p == '}') {
+        *closed = 1;
+        return p + 1;
+    }
+    if (*p != ',') return NULL;
+    return skip_ws(p + 1, end);
+}
+
 /* One message, whose '{' is at p: the byte after its '}', or NULL. As a `_Fast*` type reads
  * it: the tag anywhere, userId a non-empty string or an int, no writeKey but null. */
 static ptr message(ptr p, ptr end) {
@@ -439,17 +471,13 @@ static ptr message(ptr p, ptr end) {
     int type = T_NONE;
     p = skip_ws(p + 1, end);
     if (p < end && *p == '}') return NULL;  /* no type, no userId */
-    for (;;) {
-        Py_ssize_t chars;
+    for (int closed = 0; !closed;) {
+        Py_ssize_t chars, size;
         int escaped, kind;
-        if (p >= end || *p != '"') return NULL;
-        ptr key = p + 1;
-        p = scan_string(key, end, &chars, &escaped);
-        if (p == NULL || escaped) return NULL;
-        int k = message_key(key, p - 1 - key);
-        p = skip_ws(p, end);
-        if (p >= end || *p != ':') return NULL;
-        p = skip_ws(p + 1, end);
+        ptr key;
+        p = member_key(p, end, &key, &size);
+        if (p == NULL) return NULL;
+        int k = message_key(key, size);
         if (k != K_UNKNOWN) {
             if (seen & (1u << k)) return NULL;
             seen |= 1u << k;
@@ -489,15 +517,8 @@ static ptr message(ptr p, ptr end) {
             if (k != K_UNKNOWN) kinds[k] = kind;
             break;
         }
+        p = member_next(p, end, &closed);
         if (p == NULL) return NULL;
-        p = skip_ws(p, end);
-        if (p >= end) return NULL;
-        if (*p == '}') {
-            p++;
-            break;
-        }
-        if (*p != ',') return NULL;
-        p = skip_ws(p + 1, end);
     }
     if (p - start > MAX_MESSAGE_BYTES) return NULL;  /* `_stored` decides message by message */
     if (type == T_NONE || !(seen & (1u << K_USER_ID))) return NULL;
@@ -578,17 +599,12 @@ static Py_ssize_t body_count(ptr p, ptr end, Found *found) {
     if (p >= end || *p != '{') return -1;
     p = skip_ws(p + 1, end);
     if (p < end && *p == '}') return -1;  /* no batch */
-    for (;;) {
-        Py_ssize_t chars;
+    for (int closed = 0; !closed;) {
+        Py_ssize_t chars, size;
         int escaped, kind;
-        if (p >= end || *p != '"') return -1;
-        ptr key = p + 1;
-        p = scan_string(key, end, &chars, &escaped);
-        if (p == NULL || escaped) return -1;
-        Py_ssize_t size = p - 1 - key;
-        p = skip_ws(p, end);
-        if (p >= end || *p != ':') return -1;
-        p = skip_ws(p + 1, end);
+        ptr key;
+        p = member_key(p, end, &key, &size);
+        if (p == NULL) return -1;
         if (KEY("batch")) {
             if (count >= 0 || p >= end || *p != '[') return -1;
             found->array_start = p;
@@ -616,14 +632,10 @@ static Py_ssize_t body_count(ptr p, ptr end, Found *found) {
         } else {
             p = skip_value(p, end, 1, &kind);
         }
+        p = member_next(p, end, &closed);
         if (p == NULL) return -1;
-        p = skip_ws(p, end);
-        if (p >= end) return -1;
-        if (*p == '}') break;
-        if (*p != ',') return -1;
-        p = skip_ws(p + 1, end);
     }
-    if (skip_ws(p + 1, end) != end) return -1;  /* trailing content */
+    if (skip_ws(p, end) != end) return -1;  /* trailing content */
     found->keyed = keyed;
     return count;
 }
@@ -684,14 +696,343 @@ static PyObject *fast_check(PyObject *module, PyObject *body) {
     return out;
 }
 
+/* --- split: a stored batch body, one part per partition (gateway/store/redis/partition.py,
+ * `split`). The same one-way rule as `fast_check`: a body taken here is split exactly as
+ * `_split` splits it, byte for byte and in the same order; whatever is rare is refused
+ * (None) and `_split` decides: an escape in a key or an id, an id given twice or that is a
+ * float, an object, an array or an integer over 18 digits, a top-level field given twice,
+ * nesting deeper than MAX_DEPTH, more than MAX_BATCH messages. */
+
+/* CRC-32 as zlib computes it (the reflected polynomial 0xEDB88320): constant, filled once
+ * when the module loads. */
+static uint32_t crc_table[256];
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1)));
+        crc_table[i] = c;
+    }
+}
+
+/* zlib.crc32(data, crc) */
+static uint32_t crc32_of(ptr p, Py_ssize_t size, uint32_t crc) {
+    crc = ~crc;
+    for (Py_ssize_t i = 0; i < size; i++) crc = crc_table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* An id at p, as `id_str` renders it: the byte after it, or NULL to refuse. *size: 0 where
+ * it is no id (null, a bool, ""), else the bytes of its text at *text (a string's UTF-8,
+ * an integer's digits, -0 as 0). */
+static ptr id_value(ptr p, ptr end, ptr *text, Py_ssize_t *size) {
+    *size = 0;
+    if (p >= end || *p == '{' || *p == '[') return NULL;
+    if (*p == '"') {
+        Py_ssize_t chars;
+        int escaped;
+        ptr q = scan_string(p + 1, end, &chars, &escaped);
+        if (q == NULL || escaped) return NULL;
+        *text = p + 1;
+        *size = q - 1 - (p + 1);
+        return q;
+    }
+    int kind;
+    ptr q = skip_value(p, end, 0, &kind);
+    if (q == NULL || kind == V_NULL) return q;
+    if (kind != V_INT) return *p == 't' || *p == 'f' ? q : NULL;  /* a bool; a float */
+    *text = p;
+    *size = q - p;
+    if (*size == 2 && p[0] == '-' && p[1] == '0') {  /* str(int("-0")) == "0" */
+        *text = p + 1;
+        *size = 1;
+    }
+    return q;
+}
+
+#define KEY(text) (sizeof(text) - 1 == size && memcmp(key, text, size) == 0)
+
+/* One message whose '{' is at p: the byte after its '}', or NULL. *text, *size: its
+ * partition key (userId, else anonymousId), *size 0 where it has none. */
+static ptr message_ids(ptr p, ptr end, ptr *text, Py_ssize_t *size_out) {
+    ptr user = NULL, anonymous = NULL;
+    Py_ssize_t user_size = 0, anonymous_size = 0;
+    int seen_user = 0, seen_anonymous = 0;
+    *size_out = 0;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') return p + 1;
+    for (int closed = 0; !closed;) {
+        Py_ssize_t size;
+        int kind;
+        ptr key;
+        p = member_key(p, end, &key, &size);
+        if (p == NULL) return NULL;
+        if (KEY("userId")) {
+            if (seen_user) return NULL;
+            seen_user = 1;
+            p = id_value(p, end, &user, &user_size);
+        } else if (KEY("anonymousId")) {
+            if (seen_anonymous) return NULL;
+            seen_anonymous = 1;
+            p = id_value(p, end, &anonymous, &anonymous_size);
+        } else {
+            p = skip_value(p, end, 2, &kind);
+        }
+        p = member_next(p, end, &closed);
+        if (p == NULL) return NULL;
+    }
+    if (user_size > 0) {
+        *text = user;
+        *size_out = user_size;
+    } else if (anonymous_size > 0) {
+        *text = anonymous;
+        *size_out = anonymous_size;
+    }
+    return p;
+}
+
+/* The top-level fields every part carries, in the order `_Body` writes them. */
+enum { F_CONTEXT, F_INTEGRATIONS, F_SENT_AT, F_COUNT };
+static const char *const field_heads[F_COUNT] = {
+    ",\"context\":", ",\"integrations\":", ",\"sentAt\":"};
+
+typedef struct {
+    Py_ssize_t count;
+    ptr fields[F_COUNT][2];       /* each field's value, start and end; NULL if absent */
+    ptr spans[2 * MAX_BATCH];     /* each message, start and end */
+    uint32_t where[MAX_BATCH];    /* each message's partition */
+} Split;
+
+/* The batch's array, whose '[' is at p: the byte after its ']', or NULL. */
+static ptr split_batch(ptr p, ptr end, uint32_t seed, uint32_t partitions, Split *out) {
+    Py_ssize_t n = 0;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == ']') {
+        out->count = 0;
+        return p + 1;
+    }
+    for (;;) {
+        int kind;
+        ptr text = NULL;
+        Py_ssize_t size = 0;
+        if (n == MAX_BATCH) return NULL;
+        out->spans[2 * n] = p;
+        if (p < end && *p == '{') {
+            p = message_ids(p, end, &text, &size);
+        } else {
+            p = skip_value(p, end, 1, &kind);  /* not a message: no ids, partition 0 */
+        }
+        if (p == NULL) return NULL;
+        out->spans[2 * n + 1] = p;
+        out->where[n] = size > 0 ? crc32_of(text, size, seed) % partitions : 0;
+        n++;
+        p = skip_ws(p, end);
+        if (p >= end) return NULL;
+        if (*p == ']') {
+            out->count = n;
+            return p + 1;
+        }
+        if (*p != ',') return NULL;
+        p = skip_ws(p + 1, end);
+    }
+}
+
+/* The whole body: 0, or -1 to refuse. */
+static int split_body(ptr p, ptr end, uint32_t seed, uint32_t partitions, Split *out) {
+    int seen_batch = 0;
+    memset(out->fields, 0, sizeof(out->fields));
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{') return -1;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') return -1;  /* no batch */
+    for (int closed = 0; !closed;) {
+        Py_ssize_t size;
+        int kind, field = -1;
+        ptr key;
+        p = member_key(p, end, &key, &size);
+        if (p == NULL) return -1;
+        if (KEY("batch")) {
+            if (seen_batch || p >= end || *p != '[') return -1;
+            seen_batch = 1;
+            p = split_batch(p, end, seed, partitions, out);
+        } else {
+            if (KEY("context")) field = F_CONTEXT;
+            else if (KEY("integrations")) field = F_INTEGRATIONS;
+            else if (KEY("sentAt")) field = F_SENT_AT;
+            if (field >= 0) {
+                if (out->fields[field][0] != NULL) return -1;
+                out->fields[field][0] = p;
+            }
+            p = skip_value(p, end, 1, &kind);
+            if (field >= 0) out->fields[field][1] = p;
+        }
+        p = member_next(p, end, &closed);
+        if (p == NULL) return -1;
+    }
+    if (!seen_batch || skip_ws(p, end) != end) return -1;
+    return 0;
+}
+
+#undef KEY
+
+/* One part: the messages at `order[0..messages)` (the batch's indexes, in order), as
+ * `_Body` encodes them. */
+static PyObject *part_bytes(const Split *s, const uint32_t *order, Py_ssize_t messages) {
+    static const char head[] = "{\"batch\":[";
+    Py_ssize_t size = sizeof(head) - 1 + (messages - 1) + 2;
+    for (Py_ssize_t k = 0; k < messages; k++)
+        size += s->spans[2 * order[k] + 1] - s->spans[2 * order[k]];
+    for (int f = 0; f < F_COUNT; f++)
+        if (s->fields[f][0] != NULL)
+            size += (Py_ssize_t)strlen(field_heads[f]) + (s->fields[f][1] - s->fields[f][0]);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    memcpy(w, head, sizeof(head) - 1);
+    w += sizeof(head) - 1;
+    for (Py_ssize_t k = 0; k < messages; k++) {
+        if (k > 0) *w++ = ',';
+        Py_ssize_t length = s->spans[2 * order[k] + 1] - s->spans[2 * order[k]];
+        memcpy(w, s->spans[2 * order[k]], length);
+        w += length;
+    }
+    *w++ = ']';
+    for (int f = 0; f < F_COUNT; f++) {
+        if (s->fields[f][0] == NULL) continue;
+        size_t head_size = strlen(field_heads[f]);
+        memcpy(w, field_heads[f], head_size);
+        w += head_size;
+        Py_ssize_t length = s->fields[f][1] - s->fields[f][0];
+        memcpy(w, s->fields[f][0], length);
+        w += length;
+    }
+    *w = '}';
+    return out;
+}
+
+/* out[partition] = (part, messages); a new reference to `part` is taken. */
+static int put_part(PyObject *out, uint32_t partition, PyObject *part, Py_ssize_t messages) {
+    if (part == NULL) return -1;
+    PyObject *key = PyLong_FromUnsignedLong(partition);
+    PyObject *count = PyLong_FromSsize_t(messages);
+    PyObject *value = key == NULL || count == NULL ? NULL : PyTuple_Pack(2, part, count);
+    int failed = value == NULL || PyDict_SetItem(out, key, value) < 0;
+    Py_XDECREF(key);
+    Py_XDECREF(count);
+    Py_XDECREF(value);
+    return failed ? -1 : 0;
+}
+
+/* {partition: (part, messages)} from a scanned body. */
+static PyObject *split_parts(PyObject *body, const Split *s, uint32_t partitions) {
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    Py_ssize_t n = s->count;
+    uint32_t first = n > 0 ? s->where[0] : 0;
+    Py_ssize_t i = 1;
+    while (i < n && s->where[i] == first) i++;
+    if (i >= n) {  /* one partition: the body as it is */
+        if (put_part(out, first, body, n) < 0) Py_CLEAR(out);
+        return out;
+    }
+    /* groups numbered by first appearance, as `_split`'s dict orders them; then the
+     * batch's indexes grouped (a counting sort, stable: each part keeps the batch's order) */
+    uint32_t *slot = PyMem_Calloc(partitions, sizeof(uint32_t));  /* group + 1, 0: none yet */
+    uint32_t *group_of = PyMem_Malloc(sizeof(uint32_t) * (size_t)n);
+    uint32_t *order = PyMem_Malloc(sizeof(uint32_t) * (size_t)n);
+    uint32_t *head = PyMem_Calloc((size_t)n + 1, sizeof(uint32_t));  /* each group's start */
+    uint32_t *partition_of = PyMem_Malloc(sizeof(uint32_t) * (size_t)n);
+    uint32_t groups = 0;
+    if (slot == NULL || group_of == NULL || order == NULL || head == NULL ||
+        partition_of == NULL) {
+        PyErr_NoMemory();
+        Py_CLEAR(out);
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        uint32_t p = s->where[i];
+        if (slot[p] == 0) {
+            partition_of[groups] = p;
+            slot[p] = ++groups;
+        }
+        group_of[i] = slot[p] - 1;
+        head[group_of[i] + 1]++;
+    }
+    for (uint32_t g = 0; g < groups; g++) head[g + 1] += head[g];
+    for (i = 0; i < n; i++) order[head[group_of[i]]++] = (uint32_t)i;
+    /* head[g] is now group g's end, which is group g + 1's start */
+    for (uint32_t g = 0; g < groups; g++) {
+        uint32_t from = g == 0 ? 0 : head[g - 1];
+        Py_ssize_t messages = head[g] - from;
+        PyObject *part = part_bytes(s, order + from, messages);
+        int failed = put_part(out, partition_of[g], part, messages);
+        Py_XDECREF(part);
+        if (failed) {
+            Py_CLEAR(out);
+            break;
+        }
+    }
+done:
+    PyMem_Free(slot);
+    PyMem_Free(group_of);
+    PyMem_Free(order);
+    PyMem_Free(head);
+    PyMem_Free(partition_of);
+    return out;
+}
+
+/* The partition counts taken here: `Settings.partitions` is at most 2**14. */
+#define MAX_PARTITIONS (1u << 16)
+
+static PyObject *split(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "split() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *body = args[0];
+    if (!PyBytes_Check(body)) {
+        PyErr_Format(PyExc_TypeError, "split() takes bytes, not %.100s",
+                     Py_TYPE(body)->tp_name);
+        return NULL;
+    }
+    unsigned long seed = PyLong_AsUnsignedLong(args[1]);
+    if (seed == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    long partitions = PyLong_AsLong(args[2]);
+    if (partitions == -1 && PyErr_Occurred()) return NULL;
+    if (seed > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "split(): the seed is a CRC-32, under 2**32");
+        return NULL;
+    }
+    if (partitions < 1 || (unsigned long)partitions > MAX_PARTITIONS) Py_RETURN_NONE;
+    ptr start = (ptr)PyBytes_AS_STRING(body);
+    ptr end = start + PyBytes_GET_SIZE(body);
+    Split *s = PyMem_Malloc(sizeof(Split));
+    if (s == NULL) return PyErr_NoMemory();
+    PyObject *out;
+    if (split_body(start, end, (uint32_t)seed, (uint32_t)partitions, s) < 0) {
+        out = Py_NewRef(Py_None);
+    } else {
+        out = split_parts(body, s, (uint32_t)partitions);
+    }
+    PyMem_Free(s);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"fast_check", fast_check, METH_O,
      "fast_check(body: bytes) -> int | tuple[int, bytes, bytes] | None\n\n"
      "The message count n when `body` is a batch whose every message check_batch\n"
      "accepts; (n, array, top) when it also has a write key at the top, for check_batch\n"
      "to read and strip. None: let check_batch decide."},
+    {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL,
+     "split(body: bytes, seed: int, partitions: int) -> dict[int, tuple[bytes, int]] | None\n\n"
+     "A stored batch body as one body per partition, with how many messages each holds,\n"
+     "as gateway/store/redis/partition.py's `_split` makes them; `seed` is the source's\n"
+     "CRC-32 (`_seed`). None: let `_split` decide."},
     {NULL, NULL, 0, NULL},
 };
+
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "gateway._check",
@@ -699,4 +1040,7 @@ static struct PyModuleDef module_def = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__check(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__check(void) {
+    crc_init();
+    return PyModule_Create(&module_def);
+}

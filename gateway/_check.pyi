@@ -1,3 +1,6 @@
 # n: every message valid; (n, messages, body without them): and a write key at the top;
 # None: not decided (gateway/_check.c)
 def fast_check(body: bytes) -> int | tuple[int, bytes, bytes] | None: ...
+# {partition: (part, messages)} as gateway/store/redis/partition.py's `_split` makes them,
+# `seed` the source's CRC-32; None: not decided
+def split(body: bytes, seed: int, partitions: int) -> dict[int, tuple[bytes, int]] | None: ...

@@ -268,6 +268,8 @@ class Burst:
                 "burst": cpu_shares(snapshots[0], snapshots[1]),
                 "apply": cpu_shares(snapshots[1], snapshots[2]),
             },
+            # which tree's code each process ran (against a baseline on PYTHONPATH)
+            "compiled_from": {name: compiled_from(pid) for name, pid in processes.items()},
         } | watched
 
 
@@ -316,6 +318,19 @@ def cpu_shares(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     """Each process's CPU seconds per wall second between two snapshots (1.0: one core)."""
     wall = max(b["t"] - a["t"], 1e-9)
     return {k: round((b[k] - a[k]) / wall, 3) for k in a if k != "t" and k in b}
+
+
+def compiled_from(pid: int) -> str | None:
+    """The `gateway._check` the process mapped (/proc/<pid>/maps): its tree's path, or None
+    (gone, or the pure path)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "/gateway/_check." in line:
+                    return line.split()[-1].rsplit("/gateway/", 1)[0]
+    except OSError:
+        pass
+    return None
 
 
 def hwm_kb(pid: int) -> int:
