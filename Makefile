@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run run-redis test lint install reliability bench clean
 
 # the compiled check (setup.py) is built by the editable install: an edit to it reinstalls
-$(STAMP): pyproject.toml setup.py gateway/_check.c
+$(STAMP): pyproject.toml setup.py gateway/_check.c gateway/_window.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	bash scripts/ensure_cc.sh
 	$(PY) -m pip install -q --upgrade pip
@@ -44,4 +44,4 @@ run-redis: $(STAMP)
 	$(PY) scripts/run_demo.py --store redis
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build gateway/_check.*.so
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build gateway/_check.*.so gateway/_window.*.so

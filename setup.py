@@ -13,6 +13,7 @@ setup(
             sources=["gateway/_check.c"],
             extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        Extension("gateway._window", sources=["gateway/_window.c"], extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra"], optional=True),
     ]
 )
