@@ -853,18 +853,21 @@ class _Dedupe:
 
 
 def _packed_keys(conn: sqlite3.Connection, table: str, chunk: int = 1 << 16) -> Iterator[bytes]:
-    """The keys of `table` in key order, `chunk` at a time packed end to end in one blob
-    (no Python object a key: a start makes the window's bits from millions)."""
+    """The keys of `table`, `chunk` at a time packed end to end in one blob (no Python
+    object a key: a start makes the window's bits from millions). A chunk's last key
+    bounds the next: were the concatenation's order not the subquery's, keys would be read
+    twice, never skipped (each chunk holds the smallest keys after the bound)."""
     last = b""
     while True:
-        packed, last = _one(conn.execute(
-            "SELECT CAST(group_concat(key, '') AS BLOB), max(key) FROM"
+        (packed,) = _one(conn.execute(
+            "SELECT CAST(group_concat(key, '') AS BLOB) FROM"
             f" (SELECT key FROM {table} WHERE key > ?1 ORDER BY key LIMIT ?2)",
             (last, chunk),
         ))
         if packed is None:
             return
         yield packed
+        last = packed[-DEDUPE_BYTES:]
 
 
 def _level(table: str) -> int:

@@ -691,3 +691,16 @@ async def test_a_store_that_never_dedupes_holds_no_window(tmp_path: Path) -> Non
     await remember(store, [dedupe_key(b"s", "m1")], DAY)
     assert len(store._dedupe._window._bits) == sqlite_store._Window.SLOTS
     await store.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 1 << 16])
+def test_a_start_reads_every_key_of_a_table_in_packed_chunks(tmp_path: Path, chunk: int) -> None:
+    conn = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    conn.execute("CREATE TABLE dedupe_20241004 (key BLOB PRIMARY KEY) WITHOUT ROWID")
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(50)] + [b"\x00" * 16, b"\xff" * 16]
+    conn.executemany("INSERT INTO dedupe_20241004 VALUES (?)", [(k,) for k in keys])
+    packed = list(sqlite_store._packed_keys(conn, "dedupe_20241004", chunk))
+    assert len(packed) == -(-len(keys) // chunk)
+    blob = b"".join(packed)
+    assert sorted(blob[i : i + 16] for i in range(0, len(blob), 16)) == sorted(keys)
+    conn.close()
