@@ -24,7 +24,7 @@ Keys = list[bytes] | bytes | bytearray | memoryview  # a list, or the keys packe
 
 
 def _slots(key: bytes, mask: int) -> tuple[int, int]:
-    h = int.from_bytes(key[:8], "little")
+    h = int.from_bytes(key, "little")  # of a 16-byte key, its low 64 bits are the first 8 bytes
     a = h & mask
     return a, a ^ (h >> 40 & 63)
 
@@ -67,7 +67,11 @@ def check(bits: bytearray, mask: int, new: int, keys: list[bytes]) -> list[tuple
     _table(bits, mask, 0)
     maybe: list[tuple[bytes, int]] = []
     for key in keys:
-        a, b = _slots(_sized(key), mask)
+        if len(key) != DEDUPE_BYTES or not isinstance(key, bytes):
+            _sized(key)
+        h = int.from_bytes(key, "little")  # `_slots`, written out: the turn's hot loop
+        a = h & mask
+        b = a ^ (h >> 40 & 63)
         x, y = bits[a], bits[b]
         if v := x & y:
             maybe.append((key, v))
