@@ -4,8 +4,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run run-redis test lint install reliability bench clean
 
-# the compiled check (setup.py) is built by the editable install: an edit to it reinstalls
-$(STAMP): pyproject.toml setup.py gateway/_check.c gateway/_route.c
+# the compiled parts (setup.py) are built by the editable install: an edit to one reinstalls
+$(STAMP): pyproject.toml setup.py $(wildcard gateway/*.c)
 	test -x $(PY) || python3 -m venv $(VENV)
 	bash scripts/ensure_cc.sh
 	$(PY) -m pip install -q --upgrade pip
@@ -44,4 +44,4 @@ run-redis: $(STAMP)
 	$(PY) scripts/run_demo.py --store redis
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build gateway/_check.*.so gateway/_route.*.so
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build gateway/_*.so

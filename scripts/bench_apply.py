@@ -49,8 +49,9 @@ stores is then checked against them. The parent fills them once for each N (unti
 seconds reported) and each pass starts from a copy, so `--callgrind` takes them too (the
 store's first turn makes its filters from them, in both of callgrind's runs: that cancels
 out). `--older-days 0,3,6` runs the passes for each N in turn within a round (each mode
-beside the other for the same N), reported as `STORE_WORKLOAD_olderN`. The last line of
-output is one JSON object.
+beside the other for the same N), reported as `STORE_WORKLOAD_olderN`. `--rebuild` (with `--older-days N`) times only a start's making of
+the window's bits from those days' tables (`_Dedupe.days`, the first turn waits for it): CPU
+seconds, and µs a key as `cpu_us_per_event`. The last line of output is one JSON object.
 """
 from __future__ import annotations
 
@@ -115,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sqlite store: N older days' dedupe tables made before the clock starts")
     p.add_argument("--older-keys", type=int, default=3_000_000, metavar="K",
                    help="random keys in each older day (default 3,000,000)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="sqlite store, with --older-days: time only what a start spends making "
+                        "the dedupe window's bits from the older days' tables (CPU s, µs a key)")
     p.add_argument("--flush-interval", type=float, metavar="S",
                    help="--child: the settings' flush_interval (callgrind's passes: an hour)")
     p.add_argument("--older-db", type=Path, metavar="PATH",
@@ -146,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--older-days and --older-keys must be >= 0")
     if max(args.older_list) and args.stores != "sqlite" and not args.child:
         p.error("--older-days takes --stores sqlite")
+    if args.rebuild and not args.child and (
+            not max(args.older_list) or args.callgrind or args.windows):
+        p.error("--rebuild takes --older-days N (N > 0), without --callgrind or --windows")
     if "main" in args.mode_list and args.main is None:
         p.error("--modes main needs --main PATH")
     for w in args.workloads.split(",") + [args.workload]:
@@ -544,9 +551,32 @@ async def one_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     return out | older
 
 
+def rebuild_pass(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """What a start spends on the window's bits: the store's first look at its dedupe
+    tables (`_Dedupe.days`), on a copy of the older days' database."""
+    import sqlite3
+
+    from gateway.store import sqlite as store
+
+    db = folder / "gateway.db"
+    shutil.copyfile(args.older_db, db)
+    older = json.loads(args.older_db.with_suffix(".json").read_text())
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+    wall, cpu = time.perf_counter(), time.process_time()
+    store._Dedupe().days(conn)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    conn.close()
+    keys = sum(older["older_tables"].values())
+    return {"router_file": store.__file__, "keys": keys, "rebuild_cpu_s": round(cpu, 3),
+            "rebuild_wall_s": round(wall, 3), "events": keys,
+            "cpu_us_per_event": round(cpu * 1e6 / keys, 3), "rss_mb": rss_mb()}
+
+
 def child(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-apply-") as tmp:
-        result = asyncio.run(one_pass(args, Path(tmp)))
+        rebuild = args.rebuild and args.older_db
+        result = rebuild_pass(args, Path(tmp)) if rebuild else asyncio.run(one_pass(args, Path(tmp)))
     print(json.dumps(result))
     return 0
 
@@ -605,7 +635,7 @@ def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, 
            "--workload", workload, "--store", store, "--events", str(events),
            "--batch-size", str(args.batch_size)]
     if older is not None:
-        cmd += ["--older-db", str(older)]
+        cmd += ["--older-db", str(older)] + (["--rebuild"] if args.rebuild else [])
     # with --windows the pass makes its bodies as it feeds them: a 3M-event list is 600 MB
     cmd += ["--windows", str(args.windows)] if args.windows else ["--bodies", str(stored)]
     if callgrind:
@@ -637,7 +667,7 @@ def parent(args: argparse.Namespace) -> int:
         made = argparse.Namespace(**vars(args))
         made.events = args.events * (3 if args.callgrind else 1)
         for w, path in stored.items():
-            if not args.windows:
+            if not args.windows and not args.rebuild:
                 path.write_bytes(msgspec.msgpack.encode(bodies(made, w)))
         # the older days filled once for each N, before any pass: each pass starts from a copy
         older: dict[int, Path | None] = {}
@@ -689,7 +719,10 @@ def report(args: argparse.Namespace, results: Results) -> int:
             for mode, runs in by_mode.items():
                 entry[mode] = {"cpu_us_per_event": summary(runs, "cpu_us_per_event"),
                                "load_average": [r["load_average"] for r in runs]}
-                if store == "sqlite":
+                if args.rebuild:
+                    for field in ("rebuild_cpu_s", "rebuild_wall_s"):
+                        entry[mode][field] = summary(runs, field)
+                elif store == "sqlite":
                     for field in ("dispatcher_thread_us_per_event", "writer_us_per_event"):
                         entry[mode][field] = summary(runs, field)
                 if "older_tables" in runs[0]:

@@ -17,7 +17,7 @@ from gateway.config import TrackMode
 from gateway.keys import dedupe_key, dedupe_prefix, identify_key
 from gateway.rules.ledger import Hit, LedgerKey, count
 from gateway.rules.traits import Pending
-from gateway.store import DeadLetter, Known, SqliteStore, Turn
+from gateway.store import DeadLetter, Known, SqliteStore, Turn, window
 from gateway.store import sqlite as sqlite_store
 
 
@@ -549,19 +549,22 @@ def test_a_plane_copied_apart_holds_what_the_plane_held() -> None:
     keys = [dedupe_key(b"s", f"m{i}") for i in range(3000)]
     window = window_of(1 << 15, {"20241001": keys})
     for plane in range(8):
-        apart = sqlite_store._Apart.of_plane(window._bits, plane, 1 << 12)
+        apart = sqlite_store._Apart.of_plane(window._bits, plane)
         assert all(
             (apart._bits[i >> 3] >> (i & 7) & 1) == (window._bits[i] >> plane & 1)
             for i in range(window.slots)
         )
-    apart = sqlite_store._Apart.of_plane(window._bits, window._planes.index("20241001"), 64)
+    apart = sqlite_store._Apart.of_plane(window._bits, window._planes.index("20241001"))
     assert apart.holds(keys) == keys
 
 
+@pytest.mark.parametrize("loops", ["built", "python"])
 @pytest.mark.parametrize("slots", [1 << 24, 64])
 async def test_older_days_are_probed_for_the_keys_their_bits_may_hold(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int, loops: str
 ) -> None:
+    if loops == "python":
+        monkeypatch.setattr(window, "loops", window.PURE)
     # at 64 slots, every day's plane has every slot set: every key is probed everywhere
     monkeypatch.setattr(sqlite_store._Window, "SLOTS", slots)
     path = tmp_path / "gateway.db"
@@ -585,9 +588,12 @@ async def test_older_days_are_probed_for_the_keys_their_bits_may_hold(
     await again.close()
 
 
+@pytest.mark.parametrize("loops", ["built", "python"])
 async def test_a_key_of_any_day_of_a_long_window_is_deduped_across_turns_and_restarts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loops: str
 ) -> None:
+    if loops == "python":  # the window's loops where gateway/_window.c did not build
+        monkeypatch.setattr(window, "loops", window.PURE)
     # eleven days: more than the window's planes, so the oldest days are held apart, in
     # the process that saw the days turn and in one that made the bits from the tables
     monkeypatch.setattr(sqlite_store._Window, "SLOTS", 1 << 12)
@@ -685,3 +691,16 @@ async def test_a_store_that_never_dedupes_holds_no_window(tmp_path: Path) -> Non
     await remember(store, [dedupe_key(b"s", "m1")], DAY)
     assert len(store._dedupe._window._bits) == sqlite_store._Window.SLOTS
     await store.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 1 << 16])
+def test_a_start_reads_every_key_of_a_table_in_packed_chunks(tmp_path: Path, chunk: int) -> None:
+    conn = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    conn.execute("CREATE TABLE dedupe_20241004 (key BLOB PRIMARY KEY) WITHOUT ROWID")
+    keys = [dedupe_key(b"s", f"m{i}") for i in range(50)] + [b"\x00" * 16, b"\xff" * 16]
+    conn.executemany("INSERT INTO dedupe_20241004 VALUES (?)", [(k,) for k in keys])
+    packed = list(sqlite_store._packed_keys(conn, "dedupe_20241004", chunk))
+    assert len(packed) == -(-len(keys) // chunk)
+    blob = b"".join(packed)
+    assert sorted(blob[i : i + 16] for i in range(0, len(blob), 16)) == sorted(keys)
+    conn.close()
