@@ -11,7 +11,8 @@ never refuses has nothing to find. On a busy machine (CI's two cores, or two bus
 beside the suite) the worker at its default priority (`pipeline_nice` 10) gets a tenth of a
 core's share: about 40 calls a second at load 4 and 15 at load 8 were measured, below the
 150 this test once asked for, so the limit was never cut and the test failed for the
-machine's sake. Here the worker runs at the test's priority, and the capacity is 60 calls a
+machine's sake. Here the worker runs at the test's priority (as in every test's gateway
+since), and the capacity is 60 calls a
 second with a 0.1 s latency: the same calls in flight (about 6), a third of the rate, and a
 round trip in which a busy process's own delay weighs less.
 """
@@ -96,8 +97,8 @@ def test_process_limit_settles_near_the_capacity(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
     mock_accoil.set_capacity(RATE, latency=LATENCY)
-    # the worker at the priority of the test's own processes (see above)
-    env = {"GATEWAY_ADMIN_TOKEN": ADMIN, "GATEWAY_PIPELINE_NICE": "0"}
+    # the worker at the priority of the test's own processes (`gateway_process`, see above)
+    env = {"GATEWAY_ADMIN_TOKEN": ADMIN}
     with gateway_process(mock_accoil.url, tmp_path, env_extra=env) as (_, url):
         for batch in batches("pr"):
             assert post_batch(url, batch) == 200
