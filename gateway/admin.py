@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from gateway.backlog import Backlog
@@ -16,9 +17,15 @@ from gateway.disk import Disk
 from gateway.observability.logging import Redactor
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
 from gateway.store import Store
+from gateway.worker import WorkerError, WorkerUnavailable
+
+log = structlog.get_logger("gateway.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_PAGE = 1000
+# seconds a client is told to wait when the pipeline worker could not answer: a restart
+# takes a second or two, and a worker frozen for a while has no better estimate
+RETRY_AFTER = 5
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
@@ -76,14 +83,14 @@ class Admin:
         defs = [
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
-            web.get("/metrics", self.metrics),
+            web.get("/metrics", _asks_worker(self.metrics)),
             web.get("/openapi.json", self.openapi),
         ]
         if self._token is not None:
             defs += [
-                web.get("/admin/stats", self._guard(self.stats)),
+                web.get("/admin/stats", self._guard(_asks_worker(self.stats))),
                 web.get("/admin/dead-letters", self._guard(self.dead_letters)),
-                web.post("/admin/dead-letters/replay", self._guard(self.replay)),
+                web.post("/admin/dead-letters/replay", self._guard(_asks_worker(self.replay))),
                 web.get("/admin/ledger", self._guard(self.ledger)),
             ]
         return defs
@@ -212,6 +219,33 @@ class Admin:
         a quote or a backslash, would not be matched in the encoded text.)"""
         text = self._redactor.mask(msgspec.json.encode(payload).decode())
         return web.Response(body=text.encode(), content_type="application/json")
+
+
+def _asks_worker(handler: Handler) -> Handler:
+    """`handler`, for a route that asks the pipeline worker (process mode): when the worker
+    cannot answer, a 503 with Retry-After that says so and names the route, instead of a
+    bare 500; when it failed at the request, a 500 that says where to look. Neither
+    carries the worker's own error text (it could quote a Redis URL): that is in its log."""
+
+    async def asking(request: web.Request) -> web.StreamResponse:
+        route = request.path
+        try:
+            return await handler(request)
+        except WorkerUnavailable as exc:
+            if exc.within is not None:
+                why = f"the pipeline worker did not answer {route} within {exc.within:g} s"
+            else:
+                why = (f"the pipeline worker is not running (its process exited; another is "
+                       f"being started), so {route} could not be answered")
+            log.warning("an operator route found the pipeline worker unavailable", route=route,
+                        error=str(exc))
+            resp = _json({"error": f"{why}; try again in {RETRY_AFTER} s"}, 503)
+            resp.headers["Retry-After"] = str(RETRY_AFTER)
+            return resp
+        except WorkerError:
+            return _json({"error": f"the pipeline worker failed at {route}: see its log"}, 500)
+
+    return asking
 
 
 class ReplaySpec(msgspec.Struct, forbid_unknown_fields=True):

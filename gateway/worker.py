@@ -96,6 +96,17 @@ class WorkerError(Exception):
     pass
 
 
+class WorkerUnavailable(WorkerError):
+    """The worker cannot answer now: it is frozen or wedged (no answer within `within`
+    seconds), or gone (its process exited, and the front is starting another: `within`
+    is None). A retry may pass; a `WorkerError` that is not this one is the worker's own
+    failure at the request, which it logged."""
+
+    def __init__(self, message: str, within: float | None = None) -> None:
+        super().__init__(message)
+        self.within = within
+
+
 class RemotePipeline:
     """The front's handle on the worker process: the same methods as `Pipeline`."""
 
@@ -109,6 +120,7 @@ class RemotePipeline:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._answering = False  # a worker is up and its replies are read
         self._next = 0
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
@@ -137,23 +149,31 @@ class RemotePipeline:
         if not line:
             raise WorkerError("the pipeline worker exited while starting (see its log)")
         ready = msgspec.json.decode(line, type=Ready)
+        self._answering = True
         self._replies = asyncio.create_task(self._read_replies(self._reader), name="worker-replies")
         log.info("pipeline worker started", pid=self._proc.pid)
         return ready.counts
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            reply = msgspec.json.decode(line, type=Reply)
-            fut = self._pending.pop(reply.id, None)
-            if fut is None or fut.done():
-                continue
-            if reply.error is not None:
-                fut.set_exception(WorkerError(reply.error))
-            else:
-                fut.set_result(reply.result)
+        try:
+            while line := await reader.readline():
+                reply = msgspec.json.decode(line, type=Reply)
+                fut = self._pending.pop(reply.id, None)
+                if fut is None or fut.done():
+                    continue
+                if reply.error is not None:
+                    fut.set_exception(WorkerError(reply.error))
+                else:
+                    fut.set_result(reply.result)
+        except ConnectionError as exc:
+            # a worker killed with requests it had not read resets the socket
+            log.info("pipeline worker connection reset", error=repr(exc))
+        if reader is self._reader:
+            # the worker's end closed: it is gone, and a request now would wait in vain
+            self._answering = False
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(WorkerError("the pipeline worker is gone"))
+                fut.set_exception(WorkerUnavailable("the pipeline worker is gone"))
         self._pending.clear()
 
     async def _supervise(self) -> None:
@@ -179,8 +199,8 @@ class RemotePipeline:
         (`ANSWER` by default)."""
         name = type(request).__name__
         within = ANSWER if within is None else within
-        if self._writer is None or self._writer.is_closing():
-            raise WorkerError(f"the pipeline worker is not running ({name} not sent)")
+        if not self._answering or self._writer is None or self._writer.is_closing():
+            raise WorkerUnavailable(f"the pipeline worker is not running ({name} not sent)")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request.id] = fut
         self._writer.write(_encode(request) + b"\n")
@@ -188,8 +208,9 @@ class RemotePipeline:
             async with asyncio.timeout(within):
                 return await fut
         except TimeoutError:
-            raise WorkerError(
-                f"the pipeline worker did not answer {name} within {within:g} s") from None
+            raise WorkerUnavailable(
+                f"the pipeline worker did not answer {name} within {within:g} s", within
+            ) from None
         finally:
             self._pending.pop(request.id, None)
 

@@ -5,6 +5,16 @@ answers 429 with Retry-After past it. The gateway, with default settings (no cap
 settle its limit inside a band around what that capacity takes in flight (Little's law:
 calls a second x round trip), keep 429s rare and deliver every event once. The band is
 asserted, not a time: the machine may be busy.
+
+The test holds only if the gateway can offer more than the capacity: a limit that Accoil
+never refuses has nothing to find. On a busy machine (CI's two cores, or two busy loops
+beside the suite) the worker at its default priority (`pipeline_nice` 10) gets a tenth of a
+core's share: about 40 calls a second at load 4 and 15 at load 8 were measured, below the
+150 this test once asked for, so the limit was never cut and the test failed for the
+machine's sake. Here the worker runs at the test's priority (as in every test's gateway
+since), and the capacity is 60 calls a
+second with a 0.1 s latency: the same calls in flight (about 6), a third of the rate, and a
+round trip in which a busy process's own delay weighs less.
 """
 
 from __future__ import annotations
@@ -23,9 +33,11 @@ from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import running, settings_for
 from tests.contract.test_process import ADMIN, admin_get, gateway_process, post_batch
 
-RATE = 150.0
-LATENCY = 0.04
-USERS, PER_USER = 20, 50  # 1,000 track occurrences: one call each in exact mode
+RATE = 60.0
+LATENCY = 0.1
+# 500 track occurrences: one call each in exact mode, a user's calls one at a time, so
+# that at most USERS calls are in flight: well above what the capacity takes
+USERS, PER_USER = 20, 25
 
 
 def batches(tag: str) -> list[list[dict[str, object]]]:
@@ -37,11 +49,17 @@ def batches(tag: str) -> list[list[dict[str, object]]]:
     return [events[i:i + 100] for i in range(0, len(events), 100)]
 
 
-def check(mock: MockAccoilServer, tag: str, samples: list[tuple[float, float]]) -> None:
-    # what the capacity takes in flight, with the round trip a little over the latency
-    needed = RATE * (LATENCY + 0.005)
-    settled = [limit for t, limit in samples if t > 3.0]
+def check(
+    mock: MockAccoilServer, tag: str, samples: list[tuple[float, float, float | None]]
+) -> None:
+    """`samples`: (seconds since the start, the limit, the limiter's baseline round trip)."""
+    settled = [limit for t, limit, _ in samples if t > 3.0]
     assert len(settled) >= 10, samples
+    # what the capacity takes in flight (Little's law) at the round trip the gateway sees:
+    # the mock's latency and the machine's delay, which a busy machine makes no longer small
+    rtt = median(r for t, _, r in samples if t > 3.0 and r is not None)
+    assert rtt >= LATENCY, samples
+    needed = RATE * rtt
     assert 0.5 * needed <= min(settled) and max(settled) <= 2.5 * needed, (needed, samples)
     assert 0.7 * needed <= median(settled) <= 1.6 * needed, (needed, samples)
     calls = mock.calls(path="/v2/track")
@@ -63,13 +81,13 @@ async def test_inline_limit_settles_near_the_capacity(
             status, _ = await gw.post("/v1/batch", {"batch": batch})
             assert status == 200
         limiter = gw.gateway.forwarders["main"].limiter
-        samples: list[tuple[float, float]] = []
+        samples: list[tuple[float, float, float | None]] = []
         t0 = time.monotonic()
         while sum(r["count"] for r in await asyncio.to_thread(mock_accoil.counts)) < (
             USERS * PER_USER
         ):
             assert time.monotonic() - t0 < 60, "not drained in a minute"
-            samples.append((time.monotonic() - t0, limiter.limit.limit))
+            samples.append((time.monotonic() - t0, limiter.limit.limit, limiter.limit.long_rtt))
             await asyncio.sleep(0.1)
         await gw.idle(timeout=30)
     check(mock_accoil, "in", samples)
@@ -79,17 +97,20 @@ def test_process_limit_settles_near_the_capacity(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
     mock_accoil.set_capacity(RATE, latency=LATENCY)
+    # the worker at the priority of the test's own processes (`gateway_process`, see above)
     env = {"GATEWAY_ADMIN_TOKEN": ADMIN}
     with gateway_process(mock_accoil.url, tmp_path, env_extra=env) as (_, url):
         for batch in batches("pr"):
             assert post_batch(url, batch) == 200
-        samples: list[tuple[float, float]] = []
+        samples: list[tuple[float, float, float | None]] = []
         t0 = time.monotonic()
         while True:
             stats = json.loads(admin_get(url, "/admin/stats"))
             pace = stats["sources"][0]["forwarding"]
             assert pace["max_concurrency"] is None and pace["rate_per_second"] is None
-            samples.append((time.monotonic() - t0, float(pace["limit"])))
+            baseline = pace["rtt_baseline_ms"]
+            samples.append((time.monotonic() - t0, float(pace["limit"]),
+                            None if baseline is None else baseline / 1000))
             if stats["outbox_calls"] == 0 and stats["inbox_messages"] == 0 and samples[-1][0] > 1:
                 break
             assert time.monotonic() - t0 < 60, "not drained in a minute"
