@@ -25,7 +25,7 @@ from gateway.config import Settings
 from gateway.disk import Disk
 from gateway.forward.forwarder import Forwarder
 from gateway.ingest.body import MAX_BODY
-from gateway.ingest.routes import UNROUTED, Ingest, routing_error
+from gateway.ingest.routes import UNROUTED, Ingest, routing_error, unmet_expectation
 from gateway.observability.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store import SqliteStore, Store
@@ -121,7 +121,8 @@ class Gateway:
         served directly: a dict lookup instead of the router, the match info and the
         middleware chain, which cost about a tenth of an ingest request. The same
         handlers, replies and counts; anything else, a path with a query string or
-        escapes, or an `Expect` header (100-continue is the router's), goes to `handle`."""
+        escapes, or an `Expect: 100-continue` header (the router's), goes to `handle`; any
+        other `Expect` gets a JSON 417 on every route."""
         posts = self.ingest.posts()
         metrics = self.metrics
 
@@ -129,7 +130,8 @@ class Gateway:
             path = request.raw_path
             handler = posts.get(path) if request.method == "POST" else None
             if handler is None or "Expect" in request.headers:
-                return await handle(request)
+                # aiohttp's router answers any other expectation a bare text 417, on every route
+                return unmet_expectation(request) or await handle(request)
             # the runner's request factory makes `web.Request`s (the app's)
             resp = await handler(cast(web.Request, request))
             metrics.child(metrics.requests, path, str(resp.status)).inc()

@@ -65,6 +65,7 @@ CODES = {
     408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_encoding",
+    417: "expectation_failed",
     503: "service_unavailable",
 }
 _OK = msgspec.json.encode({"success": True})
@@ -229,6 +230,15 @@ def routing_error(status: int, reason: str, allow: str | None) -> web.Response:
     """aiohttp's 404 or 405 in the shape of every other error reply."""
     extra = {"Allow": allow} if allow is not None else None
     return _error(status, reason.lower(), extra=extra)
+
+
+def unmet_expectation(request: web.BaseRequest) -> web.Response | None:
+    """A 417 for an `Expect` header other than `100-continue` (RFC 9110 10.1.1), in the shape
+    of every other error reply; None for a request that expects nothing else."""
+    expect = request.headers.get("Expect")
+    if expect is None or expect.strip().lower() == "100-continue":
+        return None
+    return _error(417, "the Expect header may only ask for 100-continue")
 
 
 async def preflight(request: web.Request) -> web.Response:

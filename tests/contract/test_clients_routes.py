@@ -189,6 +189,26 @@ async def test_wrong_paths_and_methods_get_json_errors(mock_accoil: MockAccoilSe
         assert status == 404 and reply["code"] == "not_found" and reply["success"] is False
 
 
+async def test_an_expectation_other_than_100_continue_gets_a_json_417(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # aiohttp's router would answer a bare text 417 that no client could read as an error
+    good = {"batch": [msg("track", "x1", event="Expected")]}
+    async with running(settings_for(mock_accoil.url, tmp_path)) as gw:
+        for path in ("/v1/batch", "/v1/t", "/v1/batch?via=router"):
+            status, reply = await gw.post(path, good, headers={"Expect": "WH6"})
+            assert status == 417, reply
+            assert reply["code"] == "expectation_failed" and reply["success"] is False
+            assert "100-continue" in reply["message"]
+        async with gw.http.get(gw.url + "/healthz", headers={"Expect": "x"}) as resp:
+            assert resp.status == 417 and (await resp.json())["code"] == "expectation_failed"
+        # what was refused was not stored; the same batch with a real expectation is
+        assert await gw.post("/v1/batch", good, headers={"Expect": "100-Continue"}) == (
+            200, {"success": True})
+        await gw.idle()
+    assert mock_accoil.count("u1", "Expected") == 1
+
+
 async def test_the_direct_ingest_path_and_the_router_answer_alike(
     mock_accoil: MockAccoilServer, tmp_path: Path
 ) -> None:
