@@ -20,6 +20,8 @@ from typing import Annotated, Any, TypeAlias, TypeVar, final
 
 import msgspec
 
+from gateway.compiled import load
+
 MAX_BATCH = 2500
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_MESSAGE_ID = 200
@@ -456,17 +458,12 @@ ANONYMOUS = "userId or anonymousId is required"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def _compiled() -> Callable[[bytes], int | tuple[int, bytes, bytes] | None] | None:
-    """gateway/_check.c's `fast_check`, or None where it was not built (setup.py: no C
-    compiler at install); `check_batch` gives the same verdicts either way."""
-    try:
-        from gateway._check import fast_check
-    except ImportError:
-        return None
-    return fast_check
-
-
-_fast_check = _compiled()
+_check = load("_check")
+# gateway/_check.c's `fast_check`, or None where it was not built; `check_batch` gives the
+# same verdicts either way
+_fast_check: Callable[[bytes], int | tuple[int, bytes, bytes] | None] | None = (
+    None if _check is None else _check.fast_check
+)
 # Whether `check_batch` tries gateway/_check.c first: it accepts only a batch this module
 # accepts with the very same `Checked`, and leaves every other body to the code below
 COMPILED_CHECK = _fast_check is not None

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from gateway.actors.actor import Actor
+from gateway.compiled import load
 from gateway.rules.ledger import Latest, LedgerKey
 from gateway.segment import (
     AnyMessage,
@@ -40,14 +41,12 @@ Take = Callable[
 
 
 def _compiled() -> tuple[Take, Callable[[list[Any]], list[str | None]]] | None:
-    try:
-        from gateway._route import setup, take_counted
-        from gateway._route import user_ids as compiled_user_ids
-    except ImportError:
+    route = load("_route")
+    if route is None:
         return None
-    setup(StoredTrack, StoredPage, StoredScreen, CountedCall, GroupCall, Context,
-          ViewProperties, UTC, msgspec.UNSET, LedgerKey, Latest, Actor)
-    return take_counted, compiled_user_ids
+    route.setup(StoredTrack, StoredPage, StoredScreen, CountedCall, GroupCall, Context,
+                ViewProperties, UTC, msgspec.UNSET, LedgerKey, Latest, Actor)
+    return route.take_counted, route.user_ids
 
 
 _kernel = _compiled()

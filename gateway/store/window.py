@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType
 
+from gateway.compiled import load
 from gateway.keys import DEDUPE_BYTES
 
 Keys = list[bytes] | bytes | bytearray | memoryview  # a list, or the keys packed end to end
@@ -127,15 +128,7 @@ def unique_sorted(keys: list[bytes]) -> list[bytes]:
     return sorted(set(keys))
 
 
-def _native() -> ModuleType | None:
-    try:
-        from gateway import _window
-    except ImportError:
-        return None
-    return _window
-
-
 PURE = sys.modules[__name__]
-NATIVE = _native()
+NATIVE = load("_window")
 # the loops the window runs: the C where it was built, else the Python above
 loops: ModuleType = PURE if NATIVE is None else NATIVE

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.compiled import load
 from gateway.segment import InvalidBody, id_str
 
 NO_USER_PARTITION = 0
@@ -218,17 +219,12 @@ def _ids_of(raw: msgspec.Raw) -> _Ids:
 Parts = dict[int, tuple[bytes, int]]
 
 
-def _compiled() -> Callable[[bytes, int, int], Parts | None] | None:
-    """gateway/_check.c's `split`, or None where it was not built (setup.py: no C compiler
-    at install); `split` makes the same parts either way."""
-    try:
-        from gateway._check import split as fast_split
-    except ImportError:
-        return None
-    return fast_split
-
-
-_fast_split = _compiled()
+_check = load("_check")
+# gateway/_check.c's `split`, or None where it was not built; `split` makes the same parts
+# either way
+_fast_split: Callable[[bytes, int, int], Parts | None] | None = (
+    None if _check is None else _check.split
+)
 
 
 def split(source: str, body: bytes, partitions: int) -> Parts:
