@@ -12,8 +12,8 @@ import structlog
 from aiohttp import web
 
 from gateway.app import Gateway, StartupError
+from gateway.compiled import built
 from gateway.config import Settings
-from gateway.segment import COMPILED_CHECK
 
 log = structlog.get_logger("gateway.server")
 
@@ -41,8 +41,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         # generation less often, and leave what start-up built out of every collection
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        have = built()
         log.info("listening", url=f"http://{settings.host}:{_port(runner, settings.port)}",
-                 batch_check="compiled" if COMPILED_CHECK else "pure")
+                 compiled=[name for name, ok in have.items() if ok],
+                 pure=[name for name, ok in have.items() if not ok])
         if ready is not None:
             ready.set()
         await stop.wait()

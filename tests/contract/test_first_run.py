@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.compiled import EXTENSIONS
 from tests.contract.test_process import free_port
 
 ROOT = Path(__file__).parents[2]
@@ -271,6 +272,10 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> Non
     with demo(tmp_path, GATEWAY_PORT=str(port), MOCK_PORT=str(mock_port)) as (proc, out, err):
         out.wait_for("Ctrl-C stops both.", proc, within=60)
         started = descendants(proc.pid)
+        # the gateway's line says which accelerators run, so a slow pure path shows at a glance
+        up = [json.loads(x) for x in err.text.splitlines() if '"listening"' in x]
+        assert [sorted(x["compiled"] + x["pure"]) for x in up if "compiled" in x] == [
+            sorted(EXTENSIONS)], up
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, err.text
     assert started and not [pid for pid in started if running(pid)]
