@@ -382,6 +382,7 @@ async def test_an_entry_in_the_older_layout_is_read_beside_the_new(
     assert [r.body for r in rows] == [batch(["u1"] * 2), *old, batch(["u1"], 9)]
     assert [r.id for r in rows] == sorted(r.id for r in rows)
     assert rows[1].id == row_id(p, entry_of(rows[1].id))
+    assert store.inbox is not None
     assert [e.body for e in await store.inbox.read(p, START, 10)] == [r.body for r in rows]
 
 

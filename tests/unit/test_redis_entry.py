@@ -58,14 +58,16 @@ parts = st.dictionaries(
 
 
 @settings(max_examples=300, deadline=None)
-@given(parts=parts, ids=st.booleans())
+@given(requests=st.lists(parts, min_size=1, max_size=5), ids=st.booleans())
 def test_the_append_is_packed_as_hiredis_packs_it(
-    parts: dict[int, tuple[int, bytes]], ids: bool
+    requests: list[dict[int, tuple[int, bytes]]], ids: bool
 ) -> None:
+    # a group of requests: their keys, then what to answer, then their parts, in order
     inbox = RedisInbox(aioredis.Redis(), 64)  # never connects: only packs
-    keys = [k for p in parts for k in (inbox_key(p), waiting_key(p))]
+    keys = [k for parts in requests for p in parts for k in (inbox_key(p), waiting_key(p))]
     args: list[str | bytes | int] = ["ids" if ids else "count"]
-    for count, value in parts.values():
-        args += (count, value)
+    for parts in requests:
+        for count, value in parts.values():
+            args += (count, value)
     expected = hiredis.pack_command(("EVAL", _APPEND, len(keys), *keys, *args))  # type: ignore[arg-type]
-    assert inbox._pack_append(parts, ids=ids) == expected
+    assert inbox._pack_append(requests, ids=ids) == expected
