@@ -4,8 +4,10 @@ Ingest's side (`append`): a request's stored body is split by partition and each
 appended to its partition's stream with XADD, as an entry of one field (`entry_value`). On
 one node, all of a request's XADDs (and the waiting counters' INCRBYs) run in one script,
 `_APPEND`, sent as one command (its RESP built from fragments made once: `_pack_append`):
-one reply to read instead of two per part, and a request is written whole or not at all. On a Cluster the parts go in one pipeline per node, sent
-concurrently (a script's keys must share a slot). `WAIT` follows when `wait_replicas` is
+one reply to read instead of two per part, and a request is written whole or not at all.
+The requests that come while a script is out go together in the next one (group commit:
+`_send_queued`). On a Cluster the parts go in one pipeline per node, sent concurrently (a
+script's keys must share a slot). `WAIT` follows when `wait_replicas` is
 set, on the same connection. It returns only when every part is written (and replicated);
 otherwise it raises `InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
 
