@@ -65,7 +65,7 @@ class InboxUnavailable(Exception):
 # (`entry_value`). Entries written before it have four fields: s (source), t (received_at),
 # n (messages), b (body); `entry_fields` reads both, so a stream written by an older
 # version still applies. One field rather than four: Redis parses, stores and logs to the
-# AOF one value rather than four names and four values (about 18% fewer instructions in
+# AOF one value rather than four names and four values (17 to 19% fewer instructions in
 # redis-server an event appended, measured with callgrind; BENCHMARKS.md, branch
 # `redisingest`).
 FIELD = b"d"
@@ -205,7 +205,7 @@ class RedisInbox:
         Group commit: the requests that came in while a group was out go together in the
         next script, up to `GROUP_PARTS` parts, so that a burst's requests share one round
         trip (one pooled connection taken, one send, one reply) rather than each making
-        its own: about a third of the front's CPU a request in Redis mode, measured
+        its own: about half of the front's CPU an event in Redis mode, in-process
         (BENCHMARKS.md, branch `redisingest`). A group is one script, atomic: its requests
         are all written or none, so each request is still whole or not at all. A request
         given up (its client gone) before its group left is not sent."""
