@@ -79,7 +79,7 @@ def shard_figures(server: RedisServer, entry: dict[str, Any], requests: int) -> 
         apply_sha = c.script_load(APPLY_SHAPE)
         c.set("{p1}:lease", "a")
         c.set("{p1}:epoch", "1")
-    flat = [str(x) for kv in entry.items() for x in kv]
+    flat = [str(x) for kv in entry["fields"].items() for x in kv]
     commands = {
         "ping": ["PING"],
         "xadd": ["XADD", "{p1}:bench", "*", *flat],
@@ -202,12 +202,15 @@ def state_figures(server: RedisServer, args: argparse.Namespace) -> dict[str, fl
 
 
 def entry_sample(body: bytes, partitions: int) -> dict[str, Any]:
-    """One inbox entry as ingest writes it, from a real batch: its median part."""
+    """One inbox entry as ingest writes it (its one field, `d`), from a real batch: its
+    median part; with its messages and its body's bytes."""
+    from gateway.store.redis.inbox import entry_value
     from gateway.store.redis.partition import split
 
     ordered = sorted(split("web", body, partitions).values(), key=lambda pc: len(pc[0]))
     part, count = ordered[len(ordered) // 2]
-    return {"s": "web", "t": repr(time.time()), "n": count, "b": part.decode()}
+    value = entry_value(b"web", repr(time.time()), count, part)
+    return {"fields": {"d": value.decode()}, "n": count, "bytes": len(part)}
 
 
 def _aof_bytes(server: RedisServer) -> int:
@@ -251,7 +254,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "xadd_entry_messages": entry["n"],
-        "xadd_entry_bytes": len(entry["b"]),
+        "xadd_entry_bytes": entry["bytes"],
         "shard_ops_per_s": shard,
         "inbox": inbox,
         "state": state,

@@ -1,15 +1,18 @@
 """Real gateways (`pipeline = "process"`, the default) on one real redis-server: two of them
 divide the partitions and keep the ledger exact with SDK retries landing on the other one;
 one of them rides out Redis going away (503 with Retry-After, not ready) and comes back by
-itself."""
+itself; one applies the entries an older version left in the streams."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
+from gateway.store.redis.partition import inbox_key, split, waiting_key
 from mock_accoil.server import MockAccoilServer
 from tests.contract.harness import WRITE_KEY, Running, basic, eventually, running, settings_for
 from tests.redis.redis_support import RedisClusterNodes, RedisServer
@@ -126,3 +129,28 @@ async def test_a_gateway_on_a_redis_cluster(
         status, stats = await gw.admin("GET", "/admin/stats")
     assert status == 200 and stats["ledger"] == {"rows": 20, "events": 150}
     assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 150
+
+
+async def test_entries_an_older_version_wrote_apply_beside_new_ones(
+    mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # a stream written by a gateway before the one-field entry (s, t, n, b: four fields),
+    # then this version's gateway starting on it and writing its own entries after them
+    c = redis_server.client()
+    c.set("{gw}:partitions", P)
+    for start in (0, 40):
+        for p, (part, count) in split("main", json.dumps(tracks(start, 40)).encode(), P).items():
+            c.xadd(inbox_key(p), {"s": "main", "t": repr(time.time()), "n": count, "b": part})
+            c.incrby(waiting_key(p), count)
+    async with running(redis_settings(mock_accoil, tmp_path, redis_server.url)) as gw:
+        assert (await gw.post("/v1/batch", tracks(80, 40)))[0] == 200
+        assert (await gw.post("/v1/batch", tracks(0, 10)))[0] == 200  # a retry: dedupe holds
+        await gw.idle(timeout=30)
+        status, ledger = await gw.admin("GET", "/admin/ledger")
+        _, stats = await gw.admin("GET", "/admin/stats")
+    assert status == 200
+    assert {r["userId"]: r["count"] for r in ledger["ledger"]} == {f"u{u}": 6 for u in range(20)}
+    assert stats["inbox_messages"] == 0
+    assert sum(mock_accoil.count(f"u{u}", "Built") for u in range(20)) == 120
+    for p in range(P):
+        assert c.xlen(inbox_key(p)) == 0  # every entry, old and new, applied and trimmed

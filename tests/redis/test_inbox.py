@@ -156,6 +156,66 @@ async def test_a_request_redis_refuses_writes_none_of_its_parts(client: Client) 
     assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(100))
 
 
+async def test_concurrent_requests_go_in_one_group_and_each_gets_its_own_parts(
+    client: Client,
+) -> None:
+    # requests that come while none is out go together in one script (group commit); each
+    # is told its own entries (append) or its own count of parts (accept)
+    inbox = RedisInbox(client, P)
+    before = (await client.info("commandstats")).get("cmdstat_eval", {}).get("calls", 0)
+    bodies = [body(20, 7, start=k * 20) for k in range(30)]
+    outcomes = await asyncio.gather(*(
+        inbox.append(f"src{k}", 1_700_000_000.0 + k, b) if k % 2 else
+        inbox.accept(f"src{k}", 1_700_000_000.0 + k, b, 20)
+        for k, b in enumerate(bodies)))
+    after = (await client.info("commandstats"))["cmdstat_eval"]["calls"]
+    assert after - before < len(bodies)  # fewer scripts than requests
+    for k, outcome in enumerate(outcomes):
+        parts = split(f"src{k}", bodies[k], P)
+        if not k % 2:
+            assert outcome == len(parts)
+            continue
+        assert isinstance(outcome, dict) and set(outcome) == set(parts)
+        for p, entry_id in outcome.items():
+            entry = (await inbox.read(p, START, 10_000))
+            mine = [e for e in entry if e.id == entry_id]
+            assert len(mine) == 1
+            assert (mine[0].source, mine[0].received_at) == (f"src{k}", 1_700_000_000.0 + k)
+            assert (mine[0].body, mine[0].count) == (parts[p][0], parts[p][1])
+    stored = await read_all(inbox)
+    assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(600))
+
+
+async def test_a_group_redis_refuses_fails_every_request_in_it_and_writes_none(
+    client: Client,
+) -> None:
+    inbox = RedisInbox(client, P)
+    await client.config_set("maxmemory", 1)  # OOM
+    try:
+        outcomes = await asyncio.gather(
+            *(inbox.accept("web", time.time(), body(20, 7, start=k * 20), 20) for k in range(10)),
+            return_exceptions=True)
+        assert all(isinstance(o, InboxUnavailable) and "maxmemory" in str(o) for o in outcomes)
+        assert await read_all(inbox) == {}
+    finally:
+        await client.config_set("maxmemory", 0)
+    assert await inbox.accept("web", time.time(), body(20, 7), 20) == len(split("web", body(20, 7), P))
+
+
+async def test_a_request_given_up_before_its_group_left_is_not_written(client: Client) -> None:
+    inbox = RedisInbox(client, P)
+    kept = asyncio.ensure_future(inbox.append("web", time.time(), body(10, 3)))
+    dropped = asyncio.ensure_future(inbox.append("web", time.time(), body(10, 3, start=10)))
+    await asyncio.sleep(0)  # both queued, their group not yet sent
+    dropped.cancel()
+    ids = await kept
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    stored = await read_all(inbox)
+    assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(10))
+    assert set(ids) == set(stored)
+
+
 async def test_wait_without_a_replica_is_refused(client: Client) -> None:
     inbox = RedisInbox(client, P, wait_replicas=1, wait_timeout_ms=50)
     with pytest.raises(InboxUnavailable, match="only 0 of 1 replicas acknowledged the write"):

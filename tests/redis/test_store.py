@@ -20,6 +20,7 @@ from gateway.config import Settings, Source
 from gateway.keys import dedupe_key, dedupe_prefix
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store.base import DeadLetter, PartitionLost, Queued, Turn
+from gateway.store.redis.inbox import START
 from gateway.store.redis.ops import Ops, field
 from gateway.store.redis.outbox import OutboxTurn
 from gateway.store.redis.partition import (
@@ -362,21 +363,27 @@ async def test_a_read_sent_ahead_under_a_lost_ownership_hands_nothing(store: Red
     assert again[0] == first[0].id
 
 
-async def test_an_entry_is_read_whatever_the_order_of_its_fields(
+async def test_an_entry_in_the_older_layout_is_read_beside_the_new(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
-    # ingest writes s, t, n, b and the read takes them by position; another order (a
-    # hand-made entry, a future writer) is read by name
+    # ingest writes one field (`d`); entries an older version wrote have four (s, t, n, b),
+    # in its order or another (a hand-made entry): each is read by name
     p = partition_of(SOURCE.id, "u1", P)
     await store.accept(SOURCE.id, NOW, batch(["u1"] * 2), 2)
-    body = batch(["u1"], 5)
-    redis_server.client().xadd(
-        f"{{p{p}}}:inbox", {"b": body, "n": 1, "t": repr(NOW + 1), "s": SOURCE.id})
+    old = [batch(["u1"], 5), batch(["u1"] * 3, 6)]
+    c = redis_server.client()
+    c.xadd(f"{{p{p}}}:inbox", {"s": SOURCE.id, "t": repr(NOW + 1), "n": 1, "b": old[0]})
+    c.xadd(f"{{p{p}}}:inbox", {"b": old[1], "n": 3, "t": repr(NOW + 2), "s": SOURCE.id})
+    await store.accept(SOURCE.id, NOW + 3, batch(["u1"], 9), 1)
     rows = await store.inbox_after(0, 100)
     assert [(r.source, r.received_at, r.count, r.partition) for r in rows] == [
-        (SOURCE.id, NOW, 2, p), (SOURCE.id, NOW + 1, 1, p)]
-    assert rows[1].body == body and rows[0].id < rows[1].id
+        (SOURCE.id, NOW, 2, p), (SOURCE.id, NOW + 1, 1, p), (SOURCE.id, NOW + 2, 3, p),
+        (SOURCE.id, NOW + 3, 1, p)]
+    assert [r.body for r in rows] == [batch(["u1"] * 2), *old, batch(["u1"], 9)]
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
     assert rows[1].id == row_id(p, entry_of(rows[1].id))
+    assert store.inbox is not None
+    assert [e.body for e in await store.inbox.read(p, START, 10)] == [r.body for r in rows]
 
 
 async def test_a_turn_is_freed_without_the_garbage_collector(store: RedisStore) -> None:

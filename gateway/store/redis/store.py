@@ -53,7 +53,7 @@ from gateway.store.redis.connect import (
 )
 from gateway.store.redis.dead import LETTER_PARTS, DeadTurn, group_field, letter_meta, letters_of
 from gateway.store.redis.dead import unpack_meta as letter_fields
-from gateway.store.redis.inbox import START, RedisInbox
+from gateway.store.redis.inbox import START, RedisInbox, entry_fields
 from gateway.store.redis.lease import Leases
 from gateway.store.redis.metrics import RedisMetrics
 from gateway.store.redis.ops import Ops, field
@@ -97,9 +97,6 @@ READ = 256  # inbox entries read ahead, over all owned partitions
 CONNECT_RETRY = 1.0  # seconds between tries to reach Redis at start
 THREADS = 4  # partition turns committed at once
 UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
-
-
-_FIELDS = [b"s", b"t", b"n", b"b"]  # an inbox entry's fields, in the order ingest writes them
 
 
 def row_id(partition: int, entry: str) -> int:
@@ -409,22 +406,17 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
-        # a few µs an entry, on the pipeline's loop: the fields by position when they come in
-        # the order ingest writes them, each source's name decoded once a read
+        # a few µs an entry, on the pipeline's loop: each source's name decoded once a read
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
                 entry = _text(raw_id)
-                if fields[::2] == _FIELDS:
-                    s, t, n, b = fields[1::2]
-                else:
-                    f = dict(zip(fields[::2], fields[1::2], strict=True))
-                    s, t, n, b = f[b"s"], f[b"t"], f[b"n"], f[b"b"]
+                s, t, n, b = entry_fields(fields)
                 source = sources.get(s)
                 if source is None:
                     source = sources[s] = s.decode()
-                append((InboxRow(row_id(p, entry), source, float(t), b, int(n), p), r))
+                append((InboxRow(row_id(p, entry), source, t, b, n, p), r))
                 r.after = entry
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:

@@ -21,6 +21,11 @@ import redis.asyncio as aioredis
 pack = cast(Callable[[tuple[str | bytes | int, ...]], bytes], hiredis.pack_command)
 
 
+def bulk(value: bytes) -> bytes:
+    """One argument of a command in RESP (a bulk string), as `pack` writes each."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
 async def exchange(client: aioredis.Redis, packed: bytes, replies: int) -> list[Any]:
     """Send `packed` (commands in RESP) on one pooled connection and read `replies`
     replies. An error reply is raised (as redis-py raises it), after every reply is read
