@@ -112,21 +112,25 @@ while i <= last do
   elseif code == 3 then
     redis.call('ZADD', KEYS[tonumber(ARGV[a])], 'GT', ARGV[a + 1], ARGV[a + 2])
   elseif code == 4 or code == 5 then
-    -- args: due key, (source, key), meta, path, body, repeat, now
-    local id = redis.call('HGET', KEYS[OB_KEYS], ARGV[a + 1])
-    if not id then
-      outbox_insert(partition, KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-                    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
-    elseif code == 4 then
-      -- more occurrences of a ledger row's call: the body of the latest
-      redis.call('HINCRBY', KEYS[OB_N], id, ARGV[a + 5])
-      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
-      redis.call('HINCRBY', KEYS[OB_V], id, 1)
-    else
-      -- an identify or group call merged again: the unsent one replaced
-      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
-      redis.call('HSET', KEYS[OB_PATH], id, ARGV[a + 3])
-      redis.call('HINCRBY', KEYS[OB_V], id, 1)
+    -- args: due key, now, then for each call in order: (source, key), meta, path, body,
+    -- repeat
+    local due, at = KEYS[tonumber(ARGV[a])], ARGV[a + 1]
+    for j = a + 2, i - 1, 5 do
+      local id = redis.call('HGET', KEYS[OB_KEYS], ARGV[j])
+      if not id then
+        outbox_insert(partition, due, ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3],
+                      ARGV[j + 4], at)
+      elseif code == 4 then
+        -- more occurrences of a ledger row's call: the body of the latest
+        redis.call('HINCRBY', KEYS[OB_N], id, ARGV[j + 4])
+        redis.call('HSET', KEYS[OB_BODY], id, ARGV[j + 3])
+        redis.call('HINCRBY', KEYS[OB_V], id, 1)
+      else
+        -- an identify or group call merged again: the unsent one replaced
+        redis.call('HSET', KEYS[OB_BODY], id, ARGV[j + 3])
+        redis.call('HSET', KEYS[OB_PATH], id, ARGV[j + 2])
+        redis.call('HINCRBY', KEYS[OB_V], id, 1)
+      end
     end
   elseif code == 6 then
     -- args: meta, body, repeat, now, group field ('' when not grouped)

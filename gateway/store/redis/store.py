@@ -87,7 +87,7 @@ from gateway.store.redis.scripts import (
 )
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
-from gateway.store.redis.wire import exchange, pack
+from gateway.store.redis.wire import SyncScript, exchange, pack
 from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.store.redis")
@@ -226,7 +226,7 @@ class RedisStore:
             self.sync = SyncCluster.from_url(self.url, **options)
         else:
             self.sync = Redis.from_url(self.url, **options)
-        self._sync_commit = self.sync.register_script(COMMIT)
+        self._sync_commit = SyncScript(COMMIT)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="redis-turn")
         self.leases = Leases(client, self.partitions, metrics=self.metrics)
         self._owning = asyncio.create_task(self._own(), name="leases")
