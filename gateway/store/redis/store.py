@@ -102,10 +102,10 @@ UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not ans
 _FIELDS = [b"s", b"t", b"n", b"b"]  # an inbox entry's fields, in the order ingest writes them
 
 
-def row_id(partition: int, entry: str) -> int:
-    """An inbox row's id: its stream entry id and its partition, in one int that grows
-    with the entry id within a partition."""
-    ms, _, seq = entry.partition("-")
+def row_id(partition: int, entry: str | bytes) -> int:
+    """An inbox row's id: its stream entry id (as text, or as a reply's bytes) and its
+    partition, in one int that grows with the entry id within a partition."""
+    ms, _, seq = (entry.encode() if isinstance(entry, str) else entry).partition(b"-")
     return (((int(ms) << 20) | int(seq)) << ID_BITS) | partition
 
 
@@ -409,13 +409,14 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
-        # a few µs an entry, on the pipeline's loop: the fields by position when they come in
-        # the order ingest writes them, each source's name decoded once a read
+        # a µs or two an entry, on the pipeline's loop (an entry is the part of a request
+        # that fell in one partition, a few events): the fields by position when they come
+        # in the order ingest writes them, each source's name decoded once a read, the id
+        # parsed from bytes (only a partition's last entry read is kept as text)
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
-                entry = _text(raw_id)
                 if fields[::2] == _FIELDS:
                     s, t, n, b = fields[1::2]
                 else:
@@ -424,8 +425,9 @@ class RedisStore:
                 source = sources.get(s)
                 if source is None:
                     source = sources[s] = s.decode()
-                append((InboxRow(row_id(p, entry), source, float(t), b, int(n), p), r))
-                r.after = entry
+                append((InboxRow(row_id(p, raw_id), source, float(t), b, int(n), p), r))
+            if entries:
+                r.after = _text(entries[-1][0])
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
         """`commands` in one round trip, their replies raw: on one node packed in C on one
