@@ -118,8 +118,11 @@ class StateTurn:
         for row in rows:
             by_day.setdefault(row.key.day, []).append(row)
         for day, rs in by_day.items():
-            self.ops.hset(ledger_counts_key(self.p, day), [(_ledger_field(r.key), r.events) for r in rs])
-            self.ops.hset(ledger_stamps_key(self.p, day), [(_ledger_field(r.key), r.last_ts) for r in rs])
+            fields = [_ledger_field(r.key) for r in rs]  # (a msgpack encode each: once)
+            self.ops.hset(ledger_counts_key(self.p, day),
+                          zip(fields, [r.events for r in rs], strict=True))
+            self.ops.hset(ledger_stamps_key(self.p, day),
+                          zip(fields, [r.last_ts for r in rs], strict=True))
             self.ops.zadd_gt(ledger_days_key(self.p), self.now, day)
 
     def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
