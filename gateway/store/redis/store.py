@@ -409,8 +409,8 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
-        # a µs or two an entry, on the pipeline's loop (an entry is the part of a request
-        # that fell in one partition, a few events): the fields by position when they come
+        # per entry, on the pipeline's loop (an entry is the part of a request that fell in
+        # one partition, a few events): the fields by position when they come
         # in the order ingest writes them, each source's name decoded once a read, the id
         # parsed from bytes (only a partition's last entry read is kept as text)
         append = self._buffer.append
