@@ -13,6 +13,18 @@ one process and its CPU per event, and the Redis commands per event (`INFO comma
 A run in which nothing is applied for `--stall` seconds stops with the dispatcher's, the
 store's and Redis's state (for the stall seen once in this benchmark, SCALING.md). The last line of
 output is one JSON object.
+
+    python scripts/bench_redis_state.py --track-only --callgrind --events 20000
+    PYTHONPATH=<other checkout> python scripts/bench_redis_state.py --track-only --callgrind
+
+`--callgrind` counts the apply's instructions instead of timing it (CPU time is noisy on a
+shared machine; an instruction count is not): the inbox is filled here, then a child process
+under valgrind's callgrind applies it (the real dispatcher, router and `RedisStore`, its turns
+cut by their count: `flush_interval` an hour), at `--events` and at three times as many; the
+instructions an event are the difference over the events between (start-up cancels out).
+Beside them, Redis's CPU an event over each child's apply (Redis is not under valgrind, so its
+figure is its own). The child imports `gateway` from the parent's path (`PYTHONPATH` picks the
+checkout to measure) and reports where from.
 """
 
 from __future__ import annotations
@@ -20,7 +32,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +53,7 @@ from gateway.store.redis.store import RedisStore, entry_of
 
 SOURCE = Source(write_key="wk_bench_state_1", accoil_api_key="ak_bench_state_1", name="main")
 # a key's structure: the part after the partition's tag, up to a day or a source
+TURN = 10_000  # --child: messages a turn (turns cut by their count)
 STRUCTURE = re.compile(r"^\{p\d+\}:([a-z]+(?::[a-z]+)?)")
 
 
@@ -83,8 +99,7 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     # Redis's own time on the apply path (a script's usec include the commands it runs)
     busy = {k[8:]: int(v["usec"]) for k, v in stats.items() if not k.startswith(
         ("cmdstat_info", "cmdstat_config", "cmdstat_xlen"))}
-    inner = {"hset", "hget", "sadd", "zadd", "incr", "hincrby", "hexists", "set", "get", "xtrim"}
-    redis_usec = sum(v for k, v in busy.items() if k not in inner)
+    redis_usec = sum(v for k, v in busy.items() if k not in INNER)
     counts = await store.counts()
     await store.close()
     by_structure: dict[str, int] = {}
@@ -114,6 +129,107 @@ async def run(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         "bytes_per_ledger_row": round(
             (by_structure.get("lc", 0) + by_structure.get("lt", 0)) / max(1, counts.ledger_rows), 1),
     }
+
+
+async def fill(args: argparse.Namespace, url: str, events: int) -> int:
+    """Append `events` of the traffic to the inbox, through `RedisStore.accept`."""
+    store = RedisStore(Settings(sources=[SOURCE], store="redis", redis_url=url,
+                                partitions=args.partitions), apply=False)
+    await store.open()
+    traffic = (Traffic(accounts=args.accounts, users=args.users, seed=1, mix={"track": 1.0})
+               if args.track_only else Traffic(accounts=args.accounts, users=args.users, seed=1))
+    sent = 0
+    while sent < events:
+        b = traffic.batch(min(args.batch, events - sent))
+        await store.accept(SOURCE.id, time.time(), b.body, len(b.seqs))
+        sent += len(b.seqs)
+    await store.close()
+    return sent
+
+
+async def apply_all(args: argparse.Namespace) -> dict[str, Any]:
+    """--child: apply what the inbox holds, turns cut by their count only (the same turns
+    in every run, whatever callgrind does to the clock), then stop."""
+    settings = Settings(sources=[SOURCE], store="redis", redis_url=args.url,
+                        partitions=args.partitions, flush_interval=3600.0,
+                        max_in_flight=2 * TURN)
+    store = RedisStore(settings, apply=True)
+    await store.open()
+    assert store.leases is not None
+    # callgrind slows the lease rounds as much as the rest: leases of ten minutes, so that
+    # none lapses mid-apply (a partition not trusted reads as empty, and the run would stop)
+    store.leases.ttl, store.leases.ttl_ms = 600.0, 600_000
+    while len(store._owned()) < args.partitions:  # noqa: ASYNC110 (the leases' first round)
+        await asyncio.sleep(0.05)
+    backlog = Backlog(10**9)
+    dispatcher = Dispatcher(store, Router(store, {SOURCE.id: SOURCE}), settings,
+                            Metrics([SOURCE.id]), backlog, lambda _: None)
+    dispatcher.stop()  # route what the inbox holds, commit, return
+    await dispatcher.run()
+    await store.close()
+    import gateway.store.redis.store as module
+
+    return {"store_file": module.__file__}
+
+
+def callgrind(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    runs = []
+    for events in (args.events, 3 * args.events):
+        server = RedisServer(folder / f"redis-{events}")
+        server.start()
+        try:
+            sent = asyncio.run(fill(args, server.url, events))
+            c = server.client()
+            c.config_resetstat()
+            before = redis_cpu(c)
+            env = dict(os.environ, PYTHONHASHSEED="0")
+            done = subprocess.run(
+                ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                 sys.executable, str(Path(__file__).resolve()), "--child", "--url", server.url,
+                 "--partitions", str(args.partitions)],
+                env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"the apply under callgrind failed:\n{done.stderr}")
+            left = sum(c.xlen(f"{{p{p}}}:inbox") for p in range(args.partitions))
+            if left:
+                raise SystemExit(f"the apply left {left} entries in the inbox")
+            found = re.search(r"Collected : (\d+)", done.stderr)
+            if found is None:
+                raise SystemExit(f"no instruction count from callgrind:\n{done.stderr}")
+            child = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.append({"events": sent, "instructions": int(found.group(1)),
+                         "redis_cpu_usec_per_event": round((redis_cpu(c) - before) / sent * 1e6, 2),
+                         "redis_usec_per_event": round(command_usec(c) / sent, 2),
+                         "store_file": child["store_file"]})
+        finally:
+            server.stop()
+    small, large = runs
+    return {
+        "measure": "callgrind", "events": [small["events"], large["events"]],
+        "partitions": args.partitions, "users": args.users, "accounts": args.accounts,
+        "track_only": args.track_only,
+        "instructions_per_event": round(
+            (large["instructions"] - small["instructions"]) / (large["events"] - small["events"])),
+        # Redis's CPU over a slowed apply holds its idle cycles too; the commands' own time
+        # (commandstats) does not
+        "redis_cpu_usec_per_event": [small["redis_cpu_usec_per_event"],
+                                     large["redis_cpu_usec_per_event"]],
+        "redis_usec_per_event": [small["redis_usec_per_event"], large["redis_usec_per_event"]],
+        "store_file": large["store_file"],
+    }
+
+
+# run inside the scripts only: their time is the script's (HMGET is not here: the worker's
+# reads send it too, so the commit script's HMGETs count twice)
+INNER = {"hset", "hget", "sadd", "zadd", "incr", "hincrby", "hexists", "set", "get", "xtrim",
+         "exists", "decrby"}
+
+
+def command_usec(c: Any) -> int:
+    """Redis's time in the commands sent to it (a script's includes what it runs)."""
+    return sum(int(v["usec"]) for k, v in c.info("commandstats").items()
+               if k[8:] not in INNER and not k.startswith(
+                   ("cmdstat_info", "cmdstat_config", "cmdstat_xlen")))
 
 
 def redis_cpu(c: Any) -> float:
@@ -183,7 +299,19 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=60.0,
                     help="seconds without an entry applied before the run is called stalled "
                          "and the dispatcher's, the store's and Redis's state is printed")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="instructions an event of the apply (valgrind), at --events and at "
+                         "3 times that, instead of its time")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(asyncio.run(apply_all(args))))
+        return
+    if args.callgrind:
+        with workdir(args.dir, "bench-redis-state-") as folder:
+            print(json.dumps(callgrind(args, folder)))
+        return
     with workdir(args.dir, "bench-redis-state-") as folder:
         server = RedisServer(folder / "redis")
         server.start()

@@ -547,3 +547,87 @@ async def test_a_commit_unanswered_until_the_lease_lapses_drops_the_turn(
     with pytest.raises(PartitionLost):
         await store.transact(write, NOW, p)
     assert len(sent) == 2 and p not in store._reading
+
+
+async def test_calls_queued_in_one_turn_apply_in_order_whatever_their_grouping(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # consecutive upserts of a kind share one op of the commit script: a call queued twice
+    # in a turn (added, added again, then replaced) and others around it come out as they
+    # would one op a call
+    p = partition_of(SOURCE.id, "u1", P)
+
+    def call(k: str, body: bytes, repeat: int = 1, kind: str = "track") -> Queued:
+        return Queued(SOURCE.id, k, "u1", kind, "/v2/track", body, repeat)
+
+    def write(tx: Turn) -> None:
+        tx.outbox.add([call("t1", b'{"a":1}', 2), call("t2", b'{"b":1}'),
+                       call("t1", b'{"a":2}', 3)])
+        tx.outbox.replace([call("i1", b'{"i":1}', kind="identify")])
+        tx.outbox.replace([call("i1", b'{"i":2}', kind="identify")])
+        tx.outbox.add([call("t2", b'{"b":2}')])
+
+    await store.transact(write, NOW, p)
+    items = {i.key: i for i in await store.due(SOURCE.id, time.time(), 10)}
+    assert sorted(items) == ["i1", "t1", "t2"]
+    assert (items["t1"].repeat, items["t1"].body, items["t1"].version) == (5, b'{"a":2}', 1)
+    assert (items["t2"].repeat, items["t2"].body, items["t2"].version) == (2, b'{"b":2}', 1)
+    assert (items["i1"].body, items["i1"].version) == (b'{"i":2}', 1)
+    c = redis_server.client()
+    assert c.hlen(f"{{p{p}}}:ob:keys") == 3
+
+
+def test_ops_share_an_op_only_between_calls_of_one_kind_due_set_and_time() -> None:
+    ops = Ops(0)
+    due = due_key(0, SOURCE.id)
+    for slot in (b"s1", b"s2"):
+        ops.outbox(False, due, slot, b"m", "/v2/track", b"{}", 1, NOW)
+    ops.outbox(True, due, b"s3", b"m", "/v2/identify", b"{}", 1, NOW)
+    ops.outbox(True, due, b"s4", b"m", "/v2/identify", b"{}", 1, NOW + 1)
+    ops.outbox(True, due_key(0, "other"), b"s5", b"m", "/v2/identify", b"{}", 1, NOW + 1)
+    d, other = ops.key(due), ops.key(due_key(0, "other"))
+    call = [b"m", "/v2/track", b"{}", 1]
+    identify = [b"m", "/v2/identify", b"{}", 1]
+    assert ops.ops == [
+        [4, d, NOW, b"s1", *call, b"s2", *call],
+        [5, d, NOW, b"s3", *identify],
+        [5, d, NOW + 1, b"s4", *identify],
+        [5, other, NOW + 1, b"s5", *identify],
+    ]
+    # each op as its code, its length and its values, in order
+    assert ops.args()[:3] == [4, 12, d]
+    for i in range(250):  # an op holds 200 calls at most: the script's commands stay bounded
+        ops.outbox(False, due, b"x%d" % i, b"m", "/v2/track", b"{}", 1, NOW + 2)
+    assert [len(op) for op in ops.ops[-2:]] == [3 + 5 * 200, 3 + 5 * 50]
+
+
+async def test_a_commit_reaches_a_redis_that_forgot_its_script(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # a Redis restarted without its scripts: the commit sends the script again
+    p = partition_of(SOURCE.id, "u1", P)
+    keys = [key("m0"), key("m1")]
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set()
+    redis_server.client().script_flush()
+    assert await store.transact(lambda tx: tx.state.remember(keys), NOW, p) == set(keys)
+    assert await store.transact(lambda tx: tx.state.remember([key("m2")]), NOW, p) == set()
+
+
+async def test_an_error_reply_among_a_turns_reads_raises_and_the_connection_stays_usable(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    from redis.exceptions import ResponseError
+
+    from gateway.store.redis.wire import commands_sync
+
+    assert store.sync is not None
+    c = redis_server.client()
+    c.set("plain", "x")
+    c.sadd("set", "a")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        commands_sync(store.sync, [("SMISMEMBER", "set", "a"), ("SMISMEMBER", "plain", "a"),
+                                   ("SMISMEMBER", "set", "b")])
+    # every reply was read: the pooled connection answers the next commands in step
+    for _ in range(3):
+        assert commands_sync(store.sync, [("SMISMEMBER", "set", "a", "b"), ("GET", "plain")]) \
+            == [[1, 0], b"x"]

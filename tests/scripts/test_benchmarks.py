@@ -291,3 +291,16 @@ def test_bench_decode_counts_instructions_under_callgrind() -> None:
     # a message of the ingest benchmark's batch costs thousands of instructions to check
     assert 500 < counted["instructions_per_message"] < 100_000
     assert abs(counted["instructions_per_100"] - counted["instructions_per_message"] * 100) <= 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("redis-server") is None,
+                    reason="valgrind or redis-server is not installed")
+def test_bench_redis_state_counts_the_apply_s_instructions_under_callgrind() -> None:
+    s = last_json_line(str(SCRIPTS / "bench_redis_state.py"), "--track-only", "--callgrind",
+                       "--events", "300", "--partitions", "8", timeout=900)
+    assert s["measure"] == "callgrind" and s["events"] == [300, 900]
+    # an event applied through the dispatcher and a RedisStore: thousands of instructions
+    assert 1_000 < s["instructions_per_event"] < 10_000_000
+    assert all(us > 0 for us in s["redis_cpu_usec_per_event"])
+    assert s["store_file"].endswith("gateway/store/redis/store.py")

@@ -24,6 +24,7 @@ from gateway.store.redis.scripts import (
 )
 
 CHUNK = 1000  # arguments of one command inside the script (Lua's stack is bounded)
+OUTBOX_OP = 3 + 5 * 200  # an outbox op's length at most: its head and 200 calls
 
 pack = msgspec.msgpack.encode  # fields and values Python reads back (Lua never does)
 
@@ -69,8 +70,17 @@ class Ops:
         self, replace: bool, due: str, slot: bytes, meta: bytes, path: str, body: bytes,
         repeat: int, now: float,
     ) -> None:
+        """An upsert of a call; consecutive ones of a kind, due set and time share one op
+        (its due key and time sent once, not once a call: fewer arguments to pack and for
+        the script to read), applied in order."""
         code = OUTBOX_REPLACE if replace else OUTBOX_ADD
-        self.ops.append([code, self.key(due), slot, meta, path, body, repeat, now])
+        due_at = self.key(due)
+        last = self.ops[-1] if self.ops else None
+        if (last is None or last[0] != code or last[1] != due_at or last[2] != now
+                or len(last) >= OUTBOX_OP):
+            last = [code, due_at, now]
+            self.ops.append(last)
+        last += (slot, meta, path, body, repeat)
 
     def dead(self, meta: bytes, body: bytes, repeat: int, now: float, group: bytes) -> None:
         self.ops.append([DEAD_ADD, meta, body, repeat, now, group])

@@ -99,6 +99,7 @@ end
 # no bytes type). One turn of one partition, or nothing: refused (0) unless fenced.
 COMMIT = FENCE_LUA + _PRELUDE + "local ONCE = tonumber(ARGV[5])" + _ONCE + """
 local partition = tonumber(ARGV[4])
+local function pair(t, a, b) t[#t + 1] = a; t[#t + 1] = b end
 local last = #ARGV
 local i = 7
 while i <= last do
@@ -112,21 +113,60 @@ while i <= last do
   elseif code == 3 then
     redis.call('ZADD', KEYS[tonumber(ARGV[a])], 'GT', ARGV[a + 1], ARGV[a + 2])
   elseif code == 4 or code == 5 then
-    -- args: due key, (source, key), meta, path, body, repeat, now
-    local id = redis.call('HGET', KEYS[OB_KEYS], ARGV[a + 1])
-    if not id then
-      outbox_insert(partition, KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-                    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
-    elseif code == 4 then
-      -- more occurrences of a ledger row's call: the body of the latest
-      redis.call('HINCRBY', KEYS[OB_N], id, ARGV[a + 5])
-      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
-      redis.call('HINCRBY', KEYS[OB_V], id, 1)
-    else
-      -- an identify or group call merged again: the unsent one replaced
-      redis.call('HSET', KEYS[OB_BODY], id, ARGV[a + 4])
-      redis.call('HSET', KEYS[OB_PATH], id, ARGV[a + 3])
-      redis.call('HINCRBY', KEYS[OB_V], id, 1)
+    -- args: due key, now, then for each call in order: (source, key), meta, path, body,
+    -- repeat. The op's lookups are one HMGET and the items it makes one command a hash
+    -- (not eight calls an item); a call met again in the op updates the item it is making
+    local due, at = KEYS[tonumber(ARGV[a])], ARGV[a + 1]
+    local slots = {}
+    for j = a + 2, i - 1, 5 do slots[#slots + 1] = ARGV[j] end
+    local found = redis.call('HMGET', KEYS[OB_KEYS], unpack(slots))
+    local made, new = {}, {}  -- slot -> the item this op makes; those items, in order
+    for k = 1, #slots do
+      local j = a + 2 + (k - 1) * 5
+      local item, id = made[slots[k]], found[k]
+      if item then
+        if code == 4 then item.n = item.n + tonumber(ARGV[j + 4]) else item.path = ARGV[j + 2] end
+        item.body = ARGV[j + 3]
+        item.v = item.v + 1
+      elseif not id then
+        item = {id = new_id(partition), slot = slots[k], meta = ARGV[j + 1], path = ARGV[j + 2],
+                body = ARGV[j + 3], n = tonumber(ARGV[j + 4]), v = 0}
+        made[slots[k]] = item
+        new[#new + 1] = item
+      elseif code == 4 then
+        -- more occurrences of a ledger row's call: the body of the latest
+        redis.call('HINCRBY', KEYS[OB_N], id, ARGV[j + 4])
+        redis.call('HSET', KEYS[OB_BODY], id, ARGV[j + 3])
+        redis.call('HINCRBY', KEYS[OB_V], id, 1)
+      else
+        -- an identify or group call merged again: the unsent one replaced
+        redis.call('HSET', KEYS[OB_BODY], id, ARGV[j + 3])
+        redis.call('HSET', KEYS[OB_PATH], id, ARGV[j + 2])
+        redis.call('HINCRBY', KEYS[OB_V], id, 1)
+      end
+    end
+    if #new > 0 then
+      -- each part's pairs: (slot, id) for the keys, (id, value) for the others
+      local ks, meta, path, body, n, v, att, due_at = {}, {}, {}, {}, {}, {}, {}, {}
+      for _, item in ipairs(new) do
+        local id = item.id
+        pair(ks, item.slot, id)
+        pair(meta, id, item.meta)
+        pair(path, id, item.path)
+        pair(body, id, item.body)
+        pair(n, id, item.n)
+        pair(v, id, item.v)
+        pair(att, id, 0)
+        pair(due_at, at, id)
+      end
+      redis.call('HSET', KEYS[OB_KEYS], unpack(ks))
+      redis.call('HSET', KEYS[OB_META], unpack(meta))
+      redis.call('HSET', KEYS[OB_PATH], unpack(path))
+      redis.call('HSET', KEYS[OB_BODY], unpack(body))
+      redis.call('HSET', KEYS[OB_N], unpack(n))
+      redis.call('HSET', KEYS[OB_V], unpack(v))
+      redis.call('HSET', KEYS[OB_A], unpack(att))
+      redis.call('ZADD', due, unpack(due_at))
     end
   elseif code == 6 then
     -- args: meta, body, repeat, now, group field ('' when not grouped)

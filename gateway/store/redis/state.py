@@ -35,6 +35,7 @@ from gateway.store.redis.partition import (
     ledger_days_key,
     ledger_stamps_key,
 )
+from gateway.store.redis.wire import commands_sync
 
 SyncClient = Redis | SyncCluster
 
@@ -81,10 +82,8 @@ class StateTurn:
         # does not know whether that commit began it
         asked = [d for d in window_days(self.now, self.window) if d in self.days or d == today]
         if asked:
-            pipe = self.client.pipeline(transaction=False)
-            for day in asked:
-                pipe.smismember(dedupe_day_key(self.p, day), keys)  # type: ignore[arg-type]
-            for hits in pipe.execute():
+            for hits in commands_sync(self.client, [
+                    ("SMISMEMBER", dedupe_day_key(self.p, day), *keys) for day in asked]):
                 found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
         new = [k for k in dict.fromkeys(keys) if k not in found]
         if new:
@@ -100,12 +99,12 @@ class StateTurn:
             by_day.setdefault(key.day, []).append(key)
         if not by_day:
             return {}
-        pipe = self.client.pipeline(transaction=False)
+        commands: list[tuple[str | bytes | int, ...]] = []
         for day, ks in by_day.items():
             fields = [_ledger_field(k) for k in ks]
-            pipe.hmget(ledger_counts_key(self.p, day), fields)
-            pipe.hmget(ledger_stamps_key(self.p, day), fields)
-        replies = pipe.execute()
+            commands.append(("HMGET", ledger_counts_key(self.p, day), *fields))
+            commands.append(("HMGET", ledger_stamps_key(self.p, day), *fields))
+        replies = commands_sync(self.client, commands)
         found: dict[LedgerKey, Row] = {}
         for i, ks in enumerate(by_day.values()):
             counts, stamps = replies[2 * i], replies[2 * i + 1]
@@ -119,17 +118,21 @@ class StateTurn:
         for row in rows:
             by_day.setdefault(row.key.day, []).append(row)
         for day, rs in by_day.items():
-            self.ops.hset(ledger_counts_key(self.p, day), [(_ledger_field(r.key), r.events) for r in rs])
-            self.ops.hset(ledger_stamps_key(self.p, day), [(_ledger_field(r.key), r.last_ts) for r in rs])
+            fields = [_ledger_field(r.key) for r in rs]  # (a msgpack encode each: once)
+            self.ops.hset(ledger_counts_key(self.p, day),
+                          zip(fields, [r.events for r in rs], strict=True))
+            self.ops.hset(ledger_stamps_key(self.p, day),
+                          zip(fields, [r.last_ts for r in rs], strict=True))
             self.ops.zadd_gt(ledger_days_key(self.p), self.now, day)
 
     def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
         pairs = list(keys)
         if not pairs:
             return {}
-        values = self.client.hmget(known_key(self.p), [field(s, k) for s, k in pairs])
+        (values,) = commands_sync(
+            self.client, [("HMGET", known_key(self.p), *(field(s, k) for s, k in pairs))])
         found: dict[tuple[str, str], Known] = {}
-        for (source, key), value in zip(pairs, values, strict=True):  # type: ignore[arg-type]
+        for (source, key), value in zip(pairs, values, strict=True):
             if value is not None:
                 day, traits = known_value(value)
                 found[(source, key)] = Known(source, key, day, _decode_traits(traits))

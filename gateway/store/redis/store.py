@@ -87,7 +87,7 @@ from gateway.store.redis.scripts import (
 )
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
-from gateway.store.redis.wire import exchange, pack
+from gateway.store.redis.wire import SyncScript, exchange, pack
 from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.store.redis")
@@ -99,10 +99,10 @@ THREADS = 4  # partition turns committed at once
 UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
 
 
-def row_id(partition: int, entry: str) -> int:
-    """An inbox row's id: its stream entry id and its partition, in one int that grows
-    with the entry id within a partition."""
-    ms, _, seq = entry.partition("-")
+def row_id(partition: int, entry: str | bytes) -> int:
+    """An inbox row's id: its stream entry id (as text, or as a reply's bytes) and its
+    partition, in one int that grows with the entry id within a partition."""
+    ms, _, seq = (entry.encode() if isinstance(entry, str) else entry).partition(b"-")
     return (((int(ms) << 20) | int(seq)) << ID_BITS) | partition
 
 
@@ -223,7 +223,7 @@ class RedisStore:
             self.sync = SyncCluster.from_url(self.url, **options)
         else:
             self.sync = Redis.from_url(self.url, **options)
-        self._sync_commit = self.sync.register_script(COMMIT)
+        self._sync_commit = SyncScript(COMMIT)
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="redis-turn")
         self.leases = Leases(client, self.partitions, metrics=self.metrics)
         self._owning = asyncio.create_task(self._own(), name="leases")
@@ -406,18 +406,20 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
-        # a few µs an entry, on the pipeline's loop: each source's name decoded once a read
+        # per entry, on the pipeline's loop (an entry is the part of a request that fell in
+        # one partition, a few events): each source's name decoded once a read, the id
+        # parsed from bytes (only a partition's last entry read is kept as text)
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
-                entry = _text(raw_id)
                 s, t, n, b = entry_fields(fields)
                 source = sources.get(s)
                 if source is None:
                     source = sources[s] = s.decode()
-                append((InboxRow(row_id(p, entry), source, t, b, n, p), r))
-                r.after = entry
+                append((InboxRow(row_id(p, raw_id), source, t, b, n, p), r))
+            if entries:
+                r.after = _text(entries[-1][0])
 
     async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
         """`commands` in one round trip, their replies raw: on one node packed in C on one
