@@ -142,13 +142,11 @@ class Dispatcher:
                     await asyncio.sleep(YIELD)
                 await self._route(row)
                 if len(self._live) >= s.max_actors:
-                    # crowded: what the actors hold moves into the turn being read, so that
-                    # they can go at once; the turn still ends at its bound on messages (ended
-                    # here, a turn of 100,000 accounts was a few thousand messages, and each
-                    # turn's transaction cost the writer as much as its rows)
-                    self._collect(again=True)
+                    # crowded: commit what the actors hold, so that they can go at once (what
+                    # they held is in the turn now; the next one is read while it lands)
+                    await self._commit()
                     self._passivate()
-                if self._pending >= turn:
+                elif self._pending >= turn:
                     await self._commit()
             if self._pending and (self._due(len(rows)) or (self._stopping and not rows)):
                 await self._commit()
@@ -273,19 +271,14 @@ class Dispatcher:
         await self._landed()
         if not self._pending:
             return
-        self._collect()
+        for actor in self._holding:
+            self._flush_of(actor.partition).add(actor)
+            actor.reset()
+        self._holding.clear()
         flushes, self._flushes = self._flushes, {}
         self._started = None
         self._landing_messages, self._pending = self._pending, 0
         self._landing = asyncio.create_task(self._land(flushes), name="turn")
-
-    def _collect(self, again: bool = False) -> None:
-        """Move what the actors hold into the turn being read: they hold nothing after.
-        `again`: the turn goes on, and an actor may take more of it (or be activated again)."""
-        for actor in self._holding:
-            self._flush_of(actor.partition).add(actor, again)
-            actor.reset()
-        self._holding.clear()
 
     async def _landed(self) -> None:
         if self._landing is not None:

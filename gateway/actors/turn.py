@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from itertools import compress
 from typing import Any, NamedTuple
 
@@ -55,44 +54,17 @@ class Flush:
         self.dead: list[DeadLetter] = []
         self.inbox: dict[int, int] = {}
         self.messages = 0
-        # per ledger key, the time of its latest occurrence, once an actor added to this turn
-        # may be activated again in it (a crowded dispatcher passivates actors mid-turn)
-        self._latest: dict[LedgerKey, datetime] = {}
 
-    def add(self, actor: Actor, again: bool = False) -> None:
-        """Take what `actor` holds; `again`: it may take more mail in this turn and be added
-        again (its keys then merge)."""
+    def add(self, actor: Actor) -> None:
         src, account = actor.source.id, actor.account
         self.hit_keys += actor.hit_keys
         self.hit_refs += actor.hit_refs
-        tallies = actor.tallies()  # ledger keys name the account: another actor's never meet
-        if self._latest or again:
-            self._merge(actor, tallies, again)
-        self.tallies.update(tallies)
+        self.tallies.update(actor.tallies())  # ledger keys name the account: no overlap
         self.marks += actor.marks
         self.mark_sources += [src] * len(actor.marks)
         self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]
         self.accounts += [(src, user, acct) for user, acct in actor.accounts]
         self.dead += actor.dead
-
-    def _merge(self, actor: Actor, tallies: dict[LedgerKey, Tally], again: bool) -> None:
-        """The account's occurrences added to this turn before, under the same keys, added
-        to `tallies`: the call kept is the latest occurrence's (the later taken among equal
-        times), as one actor taking them all would keep."""
-        latest = self._latest
-        for key, now in actor.hits.values():
-            before = latest.get(key)
-            if before is None:
-                if again:
-                    latest[key] = now.at
-                continue
-            old = self.tallies[key]
-            if now.at >= before:
-                tallies[key].count += old.count
-                latest[key] = now.at
-            else:
-                old.count += tallies[key].count
-                tallies[key] = old
 
 
 class Outcome(NamedTuple):

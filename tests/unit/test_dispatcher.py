@@ -155,8 +155,7 @@ async def test_a_message_without_a_user_and_a_number_out_of_range_is_routed_in_f
 class Harness:
     def __init__(self, store: SqliteStore, **settings: Any) -> None:
         self.store = store
-        self.settings = Settings(sources=[SOURCE], **{"flush_interval": 0.05, "actor_idle": 0.1}
-                                 | settings)
+        self.settings = Settings(sources=[SOURCE], flush_interval=0.05, actor_idle=0.1, **settings)
         self.backlog = Backlog(10**9)
         self.dispatcher = Dispatcher(
             store, Router(store, {"main": SOURCE}), self.settings, Metrics(["main"]),
@@ -220,77 +219,8 @@ async def test_idle_actors_are_passivated_and_max_actors_holds(store: SqliteStor
     await h.applied(lambda: len(h.dispatcher) == 0)
     assert (await store.counts()).ledger_events == 40
     assert len({r["account"] for r in await store.ledger("main", None)}) == 40
-    # reaching 8 passivates (what the actors held moves into the turn); a record adds at
-    # most its 5 accounts
+    # reaching 8 ends the turn and passivates; a record adds at most its 5 accounts
     assert len(live) == 8 and max(live) < 8 + 5
-
-
-def at(minute: int, ms: int = 0) -> str:
-    return f"2026-11-20T10:{minute:02d}:00.{ms:03d}Z"
-
-
-async def applied_state(
-    store: SqliteStore, records: list[list[dict[str, Any]]], **settings: Any
-) -> tuple[int, list[dict[str, Any]], list[tuple[str, int, bytes]], int]:
-    h = Harness(store, flush_interval=30.0, **settings)
-    activations: list[str] = []
-    activate = h.dispatcher._activate
-
-    def activating(source: Source, account: str) -> Any:
-        activations.append(account)
-        return activate(source, account)
-
-    h.dispatcher._activate = activating  # type: ignore[method-assign]
-    for batch in records:
-        await h.accept(batch)
-    turns: list[int] = []
-    transact = store.transact
-
-    def counting(
-        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
-    ) -> Any:
-        turns.append(h.dispatcher.held)
-        return transact(script, now, partition)
-
-    store.transact = counting  # type: ignore[method-assign]
-    await store.restart_inbox()
-    h.dispatcher.stop()  # route what the inbox holds, commit, return: no turn ends by time
-    async with asyncio.timeout(20):
-        await h.dispatcher.run()
-    assert (await store.counts()).inbox == 0
-    rows = sorted(await store.ledger("main", None), key=lambda r: sorted(r.items()))
-    outbox = sorted((i.key, i.repeat, i.body) for i in await store.due("main", 10**10, 1000))
-    return len(turns), rows, outbox, len(activations)
-
-
-async def test_a_crowded_turn_passivates_actors_without_ending_and_counts_as_one_actor_would(
-    store: SqliteStore, tmp_path: Any
-) -> None:
-    # 12 accounts in records of 4, each account back in later records with occurrences of
-    # the same ledger keys: the latest of a key sometimes in an earlier record, sometimes
-    # equal (the later taken wins), with `max_actors` 4 the accounts' actors are passivated
-    # and activated again within the turn
-    records = []
-    for r in range(9):
-        batch = []
-        for i in range(4):
-            acct = f"acct{(r * 4 + i) % 12}"
-            minute = (r * 7 + i * 3) % 10
-            batch.append(track(f"{r}-{i}", f"u{i % 2}", acct) | {"timestamp": at(minute)})
-            batch.append(track(f"{r}-{i}b", f"u{i % 2}", acct) | {"timestamp": at(minute, 5)})
-        records.append(batch)
-    records.append([track("dup", "u0", "acct0")] * 2)  # a repeat within the turn: once
-    crowded = await applied_state(store, records, max_actors=4)
-    roomy = SqliteStore(tmp_path / "roomy.db")
-    await roomy.open()
-    try:
-        alone = await applied_state(roomy, records)
-    finally:
-        await roomy.close()
-    assert crowded[0] == alone[0] == 1  # crowding no longer ends the turn
-    assert crowded[1:3] == alone[1:3]
-    assert sum(r["count"] for r in crowded[1]) == 9 * 8 + 1
-    assert crowded[3] > 12 == alone[3]  # the accounts' actors were activated again
 
 
 async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
