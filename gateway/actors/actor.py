@@ -81,12 +81,6 @@ class Actor:
         self.ledger.clear()
         return self
 
-    def committed(self, row: Row) -> int:
-        """Remember a row as committed; 1 when it is a row it did not know."""
-        known = row.key in self.ledger
-        self.ledger[row.key] = row
-        return 0 if known else 1
-
     def work(self, metrics: Metrics) -> None:
         """Take every message in the mailbox into the pending state."""
         mail = self.mail

@@ -294,9 +294,16 @@ class Dispatcher:
         for (p, f), outcome in zip(flushes.items(), outcomes, strict=True):
             if outcome is None:
                 continue
+            # a row per ledger key the turn counted: with many accounts, about one an event
+            remembered = 0
             for row in outcome.rows:
-                if (actor := live.get((row.key.source, row.key.account, p))) is not None:
-                    self._remembered += actor.committed(row)
+                key = row.key
+                if (actor := live.get((key.source, key.account, p))) is not None:
+                    ledger = actor.ledger
+                    if key not in ledger:
+                        remembered += 1
+                    ledger[key] = row
+            self._remembered += remembered
             self._report(f, outcome)
         if self._remembered > LEDGER_CACHE:
             # the rows of past days, mostly: forget them all (one turn fetches what is
