@@ -633,7 +633,8 @@ def run_child(args: argparse.Namespace, first: Path, workload: str, store: str, 
     env["PYTHONPATH"] = os.pathsep.join([str(first), str(SCRIPTS)])
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child",
            "--workload", workload, "--store", store, "--events", str(events),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size),
+           "--accounts", str(args.accounts), "--users", str(args.users)]
     if older is not None:
         cmd += ["--older-db", str(older)] + (["--rebuild"] if args.rebuild else [])
     # with --windows the pass makes its bodies as it feeds them: a 3M-event list is 600 MB

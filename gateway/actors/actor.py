@@ -67,10 +67,12 @@ class Actor:
             self.hit_keys.clear()
             self.hit_refs.clear()
             self.hits.clear()
-            self.marks.clear()
-            self.pending.clear()
-            self.accounts.clear()
-            self.dead.clear()
+            # with many accounts most actors took a hit or two and nothing else
+            if self.marks or self.pending or self.accounts or self.dead:
+                self.marks.clear()
+                self.pending.clear()
+                self.accounts.clear()
+                self.dead.clear()
             self.held = 0
 
     def become(self, source: Source, account: str) -> Actor:
@@ -78,12 +80,6 @@ class Actor:
         self.source, self.account = source, account
         self.ledger.clear()
         return self
-
-    def committed(self, row: Row) -> int:
-        """Remember a row as committed; 1 when it is a row it did not know."""
-        known = row.key in self.ledger
-        self.ledger[row.key] = row
-        return 0 if known else 1
 
     def work(self, metrics: Metrics) -> None:
         """Take every message in the mailbox into the pending state."""
@@ -159,14 +155,16 @@ class Actor:
                 grouped=True,
             ))
 
-    def tallies(self) -> dict[LedgerKey, Tally]:
+    def tallies(self, out: dict[LedgerKey, Tally] | None = None) -> dict[LedgerKey, Tally]:
         """The occurrences taken per ledger key, each with the call of its latest message
-        (`to_call`'s, built from what the key already holds: its user and event)."""
+        (`to_call`'s, built from what the key already holds: its user and event); added to
+        `out` when given (a turn's: one dict, not one per actor)."""
         source = self.source
         dialect = DIALECTS[source.api]
         path = dialect.path("track")
         unnamed = source.unnamed_pages
-        out: dict[LedgerKey, Tally] = {}
+        if out is None:
+            out = {}
         for key, latest in self.hits.values():
             item = latest.item
             msg = item.message if isinstance(item, Envelope) else item

@@ -294,9 +294,16 @@ class Dispatcher:
         for (p, f), outcome in zip(flushes.items(), outcomes, strict=True):
             if outcome is None:
                 continue
+            # a row per ledger key the turn counted: with many accounts, about one an event
+            remembered = 0
             for row in outcome.rows:
-                if (actor := live.get((row.key.source, row.key.account, p))) is not None:
-                    self._remembered += actor.committed(row)
+                key = row.key
+                if (actor := live.get((key.source, key.account, p))) is not None:
+                    ledger = actor.ledger
+                    if key not in ledger:
+                        remembered += 1
+                    ledger[key] = row
+            self._remembered += remembered
             self._report(f, outcome)
         if self._remembered > LEDGER_CACHE:
             # the rows of past days, mostly: forget them all (one turn fetches what is
@@ -386,14 +393,19 @@ class Dispatcher:
         s = self.settings
         idle_before = time.monotonic() - s.actor_idle
         crowded = len(self._live) - s.max_actors * 3 // 4
-        for key in list(self._live):
-            actor = self._live[key]
+        live, spare = self._live, self._spare
+        # the oldest first, collected before any goes: a copy of every key (thousands, with
+        # many accounts) at each call cost more than the few that go
+        going: list[tuple[str, str, int]] = []
+        for key, actor in live.items():
             if actor.held or actor.mail:
                 break
             if actor.last > idle_before and crowded <= 0:
                 break
-            del self._live[key]
-            if len(self._spare) < SPARE:
-                self._spare.append(actor)
+            going.append(key)
             crowded -= 1
-        self.metrics.active_actors.set(len(self._live))
+        for key in going:
+            actor = live.pop(key)
+            if len(spare) < SPARE:
+                spare.append(actor)
+        self.metrics.active_actors.set(len(live))

@@ -56,15 +56,19 @@ class Flush:
         self.messages = 0
 
     def add(self, actor: Actor) -> None:
-        src, account = actor.source.id, actor.account
-        self.hit_keys += actor.hit_keys
-        self.hit_refs += actor.hit_refs
-        self.tallies.update(actor.tallies())  # ledger keys name the account: no overlap
-        self.marks += actor.marks
-        self.mark_sources += [src] * len(actor.marks)
-        self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]
-        self.accounts += [(src, user, acct) for user, acct in actor.accounts]
-        self.dead += actor.dead
+        if actor.hit_keys:
+            self.hit_keys += actor.hit_keys
+            self.hit_refs += actor.hit_refs
+            actor.tallies(self.tallies)  # ledger keys name the account: no overlap
+        # with many accounts most actors hold a hit or two and nothing else: the rest is
+        # looked at only when there is some
+        if actor.marks or actor.pending or actor.accounts or actor.dead:
+            src, account = actor.source.id, actor.account
+            self.marks += actor.marks
+            self.mark_sources += [src] * len(actor.marks)
+            self.calls += [PendingCall(src, account, k, p) for k, p in actor.pending.items()]
+            self.accounts += [(src, user, acct) for user, acct in actor.accounts]
+            self.dead += actor.dead
 
 
 class Outcome(NamedTuple):
