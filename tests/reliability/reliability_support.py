@@ -221,6 +221,12 @@ class GatewayProcess:
             time.sleep(0.05)
 
 
+# Seconds a test waits for everything acknowledged to be applied and forwarded, when the
+# drain is checked, not timed: a message left for ever still fails, and a loaded 2-core
+# machine (a worker given a small share of a core) is not read as one (a 30 s bound failed
+# once at load 6 to 9 with one message still on its way)
+DRAINED = 120.0
+
 # Set to 1 to skip the tests that need a tmpfs mount (a non-root local run); by default a
 # refused mount fails them, so a CI run cannot pass without having tried a full disk.
 NO_MOUNT_ENV = "RELIABILITY_NO_MOUNT"

@@ -21,6 +21,7 @@ import pytest
 from mock_accoil.server import MockAccoilServer
 from tests.reliability.reliability_support import (
     API_KEY,
+    DRAINED,
     WRITE_KEY,
     GatewayProcess,
     basic,
@@ -209,7 +210,7 @@ def test_deep_nesting(target: Target) -> None:
         if status == 200:
             accepted.append(depth)
     assert accepted, "no depth was accepted at all"
-    target.gw.wait_drained(20)
+    target.gw.wait_drained(DRAINED)
 
 
 def test_gzip_bombs_and_broken_gzip(target: Target) -> None:
@@ -403,7 +404,7 @@ def test_zz_process_survived(target: Target) -> None:
     assert target.gw.alive
     status, _, _ = http("GET", target.gw.url + "/healthz")
     assert status == 200
-    target.gw.wait_drained(20)
+    target.gw.wait_drained(DRAINED)
     log = target.gw.log()
     assert "Traceback" not in log, log[-5000:]
     assert '"level": "error"' not in log, [ln for ln in log.splitlines() if '"error"' in ln][:5]

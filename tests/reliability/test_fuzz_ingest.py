@@ -34,6 +34,7 @@ from mock_accoil.server import MockAccoilServer
 from tests.redis.redis_support import RedisServer, require_redis
 from tests.reliability.reliability_support import (
     API_KEY,
+    DRAINED,
     WRITE_KEY,
     GatewayProcess,
     basic,
@@ -109,7 +110,7 @@ def _check_and_record(fuzz: Fuzz) -> None:
     """After the module: the process is alive, everything drained, every acknowledged valid
     event counted exactly once, and the log holds no traceback."""
     assert fuzz.gw.alive
-    fuzz.gw.wait_drained(30)
+    fuzz.gw.wait_drained(DRAINED)
     counts: Counter[str] = Counter()
     for row in fuzz.mock.counts(api_key=API_KEY):
         counts[row["event"]] += row["count"]
