@@ -45,7 +45,7 @@ from gateway.store.redis.partition import (
     split,
     waiting_key,
 )
-from gateway.store.redis.wire import bulk, exchange, pack
+from gateway.store.redis.wire import bulk, exchange, pack, text
 
 Parts = dict[int, tuple[int, bytes]]  # partition -> (messages, entry value)
 # a request waiting for its group: its parts, whether it wants the entry ids, its outcome
@@ -251,7 +251,7 @@ class RedisInbox:
         at = 0
         for parts, ids, done in group:
             if not done.done():
-                done.set_result({p: _text(r) for p, r in zip(
+                done.set_result({p: text(r) for p, r in zip(
                     parts, replies[0][at:at + len(parts)], strict=True)} if ids else len(parts))
             at += len(parts)
 
@@ -336,7 +336,7 @@ class RedisInbox:
                 elif isinstance(result, Exception):
                     failed[p] = str(result)
                 else:
-                    written[p] = _text(result)
+                    written[p] = text(result)
         return failed, asked
 
     async def _send_node(
@@ -376,7 +376,7 @@ class RedisInbox:
     async def progress(self, partition: int) -> str:
         """The id of the last entry applied from `partition` (`START` if none)."""
         value = await self.client.get(progress_key(partition))
-        return _text(value) if value is not None else START
+        return text(value) if value is not None else START
 
     async def read(self, partition: int, after: str, count: int) -> list[Entry]:
         """Up to `count` entries of `partition` after the entry id `after`, oldest first."""
@@ -384,7 +384,7 @@ class RedisInbox:
             inbox_key(partition), min="-" if after == START else f"({after}", count=count))
         out = []
         for entry_id, fields in rows:
-            source, received_at, count, body = entry_fields(_flat(fields))
+            source, received_at, count, body = entry_fields(flat(fields))
             out.append(Entry(id=entry_id.decode(), source=source.decode(),
                              received_at=received_at, count=count, body=body))
         return out
@@ -405,9 +405,7 @@ class RedisInbox:
         return dict(zip(partitions, map(int, await pipe.execute()), strict=True))
 
 
-def _flat(fields: dict[bytes, bytes]) -> list[bytes]:
+def flat(fields: dict[bytes, bytes]) -> list[bytes]:
+    """An entry's fields as a stream reply lists them (name, value, name, value), from
+    redis-py's dict, for `entry_fields`."""
     return [x for kv in fields.items() for x in kv]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

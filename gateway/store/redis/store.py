@@ -53,7 +53,7 @@ from gateway.store.redis.connect import (
 )
 from gateway.store.redis.dead import LETTER_PARTS, DeadTurn, group_field, letter_meta, letters_of
 from gateway.store.redis.dead import unpack_meta as letter_fields
-from gateway.store.redis.inbox import START, RedisInbox, entry_fields
+from gateway.store.redis.inbox import START, RedisInbox, entry_fields, flat
 from gateway.store.redis.lease import Leases
 from gateway.store.redis.metrics import RedisMetrics
 from gateway.store.redis.ops import Ops, field
@@ -87,7 +87,7 @@ from gateway.store.redis.scripts import (
 )
 from gateway.store.redis.state import StateTurn, SyncClient, day_of, known_day
 from gateway.store.redis.state import ledger_key_of as ledger_key_from
-from gateway.store.redis.wire import SyncScript, exchange, pack
+from gateway.store.redis.wire import SyncScript, commands, exchange, pack, text
 from gateway.tasks import stop_tasks
 
 log = structlog.get_logger("gateway.store.redis")
@@ -210,9 +210,9 @@ class RedisStore:
         self.reachable = True
         client = self.client
         self.inbox = RedisInbox(client, self.partitions, wait_replicas=self.wait_replicas)
-        for name, text in (("delivered", DELIVERED), ("retry", RETRY), ("reject", REJECT),
+        for name, lua in (("delivered", DELIVERED), ("retry", RETRY), ("reject", REJECT),
                            ("requeue", REQUEUE), ("counts", COUNTS)):
-            self._scripts[name] = client.register_script(text)
+            self._scripts[name] = client.register_script(lua)
         self._probe = asyncio.create_task(self._probing(), name="redis-probe")
         if not self.apply:
             return
@@ -293,7 +293,7 @@ class RedisStore:
             for i, p in enumerate(fresh):
                 cursor, days = replies[2 * i], replies[2 * i + 1]
                 self._reading[p] = _Reading(
-                    owned[p], _text(cursor) if cursor else START, {_text(d) for d in days})
+                    owned[p], text(cursor) if cursor else START, {text(d) for d in days})
             changed = True
         if changed and self.on_owner_change is not None:
             self.on_owner_change()
@@ -386,7 +386,7 @@ class RedisStore:
                 pipe.xrange(inbox_key(p), min="-" if r.after == START else f"({r.after}",
                             count=each)
             found = [
-                (p, r, [(i, _flat(f)) for i, f in entries])
+                (p, r, [(i, flat(f)) for i, f in entries])
                 for p, r, entries in zip(owned, readings, await pipe.execute(), strict=True)
             ]
         else:
@@ -419,20 +419,7 @@ class RedisStore:
                     source = sources[s] = s.decode()
                 append((InboxRow(row_id(p, raw_id), source, t, b, n, p), r))
             if entries:
-                r.after = _text(entries[-1][0])
-
-    async def _commands(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
-        """`commands` in one round trip, their replies raw: on one node packed in C on one
-        connection (`wire`), on a Cluster a pipeline (each command routed by its key)."""
-        if not commands:
-            return []
-        client = self._c()
-        if isinstance(client, AsyncCluster):
-            pipe = client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return await pipe.execute()
-        return await exchange(client, b"".join(map(pack, commands)), len(commands))
+                r.after = text(entries[-1][0])
 
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
         # waits for Redis: a record whose routing failed would hold its partition's cursor
@@ -445,11 +432,11 @@ class RedisStore:
         by_p: dict[int, list[str]] = {}
         for user in users:
             by_p.setdefault(partition_of(source, user, self.partitions), []).append(user)
-        replies = await self._commands(
-            [("HMGET", accounts_key(p), *(field(source, u) for u in us)) for p, us in by_p.items()])
+        replies = await commands(
+            self._c(), [("HMGET", accounts_key(p), *(field(source, u) for u in us)) for p, us in by_p.items()])
         found: dict[str, str] = {}
         for us, values in zip(by_p.values(), replies, strict=True):
-            found.update((u, _text(v)) for u, v in zip(us, values, strict=True) if v is not None)
+            found.update((u, text(v)) for u, v in zip(us, values, strict=True) if v is not None)
         return found
 
     async def transact(
@@ -540,7 +527,7 @@ class RedisStore:
             return []
         upto = repr(now)
         found: list[tuple[float, int, int]] = []
-        for p, reply in zip(owned, await self._commands([
+        for p, reply in zip(owned, await commands(self._c(), [
                 ("ZRANGE", due_key(p, source), "-inf", upto, "BYSCORE", "LIMIT", 0, limit,
                  "WITHSCORES") for p in owned]), strict=True):
             found += [(at, int(i), p) for i, at in _scored(reply)]
@@ -549,7 +536,7 @@ class RedisStore:
         by_p: dict[int, list[tuple[int, float]]] = {}
         for at, i, p in found:
             by_p.setdefault(p, []).append((i, at))
-        replies = iter(await self._commands([
+        replies = iter(await commands(self._c(), [
             ("HMGET", outbox_key(p, part), *(str(i) for i, _ in ids))
             for p, ids in by_p.items() for part in ITEM_PARTS]))
         items: list[tuple[float, OutboxItem]] = []
@@ -566,8 +553,8 @@ class RedisStore:
         owned = self._owned()
         if not owned:
             return None
-        replies = await self._commands(
-            [("ZRANGE", due_key(p, source), 0, 0, "WITHSCORES") for p in owned])
+        replies = await commands(
+            self._c(), [("ZRANGE", due_key(p, source), 0, 0, "WITHSCORES") for p in owned])
         firsts = [pairs[0][1] for pairs in map(_scored, replies) if pairs]
         return min(firsts) if firsts else None
 
@@ -736,9 +723,9 @@ class RedisStore:
         return gone
 
     async def counts(self) -> Counts:
-        days = await self._commands(
-            [("ZRANGE", ledger_days_key(p), 0, -1) for p in range(self.partitions)])
-        keysets = [[*fixed_keys(p), *(ledger_counts_key(p, _text(d)) for d in ds)]
+        days = await commands(
+            self._c(), [("ZRANGE", ledger_days_key(p), 0, -1) for p in range(self.partitions)])
+        keysets = [[*fixed_keys(p), *(ledger_counts_key(p, text(d)) for d in ds)]
                    for p, ds in enumerate(days)]
         script = self._scripts["counts"]
         replies: list[Any]
@@ -747,12 +734,12 @@ class RedisStore:
         else:
             # one node (admin's stats, each pipeline's resync): every partition's script
             # packed and sent at once, not one task and pooled connection each
-            commands = [("EVALSHA", script.sha, len(keys), *keys) for keys in keysets]
+            calls = [("EVALSHA", script.sha, len(keys), *keys) for keys in keysets]
             try:
-                replies = await self._commands(commands)
+                replies = await commands(self._c(), calls)
             except NoScriptError:
                 await self._c().script_load(script.script)  # a restarted Redis forgot it
-                replies = await self._commands(commands)
+                replies = await commands(self._c(), calls)
         totals = [0, 0, 0, 0, 0]
         for reply in replies:
             for i, n in enumerate(reply):
@@ -764,8 +751,8 @@ class RedisStore:
         for p in range(self.partitions):
             pipe.zrange(ledger_days_key(p), 0, -1)
         wanted: list[tuple[int, str]] = [
-            (p, _text(d)) for p, ds in enumerate(await pipe.execute()) for d in ds
-            if day is None or _text(d) == day
+            (p, text(d)) for p, ds in enumerate(await pipe.execute()) for d in ds
+            if day is None or text(d) == day
         ]
         pipe = self._c().pipeline(transaction=False)
         for p, d in wanted:
@@ -783,7 +770,7 @@ class RedisStore:
                 rows.append({
                     "source": key.source, "day": key.day, "userId": key.user,
                     "account": key.account, "event": key.event, "count": int(n),
-                    "lastTimestamp": _text(ts) if ts is not None else None,
+                    "lastTimestamp": text(ts) if ts is not None else None,
                 })
         return rows
 
@@ -795,13 +782,13 @@ class RedisStore:
         gone = 0
         client = self._c()
         for p in self._owned():
-            days = [_text(d) for d in await client.smembers(dedupe_days_key(p))]  # type: ignore[misc]
+            days = [text(d) for d in await client.smembers(dedupe_days_key(p))]  # type: ignore[misc]
             old = [d for d in days if d < oldest]
             if old:
                 await client.delete(*(dedupe_day_key(p, d) for d in old))
                 await client.srem(dedupe_days_key(p), *old)  # type: ignore[misc]
                 gone += len(old)
-            stale = [_text(d) for d in await client.zrangebyscore(ledger_days_key(p), "-inf", f"({before}")]
+            stale = [text(d) for d in await client.zrangebyscore(ledger_days_key(p), "-inf", f"({before}")]
             if stale:
                 await client.delete(*(k for d in stale for k in (
                     ledger_counts_key(p, d), ledger_stamps_key(p, d))))
@@ -826,12 +813,3 @@ def _scored(reply: Any) -> list[tuple[bytes, float]]:
     if isinstance(reply[0], list | tuple):
         return [(m, float(at)) for m, at in reply]
     return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
-
-
-def _flat(fields: dict[bytes, bytes]) -> list[bytes]:
-    """An entry's fields as a stream reply lists them: name, value, name, value."""
-    return [x for kv in fields.items() for x in kv]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -19,11 +19,17 @@ from typing import Any, cast
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncCluster
 from redis.cluster import RedisCluster as SyncCluster
 from redis.exceptions import NoScriptError
 
 # hiredis's stub types its argument as a 1-tuple; it takes any number of them
 pack = cast(Callable[[tuple[str | bytes | int, ...]], bytes], hiredis.pack_command)
+
+
+def text(value: Any) -> str:
+    """A reply's value (bytes from the raw path, text from redis-py's) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def bulk(value: bytes) -> bytes:
@@ -56,6 +62,21 @@ async def exchange(client: aioredis.Redis, packed: bytes, replies: int) -> list[
         if isinstance(reply, Exception):
             raise reply
     return out
+
+
+async def commands(
+    client: aioredis.Redis | AsyncCluster, commands: list[tuple[str | bytes | int, ...]]
+) -> list[Any]:
+    """`commands` in one round trip, their replies raw: on one node packed in C on one
+    connection, on a Cluster a pipeline (each command routed by its key)."""
+    if not commands:
+        return []
+    if isinstance(client, AsyncCluster):
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+    return await exchange(client, b"".join(map(pack, commands)), len(commands))
 
 
 def exchange_sync(client: redis.Redis, packed: bytes, replies: int) -> list[Any]:
@@ -96,8 +117,7 @@ def exchange_sync(client: redis.Redis, packed: bytes, replies: int) -> list[Any]
 def commands_sync(
     client: redis.Redis | SyncCluster, commands: list[tuple[str | bytes | int, ...]]
 ) -> list[Any]:
-    """`commands` in one round trip, their replies raw: on one node packed in C, on a
-    Cluster a pipeline (each command routed by its key)."""
+    """`commands` on a sync client (a partition turn's reads)."""
     if not commands:
         return []
     if isinstance(client, SyncCluster):
