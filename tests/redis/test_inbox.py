@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -136,20 +137,28 @@ async def test_appendfsync_always_keeps_every_acknowledged_batch_across_kill_9(
         await client.aclose()
 
 
+@asynccontextmanager
+async def out_of_memory(client: Client) -> AsyncIterator[None]:
+    """Redis refusing writes (OOM under noeviction) while inside, as it does in production
+    when full: a maxmemory far below what it already uses."""
+    await client.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        await client.config_set("maxmemory", 0)
+
+
 async def test_a_request_redis_refuses_writes_none_of_its_parts(client: Client) -> None:
     """One node: a request's parts are one script, so a refusal (OOM under noeviction)
     writes none of them, and the connection that carried the error serves the next."""
     inbox = RedisInbox(client, P)
     batch = body(100, users=40)
-    await client.config_set("maxmemory", 1)  # far below what Redis already uses: OOM
-    try:
+    async with out_of_memory(client):
         with pytest.raises(InboxUnavailable, match="maxmemory"):
             await inbox.append("web", time.time(), batch)
         assert await read_all(inbox) == {}
         waiting = [k async for k in client.scan_iter(match="*:waiting")]
         assert waiting == []
-    finally:
-        await client.config_set("maxmemory", 0)
     ids = await inbox.append("web", time.time(), batch)
     assert len(ids) > 10  # many parts, all written
     stored = await read_all(inbox)
@@ -190,15 +199,12 @@ async def test_a_group_redis_refuses_fails_every_request_in_it_and_writes_none(
     client: Client,
 ) -> None:
     inbox = RedisInbox(client, P)
-    await client.config_set("maxmemory", 1)  # OOM
-    try:
+    async with out_of_memory(client):
         outcomes = await asyncio.gather(
             *(inbox.accept("web", time.time(), body(20, 7, start=k * 20), 20) for k in range(10)),
             return_exceptions=True)
         assert all(isinstance(o, InboxUnavailable) and "maxmemory" in str(o) for o in outcomes)
         assert await read_all(inbox) == {}
-    finally:
-        await client.config_set("maxmemory", 0)
     assert await inbox.accept("web", time.time(), body(20, 7), 20) == len(split("web", body(20, 7), P))
 
 
