@@ -890,9 +890,16 @@ def effective_timestamp(
     `timestamp` if given; else `received_at - (sentAt - originalTimestamp)`
     (the client's clock skew corrected, the message's own `sentAt` before the
     batch's); else `received_at`. Naive datetimes are taken as UTC.
+
+    A `timestamp` whose offset takes it outside the calendar in UTC (year 1 at +01:00,
+    year 9999 at -01:00) is a broken client clock, as a skew that does is: the rules after
+    it decide. Raising here would fail the message's record at every routing, for ever.
     """
     if msg.timestamp is not None:
-        return _utc(msg.timestamp)
+        try:
+            return _utc(msg.timestamp)
+        except OverflowError:
+            pass
     received = _utc(received_at)
     sent_at = msg.sentAt if msg.sentAt is not None else batch_sent_at
     if msg.originalTimestamp is not None and sent_at is not None:

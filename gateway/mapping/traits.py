@@ -67,7 +67,7 @@ def created_at(value: Any) -> Any:
 def _from_iso(text: str) -> str:
     try:
         return iso(datetime.fromisoformat(text.strip()))
-    except ValueError:
+    except (ValueError, OverflowError):  # unreadable, or outside the calendar in UTC
         return text
 
 

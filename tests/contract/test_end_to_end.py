@@ -442,3 +442,29 @@ async def test_messages_that_are_not_objects_are_rejected_and_the_rest_applied(
         assert sorted(str(d["payload"]) for d in listing["dead_letters"]) == ["17", "[1]", "text"]
     assert mock_accoil.count("u7", "Report Built") == 1
     assert mock_accoil.count("u8", "Report Built") == 1
+
+
+async def test_timestamps_outside_the_calendar_in_utc_are_a_broken_clock(
+    mock_accoil: MockAccoilServer, tmp_path: Path
+) -> None:
+    # year 1 at +01:00 is before year 1 in UTC: Python cannot hold it. It reads as a date,
+    # so ingest takes it; the pipeline treats it as a broken client clock (the event counts
+    # when it arrived) rather than failing the record at every routing, which would hold
+    # it, and in Redis mode its partition's cursor, for ever
+    batch = [{"type": "track", "messageId": "early", "userId": "u1", "event": "Early",
+              "timestamp": "0001-01-01T00:00:00+01:00"},
+             {"type": "identify", "messageId": "late", "userId": "u2",
+              "timestamp": "9999-12-31T23:30:00-01:00",
+              "traits": {"createdAt": "0001-01-01T00:00:00+01:00"}},
+             track("after", user="u3")]
+    async with running(settings_for(mock_accoil.url, tmp_path, admin_token=ADMIN)) as gw:
+        status, reply = await gw.post("/v1/batch", {"batch": batch})
+        assert (status, reply) == (200, {"success": True}), reply
+        await gw.idle()
+        _, listing = await gw.admin("GET", "/admin/dead-letters")
+    assert listing["dead_letters"] == []
+    (early,) = [c for c in mock_accoil.calls(path="/v2/track") if c["body"]["event"] == "Early"]
+    assert early["body"]["timestamp"][:10] == early["time"][:10]  # the day it arrived
+    (identify,) = mock_accoil.calls(path="/v2/identify")
+    assert identify["body"]["traits"]["createdAt"] == "0001-01-01T00:00:00+01:00"  # as sent
+    assert mock_accoil.count("u3", "Report Built") == 1

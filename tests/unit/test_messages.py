@@ -435,6 +435,12 @@ PLUS2 = timezone(timedelta(hours=2))
         # a skew that leaves the calendar: receivedAt
         ({"originalTimestamp": datetime(1, 1, 1, tzinfo=UTC),
           "sentAt": datetime(9999, 1, 1, tzinfo=UTC)}, None, RECEIVED, RECEIVED),
+        # a timestamp outside the calendar once in UTC: the rules after it decide
+        ({"timestamp": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))}, None,
+         RECEIVED, RECEIVED),
+        ({"timestamp": datetime(9999, 12, 31, 23, 30, tzinfo=timezone(-timedelta(hours=1))),
+          "originalTimestamp": T0, "sentAt": T0 + timedelta(seconds=30)}, None, RECEIVED,
+         RECEIVED - timedelta(seconds=30)),
     ],
 )
 def test_effective_timestamp(
