@@ -124,7 +124,7 @@ async def test_a_row_of_several_records_routes_each_as_a_row_of_its_own_with_ids
     records = [(1_764_000_000.0, 3, bodies[0]), (1_764_000_000.0, 3, bodies[1])]
 
     async def route(row: InboxRow, between: Callable[[], None] | None = None) -> tuple[
-            list[tuple[Any, ...]], list[bytes]]:
+            list[tuple[Any, ...]], list[bytes | None]]:
         seen: list[tuple[Any, ...]] = []
 
         def deliver(env: Envelope, source: Source, account: str) -> None:
