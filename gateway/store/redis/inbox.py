@@ -10,9 +10,10 @@ request): one XADD and INCRBY an entry, and one entry for the pipeline to read a
 rather than one a part of about 2.5 events. A group's XADDs and INCRBYs run in one script,
 `_APPEND`, sent as one command (its RESP built from fragments made once: `_pack_append`),
 so a request is written whole or not at all. On a Cluster the parts go in one pipeline per
-node, sent concurrently (a script's keys must share a slot), an entry of one record a part. `WAIT` follows when `wait_replicas` is
-set, on the same connection. It returns only when every part is written (and replicated);
-otherwise it raises `InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
+node, sent concurrently (a script's keys must share a slot), an entry of one record a part.
+`WAIT` follows when `wait_replicas` is set, on the same connection. It returns only when
+every part is written (and replicated); otherwise it raises `InboxUnavailable`, which
+ingest answers with 503 and `Retry-After`.
 
 Nothing is half acknowledged: a request is acknowledged only when all its parts are in.
 When some parts were written and others not, the client is told to retry and sends the
@@ -80,6 +81,7 @@ class InboxUnavailable(Exception):
 # a partition rather than one each (BENCHMARKS.md, branch `redisentry`).
 FIELD = b"m"
 ONE = b"d"  # the one-record field of the version before (read, not written)
+
 
 def entry_value(source: bytes, records: list[tuple[int, bytes, bytes]]) -> bytes:
     """The `m` field of an entry: the source, then each record's header and body as it is;
