@@ -202,15 +202,15 @@ def state_figures(server: RedisServer, args: argparse.Namespace) -> dict[str, fl
 
 
 def entry_sample(body: bytes, partitions: int) -> dict[str, Any]:
-    """One inbox entry as ingest writes it (its one field, `d`), from a real batch: its
-    median part; with its messages and its body's bytes."""
+    """One inbox entry as ingest writes it (its one field, `m`) for a request alone in its
+    group, from a real batch: its median part; with its messages and its body's bytes."""
     from gateway.store.redis.inbox import entry_value
     from gateway.store.redis.partition import split
 
     ordered = sorted(split("web", body, partitions).values(), key=lambda pc: len(pc[0]))
     part, count = ordered[len(ordered) // 2]
-    value = entry_value(b"web", repr(time.time()), count, part)
-    return {"fields": {"d": value.decode()}, "n": count, "bytes": len(part)}
+    value = entry_value(b"web", [(count, repr(time.time()).encode(), part)])
+    return {"fields": {"m": value.decode()}, "n": count, "bytes": len(part)}
 
 
 def _aof_bytes(server: RedisServer) -> int:

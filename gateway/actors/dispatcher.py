@@ -187,7 +187,7 @@ class Dispatcher:
         self._take(row.id, row.count)
         self._partition = row.partition
         try:
-            dead = await self.router.route(row, self._deliver, self._counted)
+            dead = await self.router.route(row, self._deliver, self._counted, self._work)
         except Exception:
             # leave the record pending in the inbox: the next start routes it again
             log.exception("routing failed", source_id=row.source, inbox_id=row.id)
@@ -200,6 +200,11 @@ class Dispatcher:
         f.inbox[row.id] = f.inbox.get(row.id, 0) + row.count
         f.messages += row.count
         self._pending += row.count
+        self._work()
+
+    def _work(self) -> None:
+        """The actors given mail take it (after a record: the next one's messages are
+        routed, and the compiled take's hits taken, after these, as in a row of its own)."""
         metrics = self.metrics
         for actor in self._ready:
             if not actor.held:

@@ -62,6 +62,9 @@ class Router:
         self._keys = {sid: DedupeKeys(prefix) for sid, prefix in self._prefixes.items()}
         self._handoff: dict[int, Decoded | Stored] = {}
         self._row_users: dict[int, list[str | None]] = {}  # each message's user, from `prepare`
+        # a row of several records: each one's (decoded, users) from `prepare`, None where
+        # it could not be read
+        self._records: dict[int, list[tuple[Stored, list[str | None]] | None]] = {}
         # per source, user -> the account a group call put them in (None: none), least
         # recently learnt first
         self._users: dict[str, dict[str, str | None]] = {}
@@ -76,43 +79,70 @@ class Router:
     async def prepare(self, rows: list[InboxRow]) -> None:
         """Decode `rows` ahead of routing them, and load the accounts of their new users in
         one read per source rather than one per row (a partitioned store's rows are small:
-        the part of a request that fell in one partition)."""
+        the parts of requests that fell in one partition)."""
         users: dict[str, set[str | None]] = {}
         for row in rows:
             if not row.count or row.id in self._handoff or row.source not in self.sources:
                 continue
-            try:
-                decoded = decode_stored(row.body)
-            except InvalidBody:
-                continue  # `route` keeps it as a dead letter
-            self._handoff[row.id] = decoded
-            row_users = self._row_users[row.id] = user_ids(decoded.messages)
-            users.setdefault(row.source, set()).update(row_users)
+            wanted = users.setdefault(row.source, set())
+            if row.records is None:
+                found = _prepared(row.body, wanted)
+                if found is not None:
+                    self._handoff[row.id], self._row_users[row.id] = found
+            else:
+                self._records[row.id] = [_prepared(body, wanted) for _, _, body in row.records]
         for source, wanted in users.items():
-            await self._learn(source, self._users.setdefault(source, {}), list(wanted))
+            if wanted:
+                await self._learn(source, self._users.setdefault(source, {}), list(wanted))
 
     async def route(
-        self, row: InboxRow, deliver: Deliver, take: TakeCounted | None = None
+        self, row: InboxRow, deliver: Deliver, take: TakeCounted | None = None,
+        between: Callable[[], None] | None = None,
     ) -> list[DeadLetter]:
         """Hand each message of `row` to `deliver` (its ledger hits to `take` first, when
         given and it takes them); the dead letters of those that cannot be taken (rejected by
-        ingest, replayed dead letters still invalid, unreadable)."""
+        ingest, replayed dead letters still invalid, unreadable). A row of several records
+        routes them in order, `between` called between two (the messages delivered so far
+        are worked before the next record's are taken, as if each were a row)."""
+        if row.records is None:
+            return await self._route(
+                row, row.received_at, row.body, self._handoff.pop(row.id, None),
+                self._row_users.pop(row.id, None), deliver, take, 0, 0)
+        prepared = self._records.pop(row.id, None)
+        dead: list[DeadLetter] = []
+        first = 0  # the record's first message's index in the row: ids stay unique in it
+        for i, (received_at, count, body) in enumerate(row.records):
+            if i and between is not None:
+                between()
+            ready = prepared[i] if prepared is not None else None
+            decoded, users = ready if ready is not None else (None, None)
+            dead += await self._route(
+                row, received_at, body, decoded, users, deliver, take, first, len(dead))
+            first += count
+        return dead
+
+    async def _route(
+        self, row: InboxRow, received_at: float, body: bytes,
+        decoded: Decoded | Stored | None, users: list[str | None] | None,
+        deliver: Deliver, take: TakeCounted | None, first: int, dead_at: int,
+    ) -> list[DeadLetter]:
+        """One record of `row`: its messages numbered from `first` in the row, its dead
+        letters from `dead_at` (a row of one record: both 0)."""
         source = self.sources.get(row.source)
-        decoded = self._handoff.pop(row.id, None)
-        users = self._row_users.pop(row.id, None)
         if decoded is None:
             try:
-                decoded = decode_stored(row.body)
+                decoded = decode_stored(body)
             except InvalidBody as exc:
-                return self._dead(row, [(row.body, f"stored body unreadable: {exc.reason}", False)])
+                return self._dead(row, received_at, dead_at, [
+                    (body, f"stored body unreadable: {exc.reason}", False)])
         # the same reason repeated is one letter with a count: these messages are at fault
         invalid = [(r.raw, r.reason, True) for r in decoded.rejected]
         if source is None:
             # each kept: they are fine, and a replay after the source is back forwards them
             gone = [(msgspec.json.encode(m), "source is no longer configured", False)
-                    for m in _in_full(row, decoded, range(len(decoded.messages)))]
-            return self._dead(row, gone + invalid)
-        received = datetime.fromtimestamp(row.received_at, UTC)
+                    for m in _in_full(body, decoded, range(len(decoded.messages)))]
+            return self._dead(row, received_at, dead_at, gone + invalid)
+        received = datetime.fromtimestamp(received_at, UTC)
         messages: Sequence[AnyMessage] = decoded.messages
         if users is None:
             users = user_ids(messages)
@@ -121,7 +151,7 @@ class Router:
             # forwards any other): it is read in full, as the dead letter keeps it
             messages = list(messages)
             anonymous = [i for i, user in enumerate(users) if user is None]
-            for i, full in zip(anonymous, _in_full(row, decoded, anonymous), strict=True):
+            for i, full in zip(anonymous, _in_full(body, decoded, anonymous), strict=True):
                 messages[i] = full
         known = self._users.setdefault(source.id, {})
         await self._learn(source.id, known, users)
@@ -132,7 +162,7 @@ class Router:
             # a message's own context and integrations are all there is: the common record
             left = take(source, self._prefixes[source.id], known, list(messages))
             if left is not None and not left:
-                return self._dead(row, invalid)
+                return self._dead(row, received_at, dead_at, invalid)
         if left is None:
             left = range(len(messages))
         key_of = self._keys[source.id]
@@ -143,13 +173,13 @@ class Router:
             # most batches carry no integrations of their own: no call then
             integrations = (msg.integrations if batch_integrations is None
                             else merged(batch_integrations, msg.integrations))
-            mid = msg.messageId or generated_message_id(row.id, row.received_at, index)
+            mid = msg.messageId or generated_message_id(row.id, received_at, first + index)
             at = msg.timestamp
             if at is None or at.tzinfo is not UTC:  # else it is the effective timestamp
                 at = effective_timestamp(msg, sent_at, received)
             env = Envelope(key_of(mid), msg, at, context, integrations, user)
             deliver(env, source, self._account(known, msg, user, context))
-        return self._dead(row, invalid)
+        return self._dead(row, received_at, dead_at, invalid)
 
     def _account(
         self, known: dict[str, str | None], msg: AnyMessage, user: str | None,
@@ -185,12 +215,17 @@ class Router:
         """Load users' accounts from the store again (another gateway may have changed them)."""
         self._users.clear()
 
-    def _dead(self, row: InboxRow, items: list[tuple[bytes, str, bool]]) -> list[DeadLetter]:
-        """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters."""
+    def _dead(
+        self, row: InboxRow, received_at: float, start: int, items: list[tuple[bytes, str, bool]]
+    ) -> list[DeadLetter]:
+        """`items` (payload, reason, grouped: see `DeadLetter.grouped`) as dead letters,
+        numbered in the row from `start`."""
+        if not items:
+            return []
         key_of = self._keys.get(row.source) or DedupeKeys(dedupe_prefix(row.source))
         return [
             DeadLetter(source=row.source, stage="ingest", reason=reason, payload=payload,
-                       key=key_of(rejected_id(row.id, row.received_at, i)),
+                       key=key_of(rejected_id(row.id, received_at, start + i)),
                        grouped=grouped)
             for i, (payload, reason, grouped) in enumerate(items)
         ]
@@ -206,12 +241,26 @@ def _contexts(decoded: Decoded | Stored) -> Sequence[dict[str, Any] | Context | 
 
 
 def _in_full(
-    row: InboxRow, decoded: Decoded | Stored, positions: Sequence[int]
+    body: bytes, decoded: Decoded | Stored, positions: Sequence[int]
 ) -> list[AnyMessage]:
     """The messages at `positions` as `decode_batch` models them (what a dead letter keeps)."""
     if isinstance(decoded, Decoded):
         return [decoded.messages[i] for i in positions]
-    return in_full(row.body, decoded, positions)
+    return in_full(body, decoded, positions)
+
+
+def _prepared(
+    body: bytes, users: set[str | None]
+) -> tuple[Stored, list[str | None]] | None:
+    """A record's body decoded and its messages' users (added to `users`); None when it
+    cannot be read (`route` keeps it as a dead letter)."""
+    try:
+        decoded = decode_stored(body)
+    except InvalidBody:
+        return None
+    found = user_ids(decoded.messages)
+    users.update(found)
+    return decoded, found
 
 
 def _remember(known: dict[str, str | None], user: str, account: str | None) -> None:

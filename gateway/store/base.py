@@ -38,13 +38,21 @@ class StoredLetter(msgspec.Struct, kw_only=True):
     last_at: float  # the latest occurrence (grouped letters); else created_at
 
 
+# one request's part of a row that holds several: (received_at, messages, body)
+Record = tuple[float, int, bytes]
+
+
 class InboxRow(msgspec.Struct, array_like=True):
     id: int
     source: str
     received_at: float
     body: bytes
-    count: int
+    count: int  # messages, over every record of `records`
     partition: int = 0  # whose state its messages change (a partitioned store; SQLite has one)
+    # a row of several requests' parts, all of `source` (a Redis inbox entry): each its own
+    # envelope (sentAt, batch context) and received_at; `received_at` is the first's, `body`
+    # empty. None: the row is one record, `received_at`, `count` and `body`
+    records: list[Record] | None = None
 
 
 class Queued(msgspec.Struct, array_like=True):

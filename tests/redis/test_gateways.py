@@ -1,10 +1,11 @@
 """Real gateways (`pipeline = "process"`, the default) on one real redis-server: two of them
 divide the partitions and keep the ledger exact with SDK retries landing on the other one;
 one of them rides out Redis going away (503 with Retry-After, not ready) and comes back by
-itself; one applies the entries an older version left in the streams."""
+itself; one applies the entries older versions left in the streams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -134,16 +135,23 @@ async def test_a_gateway_on_a_redis_cluster(
 async def test_entries_an_older_version_wrote_apply_beside_new_ones(
     mock_accoil: MockAccoilServer, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    # a stream written by a gateway before the one-field entry (s, t, n, b: four fields),
-    # then this version's gateway starting on it and writing its own entries after them
+    # a stream written by gateways before the entry of several records: one of four fields
+    # (s, t, n, b), then one of one field `d` (a part a record); then this version's gateway
+    # starting on it and writing its own entries (several requests' parts in one) after them
     c = redis_server.client()
     c.set("{gw}:partitions", P)
     for start in (0, 40):
         for p, (part, count) in split("main", json.dumps(tracks(start, 40)).encode(), P).items():
-            c.xadd(inbox_key(p), {"s": "main", "t": repr(time.time()), "n": count, "b": part})
+            at = repr(time.time())
+            if start:
+                c.xadd(inbox_key(p), {"d": b"%d %s 4 main%s" % (count, at.encode(), part)})
+            else:
+                c.xadd(inbox_key(p), {"s": "main", "t": at, "n": count, "b": part})
             c.incrby(waiting_key(p), count)
     async with running(redis_settings(mock_accoil, tmp_path, redis_server.url)) as gw:
-        assert (await gw.post("/v1/batch", tracks(80, 40)))[0] == 200
+        sent = await asyncio.gather(*(gw.post("/v1/batch", tracks(80 + k * 10, 10))
+                                      for k in range(4)))
+        assert [status for status, *_ in sent] == [200] * 4
         assert (await gw.post("/v1/batch", tracks(0, 10)))[0] == 200  # a retry: dedupe holds
         await gw.idle(timeout=30)
         status, ledger = await gw.admin("GET", "/admin/ledger")

@@ -195,6 +195,32 @@ async def test_concurrent_requests_go_in_one_group_and_each_gets_its_own_parts(
     assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(600))
 
 
+async def test_a_groups_parts_of_one_partition_and_source_are_one_entry_in_order(
+    client: Client,
+) -> None:
+    # one source's requests in one group: one entry a partition, holding each request's
+    # part as a record (its own received_at and count), in the requests' order
+    inbox = RedisInbox(client, P)
+    bodies = [body(20, 7, start=k * 20) for k in range(10)]
+    outcomes = await asyncio.gather(*(
+        inbox.append("web", 1_700_000_000.0 + k, b) for k, b in enumerate(bodies)))
+    parts = [split("web", b, P) for b in bodies]
+    touched = {p for ps in parts for p in ps}
+    lag = await inbox.lag(sorted(touched))
+    assert sum(lag.values()) < sum(map(len, parts))  # fewer entries than parts
+    for p in touched:
+        records = await inbox.read(p, START, 10_000)
+        mine = [(k, ps[p]) for k, ps in enumerate(parts) if p in ps]
+        assert [(r.received_at, r.body, r.count) for r in records] == [
+            (1_700_000_000.0 + k, part, n) for k, (part, n) in mine]
+        assert [r.id for r in records] == [outcomes[k][p] for k, _ in mine]
+        assert lag[p] == len({r.id for r in records})
+    stored = await read_all(inbox)
+    for ms in stored.values():
+        assert ms == sorted(ms, key=lambda m: int(m[1:]))
+    assert sorted(m for ms in stored.values() for m in ms) == sorted(f"m{i}" for i in range(200))
+
+
 async def test_a_group_redis_refuses_fails_every_request_in_it_and_writes_none(
     client: Client,
 ) -> None:

@@ -363,27 +363,36 @@ async def test_a_read_sent_ahead_under_a_lost_ownership_hands_nothing(store: Red
     assert again[0] == first[0].id
 
 
-async def test_an_entry_in_the_older_layout_is_read_beside_the_new(
+async def test_entries_of_the_older_layouts_are_read_beside_the_new(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
-    # ingest writes one field (`d`); entries an older version wrote have four (s, t, n, b),
-    # in its order or another (a hand-made entry): each is read by name
+    # ingest writes one field (`m`), one entry of a group's parts in a partition; a stream
+    # written before an upgrade holds the version before's entries (one part in `d`) and
+    # older ones of four fields (s, t, n, b), in its order or another: each is read
     p = partition_of(SOURCE.id, "u1", P)
     await store.accept(SOURCE.id, NOW, batch(["u1"] * 2), 2)
-    old = [batch(["u1"], 5), batch(["u1"] * 3, 6)]
+    old = [batch(["u1"], 5), batch(["u1"] * 3, 6), batch(["u1"] * 2, 9)]
+    src = SOURCE.id.encode()
     c = redis_server.client()
     c.xadd(f"{{p{p}}}:inbox", {"s": SOURCE.id, "t": repr(NOW + 1), "n": 1, "b": old[0]})
     c.xadd(f"{{p{p}}}:inbox", {"b": old[1], "n": 3, "t": repr(NOW + 2), "s": SOURCE.id})
-    await store.accept(SOURCE.id, NOW + 3, batch(["u1"], 9), 1)
+    c.xadd(f"{{p{p}}}:inbox", {"d": b"2 %r %d %s%s" % (NOW + 3, len(src), src, old[2])})
+    # two requests in one group: one entry, each part a record with its received_at
+    together = [batch(["u1"], 11), batch(["u1"] * 2, 12)]
+    await asyncio.gather(store.accept(SOURCE.id, NOW + 4, together[0], 1),
+                         store.accept(SOURCE.id, NOW + 5, together[1], 2))
     rows = await store.inbox_after(0, 100)
     assert [(r.source, r.received_at, r.count, r.partition) for r in rows] == [
         (SOURCE.id, NOW, 2, p), (SOURCE.id, NOW + 1, 1, p), (SOURCE.id, NOW + 2, 3, p),
-        (SOURCE.id, NOW + 3, 1, p)]
-    assert [r.body for r in rows] == [batch(["u1"] * 2), *old, batch(["u1"], 9)]
+        (SOURCE.id, NOW + 3, 2, p), (SOURCE.id, NOW + 4, 3, p)]
+    assert [r.body for r in rows[:4]] == [batch(["u1"] * 2), *old]
+    assert [r.records for r in rows] == [None] * 4 + [
+        [(NOW + 4, 1, together[0]), (NOW + 5, 2, together[1])]]
     assert [r.id for r in rows] == sorted(r.id for r in rows)
     assert rows[1].id == row_id(p, entry_of(rows[1].id))
     assert store.inbox is not None
-    assert [e.body for e in await store.inbox.read(p, START, 10)] == [r.body for r in rows]
+    assert [e.body for e in await store.inbox.read(p, START, 10)] == [
+        r.body for r in rows[:4]] + together
 
 
 async def test_a_turn_is_freed_without_the_garbage_collector(store: RedisStore) -> None:

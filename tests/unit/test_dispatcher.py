@@ -109,6 +109,45 @@ async def routed(
     return seen, envelopes, [(d.reason, d.payload) for d in letters]
 
 
+async def test_a_row_of_several_records_routes_each_as_a_row_of_its_own_with_ids_unique(
+    store: SqliteStore,
+) -> None:
+    # a Redis entry of two requests' parts: each its own sentAt and received_at, messages
+    # without a messageId (their ids are made from the row) and one each ingest rejected
+    bodies = [msgspec.json.encode({"batch": [
+        {"type": "track", "userId": "u1", "event": "E", "timestamp": "2026-11-20T10:00:00Z"},
+        {"type": "identify", "userId": "u1", "traits": {"k": k},
+         "originalTimestamp": "2026-11-20T10:00:00Z"},
+        {"type": "track", "userId": "u1"},  # no event: a dead letter
+    ], "sentAt": f"2026-11-20T10:00:0{k}Z"}) for k in (1, 5)]
+    # received at the same time (two requests may be): only their place tells their ids apart
+    records = [(1_764_000_000.0, 3, bodies[0]), (1_764_000_000.0, 3, bodies[1])]
+
+    async def route(row: InboxRow, between: Callable[[], None] | None = None) -> tuple[
+            list[tuple[Any, ...]], list[bytes | None]]:
+        seen: list[tuple[Any, ...]] = []
+
+        def deliver(env: Envelope, source: Source, account: str) -> None:
+            seen.append((env.key, env.timestamp, account, env.user))
+
+        letters = await Router(store, {"main": SOURCE}).route(row, deliver, None, between)
+        return seen, [d.key for d in letters]
+
+    calls: list[int] = []
+    several, letters = await route(
+        InboxRow(7, "main", records[0][0], b"", 6, 0, records), lambda: calls.append(1))
+    assert calls == [1]  # between the two records
+    alone = [await route(InboxRow(7, "main", at, body, n)) for at, n, body in records]
+    # each message as its record alone routes it (its own envelope's timestamp)...
+    assert [m[1:] for m in several] == [m[1:] for seen, _ in alone for m in seen]
+    # ...and every id unique in the row: the first record's as a row of one record (an
+    # entry of the version before) has them, the next ones numbered on
+    keys = [m[0] for m in several]
+    assert len(set(keys)) == 4 and keys[:2] == [m[0] for m in alone[0][0]]
+    assert len(set(letters)) == 2 and letters[0] == alone[0][1][0]
+    assert several[1][1] != several[3][1]  # each skew from its own request's sentAt
+
+
 @pytest.mark.parametrize("sources", [{"main": SOURCE}, {}], ids=["source", "source gone"])
 async def test_a_stored_body_routes_as_the_body_ingest_hands_over(
     store: SqliteStore, sources: dict[str, Source]

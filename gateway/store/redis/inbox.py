@@ -1,15 +1,19 @@
 """The inbox in Redis: one stream per partition, `{p<n>}:inbox`.
 
 Ingest's side (`append`): a request's stored body is split by partition and each part is
-appended to its partition's stream with XADD, as an entry of one field (`entry_value`). On
-one node, all of a request's XADDs (and the waiting counters' INCRBYs) run in one script,
-`_APPEND`, sent as one command (its RESP built from fragments made once: `_pack_append`):
-one reply to read instead of two per part, and a request is written whole or not at all.
-The requests that come while a script is out go together in the next one (group commit:
-`_send_queued`). On a Cluster the parts go in one pipeline per node, sent concurrently (a
-script's keys must share a slot). `WAIT` follows when `wait_replicas` is
-set, on the same connection. It returns only when every part is written (and replicated);
-otherwise it raises `InboxUnavailable`, which ingest answers with 503 and `Retry-After`.
+appended to its partition's stream with XADD, as a record of an entry of one field
+(`entry_value`). On one node, the requests that come while a script is out go together in
+the next one (group commit: `_send_queued`), and a group's parts of one partition and one
+source are ONE entry of several records (`_entries`), each record keeping its request's
+received_at, message count and body (whose envelope, sentAt and batch context, differ per
+request): one XADD and INCRBY an entry, and one entry for the pipeline to read and route,
+rather than one a part of about 2.5 events. A group's XADDs and INCRBYs run in one script,
+`_APPEND`, sent as one command (its RESP built from fragments made once: `_pack_append`),
+so a request is written whole or not at all. On a Cluster the parts go in one pipeline per
+node, sent concurrently (a script's keys must share a slot), an entry of one record a part.
+`WAIT` follows when `wait_replicas` is set, on the same connection. It returns only when
+every part is written (and replicated); otherwise it raises `InboxUnavailable`, which
+ingest answers with 503 and `Retry-After`.
 
 Nothing is half acknowledged: a request is acknowledged only when all its parts are in.
 When some parts were written and others not, the client is told to retry and sends the
@@ -35,6 +39,7 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, MovedError, RedisError
 
+from gateway.store.base import Record
 from gateway.store.redis.connect import Client
 from gateway.store.redis.lease import FENCE_LUA
 from gateway.store.redis.partition import (
@@ -47,9 +52,12 @@ from gateway.store.redis.partition import (
 )
 from gateway.store.redis.wire import bulk, exchange, pack, text
 
-Parts = dict[int, tuple[int, bytes]]  # partition -> (messages, entry value)
-# a request waiting for its group: its parts, whether it wants the entry ids, its outcome
-_Queued = tuple[Parts, bool, "asyncio.Future[dict[int, str] | int]"]
+Parts = dict[int, tuple[bytes, int]]  # partition -> (part's body, messages), as `split` gives
+# a request waiting for its group: its source, received_at (as written), parts, whether it
+# wants the entry ids, its outcome
+_Queued = tuple[bytes, bytes, Parts, bool, "asyncio.Future[dict[int, str] | int]"]
+# an entry to append: partition, messages, value
+_Entry = tuple[int, int, bytes]
 
 START = "0-0"  # the cursor of a partition nothing was applied from
 WAIT_TIMEOUT_MS = 1000
@@ -61,33 +69,62 @@ class InboxUnavailable(Exception):
     """Redis did not take a request's messages: answer 503 with Retry-After."""
 
 
-# An inbox entry is one field, `d`: `<messages> <received_at> <bytes of source> <source><body>`
-# (`entry_value`). Entries written before it have four fields: s (source), t (received_at),
-# n (messages), b (body); `entry_fields` reads both, so a stream written by an older
-# version still applies. One field rather than four: Redis parses, stores and logs to the
-# AOF one value rather than four names and four values (17 to 19% fewer instructions in
-# redis-server an event appended, measured with callgrind; BENCHMARKS.md, branch
-# `redisingest`).
-FIELD = b"d"
+# An inbox entry is one field, `m`: the source (`<bytes of source> <source>`), then one record
+# a request part: `<messages> <received_at> <bytes of body> <body>` (`entry_value`). Entries
+# of older versions read too (`entry_records`), so that a stream written before an upgrade
+# still applies: one field `d` of one record, `<messages> <received_at> <bytes of source>
+# <source><body>`, and before it four fields: s (source), t (received_at), n (messages),
+# b (body). One field rather than four: Redis parses, stores and logs to the AOF one value
+# rather than four names and four values (17 to 19% fewer instructions in redis-server an
+# event appended, measured with callgrind; BENCHMARKS.md, branch `redisingest`). Several
+# records an entry: one stream entry, one INCRBY and one routed row for a group's parts of
+# a partition rather than one each (BENCHMARKS.md, branch `redisentry`).
+FIELD = b"m"
+ONE = b"d"  # the one-record field of the version before (read, not written)
 
 
-def entry_value(source: bytes, received_at: str, count: int, body: bytes) -> bytes:
-    """The `d` field of an entry: a request part's header, then its body as it is."""
-    return b"%d %s %d %s%s" % (count, received_at.encode(), len(source), source, body)
+def entry_value(source: bytes, records: list[tuple[int, bytes, bytes]]) -> bytes:
+    """The `m` field of an entry: the source, then each record's header and body as it is;
+    `records` as (messages, received_at as written, body)."""
+    out = [b"%d %s" % (len(source), source)]
+    for count, received_at, body in records:
+        out.append(b"%d %s %d " % (count, received_at, len(body)))
+        out.append(body)
+    return b"".join(out)
 
 
-def entry_fields(fields: list[bytes]) -> tuple[bytes, float, int, bytes]:
-    """An entry's (source, received_at, messages, body), from its fields as XREAD and XRANGE
-    give them (name, value, name, value...): the one-field layout or the older four."""
+def entry_records(fields: list[bytes]) -> tuple[bytes, list[Record]]:
+    """An entry's source and its records, from its fields as XREAD and XRANGE give them
+    (name, value, name, value...): the layout written now or either older one."""
     if len(fields) == 2 and fields[0] == FIELD:
+        value = fields[1]
+        space = value.index(b" ")
+        at = space + 1 + int(value[:space])
+        source = value[space + 1:at]
+        records: list[Record] = []
+        end = len(value)
+        while at < end:
+            count, received_at, size, _ = value[at:at + 64].split(b" ", 3)
+            at += len(count) + len(received_at) + len(size) + 3
+            n = int(size)
+            if at + n > end:
+                raise ValueError("an inbox record runs past its entry")
+            records.append((float(received_at), int(count), value[at:at + n]))
+            at += n
+        if not records:
+            raise ValueError("an inbox entry without a record")
+        return source, records
+    if len(fields) == 2 and fields[0] == ONE:
         count, received_at, size, rest = fields[1].split(b" ", 3)
         n = int(size)
-        return rest[:n], float(received_at), int(count), rest[n:]
+        return rest[:n], [(float(received_at), int(count), rest[n:])]
     f = dict(zip(fields[::2], fields[1::2], strict=True))
-    return f[b"s"], float(f[b"t"]), int(f[b"n"]), f[b"b"]
+    return f[b"s"], [(float(f[b"t"]), int(f[b"n"]), f[b"b"])]
 
 
 class Entry(msgspec.Struct, frozen=True):
+    """A record as `RedisInbox.read` gives it: the records of one entry share its id."""
+
     id: str
     source: str
     received_at: float
@@ -114,15 +151,15 @@ return 1
 """
 
 
-# KEYS: each part's inbox stream and waiting counter, in pairs; ARGV: "ids" or "count" (what
-# to answer), then each part's message count and entry value (`entry_value`). Answers the
+# KEYS: each entry's inbox stream and waiting counter, in pairs; ARGV: "ids" or "count" (what
+# to answer), then each entry's message count and value (`entry_value`). Answers the
 # entries' ids, or how many were written (ingest's case: no ids to build, send and parse).
-# Atomic: a request's parts are all written or none (a script that cannot write, e.g. OOM
+# Atomic: a group's entries are all written or none (a script that cannot write, e.g. OOM
 # under noeviction, fails at its first XADD).
 _APPEND = """
 local ids = ARGV[1] == 'ids' and {} or nil
 for i = 1, #KEYS, 2 do
-  local id = redis.call('XADD', KEYS[i], '*', 'd', ARGV[i + 2])
+  local id = redis.call('XADD', KEYS[i], '*', 'm', ARGV[i + 2])
   redis.call('INCRBY', KEYS[i + 1], ARGV[i + 1])
   if ids then ids[#ids + 1] = id end
 end
@@ -175,24 +212,25 @@ class RedisInbox:
         self, source: str, received_at: float, body: bytes, *, ids: bool
     ) -> dict[int, str] | int:
         src = source.encode()
-        at = repr(received_at)
-        parts = {
-            p: (count, entry_value(src, at, count, part))
-            for p, (part, count) in split(source, body, self.partitions).items()
-        }
+        at = repr(received_at).encode()
+        parts = split(source, body, self.partitions)
         try:
             if isinstance(self.client, RedisCluster):
-                return await self._append_cluster(self.client, parts)
-            return await self._append_single(parts, ids=ids)
+                return await self._append_cluster(self.client, {
+                    p: (count, entry_value(src, [(count, at, part)]))
+                    for p, (part, count) in parts.items()})
+            return await self._append_single(src, at, parts, ids=ids)
         except (RedisError, OSError) as exc:
             raise InboxUnavailable(f"Redis did not take the request: {exc}") from None
 
-    async def _append_single(self, parts: Parts, *, ids: bool) -> dict[int, str] | int:
+    async def _append_single(
+        self, source: bytes, received_at: bytes, parts: Parts, *, ids: bool
+    ) -> dict[int, str] | int:
         """Queue the request for the next group to one node (`_send_queued`) and wait for
         its outcome."""
         assert not isinstance(self.client, RedisCluster)
         done: asyncio.Future[dict[int, str] | int] = asyncio.get_running_loop().create_future()
-        self._queued.append((parts, ids, done))
+        self._queued.append((source, received_at, parts, ids, done))
         if len(self._senders) < SENDS:
             sender = asyncio.create_task(self._send_queued(), name="inbox-append")
             self._senders.add(sender)
@@ -213,11 +251,11 @@ class RedisInbox:
         while queued:
             group: list[_Queued] = []
             size = 0
-            while queued and (not group or size + len(queued[0][0]) <= GROUP_PARTS):
+            while queued and (not group or size + len(queued[0][2]) <= GROUP_PARTS):
                 waiter = queued.popleft()
-                if not waiter[2].done():
+                if not waiter[4].done():
                     group.append(waiter)
-                    size += len(waiter[0])
+                    size += len(waiter[2])
             if group:
                 await self._send_group(group)
 
@@ -226,8 +264,8 @@ class RedisInbox:
         entry ids or its count of parts, or `InboxUnavailable`."""
         assert not isinstance(self.client, RedisCluster)
         try:
-            packed = self._pack_append([parts for parts, _, _ in group],
-                                       ids=any(ids for _, ids, _ in group))
+            entries, where = _entries(group)
+            packed = self._pack_append(entries, ids=any(q[3] for q in group))
             if self.wait_replicas:
                 packed += pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
             replies = await exchange(self.client, packed, 2 if self.wait_replicas else 1)
@@ -242,39 +280,36 @@ class RedisInbox:
                 why = "the gateway is stopping"
             else:  # a fault of this code: the request is refused (503) and it is logged
                 why = f"the request was not written: {exc!r}"
-            for _, _, done in group:
-                if not done.done():
-                    done.set_exception(InboxUnavailable(why))
+            for q in group:
+                if not q[4].done():
+                    q[4].set_exception(InboxUnavailable(why))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        at = 0
-        for parts, ids, done in group:
+        for (_, _, parts, ids, done), entry_of in zip(group, where, strict=True):
             if not done.done():
-                done.set_result({p: text(r) for p, r in zip(
-                    parts, replies[0][at:at + len(parts)], strict=True)} if ids else len(parts))
-            at += len(parts)
+                done.set_result(
+                    {p: text(replies[0][i]) for p, i in entry_of.items()} if ids else len(parts))
 
-    def _pack_append(self, requests: list[Parts], *, ids: bool) -> bytes:
-        """`EVAL _APPEND` of every part of `requests` in RESP, as `hiredis.pack_command`
-        would pack it, from fragments: the script and each partition's keys packed once,
-        each value's length header written beside it (a third of `pack_command`'s time for
-        about 80 arguments)."""
+    def _pack_append(self, entries: list[_Entry], *, ids: bool) -> bytes:
+        """`EVAL _APPEND` of `entries` in RESP, as `hiredis.pack_command` would pack it,
+        from fragments: the script and each partition's keys packed once, each value's
+        length header written beside it (a third of `pack_command`'s time for about 80
+        arguments)."""
         names = self._append_keys
-        n = sum(map(len, requests))
-        out = [b"*%d\r\n" % (4 + 4 * n), _EVAL, bulk(b"%d" % (2 * n))]
-        for parts in requests:
-            out += [names[p] for p in parts]
+        out = [b"*%d\r\n" % (4 + 4 * len(entries)), _EVAL, bulk(b"%d" % (2 * len(entries)))]
+        out += [names[p] for p, _, _ in entries]
         out.append(_ANSWER[ids])
-        for parts in requests:
-            for count, value in parts.values():
-                out.append(bulk(b"%d" % count))
-                out.append(b"$%d\r\n" % len(value))
-                out.append(value)
-                out.append(b"\r\n")
+        for _, count, value in entries:
+            out.append(bulk(b"%d" % count))
+            out.append(b"$%d\r\n" % len(value))
+            out.append(value)
+            out.append(b"\r\n")
         return b"".join(out)
 
-    async def _append_cluster(self, cluster: RedisCluster, parts: Parts) -> dict[int, str]:
+    async def _append_cluster(
+        self, cluster: RedisCluster, parts: dict[int, tuple[int, bytes]]
+    ) -> dict[int, str]:
         written: dict[int, str] = {}
         failed, asked = await self._send_by_node(cluster, parts, written, {})
         if asked:
@@ -296,7 +331,7 @@ class RedisInbox:
     async def _send_by_node(
         self,
         cluster: RedisCluster,
-        parts: Parts,
+        parts: dict[int, tuple[int, bytes]],
         written: dict[int, str],
         asking: dict[int, tuple[str, int]],
     ) -> tuple[dict[int, str], dict[int, tuple[str, int]]]:
@@ -340,7 +375,8 @@ class RedisInbox:
         return failed, asked
 
     async def _send_node(
-        self, node: ClusterNode, ps: list[int], parts: Parts, *, asking: bool
+        self, node: ClusterNode, ps: list[int], parts: dict[int, tuple[int, bytes]], *,
+        asking: bool
     ) -> list[Any]:
         commands: list[PipelineCommand] = []
         for p in ps:
@@ -379,14 +415,15 @@ class RedisInbox:
         return text(value) if value is not None else START
 
     async def read(self, partition: int, after: str, count: int) -> list[Entry]:
-        """Up to `count` entries of `partition` after the entry id `after`, oldest first."""
+        """The records of up to `count` entries of `partition` after the entry id `after`,
+        oldest first."""
         rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await self.client.xrange(
             inbox_key(partition), min="-" if after == START else f"({after}", count=count))
         out = []
         for entry_id, fields in rows:
-            source, received_at, count, body = entry_fields(flat(fields))
-            out.append(Entry(id=entry_id.decode(), source=source.decode(),
-                             received_at=received_at, count=count, body=body))
+            source, records = entry_records(flat(fields))
+            out += [Entry(id=entry_id.decode(), source=source.decode(), received_at=at,
+                          count=n, body=body) for at, n, body in records]
         return out
 
     async def commit(self, partition: int, entry_id: str, owner: str, epoch: int) -> bool:
@@ -405,7 +442,30 @@ class RedisInbox:
         return dict(zip(partitions, map(int, await pipe.execute()), strict=True))
 
 
+def _entries(group: list[_Queued]) -> tuple[list[_Entry], list[dict[int, int]]]:
+    """A group's entries: one for each partition and source, its records in the group's
+    order (a partition's records are applied in stream order); and for each request, the
+    entry each of its parts went in (an index into the entries)."""
+    records: dict[tuple[int, bytes], list[tuple[int, bytes, bytes]]] = {}
+    where: list[dict[int, int]] = []
+    index: dict[tuple[int, bytes], int] = {}
+    for source, received_at, parts, _, _ in group:
+        mine = {}
+        for p, (body, count) in parts.items():
+            key = (p, source)
+            found = index.get(key)
+            if found is None:
+                found = index[key] = len(records)
+                records[key] = []
+            records[key].append((count, received_at, body))
+            mine[p] = found
+        where.append(mine)
+    entries = [(p, sum(r[0] for r in rs), entry_value(source, rs))
+               for (p, source), rs in records.items()]
+    return entries, where
+
+
 def flat(fields: dict[bytes, bytes]) -> list[bytes]:
     """An entry's fields as a stream reply lists them (name, value, name, value), from
-    redis-py's dict, for `entry_fields`."""
+    redis-py's dict, for `entry_records`."""
     return [x for kv in fields.items() for x in kv]

@@ -16,7 +16,9 @@ their outboxes.
   SQLite mode); the commit trims the stream up to it.
 - Inbox row ids are the stream entry ids with the partition (`row_id`), stable across
   restarts: the ids the router makes from them (for messages without a messageId, for
-  rejected messages' letters) are the same when an entry is read again.
+  rejected messages' letters) are the same when an entry is read again. An entry is one
+  row, whatever number of requests' parts (records) it holds: its records are routed
+  together, into one partition's turn, so the cursor never passes a record not applied.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from gateway.store.redis.connect import (
 )
 from gateway.store.redis.dead import LETTER_PARTS, DeadTurn, group_field, letter_meta, letters_of
 from gateway.store.redis.dead import unpack_meta as letter_fields
-from gateway.store.redis.inbox import START, RedisInbox, entry_fields, flat
+from gateway.store.redis.inbox import START, RedisInbox, entry_records, flat
 from gateway.store.redis.lease import Leases
 from gateway.store.redis.metrics import RedisMetrics
 from gateway.store.redis.ops import Ops, field
@@ -406,18 +408,25 @@ class RedisStore:
         if self.metrics is not None and read:
             self.metrics.reads.inc()
             self.metrics.entries.inc(read)
-        # per entry, on the pipeline's loop (an entry is the part of a request that fell in
-        # one partition, a few events): each source's name decoded once a read, the id
-        # parsed from bytes (only a partition's last entry read is kept as text)
+        # per entry, on the pipeline's loop (an entry is a group of requests' parts that fell
+        # in one partition, or one part of an older version's): each source's name decoded
+        # once a read, the id parsed from bytes (only a partition's last entry read is kept
+        # as text)
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
             for raw_id, fields in entries:
-                s, t, n, b = entry_fields(fields)
+                s, records = entry_records(fields)
                 source = sources.get(s)
                 if source is None:
                     source = sources[s] = s.decode()
-                append((InboxRow(row_id(p, raw_id), source, t, b, n, p), r))
+                t, n, b = records[0]
+                if len(records) == 1:
+                    row = InboxRow(row_id(p, raw_id), source, t, b, n, p)
+                else:
+                    row = InboxRow(row_id(p, raw_id), source, t, b"",
+                                   sum(rec[1] for rec in records), p, records)
+                append((row, r))
             if entries:
                 r.after = text(entries[-1][0])
 
