@@ -29,7 +29,7 @@ from gateway.actors.actor import Actor
 from gateway.actors.envelope import Envelope
 from gateway.actors.fast import TAKE
 from gateway.actors.router import Router
-from gateway.actors.turn import Flush, Outcome, commit
+from gateway.actors.turn import Flush, Outcome, commit, wants
 from gateway.config import Settings, Source
 from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
@@ -326,7 +326,8 @@ class Dispatcher:
                 await asyncio.sleep(RETRY)
                 continue
             try:
-                outcome = await self.store.transact(lambda tx: commit(f, tx), partition=partition)
+                outcome = await self.store.transact(
+                    lambda tx: commit(f, tx), partition=partition, wants=partial(wants, f))
                 break
             except PartitionLost:
                 log.warning("turn dropped: partition lost", partition=partition,

@@ -42,6 +42,7 @@ from gateway.store.base import (
     Queued,
     StoredLetter,
     Turn,
+    Wants,
 )
 from gateway.store.inbox import InboxLog
 
@@ -370,7 +371,8 @@ class SqliteStore:
     # the dispatcher
 
     async def transact(
-        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0,
+        wants: Callable[[], Wants] | None = None,
     ) -> T:
         try:
             return await self._write(lambda conn: script(SqliteTurn(conn, self._dedupe, now)))

@@ -26,6 +26,7 @@ from gateway.segment import (
     decode_batch,
 )
 from gateway.store import InboxRow, SqliteStore, Turn
+from gateway.store.base import Wants
 
 SOURCE = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main")
 TS = "2026-11-20T10:00:00.000Z"
@@ -190,10 +191,11 @@ async def test_a_turn_commits_many_actors_at_once_and_holds_at_most_the_bound(
     transact = store.transact
 
     def counting(
-        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0,
+        wants: Callable[[], Wants] | None = None,
     ) -> Any:
         turns.append(h.dispatcher.held)
-        return transact(script, now, partition)
+        return transact(script, now, partition, wants)
 
     store.transact = counting  # type: ignore[method-assign]
     await h.applied()
@@ -233,7 +235,8 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
     refused: list[int] = []
 
     def failing(
-        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0,
+        wants: Callable[[], Wants] | None = None,
     ) -> Any:
         if len(refused) < 2:
             refused.append(1)
@@ -242,8 +245,8 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
                 script(tx)
                 raise OSError("disk full")
 
-            return transact(broken, now, partition)
-        return transact(script, now, partition)
+            return transact(broken, now, partition, wants)
+        return transact(script, now, partition, wants)
 
     store.transact = failing  # type: ignore[method-assign]
     await h.applied()
