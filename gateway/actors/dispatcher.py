@@ -54,7 +54,7 @@ LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all tog
 # a partitioned store's turn, while the inbox has more ready, may wait this many flush
 # intervals to fill (`_due`)
 BEHIND = 5
-DRAINED = 16  # reads of a turn that brought all they asked for: a backlog (`_drained`)
+DRAINED = 16  # full reads between two that found the inbox dry: a backlog (`_drained`)
 
 
 class Dispatcher:
@@ -97,7 +97,7 @@ class Dispatcher:
         self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
         self._retake_at = 0.0
         self._compiled = TAKE  # None: every message goes through `_deliver`
-        self._full = 0  # reads of the turn held that brought all they asked for
+        self._full = 0  # reads that brought all they asked for, since the inbox was dry
         self.cursor = 0  # the last inbox record routed
 
     def __len__(self) -> int:
@@ -183,17 +183,21 @@ class Dispatcher:
         return time.monotonic() - self._started >= interval
 
     def _drained(self, read: int) -> bool:
-        """`read`: rows a read brought. True when the inbox ran dry after a backlog (the
-        turn held took `DRAINED` reads that brought all they asked for, and a read found
-        nothing): the turn is the backlog's tail, and waiting for `flush_interval` would only
-        leave the worker idle before it lands (most of a second of a few seconds' apply,
-        measured). Nothing found, not a short read: a partitioned store's streams run out
-        one by one, their last reads short. A trickle does not make one (its reads are
-        short), and a stream the worker only now and then catches up with cuts a turn only
-        then: the turns stay large while it is behind."""
+        """`read`: rows a read brought. True when the inbox ran dry after a backlog (since
+        it was last found dry, `DRAINED` reads brought all they asked for, and this one
+        found nothing): the turn held is the backlog's tail, and waiting for
+        `flush_interval` would only leave the worker idle before it lands (most of a second
+        of a few seconds' apply, measured). Nothing found, not a short read: a partitioned
+        store's streams run out one by one, their last reads short. A trickle does not make
+        one (its reads are short), nor a stream the worker keeps up with (it finds the inbox
+        dry between a few full reads)."""
         if read >= READ_AHEAD:
             self._full += 1
-        return read == 0 and self._full >= DRAINED
+            return False
+        if read:
+            return False
+        drained, self._full = self._full >= DRAINED, 0
+        return drained
 
     async def _route(self, row: InboxRow) -> None:
         self.cursor = row.id
@@ -295,7 +299,6 @@ class Dispatcher:
         self._holding.clear()
         flushes, self._flushes = self._flushes, {}
         self._started = None
-        self._full = 0
         self._landing_messages, self._pending = self._pending, 0
         self._landing = asyncio.create_task(self._land(flushes), name="turn")
 
