@@ -276,7 +276,7 @@ class MemoryStore:
         return {u: a for u in users if (a := accounts.get((source, u))) is not None}
 
     def transact(self, script: Callable[[Any], T], now: float | None = None,
-                 partition: int = 0, wants: Any = None) -> Awaitable[T]:
+                 partition: int = 0) -> Awaitable[T]:
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(script(MemoryTurn(self)))
         return cast("Awaitable[T]", fut)

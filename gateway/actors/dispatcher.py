@@ -7,8 +7,8 @@ it into their pending state. A turn ends when the messages held (read and not co
 reach `max_in_flight`, when the oldest has waited `flush_interval`, when the inbox runs dry
 after a backlog, when the live actors reach `max_actors`, or at shutdown; then the state of
 every actor that took mail commits as one transaction (`gateway.actors.turn`), with the
-turn's progress through the inbox. Messages held are bounded in total, so memory stays flat whatever the backlog and the
-number of accounts. A partitioned store (Redis, SCALING.md) commits each partition's state
+turn's progress through the inbox. Messages held are bounded in total, so memory stays flat
+whatever the backlog and the number of accounts. A partitioned store (Redis, SCALING.md) commits each partition's state
 apart: an actor is per (source, account, partition), and a turn is one transaction per
 partition (SQLite mode has one partition). After a turn every actor holds nothing: those idle for `actor_idle`
 are passivated by dropping them.
@@ -29,7 +29,7 @@ from gateway.actors.actor import Actor
 from gateway.actors.envelope import Envelope
 from gateway.actors.fast import TAKE
 from gateway.actors.router import Router
-from gateway.actors.turn import Flush, Outcome, commit, wants
+from gateway.actors.turn import Flush, Outcome, commit
 from gateway.config import Settings, Source
 from gateway.disk import out_of_space
 from gateway.rules.ledger import LedgerKey, Row
@@ -348,8 +348,7 @@ class Dispatcher:
                 await asyncio.sleep(RETRY)
                 continue
             try:
-                outcome = await self.store.transact(
-                    lambda tx: commit(f, tx), partition=partition, wants=partial(wants, f))
+                outcome = await self.store.transact(lambda tx: commit(f, tx), partition=partition)
                 break
             except PartitionLost:
                 log.warning("turn dropped: partition lost", partition=partition,

@@ -22,7 +22,7 @@ from gateway.rules.dead_letters import group, group_keys
 from gateway.rules.dedupe import first_seen
 from gateway.rules.ledger import LedgerKey, Row, Tally, discount, settle
 from gateway.rules.traits import Pending, body_of, fold, outgoing
-from gateway.store.base import DeadLetter, Known, Queued, Turn, Wants
+from gateway.store.base import DeadLetter, Known, Queued, Turn
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
@@ -80,31 +80,14 @@ class Outcome(NamedTuple):
     rows: list[Row]  # the ledger rows written
 
 
-def _keyed(f: Flush) -> tuple[list[DeadLetter], list[bytes]]:
-    """The dead letters with a dedupe key, and every key `commit` looks up, in its order:
-    hits first; a dead letter's key keeps it once."""
-    keyed = [d for d in f.dead if d.key is not None]
-    return keyed, f.hit_keys + f.marks + [d.key for d in keyed if d.key is not None]
-
-
-def wants(f: Flush) -> Wants:
-    """What `commit(f, tx)` reads, at most (a store may fetch it before `commit` runs):
-    repeats dedupe finds only drop ledger keys, and dead letters only groups."""
-    return Wants(
-        dedupe=_keyed(f)[1],
-        ledger=[key for key in f.tallies if f.cached(key) is None],
-        traits=[(c.source, c.key) for c in f.calls],
-        groups=list(group_keys(f.dead)),
-    )
-
-
 def commit(f: Flush, tx: Turn) -> Outcome:
     """Apply `f` inside the transaction `tx` (run by the store's writer)."""
     calls: Counter[str] = Counter()
     duplicates: Counter[str] = Counter()
 
-    # dedupe: every key at once
-    keyed, keys = _keyed(f)
+    # dedupe: every key at once, hits first; a dead letter's key keeps it once
+    keyed = [d for d in f.dead if d.key is not None]
+    keys = f.hit_keys + f.marks + [d.key for d in keyed if d.key is not None]
     fresh = first_seen(keys, tx.state.remember(keys))
     n_hits, n_marks = len(f.hit_keys), len(f.marks)
     counted = n_hits

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -143,17 +143,6 @@ class DeadTurn(Protocol):
         """More occurrences of grouped letters (id -> how many), last seen now."""
 
 
-class Wants(NamedTuple):
-    """What a turn's script will read, at most (`gateway.actors.turn.wants`): a store whose
-    reads are round trips (Redis) fetches them all before the script runs, with those of
-    the other partitions of the turn."""
-
-    dedupe: list[bytes]  # `StateTurn.remember`
-    ledger: list[LedgerKey]  # `StateTurn.ledger`
-    traits: list[tuple[str, str]]  # `StateTurn.known` and `OutboxTurn.unsent`
-    groups: list[tuple[str, str, str]]  # `DeadTurn.open_groups`
-
-
 class Turn(Protocol):
     @property
     def now(self) -> float: ...
@@ -246,13 +235,11 @@ class Store(Inbox, ActorState, Outbox, DeadLetters, Protocol):
     async def close(self) -> None: ...
 
     def transact(
-        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0,
-        wants: Callable[[], Wants] | None = None,
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
     ) -> Awaitable[T]:
         """Run `script` in one transaction: all of its writes commit, or none. `now`: the
         time its writes are stamped with (default: the clock). `partition`: the one whose
-        state the script reads and writes (a partitioned store; SQLite has one). `wants`:
-        what the script will read (a store may fetch it ahead; SQLite does not)."""
+        state the script reads and writes (a partitioned store; SQLite has one)."""
         ...
 
     async def counts(self) -> Counts: ...

@@ -42,7 +42,6 @@ from gateway.store.base import (
     Queued,
     StoredLetter,
     Turn,
-    Wants,
 )
 from gateway.store.inbox import InboxLog
 
@@ -371,8 +370,7 @@ class SqliteStore:
     # the dispatcher
 
     async def transact(
-        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0,
-        wants: Callable[[], Wants] | None = None,
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
     ) -> T:
         try:
             return await self._write(lambda conn: script(SqliteTurn(conn, self._dedupe, now)))

@@ -11,8 +11,7 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.config import Settings, Source
 from gateway.keys import dedupe_key, dedupe_prefix
 from gateway.rules.ledger import LedgerKey, Row
-from gateway.store.base import DeadLetter, PartitionLost, Queued, Turn, Wants
+from gateway.store.base import DeadLetter, PartitionLost, Queued, Turn
 from gateway.store.redis.inbox import START
 from gateway.store.redis.ops import Ops, field
 from gateway.store.redis.outbox import OutboxTurn
@@ -460,17 +459,17 @@ async def test_a_commit_whose_reply_is_lost_is_sent_again_as_the_same_run(
     # goes again with its token until Redis answers, so its upsert counts once; a new run
     # redone from the reads would queue the turn's calls a second time
     p = partition_of(SOURCE.id, "u1", P)
-    real = store._sync_commit.many
+    real = store._sync_commit
     sent: list[list[Any]] = []
 
-    def reply_lost_once(calls: list[tuple[list[Any], list[Any]]], *, client: Any) -> Any:
-        sent.append([list(args) for _, args in calls])
-        answer = real(calls, client=client)
+    def reply_lost_once(*, keys: list[Any], args: list[Any], client: Any) -> Any:
+        sent.append(list(args))
+        answer = real(keys=keys, args=args, client=client)
         if len(sent) == 1:
             raise RedisConnectionError("Connection closed by server.")
         return answer
 
-    store._sync_commit.many = reply_lost_once
+    store._sync_commit = reply_lost_once
 
     def write(tx: Turn) -> set[bytes]:
         tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 2)])
@@ -536,11 +535,11 @@ async def test_a_commit_unanswered_until_the_lease_lapses_drops_the_turn(
     store.leases.holds = lambda partition: next(trusted, None)  # type: ignore[method-assign]
     sent: list[int] = []
 
-    def unanswered(calls: list[tuple[list[Any], list[Any]]], *, client: Any) -> Any:
+    def unanswered(*, keys: list[Any], args: list[Any], client: Any) -> Any:
         sent.append(1)
         raise RedisConnectionError("Connection closed by server.")
 
-    store._sync_commit.many = unanswered
+    store._sync_commit = unanswered
 
     def write(tx: Turn) -> None:
         tx.outbox.add([Queued(SOURCE.id, "t1", "u1", "track", "/v2/track", b"{}", 1)])
@@ -632,76 +631,3 @@ async def test_an_error_reply_among_a_turns_reads_raises_and_the_connection_stay
     for _ in range(3):
         assert commands_sync(store.sync, [("SMISMEMBER", "set", "a", "b"), ("GET", "plain")]) \
             == [[1, 0], b"x"]
-
-
-async def test_the_partitions_of_a_turn_are_read_and_committed_together(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the dispatcher starts every partition's turn at once: what they said they would read
-    # goes in one round trip (and the unsent bodies in one more) before their scripts run,
-    # their commits in one more; a read not said goes to Redis, and a script that fails
-    # fails alone
-    from gateway.store.redis import fetch
-    from gateway.store.redis.wire import commands_sync
-
-    users: dict[int, str] = {}
-    for i in range(100):
-        users.setdefault(partition_of(SOURCE.id, f"u{i}", P), f"u{i}")
-    assert len(users) == P
-    first, failing, curious = 0, 1, 2
-    lk = {p: LedgerKey(SOURCE.id, "2025-11-24", u, u, "E") for p, u in users.items()}
-    other = LedgerKey(SOURCE.id, "2025-11-24", users[curious], "x", "E")
-
-    def stored(tx: Turn) -> None:
-        tx.state.remember([key("old")])
-        tx.state.put_ledger([Row(lk[first], 3, "t0")])
-        tx.outbox.replace([Queued(SOURCE.id, "i1", "a", "identify", "/v1/identify", b"{}")])
-
-    await store.transact(stored, NOW, first)
-
-    def said(p: int) -> Wants:
-        return Wants([key("old"), key(f"m{p}")], [lk[p]], [(SOURCE.id, "i1")], [])
-
-    def turn(p: int) -> Callable[[Turn], Any]:
-        def script(tx: Turn) -> Any:
-            seen = tx.state.remember([key("old"), key(f"m{p}")])
-            rows = tx.state.ledger([lk[p]])
-            unsent = tx.outbox.unsent([(SOURCE.id, "i1")])
-            if p == failing:
-                raise ValueError("a rule failed")
-            if p == curious:
-                rows |= tx.state.ledger([other])  # not said: read from Redis
-            tx.state.put_ledger([Row(lk[p], 1, "t1")])
-            return seen, rows, unsent
-
-        return script
-
-    sent: list[int] = []
-    real_many = store._sync_commit.many
-
-    def reads(client: Any, commands: list[Any]) -> list[Any]:
-        sent.append(len(commands))
-        return commands_sync(client, commands)
-
-    commits: list[int] = []
-
-    def many(calls: list[Any], *, client: Any) -> list[Any]:
-        commits.append(len(calls))
-        return list(real_many(calls, client=client))
-
-    monkeypatch.setattr(fetch, "commands_sync", reads)
-    store._sync_commit.many = many  # type: ignore[method-assign]
-    outcomes = await asyncio.gather(
-        *(store.transact(turn(p), NOW, p, wants=partial(said, p)) for p in range(P)),
-        return_exceptions=True)
-    # one round trip for what was said, one for the bodies, one for the curious turn's read
-    assert len(sent) == 3 and commits == [P - 1]
-    assert isinstance(outcomes[failing], ValueError)
-    seen, rows, unsent = cast(tuple[Any, Any, Any], outcomes[first])
-    assert seen == {key("old")} and rows == {lk[first]: Row(lk[first], 3, "t0")}
-    assert unsent == {(SOURCE.id, "i1"): b"{}"}
-    assert cast(tuple[Any, Any, Any], outcomes[curious])[1] == {}
-    for p in range(P):
-        mine = [key(f"m{p}")]
-        again = await store.transact(lambda tx: tx.state.remember(mine), NOW, p)  # noqa: B023
-        assert again == (set() if p == failing else set(mine))

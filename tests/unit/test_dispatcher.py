@@ -26,7 +26,6 @@ from gateway.segment import (
     decode_batch,
 )
 from gateway.store import InboxRow, SqliteStore, Turn
-from gateway.store.base import Wants
 
 SOURCE = Source(write_key="wk_test_1", accoil_api_key="key_test_1", name="main")
 TS = "2026-11-20T10:00:00.000Z"
@@ -191,11 +190,10 @@ async def test_a_turn_commits_many_actors_at_once_and_holds_at_most_the_bound(
     transact = store.transact
 
     def counting(
-        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0,
-        wants: Callable[[], Wants] | None = None,
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
     ) -> Any:
         turns.append(h.dispatcher.held)
-        return transact(script, now, partition, wants)
+        return transact(script, now, partition)
 
     store.transact = counting  # type: ignore[method-assign]
     await h.applied()
@@ -235,8 +233,7 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
     refused: list[int] = []
 
     def failing(
-        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0,
-        wants: Callable[[], Wants] | None = None,
+        script: Callable[[Turn], Any], now: float | None = None, partition: int = 0
     ) -> Any:
         if len(refused) < 2:
             refused.append(1)
@@ -245,8 +242,8 @@ async def test_a_turn_the_store_refuses_is_tried_again_and_nothing_is_lost(
                 script(tx)
                 raise OSError("disk full")
 
-            return transact(broken, now, partition, wants)
-        return transact(script, now, partition, wants)
+            return transact(broken, now, partition)
+        return transact(script, now, partition)
 
     store.transact = failing  # type: ignore[method-assign]
     await h.applied()

@@ -15,9 +15,9 @@ from typing import Any
 import msgspec
 
 from gateway.store.base import DeadLetter, StoredLetter
-from gateway.store.redis.fetch import Cached, Read, SyncClient, nothing, run
 from gateway.store.redis.ops import Ops, field, pack
 from gateway.store.redis.partition import dead_key
+from gateway.store.redis.state import SyncClient
 
 # source, stage, reason, status, path, account, created_at, grouped
 Meta = tuple[str, str, str, int | None, str | None, str | None, float, bool]
@@ -43,27 +43,18 @@ class DeadTurn:
         self.ops = ops
         self.p = ops.partition
         self.now = now
-        self.groups: Cached[tuple[str, str, str], int] | None = None  # fetched ahead (`fetch`)
 
     def add(self, letters: list[DeadLetter]) -> None:
         for d in letters:
             group = group_field(d.source, d.stage, d.reason) if d.grouped else b""
             self.ops.dead(letter_meta(d, self.now), d.payload, d.repeat, self.now, group)
 
-    def groups_read(self, keys: list[tuple[str, str, str]]) -> Read[dict[tuple[str, str, str], int]]:
-        if not keys:
-            return nothing({})
-
-        def parse(replies: list[Any]) -> dict[tuple[str, str, str], int]:
-            return {k: int(i) for k, i in zip(keys, replies[0], strict=True) if i is not None}
-
-        return Read([("HMGET", dead_key(self.p, "groups"), *(group_field(*k) for k in keys))],
-                    parse)
-
     def open_groups(self, keys: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
         wanted = list(keys)
-        found = self.groups.serve(wanted) if self.groups is not None else None
-        return run(self.client, [self.groups_read(wanted)])[0] if found is None else found
+        if not wanted:
+            return {}
+        ids = self.client.hmget(dead_key(self.p, "groups"), [group_field(*k) for k in wanted])
+        return {k: int(i) for k, i in zip(wanted, ids, strict=True) if i is not None}  # type: ignore[arg-type]
 
     def join(self, occurrences: Mapping[int, int]) -> None:
         for letter, n in occurrences.items():

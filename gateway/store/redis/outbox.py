@@ -20,9 +20,9 @@ from typing import Any, cast
 import msgspec
 
 from gateway.store.base import OutboxItem, Queued
-from gateway.store.redis.fetch import Cached, Read, SyncClient, nothing, run
 from gateway.store.redis.ops import Ops, field, pack
 from gateway.store.redis.partition import due_key, outbox_key
+from gateway.store.redis.state import SyncClient
 
 _unpack_meta = msgspec.msgpack.Decoder(tuple[str, str, str | None, str]).decode
 
@@ -42,41 +42,21 @@ class OutboxTurn:
         self.ops = ops
         self.p = ops.partition
         self.now = now
-        self.bodies: Cached[tuple[str, str], bytes] | None = None  # fetched ahead (`fetch`)
-
-    def ids_read(self, pairs: list[tuple[str, str]]) -> Read[list[tuple[tuple[str, str], bytes]]]:
-        """The ids of the unsent items of (source, key) pairs, of those that have one."""
-        if not pairs:
-            return nothing([])
-
-        def parse(replies: list[Any]) -> list[tuple[tuple[str, str], bytes]]:
-            return [(pair, i) for pair, i in zip(pairs, replies[0], strict=True) if i is not None]
-
-        return Read([("HMGET", outbox_key(self.p, "keys"), *(field(s, k) for s, k in pairs))],
-                    parse)
-
-    def bodies_read(
-        self, present: list[tuple[tuple[str, str], bytes]]
-    ) -> Read[dict[tuple[str, str], bytes]]:
-        """The bodies of items (`ids_read`'s answer): a second round trip, only when some
-        pair has an unsent item."""
-        if not present:
-            return nothing({})
-
-        def parse(replies: list[Any]) -> dict[tuple[str, str], bytes]:
-            return {pair: cast(bytes, body)
-                    for (pair, _), body in zip(present, replies[0], strict=True)
-                    if body is not None}
-
-        return Read([("HMGET", outbox_key(self.p, "body"), *(i for _, i in present))], parse)
 
     def unsent(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
         pairs = list(keys)
-        found = self.bodies.serve(pairs) if self.bodies is not None else None
-        if found is None:
-            (present,) = run(self.client, [self.ids_read(pairs)])
-            (found,) = run(self.client, [self.bodies_read(present)])
-        return found
+        if not pairs:
+            return {}
+        ids = self.client.hmget(outbox_key(self.p, "keys"), [field(s, k) for s, k in pairs])
+        present = [(pair, i) for pair, i in zip(pairs, ids, strict=True) if i is not None]  # type: ignore[arg-type]
+        if not present:
+            return {}
+        bodies = self.client.hmget(outbox_key(self.p, "body"), [i for _, i in present])
+        return {
+            pair: cast(bytes, body)
+            for (pair, _), body in zip(present, bodies, strict=True)  # type: ignore[arg-type]
+            if body is not None
+        }
 
     def add(self, calls: list[Queued]) -> None:
         self._put(calls, replace=False)

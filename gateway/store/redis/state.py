@@ -20,10 +20,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+from redis import Redis
+from redis.cluster import RedisCluster as SyncCluster
 
 from gateway.rules.ledger import LedgerKey, Row
 from gateway.store.base import Known
-from gateway.store.redis.fetch import Cached, Read, SyncClient, nothing, run
 from gateway.store.redis.ops import Ops, field, pack
 from gateway.store.redis.partition import (
     accounts_key,
@@ -34,8 +35,9 @@ from gateway.store.redis.partition import (
     ledger_days_key,
     ledger_stamps_key,
 )
+from gateway.store.redis.wire import commands_sync
 
-__all__ = ["StateTurn", "SyncClient", "day_of", "known_day", "ledger_key_of"]
+SyncClient = Redis | SyncCluster
 
 _unpack_known = msgspec.msgpack.Decoder(tuple[str, bytes]).decode
 _decode_traits = msgspec.json.Decoder(dict[str, Any]).decode
@@ -70,70 +72,46 @@ class StateTurn:
         self.window = window
         self.days = days
         self.new_day: str | None = None  # a day this turn gives a dedupe set
-        # reads fetched ahead of the turn (`fetch`), when they were
-        self.seen: Cached[bytes, bool] | None = None
-        self.rows: Cached[LedgerKey, Row] | None = None
-        self.traits: Cached[tuple[str, str], Known] | None = None
-
-    def seen_read(self, keys: list[bytes]) -> Read[dict[bytes, bool]]:
-        """Which of `keys` a dedupe set of the window holds."""
-        # today's set even when not known: a turn redone after a commit whose reply was lost
-        # does not know whether that commit began it
-        today = day_of(self.now)
-        asked = [d for d in window_days(self.now, self.window) if d in self.days or d == today]
-        if not keys or not asked:
-            return nothing({})
-
-        def parse(replies: list[Any]) -> dict[bytes, bool]:
-            found: dict[bytes, bool] = {}
-            for hits in replies:
-                found.update((k, True) for k, hit in zip(keys, hits, strict=True) if hit)
-            return found
-
-        return Read([("SMISMEMBER", dedupe_day_key(self.p, day), *keys) for day in asked], parse)
 
     def remember(self, keys: list[bytes]) -> set[bytes]:
         if not keys:
             return set()
-        found = self.seen.serve(keys) if self.seen is not None else None
-        if found is None:
-            (found,) = run(self.client, [self.seen_read(keys)])
+        found: set[bytes] = set()
         today = day_of(self.now)
+        # today's set even when not known: a turn redone after a commit whose reply was lost
+        # does not know whether that commit began it
+        asked = [d for d in window_days(self.now, self.window) if d in self.days or d == today]
+        if asked:
+            for hits in commands_sync(self.client, [
+                    ("SMISMEMBER", dedupe_day_key(self.p, day), *keys) for day in asked]):
+                found.update(k for k, hit in zip(keys, hits, strict=True) if hit)
         new = [k for k in dict.fromkeys(keys) if k not in found]
         if new:
             self.ops.sadd(dedupe_day_key(self.p, today), new)
             if today not in self.days:
                 self.ops.sadd(dedupe_days_key(self.p), [today])
                 self.new_day = today
-        return set(found)
+        return found
 
-    def ledger_read(self, keys: Iterable[LedgerKey]) -> Read[dict[LedgerKey, Row]]:
+    def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
         by_day: dict[str, list[LedgerKey]] = {}
         for key in keys:
             by_day.setdefault(key.day, []).append(key)
         if not by_day:
-            return nothing({})
+            return {}
         commands: list[tuple[str | bytes | int, ...]] = []
         for day, ks in by_day.items():
             fields = [_ledger_field(k) for k in ks]
             commands.append(("HMGET", ledger_counts_key(self.p, day), *fields))
             commands.append(("HMGET", ledger_stamps_key(self.p, day), *fields))
-
-        def parse(replies: list[Any]) -> dict[LedgerKey, Row]:
-            found: dict[LedgerKey, Row] = {}
-            for i, ks in enumerate(by_day.values()):
-                counts, stamps = replies[2 * i], replies[2 * i + 1]
-                for key, n, ts in zip(ks, counts, stamps, strict=True):
-                    if n is not None:
-                        found[key] = Row(key, int(n), ts.decode() if ts is not None else "")
-            return found
-
-        return Read(commands, parse)
-
-    def ledger(self, keys: Iterable[LedgerKey]) -> dict[LedgerKey, Row]:
-        wanted = list(keys)
-        found = self.rows.serve(wanted) if self.rows is not None else None
-        return run(self.client, [self.ledger_read(wanted)])[0] if found is None else found
+        replies = commands_sync(self.client, commands)
+        found: dict[LedgerKey, Row] = {}
+        for i, ks in enumerate(by_day.values()):
+            counts, stamps = replies[2 * i], replies[2 * i + 1]
+            for key, n, ts in zip(ks, counts, stamps, strict=True):
+                if n is not None:
+                    found[key] = Row(key, int(n), ts.decode() if ts is not None else "")
+        return found
 
     def put_ledger(self, rows: list[Row]) -> None:
         by_day: dict[str, list[Row]] = {}
@@ -147,24 +125,18 @@ class StateTurn:
                           zip(fields, [r.last_ts for r in rs], strict=True))
             self.ops.zadd_gt(ledger_days_key(self.p), self.now, day)
 
-    def known_read(self, pairs: list[tuple[str, str]]) -> Read[dict[tuple[str, str], Known]]:
-        if not pairs:
-            return nothing({})
-
-        def parse(replies: list[Any]) -> dict[tuple[str, str], Known]:
-            found: dict[tuple[str, str], Known] = {}
-            for (source, key), value in zip(pairs, replies[0], strict=True):
-                if value is not None:
-                    day, traits = known_value(value)
-                    found[(source, key)] = Known(source, key, day, _decode_traits(traits))
-            return found
-
-        return Read([("HMGET", known_key(self.p), *(field(s, k) for s, k in pairs))], parse)
-
     def known(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
         pairs = list(keys)
-        found = self.traits.serve(pairs) if self.traits is not None else None
-        return run(self.client, [self.known_read(pairs)])[0] if found is None else found
+        if not pairs:
+            return {}
+        (values,) = commands_sync(
+            self.client, [("HMGET", known_key(self.p), *(field(s, k) for s, k in pairs))])
+        found: dict[tuple[str, str], Known] = {}
+        for (source, key), value in zip(pairs, values, strict=True):
+            if value is not None:
+                day, traits = known_value(value)
+                found[(source, key)] = Known(source, key, day, _decode_traits(traits))
+        return found
 
     def put_known(self, rows: list[Known]) -> None:
         if rows:

@@ -42,15 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.config import Settings
 from gateway.keys import replay_key
 from gateway.loader import shown_url
-from gateway.store.base import (
-    Counts,
-    InboxRow,
-    OutboxItem,
-    PartitionLost,
-    StoredLetter,
-    Turn,
-    Wants,
-)
+from gateway.store.base import Counts, InboxRow, OutboxItem, PartitionLost, StoredLetter, Turn
 from gateway.store.redis.connect import (
     COMMAND_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -62,8 +54,6 @@ from gateway.store.redis.connect import (
 )
 from gateway.store.redis.dead import LETTER_PARTS, DeadTurn, group_field, letter_meta, letters_of
 from gateway.store.redis.dead import unpack_meta as letter_fields
-from gateway.store.redis.fetch import Cached, Read
-from gateway.store.redis.fetch import run as run_reads
 from gateway.store.redis.inbox import START, RedisInbox, entry_fields, flat
 from gateway.store.redis.lease import Leases
 from gateway.store.redis.metrics import RedisMetrics
@@ -106,6 +96,7 @@ log = structlog.get_logger("gateway.store.redis")
 T = TypeVar("T")
 READ = 256  # inbox entries read ahead, over all owned partitions
 CONNECT_RETRY = 1.0  # seconds between tries to reach Redis at start
+THREADS = 4  # partition turns committed at once
 UNANSWERED = 0.5  # seconds a pipeline loop waits after a read Redis did not answer
 
 
@@ -157,36 +148,10 @@ class _Turn:
         # not the turn itself: a reference cycle would keep each turn's ops (every value
         # it wrote) until the garbage collector's rare full passes, growing with the burst
         self.inbox = _Applied()
-        self.ops = ops
 
     @property
     def rows(self) -> set[int]:
         return self.inbox.rows
-
-
-class _Job:
-    """A partition's turn, queued to run with the other partitions of the dispatcher's."""
-
-    __slots__ = ("partition", "epoch", "script", "wants", "at", "handed", "done_before",
-                 "days", "future", "call", "outcome", "error")
-
-    def __init__(
-        self, partition: int, reading: _Reading, script: Callable[[Turn], Any],
-        wants: Callable[[], Wants] | None, at: float, future: asyncio.Future[Any],
-    ) -> None:
-        self.partition = partition
-        self.epoch = reading.epoch
-        self.script = script
-        self.wants = wants
-        self.at = at
-        # the reading as it is now: the loop changes it while the turn runs in the pool
-        self.handed = list(reading.handed)
-        self.done_before = set(reading.done)
-        self.days = set(reading.days)
-        self.future = future
-        self.call: tuple[list[Any], list[Any]] | None = None  # its commit: keys, arguments
-        self.outcome: tuple[Any, set[int], int, str | None] | None = None
-        self.error: BaseException | None = None
 
 
 class RedisStore:
@@ -212,7 +177,6 @@ class RedisStore:
         self._owning: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
         self._sync_commit: Any = None
-        self._queued: list[_Job] = []  # turns to run together (`transact`)
         self._once = secrets.token_hex(8) + ":"  # (`_token`)
         self._runs = itertools.count()
         self.reachable = False  # the last command to Redis got an answer
@@ -263,9 +227,7 @@ class RedisStore:
         else:
             self.sync = Redis.from_url(self.url, **options)
         self._sync_commit = SyncScript(COMMIT)
-        # one thread: turns run in the order they were queued, each batch's Redis round trips
-        # and scripts apart from the loop (which reads and routes the next turn meanwhile)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="redis-turn")
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="redis-turn")
         self.leases = Leases(client, self.partitions, metrics=self.metrics)
         self._owning = asyncio.create_task(self._own(), name="leases")
 
@@ -481,25 +443,65 @@ class RedisStore:
         return found
 
     async def transact(
-        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0,
-        wants: Callable[[], Wants] | None = None,
+        self, script: Callable[[Turn], T], now: float | None = None, partition: int = 0
     ) -> T:
         reading = self._reading.get(partition)
         leases = self.leases
         if reading is None or leases is None or leases.holds(partition) != reading.epoch:
             self._drop(partition, reading)
             raise PartitionLost(partition)
+        handed = list(reading.handed)
+        done_before = set(reading.done)
+        days = set(reading.days)
+        at = time.time() if now is None else now
+        member, epoch = leases.member, reading.epoch
+
+        def run() -> tuple[T, set[int], int, str | None]:
+            assert self.sync is not None
+            ops = Ops(partition)
+            turn = _Turn(self.sync, ops, at, self.window, days)
+            result = script(cast(Turn, turn))
+            if not turn.rows <= {row for row, _ in handed}:
+                raise PartitionLost(partition)  # rows of an earlier ownership
+            done = done_before | turn.rows
+            moved = gone = 0
+            for row, count in handed:
+                if row not in done:
+                    break
+                moved += 1
+                gone += count
+            cursor = entry_of(handed[moved - 1][0]) if moved else ""
+            if ops or cursor:
+                # the client resends a command whose connection dropped: the token makes a
+                # second run of an outbox upsert (an increment) change nothing
+                once = ops.key(once_key(partition, self._token()))
+                args = [member, epoch, cursor, partition, once, gone, *ops.args()]
+                told = False
+                while True:
+                    try:
+                        ok = self._sync_commit(keys=ops.keys, args=args, client=self.sync)
+                        break
+                    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                        # sent, perhaps run, its reply lost (Redis killed or restarting): this
+                        # same run goes again until Redis answers, never a new one, which
+                        # would not see the dedupe keys of a day the first run began
+                        if leases.holds(partition) != epoch:
+                            raise PartitionLost(partition) from None  # read again anew
+                        if not told:
+                            log.warning("commit not answered; sending the same run again",
+                                        partition=partition, error=str(exc))
+                            told = True
+                        time.sleep(UNANSWERED)
+                if not ok:
+                    raise PartitionLost(partition)
+                if self.metrics is not None:
+                    self.metrics.commits.inc()
+            return result, turn.rows, moved, turn.state.new_day
+
         assert self._pool is not None, "store is not open for applying"
-        loop = asyncio.get_running_loop()
-        job = _Job(partition, reading, script, wants, time.time() if now is None else now,
-                   loop.create_future())
-        self._queued.append(job)
-        if len(self._queued) == 1:
-            # the dispatcher starts every partition's turn of its turn at once
-            # (`Dispatcher._land`): they are all queued before this runs, and go together
-            loop.call_soon(self._send_queued)
         try:
-            result, rows, moved, new_day = await job.future
+            result, rows, moved, new_day = await asyncio.get_running_loop().run_in_executor(
+                self._pool, run)
         except PartitionLost:
             self._drop(partition, reading)
             raise
@@ -509,146 +511,12 @@ class RedisStore:
             reading.done |= rows
             for _ in range(moved):
                 reading.done.discard(reading.handed.popleft()[0])
-        return cast(T, result)
-
-    def _send_queued(self) -> None:
-        jobs, self._queued = self._queued, []
-
-        def settle(ran: asyncio.Future[None]) -> None:
-            failed = ran.exception() if not ran.cancelled() else None
-            for job in jobs:
-                if job.future.done():
-                    continue  # (its caller was cancelled: a shutdown)
-                error = job.error or failed
-                if error is not None:
-                    job.future.set_exception(error)
-                else:
-                    job.future.set_result(job.outcome)
-
-        try:
-            ran = asyncio.get_running_loop().run_in_executor(self._pool, self._run, jobs)
-        except RuntimeError as exc:  # the pool was shut down: the store is closing
-            for job in jobs:
-                job.error = exc
-            ran = asyncio.get_running_loop().create_future()
-            ran.set_result(None)
-        ran.add_done_callback(settle)
-
-    def _run(self, jobs: list[_Job]) -> None:
-        """Run queued turns (in the pool's one thread), a batch of distinct partitions at a
-        time: a partition's second turn reads what its first commits."""
-        while jobs:
-            batch: dict[int, _Job] = {}
-            later: list[_Job] = []
-            for job in jobs:
-                (later.append(job) if job.partition in batch
-                 else batch.__setitem__(job.partition, job))
-            self._run_batch(list(batch.values()))
-            jobs = later
-
-    def _run_batch(self, batch: list[_Job]) -> None:
-        """Each turn's reads fetched at once, its script run, and the commits sent at once.
-
-        The reads are before the commits, as a turn's own reads always were: this gateway
-        is the partitions' only writer while it holds their epochs, so they stay true until
-        its commit, and a commit under a lost epoch is refused by its fence (a turn whose
-        reads another owner made stale never lands)."""
-        assert self.sync is not None
-        turns = [_Turn(self.sync, Ops(j.partition), j.at, self.window, j.days) for j in batch]
-        try:
-            self._fetch([(t, j.wants()) for t, j in zip(turns, batch, strict=True)
-                         if j.wants is not None])
-        except Exception as exc:  # (Redis did not answer: the dispatcher tries them again)
-            for job in batch:
-                job.error = exc
-            return
-        for job, turn in zip(batch, turns, strict=True):
-            try:
-                job.outcome = self._script(job, turn)
-            except Exception as exc:
-                job.error = exc
-        self._commit([j for j in batch if j.error is None and j.call is not None])
-
-    def _fetch(self, turns: list[tuple[_Turn, Wants]]) -> None:
-        """What the turns will read, in two round trips for all (the second for the bodies
-        of the unsent calls the first found), kept for their scripts (`fetch.Cached`)."""
-        if not turns:
-            return
-        assert self.sync is not None
-        first: list[Read[Any]] = []
-        for t, w in turns:
-            first += [t.state.seen_read(w.dedupe), t.state.ledger_read(w.ledger),
-                      t.state.known_read(w.traits), t.outbox.ids_read(w.traits),
-                      t.dead.groups_read(w.groups)]
-        values = iter(run_reads(self.sync, first))
-        second: list[Read[Any]] = []
-        for t, w in turns:
-            t.state.seen = Cached(w.dedupe, next(values))
-            t.state.rows = Cached(w.ledger, next(values))
-            t.state.traits = Cached(w.traits, next(values))
-            second.append(t.outbox.bodies_read(next(values)))
-            t.dead.groups = Cached(w.groups, next(values))
-        for (t, w), bodies in zip(turns, run_reads(self.sync, second), strict=True):
-            t.outbox.bodies = Cached(w.traits, bodies)
-
-    def _script(self, job: _Job, turn: _Turn) -> tuple[Any, set[int], int, str | None]:
-        """Run a turn's script; its commit (`job.call`), when it wrote or moves the cursor."""
-        result = job.script(cast(Turn, turn))
-        handed = job.handed
-        if not turn.rows <= {row for row, _ in handed}:
-            raise PartitionLost(job.partition)  # rows of an earlier ownership
-        done = job.done_before | turn.rows
-        moved = gone = 0
-        for row, count in handed:
-            if row not in done:
-                break
-            moved += 1
-            gone += count
-        cursor = entry_of(handed[moved - 1][0]) if moved else ""
-        ops = turn.ops
-        if ops or cursor:
-            assert self.leases is not None
-            # the client resends a command whose connection dropped: the token makes a
-            # second run of an outbox upsert (an increment) change nothing
-            once = ops.key(once_key(job.partition, self._token()))
-            job.call = (ops.keys, [self.leases.member, job.epoch, cursor, job.partition, once, gone,
-                                   *ops.args()])
-        return result, turn.rows, moved, turn.state.new_day
-
-    def _commit(self, jobs: list[_Job]) -> None:
-        """The turns' fenced scripts, in one round trip: each lands or is refused alone."""
-        leases = self.leases
-        assert leases is not None
-        replies: list[Any] = []
-        told = False
-        while jobs:
-            try:
-                replies = self._sync_commit.many([j.call for j in jobs], client=self.sync)
-                break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # sent, perhaps run, its reply lost (Redis killed or restarting): these same
-                # runs go again until Redis answers, never new ones, which would not see the
-                # dedupe keys of a day a first run began
-                for j in jobs:
-                    if leases.holds(j.partition) != j.epoch:
-                        j.error = PartitionLost(j.partition)  # read again anew
-                jobs = [j for j in jobs if j.error is None]
-                if not told:
-                    log.warning("commit not answered; sending the same run again",
-                                partitions=len(jobs), error=str(exc))
-                    told = True
-                time.sleep(UNANSWERED)
-        for job, reply in zip(jobs, replies, strict=True):
-            if isinstance(reply, Exception):
-                job.error = reply
-            elif not reply:
-                job.error = PartitionLost(job.partition)
-            elif self.metrics is not None:
-                self.metrics.commits.inc()
+        return result
 
     def _token(self) -> str:
         """A script run's token (`once_key`): unique to this store's opening and the run,
-        without a call to the OS's random source each."""
+        without a draw from the OS's random source a run (it showed in the worker's
+        profile: `SystemRandom.randbytes`, 1% of its samples)."""
         return f"{self._once}{next(self._runs)}"
 
     def _drop(self, partition: int, reading: _Reading | None) -> None:

@@ -79,12 +79,9 @@ async def commands(
     return await exchange(client, b"".join(map(pack, commands)), len(commands))
 
 
-def exchange_sync(
-    client: redis.Redis, packed: bytes, replies: int, *, errors: bool = False
-) -> list[Any]:
+def exchange_sync(client: redis.Redis, packed: bytes, replies: int) -> list[Any]:
     """`exchange` on a sync client (a partition turn runs in a thread): the same retries,
-    the same care that no connection goes back to the pool with replies unread. `errors`:
-    an error reply is returned in its place, not raised (each command is its own outcome)."""
+    the same care that no connection goes back to the pool with replies unread."""
     pool: Any = client.connection_pool
     conn = pool.get_connection()
 
@@ -108,7 +105,7 @@ def exchange_sync(
         out: list[Any] = conn.retry.call_with_retry(send, lambda _: conn.disconnect())
     finally:
         pool.release(conn)
-    error = None if errors else next((r for r in out if isinstance(r, Exception)), None)
+    error = next((reply for reply in out if isinstance(reply, Exception)), None)
     if error is not None:
         try:
             raise error
@@ -144,31 +141,13 @@ class SyncScript:
         self._cluster: Any = None  # redis-py's Script, on a Cluster
 
     def __call__(self, *, keys: list[Any], args: list[Any], client: Any) -> Any:
-        reply = self.many([(keys, args)], client=client)[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    def many(self, calls: list[tuple[list[Any], list[Any]]], *, client: Any) -> list[Any]:
-        """Each call's reply, or its error reply in its place; on one node all in one round
-        trip (a connection's commands run in order: each call's writes before the next's)."""
         if isinstance(client, SyncCluster):
             if self._cluster is None:
                 self._cluster = client.register_script(self.text)
-            out: list[Any] = []
-            for keys, args in calls:
-                try:
-                    out.append(self._cluster(keys=keys, args=args, client=client))
-                except redis.ResponseError as exc:
-                    out.append(exc.with_traceback(None))
-            return out
-        packed = [pack(("EVALSHA", self.sha, len(keys), *keys, *args)) for keys, args in calls]
-        out = exchange_sync(client, b"".join(packed), len(packed), errors=True)
-        forgot = [i for i, reply in enumerate(out) if isinstance(reply, NoScriptError)]
-        if forgot:  # a restarted Redis: the calls it refused did not run
+            return self._cluster(keys=keys, args=args, client=client)
+        packed = pack(("EVALSHA", self.sha, len(keys), *keys, *args))
+        try:
+            return exchange_sync(client, packed, 1)[0]
+        except NoScriptError:
             client.script_load(self.text)
-            again = exchange_sync(client, b"".join(packed[i] for i in forgot), len(forgot),
-                                  errors=True)
-            for i, reply in zip(forgot, again, strict=True):
-                out[i] = reply
-        return out
+            return exchange_sync(client, packed, 1)[0]
