@@ -4,11 +4,11 @@ commits their state in turns (DESIGN 4).
 One loop, no task per actor. It reads inbox records, the router hands each message to its
 account's actor (activated on first message: a dict entry), and the actors with mail take
 it into their pending state. A turn ends when the messages held (read and not committed)
-reach `max_in_flight`, when the oldest has waited `flush_interval`, when the live actors
-reach `max_actors`, or at shutdown; then the state of every actor that took mail commits
-as one transaction (`gateway.actors.turn`), with the turn's progress through the inbox.
-Messages held are bounded in total, so memory stays flat whatever the backlog and the
-number of accounts. A partitioned store (Redis, SCALING.md) commits each partition's state
+reach `max_in_flight`, when the oldest has waited `flush_interval`, when the inbox runs dry
+after a backlog, when the live actors reach `max_actors`, or at shutdown; then the state of
+every actor that took mail commits as one transaction (`gateway.actors.turn`), with the
+turn's progress through the inbox. Messages held are bounded in total, so memory stays flat
+whatever the backlog and the number of accounts. A partitioned store (Redis, SCALING.md) commits each partition's state
 apart: an actor is per (source, account, partition), and a turn is one transaction per
 partition (SQLite mode has one partition). After a turn every actor holds nothing: those idle for `actor_idle`
 are passivated by dropping them.
@@ -54,6 +54,7 @@ LEDGER_CACHE = 100_000  # ledger rows the actors remember between turns, all tog
 # a partitioned store's turn, while the inbox has more ready, may wait this many flush
 # intervals to fill (`_due`)
 BEHIND = 5
+DRAINED = 16  # full reads between two that found the inbox dry: a backlog (`_drained`)
 
 
 class Dispatcher:
@@ -96,6 +97,7 @@ class Dispatcher:
         self._untaken: dict[int, int] = {}  # inbox record -> count: takes the store refused
         self._retake_at = 0.0
         self._compiled = TAKE  # None: every message goes through `_deliver`
+        self._full = 0  # reads that brought all they asked for, since the inbox was dry
         self.cursor = 0  # the last inbox record routed
 
     def __len__(self) -> int:
@@ -132,7 +134,8 @@ class Dispatcher:
             if self._untaken and time.monotonic() >= self._retake_at:
                 self._retake()
             rows = []
-            if self.held < s.max_in_flight:
+            read = self.held < s.max_in_flight
+            if read:
                 rows = await self.store.inbox_after(self.cursor, READ_AHEAD)
                 await self.router.prepare(rows)
             for row in rows:
@@ -148,7 +151,9 @@ class Dispatcher:
                     self._passivate()
                 elif self._pending >= turn:
                     await self._commit()
-            if self._pending and (self._due(len(rows)) or (self._stopping and not rows)):
+            drained = read and self._drained(len(rows))
+            if self._pending and (
+                    self._due(len(rows)) or drained or (self._stopping and not rows)):
                 await self._commit()
             if not rows:
                 if self._stopping and not self._pending:
@@ -176,6 +181,23 @@ class Dispatcher:
         if self._partitioned and read >= READ_AHEAD:
             interval *= BEHIND
         return time.monotonic() - self._started >= interval
+
+    def _drained(self, read: int) -> bool:
+        """`read`: rows a read brought. True when the inbox ran dry after a backlog (since
+        it was last found dry, `DRAINED` reads brought all they asked for, and this one
+        found nothing): the turn held is the backlog's tail, and waiting for
+        `flush_interval` would only leave the worker idle before it lands (most of a second
+        of a few seconds' apply, measured). Nothing found, not a short read: a partitioned
+        store's streams run out one by one, their last reads short. A trickle does not make
+        one (its reads are short), nor a stream the worker keeps up with (it finds the inbox
+        dry between a few full reads)."""
+        if read >= READ_AHEAD:
+            self._full += 1
+            return False
+        if read:
+            return False
+        drained, self._full = self._full >= DRAINED, 0
+        return drained
 
     async def _route(self, row: InboxRow) -> None:
         self.cursor = row.id

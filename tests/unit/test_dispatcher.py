@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.actors.dispatcher import BEHIND, READ_AHEAD, Dispatcher
+from gateway.actors.dispatcher import BEHIND, DRAINED, READ_AHEAD, Dispatcher
 from gateway.actors.envelope import Envelope
 from gateway.actors.router import Router
 from gateway.backlog import Backlog
@@ -309,3 +309,32 @@ async def test_a_partitioned_turn_behind_a_backlog_waits_to_fill_for_a_while(
     assert d._due(READ_AHEAD) is (kind == "sqlite")
     d._started = time.monotonic() - BEHIND * 1.0
     assert d._due(READ_AHEAD)  # but not for ever
+
+
+async def test_the_tail_of_a_backlog_commits_when_the_inbox_runs_dry(store: SqliteStore) -> None:
+    # the last turn of a backlog waited for `flush_interval` with the worker idle (most of a
+    # second of a few seconds' apply): it commits when the reads find the inbox dry
+    h = Harness(store)
+    h.dispatcher.settings = msgspec.structs.replace(h.settings, flush_interval=60.0)
+    for b in range(DRAINED * READ_AHEAD + 20):
+        await h.accept([track(f"{b}", f"u{b % 7}", "a")])
+    started = time.monotonic()
+    await h.applied()  # (20 s at most: the interval alone would hold the turn for 60)
+    assert time.monotonic() - started < 20
+    assert (await store.counts()).ledger_events == DRAINED * READ_AHEAD + 20
+    # a trickle, or a stream that finds the inbox dry between a few full reads, does not;
+    # nor a short read (a partitioned store's streams run out one by one): only a read that
+    # finds nothing after a backlog, however the backlog's reads fell into turns
+    d = h.dispatcher
+    for _ in range(DRAINED - 1):
+        assert not d._drained(READ_AHEAD)
+        assert not d._drained(2)
+    assert not d._drained(0)
+    for _ in range(DRAINED - 1):
+        assert not d._drained(READ_AHEAD)
+    assert not d._drained(0)
+    for _ in range(DRAINED):
+        assert not d._drained(READ_AHEAD)
+    assert not d._drained(READ_AHEAD - 1)
+    assert d._drained(0)
+    assert not d._drained(0)
