@@ -211,7 +211,9 @@ class Dispatcher:
         try:
             dead = await self.router.route(row, self._deliver, self._counted, self._work)
         except Exception:
-            # leave the record pending in the inbox: the next start routes it again
+            # the store could not be read (`StoreFailed`; a record that fails by itself is
+            # kept as dead letters by the router): leave the record pending in the inbox,
+            # the next start routes it again
             log.exception("routing failed", source_id=row.source, inbox_id=row.id)
             for actor in self._ready:
                 actor.mail.clear()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import structlog
 
 from gateway.actors.envelope import Envelope
 from gateway.actors.fast import user_ids
@@ -43,6 +44,8 @@ from gateway.store import DeadLetter, InboxRow
 if TYPE_CHECKING:
     from gateway.store.base import ActorState
 
+log = structlog.get_logger("gateway.actors")
+
 HANDOFF = 64  # decoded requests kept in memory for the router; past it, it decodes again
 USERS = 200_000  # user -> account entries remembered, per source
 
@@ -52,6 +55,11 @@ Deliver = Callable[[Envelope, Source, str], None]
 # of the messages left to `deliver`, or None when it took none
 TakeCounted = Callable[[Source, bytes, dict[str, str | None], list[Any]], list[int] | None]
 _CONTEXT = operator.attrgetter("context")
+
+
+class StoreFailed(Exception):
+    """Reading the store failed while routing a record: the store's fault, not the record's,
+    so the record is not kept as a dead letter (the dispatcher leaves it pending)."""
 
 
 class Router:
@@ -105,7 +113,7 @@ class Router:
         routes them in order, `between` called between two (the messages delivered so far
         are worked before the next record's are taken, as if each were a row)."""
         if row.records is None:
-            return await self._route(
+            return await self._routed(
                 row, row.received_at, row.body, self._handoff.pop(row.id, None),
                 self._row_users.pop(row.id, None), deliver, take, 0, 0)
         prepared = self._records.pop(row.id, None)
@@ -116,10 +124,39 @@ class Router:
                 between()
             ready = prepared[i] if prepared is not None else None
             decoded, users = ready if ready is not None else (None, None)
-            dead += await self._route(
-                row, received_at, body, decoded, users, deliver, take, first, len(dead))
+            dead += await self._routed(
+                row, received_at, body, decoded, users, deliver, take, first, len(dead), i)
             first += count
         return dead
+
+    async def _routed(
+        self, row: InboxRow, received_at: float, body: bytes,
+        decoded: Decoded | Stored | None, users: list[str | None] | None,
+        deliver: Deliver, take: TakeCounted | None, first: int, dead_at: int, record: int = 0,
+    ) -> list[DeadLetter]:
+        """`_route`; a record whose routing raises (a poison message: it would fail at every
+        routing, and hold the inbox, a Redis partition's cursor, for ever) is kept whole as
+        dead letters instead, and counts as applied.
+
+        Its messages handed over before the exception (delivered to an actor's mail, or
+        their ledger hits taken in C into an actor's state) stay there: they commit in the
+        turn that counts the record as applied, in the same transaction (one partition's, in
+        Redis: a row is in one), so a crash before it leaves the whole record pending and
+        after it leaves nothing pending. A replay re-ingests every message of the record,
+        and those applied are dropped by dedupe (within `dedupe_window`), the others applied
+        once: a letter keeps the id the message was routed under, `generated_message_id`'s
+        where it came without one, or its replay would be a new message."""
+        try:
+            return await self._route(
+                row, received_at, body, decoded, users, deliver, take, first, dead_at)
+        except StoreFailed:
+            raise
+        except Exception as exc:
+            # the type only: an exception's text may quote the payload
+            reason = f"routing failed: {type(exc).__name__}"
+            log.exception(reason, source_id=row.source, inbox_id=row.id, record=record)
+            return self._dead(row, received_at, dead_at,
+                              _unroutable(row, received_at, body, decoded, first, reason))
 
     async def _route(
         self, row: InboxRow, received_at: float, body: bytes,
@@ -154,7 +191,10 @@ class Router:
             for i, full in zip(anonymous, _in_full(body, decoded, anonymous), strict=True):
                 messages[i] = full
         known = self._users.setdefault(source.id, {})
-        await self._learn(source.id, known, users)
+        try:
+            await self._learn(source.id, known, users)
+        except Exception as exc:
+            raise StoreFailed(type(exc).__name__) from exc
         batch_integrations = decoded.integrations
         left: Sequence[int] | None = None
         if (take is not None and isinstance(decoded, Stored) and decoded.context is None
@@ -231,6 +271,29 @@ class Router:
         ]
 
 
+def _unroutable(
+    row: InboxRow, received_at: float, body: bytes, decoded: Decoded | Stored | None,
+    first: int, reason: str,
+) -> list[tuple[bytes, str, bool]]:
+    """The dead letters (as `Router._dead` takes them) of a record whose routing failed with
+    `reason`: each message as the router's other letters keep it, with the id it was routed
+    under; those ingest rejected with their own reason. The stored body whole when even
+    reading it fails."""
+    try:
+        if decoded is None:
+            decoded = decode_stored(body)
+        messages = _in_full(body, decoded, range(len(decoded.messages)))
+        letters = [
+            (msgspec.json.encode(msg if msg.messageId else msgspec.structs.replace(
+                msg, messageId=generated_message_id(row.id, received_at, first + i))),
+             reason, False)
+            for i, msg in enumerate(messages)
+        ]
+        return letters + [(r.raw, r.reason, True) for r in decoded.rejected]
+    except Exception:
+        return [(body, reason, False)]
+
+
 def _contexts(decoded: Decoded | Stored) -> Sequence[dict[str, Any] | Context | None]:
     """Each message's context, the batch's merged under it (most batches carry none)."""
     if decoded.context is None:
@@ -256,7 +319,7 @@ def _prepared(
     cannot be read (`route` keeps it as a dead letter)."""
     try:
         decoded = decode_stored(body)
-    except InvalidBody:
+    except Exception:  # `route` keeps it as a dead letter, with the reason
         return None
     found = user_ids(decoded.messages)
     users.update(found)

@@ -11,11 +11,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from gateway.actors import router as router_module
 from gateway.actors.dispatcher import BEHIND, DRAINED, READ_AHEAD, Dispatcher
 from gateway.actors.envelope import Envelope
-from gateway.actors.router import Router
+from gateway.actors.router import Router, StoreFailed
 from gateway.backlog import Backlog
 from gateway.config import Settings, Source, StoreKind
+from gateway.keys import DedupeKeys, dedupe_prefix, generated_message_id
 from gateway.observability.metrics import Metrics
 from gateway.segment import (
     Page,
@@ -146,6 +148,65 @@ async def test_a_row_of_several_records_routes_each_as_a_row_of_its_own_with_ids
     assert len(set(keys)) == 4 and keys[:2] == [m[0] for m in alone[0][0]]
     assert len(set(letters)) == 2 and letters[0] == alone[0][1][0]
     assert several[1][1] != several[3][1]  # each skew from its own request's sentAt
+
+
+def poisoned(monkeypatch: pytest.MonkeyPatch, mid: str) -> None:
+    """Routing the message `mid` raises, as a poison message's would at every routing."""
+    made = Envelope
+
+    def envelope(key: bytes, msg: Any, *rest: Any) -> Envelope:
+        if msg.messageId == mid:
+            raise OverflowError("date value out of range")
+        return made(key, msg, *rest)
+
+    monkeypatch.setattr(router_module, "Envelope", envelope)
+
+
+async def test_a_record_whose_routing_raises_is_kept_as_dead_letters_and_the_row_goes_on(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a row of two records: the first fails at its second message (the first was delivered,
+    # its third carries no messageId), the second routes as it would alone
+    bad = msgspec.json.encode({"batch": [
+        track("a", "u1"),
+        {"type": "identify", "messageId": "poison", "userId": "u1"},
+        {"type": "identify", "userId": "u2"},
+        {"type": "track", "userId": "u1"},  # no event: rejected by ingest, its own reason
+    ]})
+    good = msgspec.json.encode({"batch": [track("b", "u1")]})
+    row = InboxRow(7, "main", 1.0, b"", 5, 0, [(1.0, 4, bad), (2.0, 1, good)])
+    poisoned(monkeypatch, "poison")
+    seen: list[bytes] = []
+
+    def deliver(env: Envelope, source: Source, account: str) -> None:
+        seen.append(env.key)
+
+    letters = await Router(store, {"main": SOURCE}).route(row, deliver)
+    keys = DedupeKeys(dedupe_prefix("main"))
+    assert seen == [keys("a"), keys("b")]
+    assert [(d.stage, d.reason) for d in letters[:3]] == [
+        ("ingest", "routing failed: OverflowError")] * 3
+    assert "event" in letters[3].reason and letters[3].grouped
+    payloads = [msgspec.json.decode(d.payload) for d in letters[:3]]
+    # each message as routed: the one without an id keeps the one it was routed under, so
+    # that a replay of what was delivered is dropped by dedupe
+    assert [p["messageId"] for p in payloads] == [
+        "a", "poison", generated_message_id(7, 1.0, 2)]
+    assert (payloads[1]["type"], payloads[1]["userId"]) == ("identify", "u1")
+    assert len({d.key for d in letters}) == 4  # each kept once however often it is routed
+
+
+async def test_a_store_that_cannot_be_read_leaves_the_record_pending(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def down(source: str, users: list[str]) -> dict[str, str]:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(store, "accounts_of", down)
+    body = msgspec.json.encode({"batch": [track("a", "u1")]})
+    with pytest.raises(StoreFailed):  # not the record's fault: no dead letter
+        await Router(store, {"main": SOURCE}).route(
+            InboxRow(1, "main", 0.0, body, 1), lambda env, source, account: None)
 
 
 @pytest.mark.parametrize("sources", [{"main": SOURCE}, {}], ids=["source", "source gone"])
