@@ -395,6 +395,31 @@ async def test_entries_of_the_older_layouts_are_read_beside_the_new(
         r.body for r in rows[:4]] + together
 
 
+async def test_an_entry_this_version_cannot_read_holds_its_partition_only(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    # a newer gateway's layout (in a rolling upgrade), or a damaged entry: not skipped (its
+    # messages were acknowledged), not allowed to stop the pipeline (an exception here ends
+    # the dispatcher); its partition waits at it, the others go on
+    p = partition_of(SOURCE.id, "u1", P)
+    q = next(partition_of(SOURCE.id, u, P) for u in (f"v{i}" for i in range(100))
+             if partition_of(SOURCE.id, u, P) != p)
+    other = next(f"v{i}" for i in range(100) if partition_of(SOURCE.id, f"v{i}", P) == q)
+    c = redis_server.client()
+    await store.accept(SOURCE.id, NOW, batch(["u1"]), 1)
+    c.xadd(f"{{p{p}}}:inbox", {"x": b"a layout of a later version"})
+    c.xadd(f"{{p{p}}}:inbox", {"m": b"12 not a source"})
+    await store.accept(SOURCE.id, NOW + 1, batch(["u1"], 1), 1)
+    await store.accept(SOURCE.id, NOW + 2, batch([other]), 1)
+    rows = await store.inbox_after(0, 100)
+    assert sorted((r.received_at, r.partition) for r in rows) == [(NOW, p), (NOW + 2, q)]
+    assert store._reading[p].unreadable is not None
+    await store.accept(SOURCE.id, NOW + 3, batch([other], 1), 1)
+    assert [(r.partition, r.received_at) for r in await store.inbox_after(0, 100)] == [
+        (q, NOW + 3)]
+    assert c.xlen(f"{{p{p}}}:inbox") == 4  # nothing of it dropped
+
+
 async def test_a_turn_is_freed_without_the_garbage_collector(store: RedisStore) -> None:
     # a turn holds every value it writes (its ops): in a reference cycle it would wait for the
     # collector's rare full passes, and the worker's memory would grow with the burst

@@ -125,6 +125,9 @@ class _Reading:
         # what leaves the stream)
         self.handed: deque[tuple[int, int]] = deque()
         self.done: set[int] = set()  # rows of `handed` committed (an earlier one is not)
+        # an entry this version cannot read (`_read_ahead`): the partition is read no
+        # further under this ownership
+        self.unreadable: str | None = None
 
 
 class _Applied:
@@ -376,7 +379,7 @@ class RedisStore:
         return rows
 
     async def _read_ahead(self) -> None:
-        owned = self._owned()
+        owned = [p for p in self._owned() if self._reading[p].unreadable is None]
         if not owned:
             self._backlog = False
             return
@@ -418,11 +421,22 @@ class RedisStore:
         append = self._buffer.append
         sources: dict[bytes, str] = {}
         for p, r, entries in found:
+            last = None  # the last entry read
             for raw_id, fields in entries:
-                s, records = entry_records(fields)
-                source = sources.get(s)
-                if source is None:
-                    source = sources[s] = s.decode()
+                try:
+                    s, records = entry_records(fields)
+                    source = sources.get(s) or sources.setdefault(s, s.decode())
+                except (ValueError, KeyError, IndexError):
+                    # a layout this version does not know (a newer gateway's, in a rolling
+                    # upgrade) or a damaged entry: it is neither skipped (its messages were
+                    # acknowledged) nor allowed to stop the pipeline; the partition waits at
+                    # it for an owner that reads it, and the others go on
+                    r.unreadable = text(raw_id)
+                    log.error("inbox entry not readable by this version; its partition "
+                              "waits for a gateway that reads it", partition=p,
+                              entry=r.unreadable)
+                    break
+                last = raw_id
                 t, n, b = records[0]
                 if len(records) == 1:
                     row = InboxRow(row_id(p, raw_id), source, t, b, n, p)
@@ -430,8 +444,8 @@ class RedisStore:
                     row = InboxRow(row_id(p, raw_id), source, t, b"",
                                    sum(rec[1] for rec in records), p, records)
                 append((row, r))
-            if entries:
-                r.after = text(entries[-1][0])
+            if last is not None:
+                r.after = text(last)
 
     async def accounts_of(self, source: str, users: list[str]) -> dict[str, str]:
         # waits for Redis: a record whose routing failed would hold its partition's cursor
