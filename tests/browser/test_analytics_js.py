@@ -83,6 +83,23 @@ def wait_for(check: Any, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def loaded(driver: Any, page: PageServer) -> None:
+    """Open the test page and wait for its script. Once in CI the call that runs it found no
+    `runAnalytics` (the page not there yet, or not the page): it is waited for, the page
+    opened again once, and otherwise the failure says what the browser had."""
+    for _ in range(2):
+        driver.get(page.url + "/")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if driver.execute_script("return typeof window.runAnalytics === 'function'"):
+                return
+            time.sleep(0.1)
+    raise AssertionError(
+        f"the test page's script did not load: at {driver.current_url!r}, title "
+        f"{driver.title!r}, ready state {driver.execute_script('return document.readyState')!r},"
+        f" paths served {page.paths}")
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_analytics_js_reaches_accoil(mock_accoil: MockAccoilServer, tmp_path: Path, mode: str) -> None:
     require_browser()
@@ -97,7 +114,7 @@ def test_analytics_js_reaches_accoil(mock_accoil: MockAccoilServer, tmp_path: Pa
         chromium(tmp_path / "profile") as driver,
     ):
         assert page.url != url  # another origin: every call is cross-origin (CORS)
-        driver.get(page.url + "/")
+        loaded(driver, page)
         api_host = url.removeprefix("http://") + suffix
         failures = driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
