@@ -176,9 +176,8 @@ class Router:
         invalid = [(r.raw, r.reason, True) for r in decoded.rejected]
         if source is None:
             # each kept: they are fine, and a replay after the source is back forwards them
-            gone = [(msgspec.json.encode(m), "source is no longer configured", False)
-                    for m in _in_full(body, decoded, range(len(decoded.messages)))]
-            return self._dead(row, received_at, dead_at, gone + invalid)
+            return self._dead(row, received_at, dead_at, _letters(
+                body, decoded, "source is no longer configured"))
         received = datetime.fromtimestamp(received_at, UTC)
         messages: Sequence[AnyMessage] = decoded.messages
         if users is None:
@@ -282,16 +281,23 @@ def _unroutable(
     try:
         if decoded is None:
             decoded = decode_stored(body)
-        messages = _in_full(body, decoded, range(len(decoded.messages)))
-        letters = [
-            (msgspec.json.encode(msg if msg.messageId else msgspec.structs.replace(
-                msg, messageId=generated_message_id(row.id, received_at, first + i))),
-             reason, False)
-            for i, msg in enumerate(messages)
-        ]
-        return letters + [(r.raw, r.reason, True) for r in decoded.rejected]
+        return _letters(body, decoded, reason, lambda i, msg: msg if msg.messageId else (
+            msgspec.structs.replace(
+                msg, messageId=generated_message_id(row.id, received_at, first + i))))
     except Exception:
         return [(body, reason, False)]
+
+
+def _letters(
+    body: bytes, decoded: Decoded | Stored, reason: str,
+    named: Callable[[int, AnyMessage], AnyMessage] | None = None,
+) -> list[tuple[bytes, str, bool]]:
+    """Every message of a record kept as a letter with `reason` (as `named(index, message)`
+    gives it, when given), then those ingest rejected, with their own reasons (grouped)."""
+    messages = _in_full(body, decoded, range(len(decoded.messages)))
+    kept = [(msgspec.json.encode(msg if named is None else named(i, msg)), reason, False)
+            for i, msg in enumerate(messages)]
+    return kept + [(r.raw, r.reason, True) for r in decoded.rejected]
 
 
 def _contexts(decoded: Decoded | Stored) -> Sequence[dict[str, Any] | Context | None]:
