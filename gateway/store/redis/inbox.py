@@ -446,22 +446,19 @@ def _entries(group: list[_Queued]) -> tuple[list[_Entry], list[dict[int, int]]]:
     """A group's entries: one for each partition and source, its records in the group's
     order (a partition's records are applied in stream order); and for each request, the
     entry each of its parts went in (an index into the entries)."""
-    records: dict[tuple[int, bytes], list[tuple[int, bytes, bytes]]] = {}
+    index: dict[tuple[int, bytes], int] = {}  # (partition, source) -> its entry's index
+    records: list[list[tuple[int, bytes, bytes]]] = []
     where: list[dict[int, int]] = []
-    index: dict[tuple[int, bytes], int] = {}
     for source, received_at, parts, _, _ in group:
         mine = {}
         for p, (body, count) in parts.items():
-            key = (p, source)
-            found = index.get(key)
-            if found is None:
-                found = index[key] = len(records)
-                records[key] = []
-            records[key].append((count, received_at, body))
-            mine[p] = found
+            i = mine[p] = index.setdefault((p, source), len(index))
+            if i == len(records):
+                records.append([])
+            records[i].append((count, received_at, body))
         where.append(mine)
     entries = [(p, sum(r[0] for r in rs), entry_value(source, rs))
-               for (p, source), rs in records.items()]
+               for (p, source), rs in zip(index, records, strict=True)]
     return entries, where
 
 
